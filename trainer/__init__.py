@@ -1,0 +1,1 @@
+"""stagerun.trainer: spec, plan, model, data, checkpoints and the training loop."""

@@ -1,0 +1,94 @@
+"""The model architecture block of a TrainingRun (``spec.model``): every option of DESIGN.md §3 is a field.
+
+Pure Python: the operator and ``stagerun plan`` use it (parameter counts, FLOPs per token) without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from .fields import COUNT, spec_field
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    preset: str | None = spec_field(
+        None, doc="a named architecture (tiny, stablelm2-1.6b, index-1.9b, llama3-8b, baichuan2-7b, afm-3b); "
+        "fields set beside it override the preset's values"
+    )
+    vocab_size: int | None = spec_field(None, doc="tokenizer vocabulary size (before padding)", minimum=1)
+    pad_vocab_multiple: int | None = spec_field(
+        None, doc="pad the embedding rows to a multiple of this (64: StableLM 2 pads 100289 to 100352)", minimum=1
+    )
+    dim: int | None = spec_field(None, doc="model (residual stream) width", minimum=8)
+    layers: int | None = spec_field(None, doc="number of transformer blocks", minimum=1)
+    heads: int | None = spec_field(None, doc="attention (query) heads", minimum=1)
+    kv_heads: int | None = spec_field(None, doc="key/value heads: fewer than heads is grouped-query attention", minimum=1)
+    ffn_hidden: int | None = spec_field(
+        None, doc="SwiGLU hidden width; when unset: ffnMultiplier x 8/3 x dim rounded up to ffnMultipleOf", minimum=1
+    )
+    ffn_multiplier: float | None = spec_field(
+        None, doc="scale on the 8/3 x dim SwiGLU width (Llama 3 8B: 1.3)", minimum=0, exclusive_minimum=True
+    )
+    ffn_multiple_of: int | None = spec_field(None, doc="round the SwiGLU width up to this multiple (Baichuan 2: 128)", minimum=1)
+    norm: Literal["rmsnorm", "layernorm"] | None = spec_field(None, doc="normalisation layer")
+    norm_eps: float | None = spec_field(None, doc="epsilon of the norm layers", minimum=0, exclusive_minimum=True)
+    norm_bias: bool | None = spec_field(None, doc="learned bias in LayerNorm (StableLM 2: true); ignored by rmsnorm")
+    qkv_bias: bool | None = spec_field(None, doc="bias on the query/key/value projections (StableLM 2: true)")
+    position: Literal["rope", "alibi"] | None = spec_field(None, doc="position encoding: rotary (RoPE) or ALiBi biases")
+    rope_theta: float | None = spec_field(None, doc="RoPE base (Llama 3: 500000)", minimum=0, exclusive_minimum=True)
+    rotary_fraction: float | None = spec_field(
+        None, doc="fraction of each head's dims that RoPE rotates (StableLM 2: 0.25)", minimum=0,
+        exclusive_minimum=True, maximum=1,
+    )
+    norm_head: bool | None = spec_field(None, doc="NormHead: normalise the LM-head rows (Baichuan 2, Index-1.9B)")
+    tied_embeddings: bool | None = spec_field(None, doc="share the input embedding with the LM head")
+    max_seq_len: int | None = spec_field(None, doc="longest sequence the model is built for", kind=COUNT, minimum=8)
+    init_std: float | None = spec_field(None, doc="std of the normal weight init", minimum=0, exclusive_minimum=True)
+
+    # -- derived quantities (valid on a resolved spec, see presets.resolve_model) --------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def padded_vocab(self) -> int:
+        multiple = self.pad_vocab_multiple
+        return -(-self.vocab_size // multiple) * multiple
+
+    @property
+    def ffn_width(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        raw = int(self.ffn_multiplier * 8 * self.dim / 3)
+        return -(-raw // self.ffn_multiple_of) * self.ffn_multiple_of
+
+    @property
+    def rotary_dims(self) -> int:
+        """How many leading dims of each head RoPE rotates (even; 0 with ALiBi)."""
+        if self.position != "rope":
+            return 0
+        return int(round(self.head_dim * self.rotary_fraction))
+
+    def parameter_count(self, *, include_embedding: bool = True) -> int:
+        """Exact number of trainable parameters of the model this spec builds."""
+        d, kv_dim, hidden = self.dim, self.kv_heads * self.head_dim, self.ffn_width
+        norm_params = d * (2 if self.norm == "layernorm" and self.norm_bias else 1)
+        attention = d * d + 2 * d * kv_dim + d * d + (d + 2 * kv_dim if self.qkv_bias else 0)
+        block = attention + 3 * d * hidden + 2 * norm_params
+        body = self.layers * block + norm_params
+        if not include_embedding:
+            return body
+        embedding = self.padded_vocab * d
+        return body + embedding * (1 if self.tied_embeddings else 2)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward = 3 x forward): 6N plus attention (PaLM appendix B)."""
+        matmul_params = self.parameter_count() - self.padded_vocab * self.dim * (0 if self.tied_embeddings else 1)
+        attention = 12 * self.layers * self.dim * seq_len // 2  # causal: half the score matrix
+        return 6 * matmul_params + attention
+
+    def replace(self, **changes) -> "ModelSpec":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,95 @@
+"""Quantities in manifests: token counts like ``2T`` / ``252M`` / ``4Mi`` and floats like ``3e-4``.
+
+Decimal suffixes (K, M, B/G, T) follow SI, as model reports do ("2T tokens"); binary suffixes (Ki, Mi, Gi, Ti)
+exist because batch sizes are usually powers of two (Llama 3's "4M tokens" batch is 1024 x 4096 = 4Mi).
+Nothing is rounded: a quantity that is not a whole number of tokens is an error, never silently truncated.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from decimal import Decimal, InvalidOperation
+
+_SUFFIXES = {
+    "": 1,
+    "K": 10**3,
+    "M": 10**6,
+    "B": 10**9,
+    "G": 10**9,
+    "T": 10**12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
+_QUANTITY = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\s*([KMBGT]i?)?\s*$")
+
+
+class QuantityError(ValueError):
+    """A quantity that cannot be read; the message says what was expected."""
+
+
+def parse_count(value: object) -> int:
+    """An exact whole count from an int or a string such as ``"2T"``, ``"252M"``, ``"4Mi"``, ``"1e9"``."""
+    if isinstance(value, bool):
+        raise QuantityError(f"expected a count such as 4096, '252M' or '4Mi', got the boolean {value}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise QuantityError(f"expected a whole number, got {value}")
+    if not isinstance(value, str):
+        raise QuantityError(f"expected a count such as 4096, '252M' or '4Mi', got {type(value).__name__}")
+    match = _QUANTITY.match(value)
+    if not match or match.group(2) not in _SUFFIXES and match.group(2) is not None:
+        raise QuantityError(
+            f"cannot read {value!r} as a count; write a number with an optional suffix "
+            "K, M, B (or G), T (powers of 1000) or Ki, Mi, Gi, Ti (powers of 1024), e.g. '2T' or '4Mi'"
+        )
+    number, suffix = match.group(1).replace("_", ""), match.group(2) or ""
+    try:
+        exact = Decimal(number) * _SUFFIXES[suffix]
+    except InvalidOperation as exc:  # pragma: no cover - the regex admits only valid decimals
+        raise QuantityError(f"cannot read {value!r} as a count") from exc
+    if exact != exact.to_integral_value():
+        raise QuantityError(f"{value!r} is {exact} tokens, not a whole number")
+    return int(exact)
+
+
+def parse_float(value: object) -> float:
+    """A finite float from a number or a string such as ``"3e-4"`` (YAML 1.1 reads ``3e-4`` as a string)."""
+    if isinstance(value, bool):
+        raise QuantityError(f"expected a number, got the boolean {value}")
+    if isinstance(value, (int, float)):
+        result = float(value)
+    elif isinstance(value, str):
+        try:
+            result = float(value.strip())
+        except ValueError:
+            raise QuantityError(f"cannot read {value!r} as a number; write e.g. 3e-4 or 0.0003") from None
+    else:
+        raise QuantityError(f"expected a number, got {type(value).__name__}")
+    if not math.isfinite(result):
+        raise QuantityError(f"expected a finite number, got {value!r}")
+    return result
+
+
+def format_count(count: int) -> str:
+    """A short human form: 2000000000000 -> '2T', 4194304 -> '4Mi', 1234 -> '1234'."""
+    if count == 0:
+        return "0"
+    for suffix in ("T", "B", "M", "K"):
+        scale = _SUFFIXES[suffix]
+        if count % scale == 0:
+            return f"{count // scale}{suffix}"
+    for suffix in ("Ti", "Gi", "Mi", "Ki"):
+        scale = _SUFFIXES[suffix]
+        if count % scale == 0:
+            return f"{count // scale}{suffix}"
+    for suffix in ("T", "B", "M", "K"):
+        scale = _SUFFIXES[suffix]
+        if count >= scale:
+            return f"{count / scale:.3g}{suffix}"
+    return str(count)

@@ -1,0 +1,201 @@
+"""The TrainingRun resource: the classes a manifest is read into (apiVersion/kind/metadata/spec).
+
+Phase fields left unset inherit from the previous phase (see ``resolve.py``); which fields a manifest set is
+remembered (``fields.explicit_fields``) so inheritance never confuses "unset" with "set to the default".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .fields import COUNT, spec_field
+from .model import ModelSpec
+
+API_GROUP = "stagerun.io"
+API_VERSION = f"{API_GROUP}/v1alpha1"
+KIND = "TrainingRun"
+
+
+@dataclass(frozen=True)
+class Metadata:
+    name: str = spec_field(doc="run name: a DNS-1123 label (lowercase letters, digits, '-')")
+    namespace: str | None = spec_field(None, doc="Kubernetes namespace")
+    labels: dict[str, str] | None = spec_field(None, doc="Kubernetes labels")
+    annotations: dict[str, str] | None = spec_field(None, doc="Kubernetes annotations")
+    # Fields the API server adds; accepted so `kubectl get -o yaml` output reads back.
+    uid: str | None = spec_field(None, doc="set by Kubernetes")
+    resource_version: str | None = spec_field(None, doc="set by Kubernetes")
+    generation: int | None = spec_field(None, doc="set by Kubernetes")
+    creation_timestamp: str | None = spec_field(None, doc="set by Kubernetes")
+
+
+@dataclass(frozen=True)
+class TokenizerTrainSpec:
+    vocab_size: int = spec_field(doc="vocabulary size of the byte-level BPE to train", kind=COUNT, minimum=260)
+    max_bytes: int = spec_field(
+        "64M", doc="train on at most this many bytes of text, sampled evenly from the sources", kind=COUNT, minimum=1
+    )
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    path: str | None = spec_field(None, doc="a tokenizers JSON file (local path or fsspec URL)")
+    train: TokenizerTrainSpec | None = spec_field(
+        None, doc="train a byte-level BPE on the run's text sources at first start (digits split one by one)"
+    )
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    path: str = spec_field(
+        doc="where the data is: a pretokenized shard set (folder with manifest.json), text or JSONL files "
+        "(local path, glob or fsspec URL), or a generated corpus 'builtin:python-docs' / 'builtin:python-code'"
+    )
+    weight: float = spec_field(doc="sampling weight in phases that set no weights; all sources' weights sum to 1", minimum=0)
+    format: Literal["auto", "tokens", "text", "jsonl"] = spec_field("auto", doc="how to read path; auto decides by content")
+    text_field: str = spec_field("text", doc="the JSONL field that holds the document text")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    sources: dict[str, SourceSpec] = spec_field(doc="named data sources")
+    seed: int = spec_field(0, doc="seed of the document shuffle", minimum=0)
+
+
+@dataclass(frozen=True)
+class RampPoint:
+    tokens: int = spec_field(doc="tokens since the phase started at which this size takes effect", kind=COUNT, minimum=0)
+    size: int = spec_field(doc="global batch size in tokens", kind=COUNT, minimum=1)
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    size: int | None = spec_field(None, doc="global batch size in tokens (constant through the phase)", kind=COUNT, minimum=1)
+    ramp: tuple[RampPoint, ...] | None = spec_field(
+        None, doc="batch-size ramp: sizes in tokens taking effect at token counts since the phase start (Llama 3)"
+    )
+
+
+@dataclass(frozen=True)
+class LRSpec:
+    schedule: Literal["constant", "linear", "cosine", "wsd"] = spec_field(
+        "constant", doc="shape after warmup: constant, linear or cosine to `to`, or wsd (stable, then decay)"
+    )
+    peak: float | None = spec_field(
+        None, doc="LR after warmup; unset: the LR the previous phase ended with", minimum=0, exclusive_minimum=True
+    )
+    to: float | None = spec_field(None, doc="LR at the end of the phase (linear, cosine, wsd); default 0", minimum=0)
+    warmup_tokens: int = spec_field(0, doc="linear warmup from 0 to peak over this many tokens", kind=COUNT, minimum=0)
+    decay_fraction: float | None = spec_field(
+        None, doc="wsd only: the last fraction of the phase in which the LR decays to `to` (Index-1.9B)",
+        minimum=0, maximum=1,
+    )
+    decay_shape: Literal["linear", "cosine"] = spec_field("linear", doc="wsd only: shape of the decay")
+
+
+@dataclass(frozen=True)
+class PhaseDataSpec:
+    weights: dict[str, float] | None = spec_field(None, doc="source sampling weights in this phase; they sum to 1")
+
+
+@dataclass(frozen=True)
+class ParallelismSpec:
+    fsdp: int = spec_field(-1, doc="FSDP shard degree; -1: every rank not used by other dimensions", minimum=-1)
+    data_parallel_replicate: int = spec_field(1, doc="HSDP replicas (each holds a full FSDP-sharded copy)", minimum=1)
+    tensor_parallel: int = spec_field(1, doc="tensor-parallel degree (heads and MLP split across ranks)", minimum=1)
+    context_parallel: int = spec_field(1, doc="context-parallel degree (not yet supported: must be 1)", minimum=1)
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    nodes: int = spec_field(1, doc="pods (one per node)", minimum=1)
+    gpus_per_node: int = spec_field(0, doc="GPUs per pod; 0 trains on CPU with the gloo backend", minimum=0)
+    processes_per_node: int | None = spec_field(
+        None, doc="worker processes per pod; default: gpusPerNode, or 1 on CPU", minimum=1
+    )
+    gpu_resource: str = spec_field("nvidia.com/gpu", doc="extended resource name of the GPUs")
+
+    @property
+    def procs_per_node(self) -> int:
+        if self.processes_per_node is not None:
+            return self.processes_per_node
+        return self.gpus_per_node if self.gpus_per_node > 0 else 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    name: str = spec_field(doc="phase name: a DNS-1123 label, unique in the run")
+    tokens: int = spec_field(doc="token budget of the phase", kind=COUNT, minimum=1)
+    seq_len: int | None = spec_field(None, doc="sequence length; unset: the previous phase's", kind=COUNT, minimum=1)
+    batch: BatchSpec | None = spec_field(None, doc="global batch; unset: the size the previous phase ended with")
+    micro_batch_size: int | None = spec_field(
+        None, doc="sequences per rank per forward pass; unset: the previous phase's (first phase: 1)", minimum=1
+    )
+    lr: LRSpec | None = spec_field(None, doc="learning-rate schedule; unset: constant at the previous phase's final LR")
+    data: PhaseDataSpec | None = spec_field(None, doc="data mix; unset: the previous phase's")
+    parallelism: ParallelismSpec | None = spec_field(None, doc="override spec.parallelism for this phase")
+    resources: ResourcesSpec | None = spec_field(None, doc="override spec.resources for this phase")
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    path: str | None = spec_field(
+        None, doc="fsspec URL or path for checkpoints; unset locally: <run dir>/checkpoints (required on Kubernetes)"
+    )
+    every_tokens: int | None = spec_field(
+        None, doc="save every this many tokens (always at phase ends and on SIGTERM)", kind=COUNT, minimum=1
+    )
+    keep: int = spec_field(3, doc="keep the newest this many checkpoints, plus every phase's last", minimum=1)
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    beta1: float = spec_field(0.9, doc="AdamW beta1", minimum=0, maximum=0.999999)
+    beta2: float = spec_field(0.95, doc="AdamW beta2", minimum=0, maximum=0.999999)
+    eps: float = spec_field(1e-8, doc="AdamW epsilon", minimum=0, exclusive_minimum=True)
+    weight_decay: float = spec_field(0.1, doc="decoupled weight decay (not applied to norms and biases)", minimum=0)
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    seed: int = spec_field(0, doc="seed of the weight init", minimum=0)
+    optimizer: OptimizerSpec = spec_field(default_factory=OptimizerSpec, doc="AdamW settings")
+    grad_clip: float = spec_field(1.0, doc="clip the global gradient norm to this; 0 disables", minimum=0)
+    z_loss: float = spec_field(0.0, doc="weight of the z-loss (PaLM: 1e-4); 0 disables", minimum=0)
+    max_z_loss: float = spec_field(0.0, doc="weight of the max-z loss (Baichuan 2: 2e-4); 0 disables", minimum=0)
+    doc_masking: bool = spec_field(False, doc="attend only within each document of a packed sequence (Llama 3)")
+    precision: Literal["auto", "fp32", "bf16"] = spec_field("auto", doc="auto: bf16 on GPU, fp32 on CPU")
+    activation_checkpointing: bool = spec_field(False, doc="recompute each block's activations in backward")
+    compile: bool = spec_field(False, doc="torch.compile each transformer block")
+    log_every_steps: int = spec_field(1, doc="write metrics every this many steps", minimum=1)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    model: ModelSpec = spec_field(doc="model architecture: a preset and/or explicit fields")
+    tokenizer: TokenizerSpec = spec_field(doc="tokenizer: a file, or train one on the sources")
+    data: DataSpec = spec_field(doc="data sources and their default weights")
+    phases: tuple[PhaseSpec, ...] = spec_field(doc="training phases, run in order")
+    parallelism: ParallelismSpec = spec_field(default_factory=ParallelismSpec, doc="how ranks split the model")
+    resources: ResourcesSpec = spec_field(default_factory=ResourcesSpec, doc="pods, GPUs and processes")
+    checkpoint: CheckpointSpec = spec_field(default_factory=CheckpointSpec, doc="where and how often to checkpoint")
+    training: TrainingSpec = spec_field(default_factory=TrainingSpec, doc="optimizer, losses, precision")
+    image: str | None = spec_field(None, doc="container image of the trainer pods (Kubernetes only)")
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    api_version: str = spec_field(doc=f"must be {API_VERSION}")
+    kind: str = spec_field(doc=f"must be {KIND}")
+    metadata: Metadata = spec_field(doc="name and Kubernetes metadata")
+    spec: RunSpec = spec_field(doc="the run")
+    status: dict[str, Any] | None = spec_field(None, doc="written by the operator; ignored on input")
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
