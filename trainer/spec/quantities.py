@@ -77,19 +77,22 @@ def parse_float(value: object) -> float:
 
 
 def format_count(count: int) -> str:
-    """A short human form: 2000000000000 -> '2T', 4194304 -> '4Mi', 1234 -> '1234'."""
-    if count == 0:
-        return "0"
-    for suffix in ("T", "B", "M", "K"):
-        scale = _SUFFIXES[suffix]
-        if count % scale == 0:
-            return f"{count // scale}{suffix}"
+    """A short human form: 2000000000000 -> '2T', 1600000 -> '1.6M', 4194304 -> '4Mi', 1234 -> '1.234K'.
+
+    Exact whenever possible (binary suffixes only for exact multiples below 1024 of the unit); otherwise
+    three significant digits with a leading '~'.
+    """
+    if count < 1000:
+        return str(count)
     for suffix in ("Ti", "Gi", "Mi", "Ki"):
         scale = _SUFFIXES[suffix]
-        if count % scale == 0:
+        if count % scale == 0 and count // scale < 1024:
             return f"{count // scale}{suffix}"
     for suffix in ("T", "B", "M", "K"):
         scale = _SUFFIXES[suffix]
         if count >= scale:
-            return f"{count / scale:.3g}{suffix}"
-    return str(count)
+            value = Decimal(count) / scale
+            if value == round(value, 3):
+                return f"{value.normalize():f}{suffix}"
+            return f"~{float(value):.3g}{suffix}"
+    return str(count)  # pragma: no cover

@@ -1,0 +1,121 @@
+"""torchrun worker for tests/test_checkpoint.py: a small FSDP2 MLP trained on CPU with gloo.
+
+    python -m torch.distributed.run --standalone --nproc-per-node N tests/_ckpt_worker.py DIR --steps T \
+        [--save-at 3,5] [--resume] [--dump DUMPDIR] [--losses FILE]
+
+--resume  loads CheckpointManager(DIR).latest() first; with --dump the loaded state is written to
+          DUMPDIR/loaded-w{N}.pt (rank 0) so the test can compare it with what was saved.
+--save-at saves at those steps; with --dump, DUMPDIR/saved-{step}-w{N}.pt holds the state just saved.
+--losses  rank 0 writes {step: global mean loss} as JSON.
+Dumps hold full (unsharded) tensors: parameters and every optimizer-state tensor, gathered with full_tensor().
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from stagerun.trainer.checkpoint import CheckpointManager, ModelOptimizerState
+
+GLOBAL_BATCH, D_IN, D_HID, D_OUT = 8, 16, 32, 5  # D_OUT=5: uneven shards over 2 and 4 ranks, on purpose
+
+
+def build(world: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)  # identical init on every rank (and in every run) before sharding
+    model = nn.Sequential(nn.Linear(D_IN, D_HID), nn.Tanh(), nn.Linear(D_HID, D_HID), nn.Tanh(), nn.Linear(D_HID, D_OUT))
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # Data depends on the step only, so a resumed run sees exactly the batches the uninterrupted one saw.
+    g = torch.Generator().manual_seed(1000 + step)
+    x, y = torch.randn(GLOBAL_BATCH, D_IN, generator=g), torch.randn(GLOBAL_BATCH, D_OUT, generator=g)
+    per = GLOBAL_BATCH // world
+    return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """Collective (full_tensor all-gathers): every rank must call it."""
+    params = dict(model.named_parameters())
+    return {
+        "params": {n: full(p) for n, p in params.items()},
+        "optim": {n: {k: full(v) for k, v in sorted(opt.state[p].items())} for n, p in params.items()},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dir")
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--save-at", default="")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--dump")
+    ap.add_argument("--losses")
+    args = ap.parse_args()
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, opt = build(world)
+    app_state = {"app": ModelOptimizerState(model, opt)}
+    mgr = CheckpointManager(args.dir, keep=100)
+    save_at = {int(s) for s in args.save_at.split(",") if s}
+
+    start = 0
+    if args.resume:
+        info = mgr.latest()
+        assert info is not None, f"no committed checkpoint under {args.dir}"
+        meta = mgr.load(info, app_state)
+        start = meta["step"]
+        if args.dump:
+            state = full_state(model, opt)
+            if rank == 0:
+                torch.save({"step": start, "meta": meta, **state}, os.path.join(args.dump, f"loaded-w{world}.pt"))
+
+    losses = {}
+    for step in range(start + 1, args.steps + 1):
+        x, y = batch(step, rank, world)
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        global_loss = loss.detach().clone()
+        dist.all_reduce(global_loss)
+        losses[step] = (global_loss / world).item()
+        if step in save_at:
+            meta = {"tokens": step * GLOBAL_BATCH, "phase_index": 0, "loader": {"next_step": step + 1}}
+            mgr.save(step, app_state, meta, phase_boundary=False)
+            if rank == 0:
+                print(f"save step {step}: {mgr.last_save_seconds:.3f} s, {mgr.last_save_bytes} bytes", flush=True)
+            if args.dump:
+                state = full_state(model, opt)
+                if rank == 0:
+                    torch.save({"step": step, **state}, os.path.join(args.dump, f"saved-{step}-w{world}.pt"))
+    if args.resume and rank == 0:
+        print(f"load: {mgr.last_load_seconds:.3f} s", flush=True)
+    if args.losses and rank == 0:
+        with open(args.losses, "w") as f:
+            json.dump(losses, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

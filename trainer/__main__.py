@@ -1,0 +1,39 @@
+"""Worker entrypoint, started by torchrun on every rank: ``python -m stagerun.trainer --manifest FILE --run-dir DIR``.
+
+Users run ``stagerun run FILE`` instead, which prepares the data and starts torchrun with the right arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .spec import SpecError, load_run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stagerun.trainer")
+    parser.add_argument("--manifest", required=True, help="TrainingRun manifest (YAML)")
+    parser.add_argument("--run-dir", required=True, type=Path, help="prepared data, metrics and status live here")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="override every phase's world size (local runs with --nproc)")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.WARNING if rank == 0 else logging.ERROR,
+                        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    try:
+        run = load_run(args.manifest, world_size=args.world_size)
+    except SpecError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    from .train import train  # torch is imported only once the manifest is known to be valid
+
+    train(run, args.run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

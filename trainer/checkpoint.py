@@ -1,0 +1,317 @@
+"""Checkpoints: torch.distributed.checkpoint (DCP) through fsspec, committed atomically (DESIGN.md §7).
+
+Layout under the manager's URL (local path, PVC, ``memory://``, ``s3://``, ``gs://``)::
+
+    step-00000123/
+        __0_0.distcp, __1_0.distcp, .metadata   DCP shards + index (model and optimizer, any sharding)
+        meta.json                                global state: tokens, phase, loader state, RNG, ... (rank 0)
+        COMMITTED                                written LAST; its presence is what makes the folder a checkpoint
+
+A crash at any point before ``COMMITTED`` exists leaves a folder that :meth:`CheckpointManager.committed`
+ignores, so a run always resumes from a complete checkpoint. Loading goes through DCP's resharding, so the
+world size (and the FSDP sharding) may differ between save and load.
+
+Without an initialised process group everything runs as rank 0 of 1 (DCP's no-dist mode; barriers vanish).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, TypeVar
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+try:  # some torch releases re-export these, others keep them in the private module only (2.13 does)
+    from torch.distributed.checkpoint import FsspecReader, FsspecWriter  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the torch version
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+from . import storage
+
+__all__ = ["CheckpointInfo", "CheckpointManager", "ModelOptimizerState", "MARKER", "META", "CRASH_ENV"]
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMMITTED"
+META = "meta.json"
+# Test-only fault injection: when set to "1", save() SIGKILLs every rank after dcp.save and meta.json, just before
+# the commit marker, to reproduce "pod died mid-save". Never set it in production.
+CRASH_ENV = "STAGERUN_TEST_CRASH_BEFORE_COMMIT"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    tokens: int
+    phase_index: int
+    phase_boundary: bool
+    path: str  # URL of the checkpoint folder
+    saved_at: str  # ISO 8601, UTC
+    world_size: int = 0  # ranks that wrote it (informational: loading may use any world size)
+
+
+# ---------------------------------------------------------------------------------------------------- ranks
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist_on() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if _dist_on() else 1
+
+
+def _on_rank0(fn: Callable[[], _T]) -> _T:
+    """Run ``fn`` on rank 0 and hand its result (or its failure) to every rank.
+
+    The broadcast doubles as the barrier; shipping the error too means a failure on rank 0 (bad permissions, a
+    committed folder in the way) makes every rank raise instead of leaving the others stuck in a collective.
+    """
+    if not _dist_on():
+        return fn()
+    box: list[Any] = [None]
+    error: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:  # noqa: BLE001 - re-raised below after telling the other ranks
+            error, box[0] = e, ("error", f"{type(e).__name__}: {e}")
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    status, value = box[0]
+    if status == "error":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
+
+
+def _crash_if_requested() -> None:
+    if os.environ.get(CRASH_ENV) == "1":
+        log.warning("%s=1: killing rank %d before the commit marker (test-only fault injection)", CRASH_ENV, _rank())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------------- state
+
+class ModelOptimizerState(Stateful):
+    """Model + optimizer as one DCP ``Stateful``.
+
+    ``get_state_dict``/``set_state_dict`` produce FQN-keyed state whose tensors are DTensors under FSDP2; DCP
+    records each shard's global offsets, which is what lets a checkpoint written by N ranks load into M ranks.
+    """
+
+    def __init__(self, model: Any, optimizer: Any | None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.optimizer is None:
+            return {"model": get_model_state_dict(self.model)}
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.optimizer is None:
+            set_model_state_dict(self.model, state_dict["model"])
+            return
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=state_dict["model"], optim_state_dict=state_dict["optim"]
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- manager
+
+class CheckpointManager:
+    """Saves, lists, loads and prunes checkpoints under one URL. ``save``/``load`` are collective."""
+
+    def __init__(self, url: str | os.PathLike, keep: int, *, storage_options: dict[str, Any] | None = None) -> None:
+        if keep < 1:
+            raise ValueError(f"checkpoint keep={keep} for {url}: must be >= 1 (the newest checkpoint is always kept)")
+        self.keep = keep
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = storage.resolve(url, self.storage_options)
+        self.url = storage.to_url(self.fs, self.root)
+        self.last_save_seconds: float | None = None
+        self.last_save_bytes: int | None = None  # the whole folder (all ranks' shards), measured by rank 0
+        self.last_load_seconds: float | None = None
+
+    def _folder(self, step: int) -> str:
+        return storage.join(self.root, f"step-{step:08d}")
+
+    # ---- listing
+
+    def committed(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, oldest first. Folders without a marker are invisible here."""
+        infos = []
+        for name in storage.list_subdirs(self.fs, self.root):
+            m = _STEP_DIR.match(name)
+            if m is None:
+                continue
+            folder = storage.join(self.root, name)
+            try:
+                marker = storage.read_json(self.fs, storage.join(folder, MARKER))
+            except FileNotFoundError:
+                continue
+            infos.append(self._info(folder, int(m.group(1)), marker))
+        return sorted(infos, key=lambda i: i.step)
+
+    def latest(self) -> CheckpointInfo | None:
+        infos = self.committed()
+        return infos[-1] if infos else None
+
+    def _info(self, folder: str, step: int, marker: dict[str, Any]) -> CheckpointInfo:
+        url = storage.to_url(self.fs, folder)
+        try:
+            info = CheckpointInfo(
+                step=int(marker["step"]),
+                tokens=int(marker["tokens"]),
+                phase_index=int(marker["phaseIndex"]),
+                phase_boundary=bool(marker["phaseBoundary"]),
+                path=url,
+                saved_at=str(marker["savedAt"]),
+                world_size=int(marker.get("worldSize", 0)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"{url}/{MARKER} is malformed ({type(e).__name__}: {e}); delete that folder to fall back to the "
+                "previous checkpoint"
+            ) from e
+        if info.step != step:
+            raise ValueError(
+                f"{url}/{MARKER} says step {info.step} but the folder name says step {step}; the folder was "
+                "renamed or copied by hand - restore its name or delete it"
+            )
+        return info
+
+    # ---- save
+
+    def save(self, step: int, app_state: dict[str, Any], meta: dict[str, Any], *, phase_boundary: bool) -> CheckpointInfo:
+        """Write checkpoint ``step`` (collective). ``meta`` must be JSON-serialisable and hold ``tokens`` and
+        ``phase_index``; it is taken from rank 0. Returns the committed checkpoint's info on every rank."""
+        start = time.perf_counter()
+        for key in ("tokens", "phase_index"):
+            if key not in meta:
+                raise ValueError(f"checkpoint meta for step {step} lacks {key!r}: add it to the meta dict passed to save()")
+        if meta.get("step", step) != step:
+            raise ValueError(f"checkpoint meta has step={meta['step']} but save() was called with step={step}")
+        meta_bytes = json.dumps({**meta, "step": step}, indent=1, sort_keys=True).encode()  # fails early if not JSON
+        folder = self._folder(step)
+        url = storage.to_url(self.fs, folder)
+
+        def prepare() -> None:
+            self.fs.invalidate_cache(folder)
+            if self.fs.exists(storage.join(folder, MARKER)):
+                raise FileExistsError(
+                    f"checkpoint {url} is already committed; refusing to overwrite it. Resume from it, or delete "
+                    "the folder by hand if it is really unwanted"
+                )
+            if self.fs.exists(folder):  # leftover of a crashed save: its files must not mix with the new ones
+                log.warning("removing uncommitted leftover %s before saving step %d", url, step)
+                self.fs.rm(folder, recursive=True)
+            self.fs.makedirs(folder, exist_ok=True)
+
+        _on_rank0(prepare)
+        # overwrite=False: prepare() emptied the folder, so an existing .metadata would mean a concurrent writer.
+        writer = FsspecWriter(storage.to_url(self.fs, folder), overwrite=False, **self.storage_options)
+        # no_dist spelled out: DCP would infer it too, but warns on every call when it has to.
+        dcp.save(app_state, storage_writer=writer, no_dist=not _dist_on())  # collective; ends after .metadata
+
+        def commit() -> tuple[dict[str, Any], int]:
+            self.fs.pipe_file(storage.join(folder, META), meta_bytes)
+            _crash_if_requested()
+            nbytes = storage.folder_bytes(self.fs, folder)
+            marker = {
+                "step": step,
+                "tokens": int(meta["tokens"]),
+                "phaseIndex": int(meta["phase_index"]),
+                "phaseBoundary": bool(phase_boundary),
+                "savedAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "worldSize": _world(),
+                "bytes": nbytes,
+            }
+            storage.write_bytes_atomic(self.fs, storage.join(folder, MARKER), json.dumps(marker, indent=1).encode())
+            return marker, nbytes
+
+        if _rank() != 0:
+            _crash_if_requested()
+        marker, nbytes = _on_rank0(commit)
+        self.last_save_seconds = time.perf_counter() - start
+        self.last_save_bytes = nbytes
+        log.info("checkpoint %s committed: %.1f MB in %.2f s", url, nbytes / 1e6, self.last_save_seconds)
+        return self._info(folder, step, marker)
+
+    # ---- load
+
+    def load(self, info: CheckpointInfo, app_state: dict[str, Any]) -> dict[str, Any]:
+        """Load ``info`` into ``app_state`` (collective; reshards to the current world) and return its meta."""
+        start = time.perf_counter()
+        folder = self._folder(info.step)
+        url = storage.to_url(self.fs, folder)
+        try:
+            marker = storage.read_json(self.fs, storage.join(folder, MARKER))
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{url} has no {MARKER} marker: it is not a committed checkpoint (a crashed save?). "
+                "Load one from CheckpointManager.committed() instead"
+            ) from None
+        disk = self._info(folder, info.step, marker)
+        try:
+            meta = storage.read_json(self.fs, storage.join(folder, META))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{url} is committed but lacks {META}; the folder is damaged - delete it") from None
+        expected = {"step": disk.step, "tokens": disk.tokens, "phase_index": disk.phase_index}
+        found = {k: meta.get(k) for k in expected}
+        if found != expected or (info.step, info.tokens) != (disk.step, disk.tokens):
+            raise ValueError(
+                f"checkpoint {url}: {META} says {found} but {MARKER} says {expected} (caller expected step "
+                f"{info.step}, tokens {info.tokens}); the folder mixes two saves - delete it to fall back to "
+                "the previous checkpoint"
+            )
+        dcp.load(app_state, storage_reader=FsspecReader(url, **self.storage_options), no_dist=not _dist_on())
+        self.last_load_seconds = time.perf_counter() - start
+        log.info("checkpoint %s loaded in %.2f s (saved by %d ranks, loaded by %d)", url,
+                 self.last_load_seconds, disk.world_size, _world())
+        return meta
+
+    # ---- retention
+
+    def apply_retention(self) -> list[str]:
+        """Delete what retention no longer needs (rank 0 only, after save); returns the deleted folders' URLs.
+
+        Kept: the newest ``keep`` committed checkpoints, every phase boundary, and uncommitted folders newer than
+        the newest committed one (possibly a save in flight). Deleted: everything else committed, and
+        uncommitted leftovers older than the newest committed checkpoint.
+        """
+        infos = self.committed()
+        if not infos:
+            return []
+        newest = infos[-1].step
+        keep = {i.step for i in infos[-self.keep:]} | {i.step for i in infos if i.phase_boundary} | {newest}
+        doomed = [self._folder(i.step) for i in infos if i.step not in keep]
+        committed_steps = {i.step for i in infos}
+        for name in storage.list_subdirs(self.fs, self.root):
+            m = _STEP_DIR.match(name)
+            if m and int(m.group(1)) not in committed_steps and int(m.group(1)) < newest:
+                doomed.append(storage.join(self.root, name))
+        deleted = []
+        for folder in sorted(doomed):
+            storage.delete_folder_marker_first(self.fs, folder, MARKER)
+            deleted.append(storage.to_url(self.fs, folder))
+        if deleted:
+            log.info("checkpoint retention deleted %s", ", ".join(deleted))
+        return deleted

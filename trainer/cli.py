@@ -1,0 +1,75 @@
+"""The `stagerun` command: run, plan, validate (the operator and data tools join later)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .spec import SpecError, load_run
+
+
+def _add_manifest(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", type=Path, help="TrainingRun manifest (YAML)")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="worker processes on this machine (default: spec.resources, nodes x processesPerNode)")
+
+
+def cmd_validate(args) -> int:
+    run = load_run(args.manifest, world_size=args.nproc)
+    phases = ", ".join(p.name for p in run.phases)
+    print(f"{args.manifest}: valid TrainingRun {run.name!r} ({len(run.phases)} phases: {phases})")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .plan_report import plot_schedule, render_table
+
+    run = load_run(args.manifest, world_size=args.nproc)
+    print(render_table(run, args.throughput))
+    if args.plot:
+        plot_schedule(run, str(args.plot))
+        print(f"\nschedule plot written to {args.plot}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    run = load_run(args.manifest, world_size=args.nproc)  # every problem is reported before anything starts
+    from .runner import run_local
+
+    return run_local(run, args.manifest, nproc=args.nproc, run_dir=args.run_dir, max_restarts=args.max_restarts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stagerun", description="Staged LLM pretraining from one TrainingRun manifest.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    validate = sub.add_parser("validate", help="check a manifest and print every problem with its field and a fix")
+    _add_manifest(validate)
+    validate.set_defaults(func=cmd_validate)
+
+    plan = sub.add_parser("plan", help="print the schedule (phases, batches, LR) and optionally plot it")
+    _add_manifest(plan)
+    plan.add_argument("--plot", type=Path, help="write a PNG of LR, batch size and context length against tokens")
+    plan.add_argument("--throughput", type=float, help="tokens/s, to estimate the time of each phase")
+    plan.set_defaults(func=cmd_plan)
+
+    run = sub.add_parser("run", help="train the manifest on this machine (torchrun; gloo on CPU, NCCL on GPUs)")
+    _add_manifest(run)
+    run.add_argument("--run-dir", type=Path, help="tokenizer, data, checkpoints and metrics (default: runs/<name>)")
+    run.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts of a failed gang before giving up")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Byte-level BPE tokenizers: train one on the run's sources, or load any ``tokenizers`` JSON file.
+
+Byte-level means every string encodes losslessly (no unknown token, no normalisation): decode(encode(x)) == x
+for any language, emoji and code. Digits are split one by one before BPE (as Baichuan 2 and Llama 3 do), so
+numbers never merge into arbitrary chunks. The GPT-2 regex of the ByteLevel pre-tokenizer keeps runs of
+whitespace together, so the indentation of code can become single tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import fsspec
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .corpora import DataError
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN)  # in id order: EOS is id 0
+# End-of-document tokens of widely used tokenizers, tried in order when a loaded tokenizer lacks ours.
+KNOWN_EOS_TOKENS = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
+
+
+def new_tokenizer() -> Tokenizer:
+    """An untrained byte-level BPE with this project's pre-tokenizer and decoder."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike | None = None) -> Tokenizer:
+    """Train a byte-level BPE of ``vocab_size`` tokens (special tokens included) on ``texts``; save to out_path."""
+    if vocab_size < MIN_VOCAB:
+        raise DataError(f"vocab size {vocab_size} is too small for a byte-level BPE: use at least {MIN_VOCAB} "
+                        f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    tokenizer = new_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        # All 256 bytes up front: bytes absent from the training text must still encode.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    if out_path is not None:
+        save_tokenizer(tokenizer, out_path)
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Tokenizer, out_path: str | os.PathLike) -> None:
+    """Write the tokenizer JSON; a local file is replaced atomically so a crash never leaves half a file."""
+    text = tokenizer.to_str()
+    out = str(out_path)
+    if "://" in out and not out.startswith("file://"):
+        with fsspec.open(out, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return
+    path = Path(out.removeprefix("file://"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_tokenizer(path_or_url: str | os.PathLike) -> Tokenizer:
+    """A tokenizer from a ``tokenizers`` JSON file (local path or fsspec URL)."""
+    where = str(path_or_url)
+    try:
+        with fsspec.open(where, "r", encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{where}: cannot read the tokenizer file ({exc}): check spec.tokenizer.path") from None
+    try:
+        return Tokenizer.from_str(text)
+    except Exception as exc:  # tokenizers raises a bare Exception for malformed JSON
+        raise DataError(f"{where}: not a tokenizers JSON file ({exc}): point spec.tokenizer.path at a file saved "
+                        f"by tokenizers (tokenizer.json)") from None
+
+
+def eos_id(tokenizer: Tokenizer) -> int:
+    """The id of the end-of-document token that separates packed documents."""
+    for token in KNOWN_EOS_TOKENS:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    raise DataError(f"the tokenizer has no end-of-document token (looked for {', '.join(KNOWN_EOS_TOKENS)}): add "
+                    f"{EOS_TOKEN} as a special token, or train one with spec.tokenizer.train")
+
+
+def vocab_size(tokenizer: Tokenizer) -> int:
+    """Number of ids the tokenizer can produce (added/special tokens included)."""
+    return tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def tokenizer_sha256(tokenizer: Tokenizer) -> str:
+    """A fingerprint of what the tokenizer does, independent of how its JSON file was formatted.
+
+    Shard sets record it, so a shard set made with one tokenizer is never silently read with another.
+    """
+    canonical = json.dumps(json.loads(tokenizer.to_str()), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

@@ -1,0 +1,165 @@
+"""Schedule arithmetic: pure functions of (resolved run, tokens seen). No torch; the operator uses them too.
+
+A step that starts at ``tokens`` belongs to the phase whose [start, end) contains ``tokens``; its global batch is
+the phase's ramp size in force at ``tokens - phase.start``. A phase's last step may run past the phase's nominal
+end by less than one batch, so each phase's tokens equal its budget within one step; phase boundaries and ramp
+points stay where the manifest puts them (they never drift with overshoot).
+
+The LR of a step is the schedule evaluated at the middle of the step's tokens: the first warmup step does not train
+at LR 0, and the last step of a decay to 0 still moves the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .spec.resolve import ResolvedPhase, ResolvedRun
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything the trainer needs to run one optimizer step."""
+
+    step: int  # 0-based index of this optimizer step
+    tokens: int  # tokens seen before this step
+    phase: ResolvedPhase
+    batch_tokens: int
+    lr: float
+
+    @property
+    def seq_len(self) -> int:
+        return self.phase.seq_len
+
+    @property
+    def batch_sequences(self) -> int:
+        return self.batch_tokens // self.phase.seq_len
+
+    @property
+    def tokens_after(self) -> int:
+        return self.tokens + self.batch_tokens
+
+    @property
+    def ends_phase(self) -> bool:
+        return self.tokens_after >= self.phase.end_tokens
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive steps with one phase, batch size and seq len."""
+
+    phase: ResolvedPhase
+    first_step: int
+    start_tokens: int
+    steps: int
+    batch_tokens: int
+
+    @property
+    def end_tokens(self) -> int:
+        return self.start_tokens + self.steps * self.batch_tokens
+
+
+def phase_at(run: ResolvedRun, tokens: int) -> ResolvedPhase | None:
+    """The phase a step starting at ``tokens`` belongs to; None once every phase's budget is spent."""
+    for phase in run.phases:
+        if tokens < phase.end_tokens:
+            return phase
+    return None
+
+
+def batch_tokens_at(phase: ResolvedPhase, tokens: int) -> int:
+    """Global batch (tokens) in force at ``tokens`` (absolute), by the phase's ramp."""
+    offset = tokens - phase.start_tokens
+    size = phase.ramp[0][1]
+    for point_tokens, point_size in phase.ramp:
+        if offset >= point_tokens:
+            size = point_size
+    return size
+
+
+def lr_at(phase: ResolvedPhase, tokens: float) -> float:
+    """The phase's LR schedule at ``tokens`` (absolute), clamped to the phase."""
+    lr = phase.lr
+    x = min(max(tokens - phase.start_tokens, 0.0), float(phase.tokens))
+    if lr.warmup_tokens and x < lr.warmup_tokens:
+        return lr.peak * x / lr.warmup_tokens
+    span = phase.tokens - lr.warmup_tokens
+    progress = (x - lr.warmup_tokens) / span if span else 1.0
+    if lr.schedule == "constant":
+        return lr.peak
+    if lr.schedule == "linear":
+        return lr.peak + (lr.end - lr.peak) * progress
+    if lr.schedule == "cosine":
+        return lr.end + (lr.peak - lr.end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if lr.schedule == "wsd":
+        decay_start = phase.tokens - int(phase.tokens * lr.decay_fraction)
+        if x < decay_start or decay_start >= phase.tokens:
+            return lr.peak
+        decay = (x - decay_start) / (phase.tokens - decay_start)
+        if lr.decay_shape == "cosine":
+            return lr.end + (lr.peak - lr.end) * 0.5 * (1.0 + math.cos(math.pi * decay))
+        return lr.peak + (lr.end - lr.peak) * decay
+    raise ValueError(f"unknown LR schedule {lr.schedule!r}")
+
+
+def step_plan(run: ResolvedRun, tokens: int, step: int) -> StepPlan | None:
+    """The plan of the optimizer step that starts after ``tokens`` tokens; None when the run is complete."""
+    phase = phase_at(run, tokens)
+    if phase is None:
+        return None
+    batch = batch_tokens_at(phase, tokens)
+    middle = min(tokens + batch / 2, phase.end_tokens)
+    return StepPlan(step=step, tokens=tokens, phase=phase, batch_tokens=batch, lr=lr_at(phase, middle))
+
+
+def grad_accumulation(sequences: int, dp_size: int, micro_batch_size: int) -> int:
+    """Micro-batches per rank per step; raises ValueError when the batch does not split evenly."""
+    per_pass = dp_size * micro_batch_size
+    if sequences % per_pass:
+        raise ValueError(f"{sequences} sequences per step do not split into {dp_size} data-parallel ranks x "
+                         f"micro-batches of {micro_batch_size}")
+    return sequences // per_pass
+
+
+def segments(run: ResolvedRun) -> list[Segment]:
+    """The whole run as segments of constant batch and seq len (arithmetic; millions of steps cost nothing)."""
+    result: list[Segment] = []
+    tokens, step = 0, 0
+    for phase in run.phases:
+        for j, (offset, size) in enumerate(phase.ramp):
+            seg_end = phase.start_tokens + (phase.ramp[j + 1][0] if j + 1 < len(phase.ramp) else phase.tokens)
+            if tokens >= seg_end:
+                continue
+            steps = -(-(seg_end - tokens) // size)
+            result.append(Segment(phase, step, tokens, steps, size))
+            tokens += steps * size
+            step += steps
+    return result
+
+
+def total_steps(run: ResolvedRun) -> int:
+    last = segments(run)[-1]
+    return last.first_step + last.steps
+
+
+def tokens_at_step(run: ResolvedRun, step: int) -> int:
+    """Tokens seen before optimizer step ``step`` (the inverse of counting steps)."""
+    for seg in segments(run):
+        if step < seg.first_step + seg.steps:
+            return seg.start_tokens + (step - seg.first_step) * seg.batch_tokens
+    last = segments(run)[-1]
+    return last.end_tokens
+
+
+def next_phase_needs_relaunch(run: ResolvedRun, phase: ResolvedPhase) -> bool:
+    """True when the phase after ``phase`` needs another process topology (so the gang must restart)."""
+    if phase.index + 1 >= len(run.phases):
+        return False
+    return run.phases[phase.index + 1].topology != phase.topology
+
+
+def checkpoint_due(every_tokens: int | None, tokens_before: int, tokens_after: int) -> bool:
+    """Whether a step from ``tokens_before`` to ``tokens_after`` crossed a multiple of ``every_tokens``."""
+    if not every_tokens:
+        return False
+    return tokens_after // every_tokens > tokens_before // every_tokens

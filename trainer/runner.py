@@ -1,0 +1,127 @@
+"""`stagerun run`: train a manifest on this machine with torchrun, phase by phase.
+
+The runner validates the manifest before any process starts, prepares the tokenizer and token shards once, then
+starts a torchrun gang for the phase the newest checkpoint points at. When the gang reports that the next phase
+needs another topology it starts a new gang; when it was stopped (Ctrl-C, SIGTERM) it says how to resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from .plan import phase_at
+from .spec import ResolvedRun, format_count
+from .telemetry import STATE_COMPLETE, STATE_RELAUNCH, STATE_STOPPED, read_status
+
+EXIT_STOPPED = 130  # the shell convention for "interrupted": rerun the command to resume
+
+
+def default_run_dir(run: ResolvedRun) -> Path:
+    return Path("runs") / run.name
+
+
+def prepare(run: ResolvedRun, run_dir: Path) -> None:
+    """Tokenizer and token shards, made once per run dir; workers only open what this writes."""
+    from .data.prepare import prepare_data
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prepared = prepare_data(run, run_dir)
+    record = {
+        "tokenizerPath": str(prepared.tokenizer_path),
+        "shardDirs": {k: str(v) for k, v in prepared.shard_dirs.items()},
+        "eosId": prepared.eos_id,
+        "vocabSize": prepared.vocab_size,
+    }
+    (run_dir / "prepared.json").write_text(json.dumps(record, indent=2))
+
+
+def torchrun_command(manifest: Path, run_dir: Path, nproc: int, world_override: int | None, max_restarts: int) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        f"--max-restarts={max_restarts}", "-m", "stagerun.trainer", "--manifest", str(manifest),
+        "--run-dir", str(run_dir),
+    ]
+    if world_override:
+        cmd += ["--world-size", str(world_override)]
+    return cmd
+
+
+def worker_env(run: ResolvedRun, nproc: int) -> dict[str, str]:
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        # Share the cores between CPU workers instead of letting each one spawn a thread per core.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_local(run: ResolvedRun, manifest: Path, *, nproc: int | None, run_dir: Path | None,
+              max_restarts: int = 0) -> int:
+    from .checkpoint import CheckpointManager
+    from .train import checkpoint_url
+
+    run_dir = Path(run_dir or default_run_dir(run))
+    prepare(run, run_dir)
+    manager = CheckpointManager(checkpoint_url(run, run_dir), run.checkpoint.keep)
+    while True:
+        latest = manager.latest()
+        tokens = latest.tokens if latest else 0
+        phase = phase_at(run, tokens)
+        if phase is None:
+            print(f"{run.name}: complete ({format_count(tokens)} tokens); final checkpoint {latest.path}")
+            return 0
+        world = nproc or phase.world_size
+        where = f"resuming from {latest.path} (step {latest.step})" if latest else "starting from scratch"
+        print(f"{run.name}: phase {phase.name}, {world} worker process(es), {where}", flush=True)
+        status_file = run_dir / "status.json"
+        status_file.unlink(missing_ok=True)
+        code = _run_gang(torchrun_command(manifest, run_dir, world, nproc, max_restarts), worker_env(run, world))
+        status = read_status(run_dir)
+        stopped = status is not None and status.state == STATE_STOPPED  # torchrun exits non-zero on Ctrl-C
+        if status is None or (code != 0 and not stopped):
+            newest = manager.latest()
+            resume = f"step {newest.step}" if newest else "the start (no checkpoint was committed)"
+            print(f"{run.name}: workers failed (exit code {code}); run the same command again to resume from "
+                  f"{resume}", file=sys.stderr)
+            return code or 1
+        if status.state == STATE_RELAUNCH:
+            print(f"{run.name}: {status.message}; starting the next gang", flush=True)
+            continue
+        if status.state == STATE_STOPPED:
+            print(f"{run.name}: stopped at step {status.step} with checkpoint {status.checkpoint}; "
+                  "run the same command again to resume")
+            return EXIT_STOPPED
+        if status.state == STATE_COMPLETE:
+            print(f"{run.name}: complete at step {status.step} ({format_count(status.tokens)} tokens); "
+                  f"metrics in {run_dir / 'metrics.jsonl'}")
+            return 0
+        raise RuntimeError(f"unknown run state {asdict(status)}")
+
+
+def _run_gang(cmd: list[str], env: dict[str, str]) -> int:
+    """Run torchrun; on Ctrl-C let the workers checkpoint (they got the signal too) instead of dying with them."""
+    process = subprocess.Popen(cmd, env=env)
+    interrupts = 0
+
+    def on_interrupt(signum, frame):
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            print("\nstopping after the current step and a checkpoint (Ctrl-C again to abort at once)",
+                  file=sys.stderr, flush=True)
+        else:
+            process.kill()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    previous_term = signal.signal(signal.SIGTERM, lambda s, f: process.send_signal(signal.SIGTERM))
+    try:
+        return process.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)

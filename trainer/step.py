@@ -1,0 +1,66 @@
+"""One optimizer step: gradient accumulation over this rank's micro-batches, clipping, AdamW update."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torchtitan.distributed.utils import clip_grad_norm_
+
+from .distributed import Topology, all_reduce_sum
+from .losses import compute_losses
+from .spec.run import TrainingSpec
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # mean cross-entropy over the global batch
+    z_loss: float  # mean weighted z-loss term (0 when disabled)
+    max_z_loss: float  # mean weighted max-z term (0 when disabled)
+    grad_norm: float  # global gradient norm before clipping
+    tokens: int  # target tokens in the global batch
+
+
+def build_optimizer(model: torch.nn.Module, training: TrainingSpec, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (norm weights and biases are not decayed)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    opt = training.optimizer
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=0.0, betas=(opt.beta1, opt.beta2), eps=opt.eps,
+        foreach=True,  # deterministic and fast on CPU and GPU; fused AdamW does not take DTensors on CPU
+    )
+
+
+def train_step(model, optimizer, micro_batches, *, lr: float, topo: Topology, training: TrainingSpec) -> StepResult:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    local_tokens = sum(int((mb.targets != IGNORE_INDEX).sum()) for mb in micro_batches)
+    (global_tokens,) = all_reduce_sum([local_tokens], topo)
+    sums = torch.zeros(3, dtype=torch.float64, device=topo.device)
+    for mb in micro_batches:
+        inputs = torch.from_numpy(mb.inputs).to(topo.device, non_blocking=True)
+        targets = torch.from_numpy(mb.targets).to(topo.device, non_blocking=True)
+        doc_ids = torch.from_numpy(mb.doc_ids).to(topo.device, non_blocking=True) if training.doc_masking else None
+        logits = model(inputs, doc_ids)
+        terms = compute_losses(
+            logits, targets, z_loss_weight=training.z_loss, max_z_loss_weight=training.max_z_loss,
+            ignore_index=IGNORE_INDEX,
+        )
+        # Dividing by the *global* token count (and summing gradients across ranks) gives the exact mean
+        # over the global batch, however it is split into ranks and micro-batches.
+        (terms.total / global_tokens).backward()
+        sums += torch.stack([terms.ce_sum.detach(), terms.z_sum.detach(), terms.max_z_sum.detach()]).double()
+        del logits, terms
+    max_norm = training.grad_clip if training.grad_clip > 0 else math.inf
+    grad_norm = clip_grad_norm_(list(model.parameters()), max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ce, z, max_z = all_reduce_sum(sums.tolist(), topo)
+    return StepResult(ce / global_tokens, z / global_tokens, max_z / global_tokens, float(grad_norm), int(global_tokens))
