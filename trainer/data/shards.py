@@ -83,6 +83,7 @@ def write_shards(docs: Iterable[str], tokenizer, out_dir: str | os.PathLike, *,
         final.parent.mkdir(parents=True, exist_ok=True)
     # Same parent as the target, so the final rename is atomic on one filesystem.
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent) if final else tempfile.mkdtemp())
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the finished set should be readable like any folder
     # Text that happens to contain "<|endoftext|>" must stay text: only write_shards places document ends.
     previous_special = tokenizer.encode_special_tokens
     tokenizer.encode_special_tokens = True

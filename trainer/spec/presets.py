@@ -33,15 +33,17 @@ PRESETS: dict[str, dict] = {
         vocab_size=512, dim=64, layers=2, heads=4, kv_heads=2, ffn_hidden=192, max_seq_len=1024,
         tied_embeddings=True,
     ),
-    # StableLM 2 1.6B technical report (Bellagente et al., 2024), Table 1 and §2: 24 layers, d=2048, 32 heads,
-    # SwiGLU 5632, partial RoPE on 25 % of head dims, LayerNorm without bias, bias on q/k/v only,
-    # vocab 100289 padded to 100352, untied, 4096 context.
+    # StableLM 2 1.6B technical report (Bellagente et al., 2024), Table 1 and §2, and the model card: 24 layers,
+    # d=2048, 32 heads, SwiGLU 5632, partial RoPE on 25 % of head dims, LayerNorm *with* learned bias ("LayerNorm
+    # with learned bias terms as opposed to RMSNorm"; Hugging Face's StableLmForCausalLM has the biases too), bias
+    # on q/k/v only, vocab 100289 padded to 100352, untied, 4096 context.
     "stablelm2-1.6b": dict(
         vocab_size=100289, dim=2048, layers=24, heads=32, kv_heads=32, ffn_hidden=5632, max_seq_len=4096,
-        norm="layernorm", norm_bias=False, qkv_bias=True, rotary_fraction=0.25, rope_theta=10000.0,
+        norm="layernorm", norm_bias=True, qkv_bias=True, rotary_fraction=0.25, rope_theta=10000.0,
     ),
-    # Index-1.9B technical report (bilibili, 2024): 36 layers, d=2048, 16 heads, SwiGLU 5888, RMSNorm,
-    # NormHead, vocab 65029, 4096 context; 1.9B non-embedding parameters.
+    # Index-1.9B technical report (bilibili, 2024) and its config.json: 36 layers, d=2048, 16 heads, SwiGLU 5888,
+    # RMSNorm (eps 1e-6), NormHead, untied, vocab 65029 (padded here to 65088), 4096 context; 1.9B
+    # non-embedding parameters.
     "index-1.9b": dict(
         vocab_size=65029, dim=2048, layers=36, heads=16, kv_heads=16, ffn_hidden=5888, max_seq_len=4096,
         norm_head=True, norm_eps=1e-6,

@@ -168,7 +168,11 @@ def _resolve_ramp(phase: PhaseSpec, prev: ResolvedPhase | None, path: str, probl
 def _check_ramp(ramp, phase: PhaseSpec, seq_len: int, path: str, problems: list[Problem]) -> bool:
     ok = True
     is_ramp = phase.batch is not None and phase.batch.ramp is not None
-    where = (lambda i, f: f"{path}.batch.ramp[{i}].{f}") if is_ramp else (lambda i, f: f"{path}.batch.size")
+    inherited = phase.batch is None or (phase.batch.size is None and phase.batch.ramp is None)
+    if is_ramp:
+        where = lambda i, f: f"{path}.batch.ramp[{i}].{f}"  # noqa: E731
+    else:
+        where = lambda i, f: f"{path}.batch" + ("" if inherited else ".size")  # noqa: E731
     if ramp[0][0] != 0:
         problems.append(Problem(where(0, "tokens"), f"the first ramp point must be at tokens 0, got {ramp[0][0]}",
                                 "start the ramp with {tokens: 0, size: ...}"))
@@ -189,14 +193,26 @@ def _check_ramp(ramp, phase: PhaseSpec, seq_len: int, path: str, problems: list[
                                     "ramp tokens count from the phase start; lower it or drop the point"))
             ok = False
         if size % seq_len:
-            hint = ""
+            hint, fix = "", ""
             if size % 1000 == 0:
-                hint = "; note M/B/T are powers of 1000 while Mi/Gi/Ti are powers of 1024"
+                hint = "; note K/M/B/T are powers of 1000 while Ki/Mi/Gi/Ti are powers of 1024"
+                binary = _binary_reading(size)
+                if binary and binary[1] % seq_len == 0:
+                    fix = f"did you mean {binary[0]} ({binary[1]} tokens)? otherwise "
             lower, upper = size - size % seq_len, size + seq_len - size % seq_len
-            problems.append(Problem(where(i, "size"), f"batch of {size} tokens is not a whole number of sequences of "
-                                    f"seqLen {seq_len}{hint}", f"use {lower or upper} or {upper} tokens"))
+            origin = " (inherited from the previous phase)" if inherited else ""
+            problems.append(Problem(where(i, "size"), f"batch of {size} tokens{origin} is not a whole number of "
+                                    f"sequences of seqLen {seq_len}{hint}", f"{fix}use {lower or upper} or {upper} tokens"))
             ok = False
     return ok
+
+
+def _binary_reading(size: int) -> tuple[str, int] | None:
+    """'8K' read as '8Ki': the size a user most likely meant when a decimal size does not fit."""
+    for suffix, decimal, binary in (("Ti", 10**12, 2**40), ("Gi", 10**9, 2**30), ("Mi", 10**6, 2**20), ("Ki", 10**3, 2**10)):
+        if size % decimal == 0:
+            return f"{size // decimal}{suffix}", size // decimal * binary
+    return None
 
 
 def _resolve_lr(phase: PhaseSpec, prev: ResolvedPhase | None, path: str, problems: list[Problem]):

@@ -1,0 +1,263 @@
+"""Spec: manifests are read exactly, and every malformed one is rejected with the right field path."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+
+from stagerun.trainer.spec import (
+    SpecError, format_count, load_run, parse_count, parse_float, resolve_run, to_manifest, validate_manifest,
+)
+from stagerun.trainer.spec.quantities import QuantityError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def base_manifest() -> dict:
+    return {
+        "apiVersion": "stagerun.io/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": "unit"},
+        "spec": {
+            "model": {"preset": "tiny"},
+            "tokenizer": {"train": {"vocabSize": 512}},
+            "data": {"sources": {"web": {"path": "builtin:python-docs", "weight": 0.75},
+                                 "code": {"path": "builtin:python-code", "weight": 0.25}}},
+            "phases": [
+                {"name": "core", "tokens": "1M", "seqLen": 128, "microBatchSize": 4,
+                 "batch": {"ramp": [{"tokens": 0, "size": "8Ki"}, {"tokens": "500K", "size": "16Ki"}]},
+                 "lr": {"schedule": "cosine", "peak": "3e-4", "to": "3e-5", "warmupTokens": "100K"}},
+                {"name": "long", "tokens": "200K", "seqLen": 256},
+                {"name": "anneal", "tokens": "100K", "data": {"weights": {"web": 0.5, "code": 0.5}},
+                 "lr": {"schedule": "linear", "to": 0}},
+            ],
+            "resources": {"processesPerNode": 2},
+        },
+    }
+
+
+def mutate(path: str, value):
+    """A mutation that sets (or with value=DELETE removes) the dotted/indexed path in the manifest."""
+
+    def apply(manifest: dict) -> dict:
+        keys = [int(k) if k.isdigit() else k for k in path.replace("[", ".").replace("]", "").split(".")]
+        node = manifest
+        for key in keys[:-1]:
+            node = node[key]
+        if value is DELETE:
+            del node[keys[-1]]
+        else:
+            node[keys[-1]] = value
+        return manifest
+
+    return apply
+
+
+DELETE = object()
+
+# (mutation, expected field path, fragment of the message)
+MALFORMED = [
+    (mutate("apiVersion", "stagerun.io/v1"), "apiVersion", "must be stagerun.io/v1alpha1"),
+    (mutate("kind", "TrainRun"), "kind", "must be TrainingRun"),
+    (mutate("metadata.name", "My_Run"), "metadata.name", "DNS-1123"),
+    (mutate("metadata", DELETE), "metadata", "required"),
+    (mutate("spec.phases", []), "spec.phases", "is empty"),
+    (mutate("spec.phases[1].seqLen", 1001), "spec.phases[1].seqLen", "must be a positive multiple of 8, got 1001"),
+    (mutate("spec.phases[1].seqLen", 384), "spec.phases[1].batch", "inherited from the previous phase"),
+    (mutate("spec.phases[1].seqLen", 2048), "spec.phases[1].seqLen", "longer than the model's maxSeqLen"),
+    (mutate("spec.phases[0].seqLen", DELETE), "spec.phases[0].seqLen", "first phase must set seqLen"),
+    (mutate("spec.phases[0].tokens", "2X"), "spec.phases[0].tokens", "cannot read '2X'"),
+    (mutate("spec.phases[0].tokens", "1.5"), "spec.phases[0].tokens", "not a whole number"),
+    (mutate("spec.phases[0].tokens", 0), "spec.phases[0].tokens", "at least 1"),
+    (mutate("spec.phases[0].tokens", True), "spec.phases[0].tokens", "boolean"),
+    (mutate("spec.phases[0].name", DELETE), "spec.phases[0].name", "required"),
+    (mutate("spec.phases[1].name", "core"), "spec.phases[1].name", "duplicate phase name"),
+    (mutate("spec.phases[0].batch.ramp[1].size", "4Ki"), "spec.phases[0].batch.ramp[1].size", "must increase"),
+    (mutate("spec.phases[0].batch.ramp[1].tokens", 0), "spec.phases[0].batch.ramp[1].tokens", "increasing token order"),
+    (mutate("spec.phases[0].batch.ramp[0].tokens", 10), "spec.phases[0].batch.ramp[0].tokens", "must be at tokens 0"),
+    (mutate("spec.phases[0].batch.ramp[1].tokens", "2M"), "spec.phases[0].batch.ramp[1].tokens", "not inside the phase"),
+    (mutate("spec.phases[0].batch.ramp[1].size", "15K"), "spec.phases[0].batch.ramp[1].size", "not a whole number of sequences"),
+    (mutate("spec.phases[0].batch", {"size": "8Ki", "ramp": [{"tokens": 0, "size": "8Ki"}]}), "spec.phases[0].batch", "not both"),
+    (mutate("spec.phases[0].batch", DELETE), "spec.phases[0].batch", "first phase must set batch"),
+    (mutate("spec.phases[0].microBatchSize", 3), "spec.phases[0].batch.ramp[0].size", "do not split into data-parallel"),
+    (mutate("spec.phases[0].lr.peak", "fast"), "spec.phases[0].lr.peak", "cannot read 'fast'"),
+    (mutate("spec.phases[0].lr.peak", DELETE), "spec.phases[0].lr.peak", "first phase must set lr.peak"),
+    (mutate("spec.phases[0].lr.schedule", "cosin"), "spec.phases[0].lr.schedule", "did you mean 'cosine'"),
+    (mutate("spec.phases[0].lr.to", 1.0), "spec.phases[0].lr.to", "above the peak"),
+    (mutate("spec.phases[0].lr.warmupTokens", "2M"), "spec.phases[0].lr.warmupTokens", "does not end inside the phase"),
+    (mutate("spec.phases[0].lr.decayFraction", 0.1), "spec.phases[0].lr.decayFraction", "only applies to schedule wsd"),
+    (mutate("spec.phases[0].lr", {"schedule": "wsd", "peak": 1e-3}), "spec.phases[0].lr.decayFraction", "required with schedule wsd"),
+    (mutate("spec.phases[0].lr", {"schedule": "wsd", "peak": 1e-3, "decayFraction": 1.5}), "spec.phases[0].lr.decayFraction", "at most 1"),
+    (mutate("spec.phases[2].data.weights", {"web": 0.5, "math": 0.5}), "spec.phases[2].data.weights.math", "names no source"),
+    (mutate("spec.phases[2].data.weights", {"web": 0.5, "code": 0.6}), "spec.phases[2].data.weights", "sum to 1.1, not 1"),
+    (mutate("spec.phases[2].data.weights", {"web": -0.5, "code": 1.5}), "spec.phases[2].data.weights.web", "at least 0"),
+    (mutate("spec.data.sources.web.weight", 0.5), "spec.data.sources[*].weight", "sum to 0.75, not 1"),
+    (mutate("spec.data.sources", {}), "spec.data.sources", "is empty"),
+    (mutate("spec.data.sources.web.path", "builtin:wikipedia"), "spec.data.sources.web.path", "unknown generated corpus"),
+    (mutate("spec.data.sources.web.format", "csv"), "spec.data.sources.web.format", "must be one of"),
+    (mutate("spec.tokenizer", {}), "spec.tokenizer", "exactly one of path and train"),
+    (mutate("spec.tokenizer.train.vocabSize", 100000), "spec.tokenizer.train.vocabSize", "exceeds the model's vocabSize"),
+    (mutate("spec.model.preset", "gpt5"), "spec.model.preset", "unknown preset"),
+    (mutate("spec.model", {"dim": 64}), "spec.model.layers", "required when no preset"),
+    (mutate("spec.model.kvHeads", 3), "spec.model.kvHeads", "not a multiple of kvHeads"),
+    (mutate("spec.model.dim", 66), "spec.model.dim", "not divisible by heads"),
+    (mutate("spec.model.rotaryFraction", 0.3), "spec.model.rotaryFraction", "whole number"),
+    (mutate("spec.model.position", "alibi"), None, None),  # valid on its own: ALiBi needs no rotary fields
+    (lambda m: (m["spec"]["model"].update(position="alibi", rotaryFraction=0.5), m)[1], "spec.model.rotaryFraction", "no meaning with position: alibi"),
+    (mutate("spec.model.normBias", True), "spec.model.normBias", "rmsnorm has no bias"),
+    (mutate("spec.model.dims", 64), "spec.model.dims", "did you mean 'dim'"),
+    (mutate("spec.phases[0].seqlen", 128), "spec.phases[0].seqlen", "did you mean 'seqLen'"),
+    (mutate("spec.parallelism", {"tensorParallel": 3}), "spec.parallelism.tensorParallel", "not divisible"),
+    (mutate("spec.parallelism", {"contextParallel": 2}), "spec.parallelism.contextParallel", "not supported yet"),
+    (mutate("spec.parallelism", {"fsdp": 4}), "spec.parallelism.fsdp", "!= world size 2"),
+    (mutate("spec.resources", {"gpusPerNode": 8, "processesPerNode": 4}), "spec.resources.processesPerNode", "each GPU needs one process"),
+    (mutate("spec.resources.nodes", 0), "spec.resources.nodes", "at least 1"),
+    (mutate("spec.checkpoint", {"keep": 0}), "spec.checkpoint.keep", "at least 1"),
+    (mutate("spec.training", {"zLoss": -1}), "spec.training.zLoss", "at least 0"),
+    (mutate("spec.training", {"precision": "fp8"}), "spec.training.precision", "must be one of"),
+    (mutate("spec.phases", {"name": "core"}), "spec.phases", "expected a list"),
+    (mutate("spec.phases[0].lr", "3e-4"), "spec.phases[0].lr", "expected a mapping"),
+]
+
+
+@pytest.mark.parametrize("mutation,path,fragment", MALFORMED, ids=[str(i) for i in range(len(MALFORMED))])
+def test_malformed_manifest_is_rejected_with_field_path(mutation, path, fragment):
+    manifest = mutation(copy.deepcopy(base_manifest()))
+    problems = validate_manifest(manifest)
+    if path is None:
+        assert problems == []
+        return
+    assert problems, f"expected a problem at {path}"
+    matching = [p for p in problems if p.path == path]
+    assert matching, f"no problem at {path}; got {[str(p) for p in problems]}"
+    assert any(fragment in str(p) for p in matching), [str(p) for p in matching]
+
+
+def test_at_least_thirty_malformed_cases():
+    assert sum(1 for _, path, _ in MALFORMED if path) >= 30
+
+
+def test_base_manifest_is_valid_and_resolves_inheritance():
+    run = resolve_run(base_manifest())
+    core, long, anneal = run.phases
+    assert (core.start_tokens, long.start_tokens, anneal.start_tokens, run.total_tokens) == (0, 10**6, 1_200_000, 1_300_000)
+    assert core.ramp == ((0, 8192), (500_000, 16384))
+    assert long.ramp == ((0, 16384),) and long.seq_len == 256 and long.micro_batch_size == 4
+    assert long.lr.schedule == "constant" and long.lr.peak == pytest.approx(3e-5)
+    assert anneal.lr.peak == pytest.approx(3e-5) and anneal.lr.end == 0.0 and anneal.seq_len == 256
+    assert core.weights == {"web": 0.75, "code": 0.25} and long.weights == core.weights
+    assert anneal.weights == {"web": 0.5, "code": 0.5}
+    assert run.model.dim == 64 and run.model.kv_heads == 2
+
+
+def test_every_problem_is_reported_not_just_the_first():
+    manifest = base_manifest()
+    manifest["spec"]["phases"][1]["seqLen"] = 1001
+    manifest["spec"]["phases"][2]["data"]["weights"] = {"web": 0.2}
+    manifest["spec"]["model"]["kvHeads"] = 3
+    manifest["spec"]["bogus"] = 1
+    paths = {p.path for p in validate_manifest(manifest)}
+    assert {"spec.phases[1].seqLen", "spec.phases[2].data.weights", "spec.model.kvHeads", "spec.bogus"} <= paths
+
+
+def test_problem_messages_carry_a_fix():
+    manifest = base_manifest()
+    manifest["spec"]["phases"][0]["batch"]["ramp"][0]["size"] = "8K"
+    (problem,) = [p for p in validate_manifest(manifest) if p.path.endswith("ramp[0].size")]
+    assert "powers of 1000" in problem.message and "did you mean 8Ki (8192 tokens)?" in problem.fix
+
+
+def test_world_size_override_revalidates_divisibility():
+    assert validate_manifest(base_manifest(), world_size=4) == []
+    problems = validate_manifest(base_manifest(), world_size=3)
+    assert any("data-parallel ranks (3)" in p.message for p in problems)
+
+
+def test_phase_level_parallelism_overrides_only_what_it_sets():
+    manifest = base_manifest()
+    manifest["spec"]["parallelism"] = {"dataParallelReplicate": 2}
+    manifest["spec"]["resources"] = {"processesPerNode": 4}
+    manifest["spec"]["phases"][1]["parallelism"] = {"tensorParallel": 2}
+    run = resolve_run(manifest)
+    assert run.phases[0].parallelism.tensor_parallel == 1
+    assert run.phases[1].parallelism.tensor_parallel == 2 and run.phases[1].parallelism.data_parallel_replicate == 2
+    assert run.phases[2].parallelism.tensor_parallel == 2  # inherited from the previous phase
+
+
+def test_status_and_server_metadata_are_accepted():
+    manifest = base_manifest()
+    manifest["metadata"].update(uid="1234", resourceVersion="7", generation=2, creationTimestamp="2026-01-01T00:00:00Z")
+    manifest["status"] = {"phase": "core", "step": 10}
+    assert validate_manifest(manifest) == []
+
+
+def test_manifest_round_trips_through_to_manifest():
+    run = resolve_run(base_manifest())
+    again = to_manifest(run.manifest, only_explicit=True)
+    assert resolve_run(again).phases == run.phases
+
+
+@pytest.mark.parametrize("text,count", [
+    ("2T", 2 * 10**12), ("252M", 252 * 10**6), ("4M", 4 * 10**6), ("8B", 8 * 10**9), ("8G", 8 * 10**9),
+    ("2.87T", 2_870_000_000_000), ("4Mi", 4 * 2**20), ("16Ki", 16384), ("1e9", 10**9), ("1_000", 1000), (4096, 4096),
+    ("40M", 40_000_000), ("0", 0), (" 3K ", 3000), (2.0, 2),
+])
+def test_parse_count(text, count):
+    assert parse_count(text) == count
+
+
+@pytest.mark.parametrize("text", ["2X", "", "M", "1.5", "-3", "1e-3", "2TB", [1], None, True, "3.3333K"])
+def test_parse_count_rejects(text):
+    with pytest.raises(QuantityError):
+        parse_count(text)
+
+
+def test_parse_float_reads_yaml_strings():
+    assert parse_float("3e-4") == pytest.approx(3e-4)
+    assert parse_float(1) == 1.0
+    for bad in ("nan", "inf", "fast", True, None):
+        with pytest.raises(QuantityError):
+            parse_float(bad)
+
+
+def test_format_count_is_short_and_exact_where_possible():
+    assert [format_count(c) for c in (2 * 10**12, 1_600_000, 8192, 2**22, 2_870_000_000_000, 999)] == \
+        ["2T", "1.6M", "8Ki", "4Mi", "2.87T", "999"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_validates(path):
+    run = load_run(path)
+    assert run.phases
+
+
+def test_unreadable_files_give_clear_errors(tmp_path):
+    with pytest.raises(SpecError, match="cannot read the file"):
+        load_run(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spec: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_run(bad)
+    two = tmp_path / "two.yaml"
+    two.write_text("a: 1\n---\nb: 2\n")
+    with pytest.raises(SpecError, match="2 YAML documents"):
+        load_run(two)
+
+
+def test_spec_and_plan_import_no_torch():
+    import subprocess
+
+    code = ("import sys, stagerun.trainer.spec, stagerun.trainer.plan, stagerun.trainer.plan_report; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_operator_folder_never_shadows_the_standard_library():
+    import subprocess
+
+    code = ("import operator, stagerun.operator; assert operator.__file__ != stagerun.operator.__file__; "
+            "assert hasattr(operator, 'itemgetter')")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
