@@ -315,6 +315,7 @@ def _sharded_init_worker(rank: int, world: int, init_file: str, result_file: str
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
+    torch.set_num_threads(1)  # forked from a process whose OpenMP pool is live: keep the child single-threaded
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         mesh = init_device_mesh("cpu", (world,))

@@ -136,7 +136,8 @@ def init_weights(model: Transformer, seed: int) -> None:
     Each parameter's full tensor is drawn on CPU from its own generator; a DTensor (FSDP2 / tensor parallel) then
     keeps only its local shard, cut locally (``src_data_rank=None``: every rank computed the same full tensor, so no
     communication). Works on a model built on the meta device and materialised with ``to_empty()``.
-    Cost: every rank draws every full tensor once (a few seconds per billion parameters).
+    Cost: every rank draws every full tensor once on CPU, ~15 s per billion parameters on one core (measured:
+    1.6 s per 100M normals), and holds the largest full tensor (Llama 3 8B's embedding: 2.1 GB) at a time.
     """
     from torch.distributed.tensor import DTensor, distribute_tensor
 

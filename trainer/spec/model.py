@@ -35,7 +35,7 @@ class ModelSpec:
     ffn_multiple_of: int | None = spec_field(None, doc="round the SwiGLU width up to this multiple (Baichuan 2: 128)", minimum=1)
     norm: Literal["rmsnorm", "layernorm"] | None = spec_field(None, doc="normalisation layer")
     norm_eps: float | None = spec_field(None, doc="epsilon of the norm layers", minimum=0, exclusive_minimum=True)
-    norm_bias: bool | None = spec_field(None, doc="learned bias in LayerNorm (StableLM 2: true); ignored by rmsnorm")
+    norm_bias: bool | None = spec_field(None, doc="learned bias in LayerNorm (rmsnorm has none)")
     qkv_bias: bool | None = spec_field(None, doc="bias on the query/key/value projections (StableLM 2: true)")
     position: Literal["rope", "alibi"] | None = spec_field(None, doc="position encoding: rotary (RoPE) or ALiBi biases")
     rope_theta: float | None = spec_field(None, doc="RoPE base (Llama 3: 500000)", minimum=0, exclusive_minimum=True)
