@@ -145,7 +145,8 @@ def test_manifest_garbled(good_set):
 
 def test_wrong_format_string(good_set):
     edit_manifest(good_set, format="stagerun-tokens/v9")
-    with pytest.raises(DataError, match=r"manifest\.json: format is 'stagerun-tokens/v9', expected 'stagerun-tokens/v1'"):
+    expected = r"manifest\.json: format is 'stagerun-tokens/v9', expected 'stagerun-tokens/v1'"
+    with pytest.raises(DataError, match=expected):
         TokenShards.open(good_set)
 
 

@@ -153,6 +153,8 @@ def _expand(path: str) -> list[fsspec.core.OpenFile]:
     else:
         files = fsspec.open_files(path, mode="rb", compression="infer")
         files = sorted(files, key=lambda f: f.path)
+        if len(files) == 1 and not files[0].fs.exists(files[0].path):
+            files = []  # open_files returns a plain path whether or not it exists
     if not files:
         raise DataError(f"{path} matches no files: check the source's path (a file, folder, glob or URL)")
     return files

@@ -216,9 +216,9 @@ class PackedMixLoader:
         for name in self.names:
             if saved[name] != current[name]:
                 changed = [k for k in current[name] if saved[name].get(k) != current[name][k]]
-                raise ValueError(f"source {name!r} differs from the one the checkpoint was taken with ({', '.join(changed)}"
-                                 f": {saved[name]} then, {current[name]} now): resume with the same shard set and "
-                                 f"tokenizer, or start a new run")
+                raise ValueError(f"source {name!r} differs from the one the checkpoint was taken with "
+                                 f"({', '.join(changed)}: {saved[name]} then, {current[name]} now): resume with the "
+                                 f"same shard set and tokenizer, or start a new run")
         self.phase_index = state["phaseIndex"]
         self.phase_sequences = int(state["phaseSequences"])
         self.cursors = [int(state["cursors"][name]) for name in self.names]

@@ -34,6 +34,7 @@ MANIFEST = "manifest.json"
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 DEFAULT_SHARD_TOKENS = 64 * 2**20
 ENCODE_BATCH_DOCS = 512
+ENCODE_BATCH_CHARS = 2_000_000
 REMAKE = "re-create the shard set (delete the folder and tokenize the source again)"
 
 
@@ -53,14 +54,51 @@ def dtype_for_vocab(size: int) -> str:
 
 
 def _encode(tokenizer, docs: Iterable[str]) -> Iterator[list[int]]:
+    # Batches bounded in documents and characters: encode_batch spreads a batch over the cores, and bounded
+    # batches keep memory flat and the progress bar moving on corpora of a few huge files.
     batch: list[str] = []
+    chars = 0
     for doc in docs:
         batch.append(doc)
-        if len(batch) == ENCODE_BATCH_DOCS:
+        chars += len(doc)
+        if len(batch) == ENCODE_BATCH_DOCS or chars >= ENCODE_BATCH_CHARS:
             yield from (e.ids for e in tokenizer.encode_batch(batch, add_special_tokens=False))
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield from (e.ids for e in tokenizer.encode_batch(batch, add_special_tokens=False))
+
+
+class _ShardWriter:
+    """Appends documents (each followed by EOS) to numbered shards, closing a shard once it is full."""
+
+    def __init__(self, folder: Path, dtype: np.dtype, eos: int, shard_tokens: int):
+        self.folder, self.dtype, self.eos, self.shard_tokens = folder, dtype, eos, shard_tokens
+        self.shards: list[dict] = []
+        self._handle = None
+        self._ends: list[int] = []
+
+    def add(self, ids: list[int]) -> int:
+        if self._handle is None:
+            name = f"shard-{len(self.shards):05d}"
+            self.shards.append({"tokens": f"{name}.bin", "index": f"{name}.idx"})
+            self._handle = open(self.folder / self.shards[-1]["tokens"], "wb")
+        tokens = np.empty(len(ids) + 1, dtype=self.dtype)
+        tokens[:-1] = ids
+        tokens[-1] = self.eos
+        tokens.tofile(self._handle)
+        self._ends.append((self._ends[-1] if self._ends else 0) + len(tokens))
+        if self._ends[-1] >= self.shard_tokens:
+            self.close()
+        return len(tokens)
+
+    def close(self) -> None:
+        if self._handle is None:
+            return
+        self._handle.close()
+        self._handle = None
+        np.asarray(self._ends, dtype="<i8").tofile(self.folder / self.shards[-1]["index"])
+        self.shards[-1].update(numTokens=self._ends[-1], numDocuments=len(self._ends))
+        self._ends = []
 
 
 def write_shards(docs: Iterable[str], tokenizer, out_dir: str | os.PathLike, *,
@@ -74,9 +112,12 @@ def write_shards(docs: Iterable[str], tokenizer, out_dir: str | os.PathLike, *,
     """
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
-    size, eos = vocab_size(tokenizer), eos_id(tokenizer)
-    dtype_name = dtype_for_vocab(size)
-    dtype = DTYPES[dtype_name]
+    size, eos, sha = vocab_size(tokenizer), eos_id(tokenizer), tokenizer_sha256(tokenizer)
+    manifest = {"format": FORMAT, "dtype": dtype_for_vocab(size), "eosId": eos, "vocabSize": size,
+                "tokenizerSha256": sha}
+    clash = sorted(set(extra or {}) & {*manifest, "numTokens", "numDocuments", "shards"})
+    if clash:
+        raise ValueError(f"extra manifest keys {clash} would replace format v1 fields: rename them")
     remote = is_url(out_dir)
     final = None if remote else Path(str(out_dir).removeprefix("file://"))
     if final is not None:
@@ -84,47 +125,19 @@ def write_shards(docs: Iterable[str], tokenizer, out_dir: str | os.PathLike, *,
     # Same parent as the target, so the final rename is atomic on one filesystem.
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent) if final else tempfile.mkdtemp())
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the finished set should be readable like any folder
+    writer = _ShardWriter(tmp, DTYPES[manifest["dtype"]], eos, shard_tokens)
+    bar = tqdm(desc=desc, unit="tok", unit_scale=True, disable=not progress, mininterval=1.0)
     # Text that happens to contain "<|endoftext|>" must stay text: only write_shards places document ends.
     previous_special = tokenizer.encode_special_tokens
     tokenizer.encode_special_tokens = True
-    shards: list[dict] = []
     try:
-        handle, ends, count = None, [], 0
-        bar = tqdm(desc=desc, unit="tok", unit_scale=True, disable=not progress, mininterval=1.0)
-
-        def close() -> None:
-            nonlocal handle, ends, count
-            if handle is None:
-                return
-            handle.close()
-            np.asarray(ends, dtype="<i8").tofile(tmp / shards[-1]["index"])
-            shards[-1].update(numTokens=count, numDocuments=len(ends))
-            handle, ends, count = None, [], 0
-
         for ids in _encode(tokenizer, docs):
-            if handle is None:
-                name = f"shard-{len(shards):05d}"
-                shards.append({"tokens": f"{name}.bin", "index": f"{name}.idx"})
-                handle = open(tmp / shards[-1]["tokens"], "wb")
-            tokens = np.empty(len(ids) + 1, dtype=dtype)
-            tokens[:-1] = ids
-            tokens[-1] = eos
-            tokens.tofile(handle)
-            count += len(tokens)
-            ends.append(count)
-            bar.update(len(tokens))
-            if count >= shard_tokens:
-                close()
-        close()
-        bar.close()
-        manifest = {
-            "format": FORMAT, "dtype": dtype_name, "eosId": eos, "vocabSize": size,
-            "tokenizerSha256": tokenizer_sha256(tokenizer),
-            "numTokens": sum(s["numTokens"] for s in shards),
-            "numDocuments": sum(s["numDocuments"] for s in shards),
-            "shards": shards, **(extra or {}),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+            bar.update(writer.add(ids))
+        writer.close()
+        manifest.update(numTokens=sum(s["numTokens"] for s in writer.shards),
+                        numDocuments=sum(s["numDocuments"] for s in writer.shards), shards=writer.shards,
+                        **(extra or {}))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")  # last: only now is the set complete
         if remote:
             _upload(tmp, str(out_dir), manifest)
         else:
@@ -132,6 +145,8 @@ def write_shards(docs: Iterable[str], tokenizer, out_dir: str | os.PathLike, *,
         return manifest
     finally:
         tokenizer.encode_special_tokens = previous_special
+        writer.close()
+        bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
