@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .spec import SpecError, load_run
+from .spec import SpecError, load_run, parse_count
 
 
 def _add_manifest(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +37,8 @@ def cmd_run(args) -> int:
     run = load_run(args.manifest, world_size=args.nproc)  # every problem is reported before anything starts
     from .runner import run_local
 
-    return run_local(run, args.manifest, nproc=args.nproc, run_dir=args.run_dir, max_restarts=args.max_restarts)
+    return run_local(run, args.manifest, nproc=args.nproc, run_dir=args.run_dir, max_restarts=args.max_restarts,
+                     max_source_bytes=args.max_source_bytes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_manifest(run)
     run.add_argument("--run-dir", type=Path, help="tokenizer, data, checkpoints and metrics (default: runs/<name>)")
     run.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts of a failed gang before giving up")
+    run.add_argument("--max-source-bytes", type=parse_count, default=None,
+                     help="tokenize at most this much text per source (e.g. 2M): a quick smoke run on a sample")
     run.set_defaults(func=cmd_run)
     return parser
 

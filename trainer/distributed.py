@@ -108,7 +108,7 @@ def apply_fsdp(model: nn.Module, topo: Topology, param_dtype: torch.dtype | None
     Gradients are summed, not averaged, across ranks: the loop divides each micro-batch loss by the global token
     count, so the result is the exact mean however the batch is split (torchtitan does the same).
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
     from torchtitan.distributed.fsdp import disable_fsdp_gradient_division
 
     kwargs = {"mesh": topo.dp_mesh}
@@ -120,6 +120,10 @@ def apply_fsdp(model: nn.Module, topo: Topology, param_dtype: torch.dtype | None
         fully_shard(block, reshard_after_forward=index < last, **kwargs)
     fully_shard(model, **kwargs)
     disable_fsdp_gradient_division(model)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # With no division left, a plain SUM: gloo (CPU) has no PREMUL_SUM, which FSDP picks otherwise.
+            module.set_force_sum_reduction_for_comms(True)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:

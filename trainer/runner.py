@@ -26,12 +26,12 @@ def default_run_dir(run: ResolvedRun) -> Path:
     return Path("runs") / run.name
 
 
-def prepare(run: ResolvedRun, run_dir: Path) -> None:
+def prepare(run: ResolvedRun, run_dir: Path, max_source_bytes: int | None = None) -> None:
     """Tokenizer and token shards, made once per run dir; workers only open what this writes."""
     from .data.prepare import prepare_data
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    prepared = prepare_data(run, run_dir)
+    prepared = prepare_data(run, run_dir, max_source_bytes=max_source_bytes)
     record = {
         "tokenizerPath": str(prepared.tokenizer_path),
         "shardDirs": {k: str(v) for k, v in prepared.shard_dirs.items()},
@@ -62,12 +62,12 @@ def worker_env(run: ResolvedRun, nproc: int) -> dict[str, str]:
 
 
 def run_local(run: ResolvedRun, manifest: Path, *, nproc: int | None, run_dir: Path | None,
-              max_restarts: int = 0) -> int:
+              max_restarts: int = 0, max_source_bytes: int | None = None) -> int:
     from .checkpoint import CheckpointManager
     from .train import checkpoint_url
 
     run_dir = Path(run_dir or default_run_dir(run))
-    prepare(run, run_dir)
+    prepare(run, run_dir, max_source_bytes)
     manager = CheckpointManager(checkpoint_url(run, run_dir), run.checkpoint.keep)
     while True:
         latest = manager.latest()

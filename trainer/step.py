@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torchtitan.distributed.utils import clip_grad_norm_
 
@@ -22,6 +23,16 @@ class StepResult:
     max_z_loss: float  # mean weighted max-z term (0 when disabled)
     grad_norm: float  # global gradient norm before clipping
     tokens: int  # target tokens in the global batch
+    batch_checksum: float  # sum over the global batch of token x (position + 1): the same however it is split
+
+
+def batch_checksum(micro_batches) -> float:
+    """A fingerprint of this rank's inputs whose sum over ranks identifies the global batch (resume checks)."""
+    total = 0
+    for mb in micro_batches:
+        weights = np.arange(1, mb.inputs.shape[1] + 1, dtype=np.int64)
+        total += int((mb.inputs * weights).sum())
+    return float(total)
 
 
 def build_optimizer(model: torch.nn.Module, training: TrainingSpec, device: torch.device) -> torch.optim.Optimizer:
@@ -43,6 +54,7 @@ def train_step(model, optimizer, micro_batches, *, lr: float, topo: Topology, tr
         group["lr"] = lr
     local_tokens = sum(int((mb.targets != IGNORE_INDEX).sum()) for mb in micro_batches)
     (global_tokens,) = all_reduce_sum([local_tokens], topo)
+    checksum = batch_checksum(micro_batches)
     sums = torch.zeros(3, dtype=torch.float64, device=topo.device)
     for mb in micro_batches:
         inputs = torch.from_numpy(mb.inputs).to(topo.device, non_blocking=True)
@@ -62,5 +74,6 @@ def train_step(model, optimizer, micro_batches, *, lr: float, topo: Topology, tr
     grad_norm = clip_grad_norm_(list(model.parameters()), max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    ce, z, max_z = all_reduce_sum(sums.tolist(), topo)
-    return StepResult(ce / global_tokens, z / global_tokens, max_z / global_tokens, float(grad_norm), int(global_tokens))
+    ce, z, max_z, checksum = all_reduce_sum(sums.tolist() + [checksum], topo)
+    return StepResult(ce / global_tokens, z / global_tokens, max_z / global_tokens, float(grad_norm),
+                      int(global_tokens), checksum)

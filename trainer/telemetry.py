@@ -14,8 +14,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .spec import format_count
-
 STATE_COMPLETE = "complete"  # every phase's budget is spent; the final checkpoint is committed
 STATE_RELAUNCH = "relaunch"  # a phase ended and the next one needs another topology; checkpoint committed
 STATE_STOPPED = "stopped"  # SIGTERM/SIGINT: checkpoint committed, resume with the same command
@@ -95,7 +93,7 @@ class Progress:
         if self.bar is None:
             return
         self.bar.set_description_str(f"{phase} step {step}", refresh=False)
-        self.bar.set_postfix_str(f"loss {loss:.3f}, {format_count(int(tokens_per_second))} tok/s", refresh=False)
+        self.bar.set_postfix_str(f"loss {loss:.3f}, {tokens_per_second:,.0f} tok/s", refresh=False)
         self.bar.update(tokens)
 
     def write(self, message: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -77,6 +78,16 @@ def _restore_rng(encoded: str) -> None:
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(encoded)), dtype=torch.uint8))
 
 
+# Test-only fault injection: the last rank SIGKILLs itself right after this step (a worker lost mid-run).
+KILL_AFTER_STEP_ENV = "STAGERUN_TEST_KILL_AFTER_STEP"
+
+
+def _inject_test_fault(step: int, topo: D.Topology) -> None:
+    value = os.environ.get(KILL_AFTER_STEP_ENV)
+    if value and int(value) == step and topo.rank == topo.world_size - 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def train(run: ResolvedRun, run_dir: Path) -> RunStatus:
     run_dir = Path(run_dir)
     manager = CheckpointManager(checkpoint_url(run, run_dir), run.checkpoint.keep)
@@ -140,6 +151,7 @@ def train(run: ResolvedRun, run_dir: Path) -> RunStatus:
                     "gradNorm": result.grad_norm, "lr": plan.lr, "batchTokens": plan.batch_tokens,
                     "seqLen": phase.seq_len, "stepSeconds": seconds, "dataSeconds": data_seconds,
                     "tokensPerSecond": plan.batch_tokens / seconds, "tokensPerSource": dict(loader.tokens_per_source),
+                    "batchChecksum": result.batch_checksum,
                 })
             progress.update(plan.batch_tokens, phase=phase.name, step=step, loss=result.loss,
                             tokens_per_second=plan.batch_tokens / seconds)
@@ -149,7 +161,7 @@ def train(run: ResolvedRun, run_dir: Path) -> RunStatus:
             relaunch = plan.ends_phase and next_phase_needs_relaunch(run, phase)
             if plan.ends_phase or stopping or checkpoint_due(run.checkpoint.every_tokens, plan.tokens, tokens):
                 meta = {
-                    "step": step, "tokens": tokens, "phaseIndex": phase.index, "phase": phase.name,
+                    "step": step, "tokens": tokens, "phase_index": phase.index, "phase": phase.name,
                     "loader": loader.state_dict(), "rng": _rng_state(), "model": model_fields, "run": run.name,
                     "worldSize": topo.world_size,
                 }
@@ -169,6 +181,7 @@ def train(run: ResolvedRun, run_dir: Path) -> RunStatus:
             elif stopping:
                 status = RunStatus(STATE_STOPPED, step, tokens, phase.index, phase.name, ckpt_path,
                                    "stopped on request after a checkpoint")
+            _inject_test_fault(step, topo)
     finally:
         progress.close()
         if metrics:
