@@ -75,7 +75,7 @@ def test_two_processes_train_through_all_phases_and_loss_falls(straight):
     assert metrics[-1]["lr"] < metrics[-2]["lr"] < metrics[-3]["lr"]  # the anneal decays toward 0
     first, last = metrics[0]["loss"], min(m["loss"] for m in metrics[-6:])
     assert first == pytest.approx(torch.log(torch.tensor(512.0)).item(), abs=0.3)  # uniform over the vocab at init
-    assert last < first - 1.0, (first, last)
+    assert last < first - 0.7, (first, last)
     status = read_status(straight["dir"])
     assert status.state == "complete" and status.step == TOTAL_STEPS
     # Retention: the newest two plus every phase's last checkpoint.
@@ -98,6 +98,7 @@ def test_fsdp_two_ranks_match_a_single_process(straight, run_dir, tmp_path):
     assert [m["batchChecksum"] for m in single] == [m["batchChecksum"] for m in straight["metrics"]]
     for one, two in zip(single, straight["metrics"]):
         assert one["loss"] == pytest.approx(two["loss"], rel=1e-4, abs=1e-4), one["step"]
+        assert one["gradNorm"] == pytest.approx(two["gradNorm"], rel=1e-3), one["step"]
     ours, theirs = flat_tensors(final_weights(run_dir / "checkpoints", tmp_path)), flat_tensors(straight["weights"])
     assert ours.keys() == theirs.keys()
     for key in ours:
@@ -178,7 +179,7 @@ def test_ctrl_c_checkpoints_then_the_same_command_resumes(run_dir, tmp_path):
     assert read_status(run_dir).state == "complete"
 
 
-def test_next_phase_with_another_topology_relaunches_the_gang(run_dir, tmp_path):
+def test_next_phase_with_another_topology_relaunches_the_gang(straight, run_dir, tmp_path):
     manifest_dict = tiny_run()
     manifest_dict["spec"]["phases"][1]["parallelism"] = {"tensorParallel": 2}  # TP over both ranks: dp 1
     manifest_dict["spec"]["phases"][1]["microBatchSize"] = 4
@@ -188,7 +189,12 @@ def test_next_phase_with_another_topology_relaunches_the_gang(run_dir, tmp_path)
     assert "needs another topology" in result.stdout and "starting the next gang" in result.stdout
     metrics = read_metrics(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, TOTAL_STEPS + 1))
-    assert all(m["loss"] == m["loss"] and m["loss"] < 7 for m in metrics)  # finite, sane under TP too
+    # Tensor parallelism is the same maths split differently: after the relaunch (DCP resharded FSDP-only
+    # weights into TP x FSDP) the losses and gradient norms follow the FSDP-only run's.
+    for ours, reference in zip(metrics, straight["metrics"]):
+        assert ours["batchChecksum"] == reference["batchChecksum"]
+        assert ours["loss"] == pytest.approx(reference["loss"], rel=1e-4), ours["step"]
+        assert ours["gradNorm"] == pytest.approx(reference["gradNorm"], rel=1e-3), ours["step"]
 
 
 def test_invalid_manifest_is_rejected_before_any_process_starts(tmp_path):

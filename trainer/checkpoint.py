@@ -16,19 +16,26 @@ Without an initialised process group everything runs as rank 0 of 1 (DCP's no-di
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.checkpoint.stateful import Stateful
 
 try:  # some torch releases re-export these, others keep them in the private module only (2.13 does)
@@ -44,7 +51,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMMITTED"
 META = "meta.json"
-# Test-only fault injection: when set to "1", save() SIGKILLs every rank after dcp.save and meta.json, just before
+# Test-only fault injection: when set to a step number (or "all"), save() of that step SIGKILLs every rank after dcp.save and meta.json, just before
 # the commit marker, to reproduce "pod died mid-save". Never set it in production.
 CRASH_ENV = "STAGERUN_TEST_CRASH_BEFORE_COMMIT"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -100,9 +107,18 @@ def _on_rank0(fn: Callable[[], _T]) -> _T:
     return value
 
 
-def _crash_if_requested() -> None:
-    if os.environ.get(CRASH_ENV) == "1":
-        log.warning("%s=1: killing rank %d before the commit marker (test-only fault injection)", CRASH_ENV, _rank())
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
+    # Without a process group DCP warns on every call that it assumes a single process; here that is intended.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is .*(unavailable|uninitialized)")
+        yield
+
+
+def _crash_if_requested(step: int) -> None:
+    if os.environ.get(CRASH_ENV) in ("all", str(step)):
+        log.warning("%s: killing rank %d before step %d's commit marker (test-only fault injection)", CRASH_ENV,
+                    _rank(), step)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -200,16 +216,27 @@ class CheckpointManager:
 
     # ---- save
 
-    def save(self, step: int, app_state: dict[str, Any], meta: dict[str, Any], *, phase_boundary: bool) -> CheckpointInfo:
-        """Write checkpoint ``step`` (collective). ``meta`` must be JSON-serialisable and hold ``tokens`` and
-        ``phase_index``; it is taken from rank 0. Returns the committed checkpoint's info on every rank."""
+    def save(
+        self, step: int, app_state: dict[str, Any], meta: dict[str, Any], *, phase_boundary: bool
+    ) -> CheckpointInfo:
+        """Write checkpoint ``step`` (collective) and return its info on every rank.
+
+        ``meta`` must be JSON-serialisable and hold ``tokens`` and ``phase_index``; rank 0's copy is stored (with
+        ``step`` added) and is what :meth:`load` returns. ``app_state`` is DCP's: values may be ``Stateful``.
+        """
         start = time.perf_counter()
         for key in ("tokens", "phase_index"):
             if key not in meta:
-                raise ValueError(f"checkpoint meta for step {step} lacks {key!r}: add it to the meta dict passed to save()")
+                raise ValueError(f"checkpoint meta for step {step} lacks {key!r}: add it to the dict passed to save()")
         if meta.get("step", step) != step:
             raise ValueError(f"checkpoint meta has step={meta['step']} but save() was called with step={step}")
-        meta_bytes = json.dumps({**meta, "step": step}, indent=1, sort_keys=True).encode()  # fails early if not JSON
+        try:  # before any collective or write, so a bad meta costs nothing and leaves nothing behind
+            meta_bytes = json.dumps({**meta, "step": step}, indent=1).encode()  # key order kept: it can carry meaning
+        except (TypeError, ValueError) as e:
+            raise TypeError(
+                f"checkpoint meta for step {step} is not JSON-serialisable ({e}); convert tensors/numpy values "
+                "with .tolist() / int() / float() before passing them to save()"
+            ) from e
         folder = self._folder(step)
         url = storage.to_url(self.fs, folder)
 
@@ -228,12 +255,12 @@ class CheckpointManager:
         _on_rank0(prepare)
         # overwrite=False: prepare() emptied the folder, so an existing .metadata would mean a concurrent writer.
         writer = FsspecWriter(storage.to_url(self.fs, folder), overwrite=False, **self.storage_options)
-        # no_dist spelled out: DCP would infer it too, but warns on every call when it has to.
-        dcp.save(app_state, storage_writer=writer, no_dist=not _dist_on())  # collective; ends after .metadata
+        with _single_process_ok():
+            dcp.save(app_state, storage_writer=writer, no_dist=not _dist_on())  # collective; ends with .metadata
 
         def commit() -> tuple[dict[str, Any], int]:
             self.fs.pipe_file(storage.join(folder, META), meta_bytes)
-            _crash_if_requested()
+            _crash_if_requested(step)
             nbytes = storage.folder_bytes(self.fs, folder)
             marker = {
                 "step": step,
@@ -248,7 +275,7 @@ class CheckpointManager:
             return marker, nbytes
 
         if _rank() != 0:
-            _crash_if_requested()
+            _crash_if_requested(step)
         marker, nbytes = _on_rank0(commit)
         self.last_save_seconds = time.perf_counter() - start
         self.last_save_bytes = nbytes
@@ -282,7 +309,8 @@ class CheckpointManager:
                 f"{info.step}, tokens {info.tokens}); the folder mixes two saves - delete it to fall back to "
                 "the previous checkpoint"
             )
-        dcp.load(app_state, storage_reader=FsspecReader(url, **self.storage_options), no_dist=not _dist_on())
+        with _single_process_ok():
+            dcp.load(app_state, storage_reader=FsspecReader(url, **self.storage_options), no_dist=not _dist_on())
         self.last_load_seconds = time.perf_counter() - start
         log.info("checkpoint %s loaded in %.2f s (saved by %d ranks, loaded by %d)", url,
                  self.last_load_seconds, disk.world_size, _world())
@@ -291,12 +319,16 @@ class CheckpointManager:
     # ---- retention
 
     def apply_retention(self) -> list[str]:
-        """Delete what retention no longer needs (rank 0 only, after save); returns the deleted folders' URLs.
+        """Delete what retention no longer needs; returns the deleted folders' URLs.
+
+        Call it after :meth:`save`. Only rank 0 deletes (concurrent deleters would race); elsewhere it returns [].
 
         Kept: the newest ``keep`` committed checkpoints, every phase boundary, and uncommitted folders newer than
         the newest committed one (possibly a save in flight). Deleted: everything else committed, and
         uncommitted leftovers older than the newest committed checkpoint.
         """
+        if _rank() != 0:
+            return []
         infos = self.committed()
         if not infos:
             return []

@@ -157,6 +157,11 @@ def any_rank(flag: bool, topo: Topology) -> bool:
 
 
 def shutdown() -> None:
+    """Tear down the process group. Callers drop their model/optimizer first: an FSDP model still alive at
+    interpreter exit sometimes aborts gloo's teardown ("terminate called without an active exception")."""
+    import gc
+
+    gc.collect()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchtitan.distributed.utils import clip_grad_norm_
+from torch.distributed.tensor import DTensor
 
 from .distributed import Topology, all_reduce_sum
 from .losses import compute_losses
@@ -49,6 +49,32 @@ def build_optimizer(model: torch.nn.Module, training: TrainingSpec, device: torc
     )
 
 
+@torch.no_grad()
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Global L2 gradient norm, then clip to ``max_norm``: correct when parameters live on different meshes.
+
+    Under tensor parallelism the split matrices are DTensors on the (dp, tp) mesh while norms and embeddings
+    are sharded on dp only; torch's clip_grad_norm_ (and torchtitan's) cannot combine norms across meshes,
+    so each mesh's partial norm is reduced on its own and the squares are summed.
+    """
+    groups: dict[object, list[torch.Tensor]] = {}
+    for param in parameters:
+        if param.grad is not None:
+            key = param.grad.device_mesh if isinstance(param.grad, DTensor) else None
+            groups.setdefault(key, []).append(param)
+    squares = []
+    for params in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()  # reduces the partial norm over that mesh's ranks
+        squares.append(norm.float() ** 2)
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    if math.isfinite(max_norm):
+        for params in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
 def train_step(model, optimizer, micro_batches, *, lr: float, topo: Topology, training: TrainingSpec) -> StepResult:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -71,7 +97,7 @@ def train_step(model, optimizer, micro_batches, *, lr: float, topo: Topology, tr
         sums += torch.stack([terms.ce_sum.detach(), terms.z_sum.detach(), terms.max_z_sum.detach()]).double()
         del logits, terms
     max_norm = training.grad_clip if training.grad_clip > 0 else math.inf
-    grad_norm = clip_grad_norm_(list(model.parameters()), max_norm)
+    grad_norm = clip_grad_norm(model.parameters(), max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     ce, z, max_z, checksum = all_reduce_sum(sums.tolist() + [checksum], topo)

@@ -73,6 +73,7 @@ def write_bytes_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     folder = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; the marker must be readable like the DCP files beside it
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -188,5 +188,6 @@ def train(run: ResolvedRun, run_dir: Path) -> RunStatus:
             metrics.close()
     if topo.is_main:
         write_status(run_dir, status)
+    del model, optimizer, app_state
     D.shutdown()
     return status
