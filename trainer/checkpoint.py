@@ -284,8 +284,12 @@ class CheckpointManager:
 
     # ---- load
 
-    def load(self, info: CheckpointInfo, app_state: dict[str, Any]) -> dict[str, Any]:
-        """Load ``info`` into ``app_state`` (collective; reshards to the current world) and return its meta."""
+    def load(self, info: CheckpointInfo, app_state: dict[str, Any], *,
+             check_meta: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Load ``info`` into ``app_state`` (collective; reshards to the current world) and return its meta.
+
+        ``check_meta`` sees the meta before any tensor is read, so an incompatible checkpoint (another model) is
+        refused with the caller's message instead of a shape error from deep inside DCP."""
         start = time.perf_counter()
         folder = self._folder(info.step)
         url = storage.to_url(self.fs, folder)
@@ -309,6 +313,8 @@ class CheckpointManager:
                 f"{info.step}, tokens {info.tokens}); the folder mixes two saves - delete it to fall back to "
                 "the previous checkpoint"
             )
+        if check_meta is not None:
+            check_meta(meta)
         with _single_process_ok():
             dcp.load(app_state, storage_reader=FsspecReader(url, **self.storage_options), no_dist=not _dist_on())
         self.last_load_seconds = time.perf_counter() - start

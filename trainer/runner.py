@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .plan import phase_at
-from .spec import ResolvedRun, format_count
+from .spec import ResolvedRun
 from .telemetry import STATE_COMPLETE, STATE_RELAUNCH, STATE_STOPPED, read_status
 
 EXIT_STOPPED = 130  # the shell convention for "interrupted": rerun the command to resume
@@ -74,7 +74,7 @@ def run_local(run: ResolvedRun, manifest: Path, *, nproc: int | None, run_dir: P
         tokens = latest.tokens if latest else 0
         phase = phase_at(run, tokens)
         if phase is None:
-            print(f"{run.name}: complete ({format_count(tokens)} tokens); final checkpoint {latest.path}")
+            print(f"{run.name}: complete ({tokens:,} tokens); final checkpoint {latest.path}")
             return 0
         world = nproc or phase.world_size
         where = f"resuming from {latest.path} (step {latest.step})" if latest else "starting from scratch"
@@ -98,7 +98,7 @@ def run_local(run: ResolvedRun, manifest: Path, *, nproc: int | None, run_dir: P
                   "run the same command again to resume")
             return EXIT_STOPPED
         if status.state == STATE_COMPLETE:
-            print(f"{run.name}: complete at step {status.step} ({format_count(status.tokens)} tokens); "
+            print(f"{run.name}: complete at step {status.step} ({status.tokens:,} tokens); "
                   f"metrics in {run_dir / 'metrics.jsonl'}")
             return 0
         raise RuntimeError(f"unknown run state {asdict(status)}")

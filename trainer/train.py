@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -21,12 +22,10 @@ from .checkpoint import CheckpointManager, ModelOptimizerState
 from .data.loader import PackedMixLoader
 from .data.shards import TokenShards
 from .model import Transformer, init_weights
-from .plan import checkpoint_due, next_phase_needs_relaunch, phase_at, step_plan
+from .plan import checkpoint_due, next_phase_needs_relaunch, phase_at, segments, step_plan
 from .spec import ResolvedRun, to_manifest
 from .step import build_optimizer, train_step
-from .telemetry import (
-    STATE_COMPLETE, STATE_RELAUNCH, STATE_STOPPED, MetricsLog, Progress, RunStatus, write_status,
-)
+from .telemetry import STATE_COMPLETE, STATE_RELAUNCH, STATE_STOPPED, MetricsLog, Progress, RunStatus, write_status
 
 log = logging.getLogger("stagerun.trainer")
 
@@ -88,6 +87,44 @@ def _inject_test_fault(step: int, topo: D.Topology) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _same_model(expected: dict, checkpoint_path: str):
+    def check(meta: dict) -> None:
+        saved = meta.get("model", {})
+        if saved != expected:
+            changed = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
+            raise RuntimeError(
+                f"checkpoint {checkpoint_path} was written by a different model (spec.model fields differ: "
+                f"{', '.join(changed)}); restore those fields, or point spec.checkpoint.path elsewhere to start anew"
+            )
+
+    return check
+
+
+def _step_record(step: int, plan, result, loader, seconds: float, data_seconds: float) -> dict:
+    return {
+        "step": step, "tokens": plan.tokens_after, "phase": plan.phase.name, "phaseIndex": plan.phase.index,
+        "loss": result.loss, "zLoss": result.z_loss, "maxZLoss": result.max_z_loss, "gradNorm": result.grad_norm,
+        "lr": plan.lr, "batchTokens": plan.batch_tokens, "seqLen": plan.seq_len, "stepSeconds": seconds,
+        "dataSeconds": data_seconds, "tokensPerSecond": plan.batch_tokens / seconds,
+        "tokensPerSource": dict(loader.tokens_per_source), "batchChecksum": result.batch_checksum,
+    }
+
+
+def _status_after(run: ResolvedRun, plan, step: int, stopping: bool, checkpoint: str | None) -> RunStatus | None:
+    """Why the gang stops after this step, or None to keep going."""
+    phase, tokens = plan.phase, plan.tokens_after
+    if plan.ends_phase and phase.index == len(run.phases) - 1:
+        return RunStatus(STATE_COMPLETE, step, tokens, phase.index, phase.name, checkpoint, "all phases done")
+    if plan.ends_phase and next_phase_needs_relaunch(run, phase):
+        nxt = run.phases[phase.index + 1]
+        return RunStatus(STATE_RELAUNCH, step, tokens, nxt.index, nxt.name, checkpoint,
+                         f"phase {nxt.name} needs another topology (world size {nxt.world_size})")
+    if stopping:
+        return RunStatus(STATE_STOPPED, step, tokens, phase.index, phase.name, checkpoint,
+                         "stopped on request after a checkpoint")
+    return None
+
+
 def train(run: ResolvedRun, run_dir: Path) -> RunStatus:
     run_dir = Path(run_dir)
     manager = CheckpointManager(checkpoint_url(run, run_dir), run.checkpoint.keep)
@@ -107,13 +144,7 @@ def train(run: ResolvedRun, run_dir: Path) -> RunStatus:
     loader = open_loader(run, run_dir)
     model_fields = to_manifest(run.model)
     if latest:
-        meta = manager.load(latest, app_state)
-        if meta["model"] != model_fields:
-            changed = sorted(k for k in set(meta["model"]) | set(model_fields) if meta["model"].get(k) != model_fields.get(k))
-            raise RuntimeError(
-                f"checkpoint {latest.path} was written by a different model (spec.model fields differ: "
-                f"{', '.join(changed)}); restore those fields, or point spec.checkpoint.path elsewhere to start anew"
-            )
+        meta = manager.load(latest, app_state, check_meta=_same_model(model_fields, latest.path))
         loader.load_state_dict(meta["loader"])
         _restore_rng(meta["rng"])
         if topo.is_main:
@@ -123,64 +154,50 @@ def train(run: ResolvedRun, run_dir: Path) -> RunStatus:
 
     stop = StopRequest()
     metrics = MetricsLog(run_dir / "metrics.jsonl") if topo.is_main else None
-    progress = Progress(run.total_tokens, tokens, enabled=topo.is_main)
-    status, ckpt_path = None, latest.path if latest else None
+    progress = Progress(segments(run)[-1].end_tokens, tokens, enabled=topo.is_main)  # incl. the last step's overshoot
+    status, checkpoint, running_phase = None, latest.path if latest else None, None
     try:
         while status is None:
             plan = step_plan(run, tokens, step)
-            phase = plan.phase
+            if plan.phase.index != running_phase:
+                running_phase = plan.phase.index
+                progress.write(f"phase {plan.phase.name}: seqLen {plan.seq_len}, batch {plan.batch_tokens:,} tokens, "
+                               f"mix {plan.phase.weights}")
             started = time.perf_counter()
             micro_batches = loader.next_step(
-                phase_index=phase.index, weights=phase.weights, seq_len=phase.seq_len,
+                phase_index=plan.phase.index, weights=plan.phase.weights, seq_len=plan.seq_len,
                 global_sequences=plan.batch_sequences, dp_rank=topo.dp_rank, dp_size=topo.dp_size,
-                micro_batch_size=phase.micro_batch_size,
+                micro_batch_size=plan.phase.micro_batch_size,
             )
             data_seconds = time.perf_counter() - started
             result = train_step(model, optimizer, micro_batches, lr=plan.lr, topo=topo, training=run.training)
-            if not torch.isfinite(torch.tensor(result.loss)):
+            if not math.isfinite(result.loss):
+                newest = manager.latest()
                 raise FloatingPointError(
-                    f"loss is {result.loss} at step {step} (phase {phase.name}); stopping without a checkpoint so the "
-                    f"newest good one ({manager.latest().path if manager.latest() else 'none'}) stays the newest. "
+                    f"loss is {result.loss} at step {step + 1} (phase {plan.phase.name}); stopping without a "
+                    f"checkpoint so the newest good one ({newest.path if newest else 'none'}) stays the newest. "
                     "Lower lr.peak, lengthen the warmup, or enable spec.training.zLoss / maxZLoss")
             step, tokens = step + 1, plan.tokens_after
             seconds = time.perf_counter() - started
             if metrics and step % run.training.log_every_steps == 0:
-                metrics.write({
-                    "step": step, "tokens": tokens, "phase": phase.name, "phaseIndex": phase.index,
-                    "loss": result.loss, "zLoss": result.z_loss, "maxZLoss": result.max_z_loss,
-                    "gradNorm": result.grad_norm, "lr": plan.lr, "batchTokens": plan.batch_tokens,
-                    "seqLen": phase.seq_len, "stepSeconds": seconds, "dataSeconds": data_seconds,
-                    "tokensPerSecond": plan.batch_tokens / seconds, "tokensPerSource": dict(loader.tokens_per_source),
-                    "batchChecksum": result.batch_checksum,
-                })
-            progress.update(plan.batch_tokens, phase=phase.name, step=step, loss=result.loss,
+                metrics.write(_step_record(step, plan, result, loader, seconds, data_seconds))
+            progress.update(plan.batch_tokens, phase=plan.phase.name, step=step, loss=result.loss,
                             tokens_per_second=plan.batch_tokens / seconds)
 
             stopping = D.any_rank(stop.requested, topo)
-            final = plan.ends_phase and phase.index == len(run.phases) - 1
-            relaunch = plan.ends_phase and next_phase_needs_relaunch(run, phase)
             if plan.ends_phase or stopping or checkpoint_due(run.checkpoint.every_tokens, plan.tokens, tokens):
                 meta = {
-                    "step": step, "tokens": tokens, "phase_index": phase.index, "phase": phase.name,
+                    "step": step, "tokens": tokens, "phase_index": plan.phase.index, "phase": plan.phase.name,
                     "loader": loader.state_dict(), "rng": _rng_state(), "model": model_fields, "run": run.name,
                     "worldSize": topo.world_size,
                 }
-                info = manager.save(step, app_state, meta, phase_boundary=plan.ends_phase)
+                checkpoint = manager.save(step, app_state, meta, phase_boundary=plan.ends_phase).path
                 if topo.is_main:
                     manager.apply_retention()
-                    progress.write(f"checkpoint step {step} ({tokens:,} tokens) committed at {info.path}")
-                ckpt_path = info.path
-            if plan.ends_phase and topo.is_main:
-                progress.write(f"phase {phase.name} finished at step {step} ({tokens:,} tokens)")
-            if final:
-                status = RunStatus(STATE_COMPLETE, step, tokens, phase.index, phase.name, ckpt_path, "all phases done")
-            elif relaunch:
-                nxt = run.phases[phase.index + 1]
-                status = RunStatus(STATE_RELAUNCH, step, tokens, nxt.index, nxt.name, ckpt_path,
-                                   f"phase {nxt.name} needs another topology (world size {nxt.world_size})")
-            elif stopping:
-                status = RunStatus(STATE_STOPPED, step, tokens, phase.index, phase.name, ckpt_path,
-                                   "stopped on request after a checkpoint")
+                progress.write(f"checkpoint step {step} ({tokens:,} tokens) committed at {checkpoint}")
+            if plan.ends_phase:
+                progress.write(f"phase {plan.phase.name} finished at step {step} ({tokens:,} tokens)")
+            status = _status_after(run, plan, step, stopping, checkpoint)
             _inject_test_fault(step, topo)
     finally:
         progress.close()

@@ -79,11 +79,15 @@ def parse_float(value: object) -> float:
 def format_count(count: int) -> str:
     """A short human form: 2000000000000 -> '2T', 1600000 -> '1.6M', 4194304 -> '4Mi', 1234 -> '1.234K'.
 
-    Exact whenever possible (binary suffixes only for exact multiples below 1024 of the unit); otherwise
+    Exact whenever possible (a whole number of a decimal unit first, then of a binary unit); otherwise
     three significant digits with a leading '~'.
     """
     if count < 1000:
         return str(count)
+    for suffix in ("T", "B", "M", "K"):
+        scale = _SUFFIXES[suffix]
+        if count % scale == 0 and count // scale < 1000:
+            return f"{count // scale}{suffix}"
     for suffix in ("Ti", "Gi", "Mi", "Ki"):
         scale = _SUFFIXES[suffix]
         if count % scale == 0 and count // scale < 1024:

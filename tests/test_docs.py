@@ -1,0 +1,34 @@
+"""Docs that are generated or quoted from the code stay in step with it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from stagerun.trainer.spec.reference import render
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_field_reference_is_current():
+    committed = (ROOT / "docs" / "manifest-reference.md").read_text()
+    assert committed == render(), "docs/manifest-reference.md is stale: python -m stagerun.trainer.spec.reference > docs/manifest-reference.md"
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```bash\n(pip install torch==2\.13\.0 && .+?)\n```", readme)
+    assert len(commands) == 2, commands
+    install_and_run, install_and_test = commands
+    assert "stagerun run examples/quickstart.yaml" in install_and_run
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci == install_and_test
+
+
+def test_every_documented_field_exists():
+    """Field names quoted in docs/manifest.md's inheritance table are real manifest fields."""
+    reference = (ROOT / "docs" / "manifest-reference.md").read_text()
+    doc = (ROOT / "docs" / "manifest.md").read_text()
+    table = doc[doc.index("| field | first phase"):doc.index("**Batch.**")]
+    for name in re.findall(r"`([a-zA-Z.]+)`", table):
+        assert f"`{name.split('.')[-1]}`" in reference, name
