@@ -116,6 +116,8 @@ MALFORMED = [
     (mutate("spec.resources", {"gpusPerNode": 8, "processesPerNode": 4}), "spec.resources.processesPerNode", "each GPU needs one process"),
     (mutate("spec.resources.nodes", 0), "spec.resources.nodes", "at least 1"),
     (mutate("spec.checkpoint", {"keep": 0}), "spec.checkpoint.keep", "at least 1"),
+    (mutate("spec.checkpoint", {"path": "s4://bucket/run"}), "spec.checkpoint.path", "unknown storage scheme 's4'"),
+    (mutate("spec.checkpoint", {"everyTokens": "5Q"}), "spec.checkpoint.everyTokens", "cannot read '5Q'"),
     (mutate("spec.training", {"zLoss": -1}), "spec.training.zLoss", "at least 0"),
     (mutate("spec.training", {"precision": "fp8"}), "spec.training.precision", "must be one of"),
     (mutate("spec.phases", {"name": "core"}), "spec.phases", "expected a list"),

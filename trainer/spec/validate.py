@@ -29,6 +29,8 @@ def check_run(run: TrainingRun, problems: list[Problem]) -> None:
     _check_sources(run, problems)
     _check_tokenizer(run, problems)
     _check_resources(spec.resources, "spec.resources", problems)
+    if spec.checkpoint.path is not None:
+        _check_url(spec.checkpoint.path, "spec.checkpoint.path", problems)
     for index, phase in enumerate(spec.phases):
         if phase.resources is not None:
             _check_resources(phase.resources, f"spec.phases[{index}].resources", problems)
@@ -77,6 +79,16 @@ def check_model(model: ModelSpec, raw: ModelSpec, problems: list[Problem]) -> No
         problems.append(Problem(f"{path}.maxSeqLen", f"must be a multiple of 8, got {model.max_seq_len}"))
     if model.norm == "rmsnorm" and "norm_bias" in explicit_fields(raw) and model.norm_bias:
         problems.append(Problem(f"{path}.normBias", "rmsnorm has no bias", "drop normBias, or use norm: layernorm"))
+
+
+def _check_url(url: str, path: str, problems: list[Problem]) -> None:
+    """The URL's scheme must be one fsspec knows (the storage library itself may still need installing)."""
+    import fsspec
+
+    scheme = url.split("://", 1)[0] if "://" in url else "file"
+    if scheme not in fsspec.available_protocols():
+        problems.append(Problem(path, f"unknown storage scheme {scheme!r} in {url!r}",
+                                "use a local path or an fsspec URL such as s3://bucket/dir, gs://bucket/dir"))
 
 
 def _check_label(name: str, path: str, problems: list[Problem]) -> None:
