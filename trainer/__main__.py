@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .train import train  # torch is imported only once the manifest is known to be valid
 
-    train(run, args.run_dir)
+    train(run, args.run_dir, Path(args.manifest), args.world_size)
     return 0
 
 

@@ -41,6 +41,12 @@ def cmd_run(args) -> int:
                      max_source_bytes=args.max_source_bytes)
 
 
+def cmd_launch(args) -> int:
+    from .launch import launch
+
+    return launch()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stagerun", description="Staged LLM pretraining from one TrainingRun manifest.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-source-bytes", type=parse_count, default=None,
                      help="tokenize at most this much text per source (e.g. 2M): a quick smoke run on a sample")
     run.set_defaults(func=cmd_run)
+
+    launch = sub.add_parser("launch", help="entrypoint of the trainer pods the operator creates (reads its env)")
+    launch.set_defaults(func=cmd_launch)
     return parser
 
 

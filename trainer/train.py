@@ -23,7 +23,8 @@ from .data.loader import PackedMixLoader
 from .data.shards import TokenShards
 from .model import Transformer, init_weights
 from .plan import checkpoint_due, next_phase_needs_relaunch, phase_at, segments, step_plan
-from .spec import ResolvedRun, to_manifest
+from .spec import ResolvedRun, SpecError, load_run, to_manifest
+from .spec.changes import immutable_changes
 from .step import build_optimizer, train_step
 from .telemetry import STATE_COMPLETE, STATE_RELAUNCH, STATE_STOPPED, MetricsLog, Progress, RunStatus, write_status
 
@@ -87,6 +88,18 @@ def _inject_test_fault(step: int, topo: D.Topology) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _status_server(topo: D.Topology, run: ResolvedRun):
+    """Rank 0's progress endpoint, when the pod asks for one (``STAGERUN_STATUS_PORT``; see status_server.py)."""
+    port = os.environ.get("STAGERUN_STATUS_PORT")
+    if not port or not topo.is_main:
+        return None
+    from .status_server import StatusServer
+
+    server = StatusServer(os.environ.get("POD_IP") or "0.0.0.0", int(port))
+    server.update(run=run.name, totalTokens=run.total_tokens)
+    return server
+
+
 def _same_model(expected: dict, checkpoint_path: str):
     def check(meta: dict) -> None:
         saved = meta.get("model", {})
@@ -125,18 +138,47 @@ def _status_after(run: ResolvedRun, plan, step: int, stopping: bool, checkpoint:
     return None
 
 
-def train(run: ResolvedRun, run_dir: Path) -> RunStatus:
+def _early_exit(run_dir: Path, status: RunStatus) -> RunStatus:
+    """Stop before the process group exists (every rank decides the same; rank 0 records it)."""
+    if D.global_rank() == 0:
+        write_status(run_dir, status)
+    return status
+
+
+def reload_manifest(run: ResolvedRun, manifest: Path | None, world_size: int | None, phase_index: int) -> ResolvedRun:
+    """The manifest as it is now on disk, when it only changed phases after ``phase_index`` (an accepted edit of a
+    live run, written by the operator into the pod's ConfigMap); otherwise the run unchanged."""
+    if manifest is None:
+        return run
+    try:
+        new = load_run(manifest, world_size=world_size)
+    except (SpecError, OSError) as exc:
+        log.warning("manifest %s no longer reads (%s): continuing with the one loaded at start", manifest, exc)
+        return run
+    if new.phases == run.phases:
+        return run
+    refused = immutable_changes(run, new, phase_index)
+    if refused:
+        log.warning("manifest %s changed %s, which a live run cannot take: ignored", manifest, ", ".join(refused))
+        return run
+    log.warning("manifest %s changed later phases: they take effect as reached", manifest)
+    return new
+
+
+def train(run: ResolvedRun, run_dir: Path, manifest: Path | None = None, world_size: int | None = None) -> RunStatus:
     run_dir = Path(run_dir)
     manager = CheckpointManager(checkpoint_url(run, run_dir), run.checkpoint.keep)
     latest = manager.latest()
     tokens, step = (latest.tokens, latest.step) if latest else (0, 0)
     phase = phase_at(run, tokens)
     if phase is None:
-        status = RunStatus(STATE_COMPLETE, step, tokens, len(run.phases) - 1, run.phases[-1].name, latest.path,
-                           "the run had already finished")
-        if D.global_rank() == 0:
-            write_status(run_dir, status)
-        return status
+        return _early_exit(run_dir, RunStatus(STATE_COMPLETE, step, tokens, len(run.phases) - 1, run.phases[-1].name,
+                                              latest.path, "the run had already finished"))
+    launched = os.environ.get("STAGERUN_PHASE_INDEX")  # set in operator pods: the phase the Job was shaped for
+    if launched is not None and run.phases[int(launched)].topology != phase.topology:
+        return _early_exit(run_dir, RunStatus(
+            STATE_RELAUNCH, step, tokens, phase.index, phase.name, latest.path if latest else None,
+            f"the newest checkpoint is in phase {phase.name}, which needs another topology than this gang's"))
     topo = D.init_topology(phase)
     model = build_model(run, topo)
     optimizer = build_optimizer(model, run.training, topo.device)
@@ -153,6 +195,7 @@ def train(run: ResolvedRun, run_dir: Path) -> RunStatus:
         log.warning("no committed checkpoint under %s: starting from step 0", manager.url)
 
     stop = StopRequest()
+    server = _status_server(topo, run)
     metrics = MetricsLog(run_dir / "metrics.jsonl") if topo.is_main else None
     progress = Progress(segments(run)[-1].end_tokens, tokens, enabled=topo.is_main)  # incl. the last step's overshoot
     status, checkpoint, running_phase = None, latest.path if latest else None, None
@@ -183,6 +226,10 @@ def train(run: ResolvedRun, run_dir: Path) -> RunStatus:
                 metrics.write(_step_record(step, plan, result, loader, seconds, data_seconds))
             progress.update(plan.batch_tokens, phase=plan.phase.name, step=step, loss=result.loss,
                             tokens_per_second=plan.batch_tokens / seconds)
+            if server:
+                server.update(state="running", step=step, tokens=tokens, phase=plan.phase.name,
+                              phaseIndex=plan.phase.index, loss=result.loss, lastStepAt=time.time(),
+                              tokensPerSecond=plan.batch_tokens / seconds)
 
             stopping = D.any_rank(stop.requested, topo)
             if plan.ends_phase or stopping or checkpoint_due(run.checkpoint.every_tokens, plan.tokens, tokens):
@@ -194,15 +241,21 @@ def train(run: ResolvedRun, run_dir: Path) -> RunStatus:
                 checkpoint = manager.save(step, app_state, meta, phase_boundary=plan.ends_phase).path
                 if topo.is_main:
                     manager.apply_retention()
+                if server:
+                    server.update(lastCheckpoint={"path": checkpoint, "step": step, "tokens": tokens,
+                                                  "time": time.time()})
                 progress.write(f"checkpoint step {step} ({tokens:,} tokens) committed at {checkpoint}")
             if plan.ends_phase:
                 progress.write(f"phase {plan.phase.name} finished at step {step} ({tokens:,} tokens)")
+                run = reload_manifest(run, manifest, world_size, plan.phase.index)
             status = _status_after(run, plan, step, stopping, checkpoint)
             _inject_test_fault(step, topo)
     finally:
         progress.close()
         if metrics:
             metrics.close()
+        if server:
+            server.close()
     if topo.is_main:
         write_status(run_dir, status)
     del model, optimizer, app_state

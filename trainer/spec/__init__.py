@@ -24,11 +24,12 @@ from .validate import (
     check_run,
     check_tokenizer_vocab,
     data_parallel_degree,
+    kubernetes_problems,
 )
 
 __all__ = [
     "API_VERSION", "KIND", "PRESETS", "ModelSpec", "Problem", "ResolvedLR", "ResolvedPhase", "ResolvedRun",
-    "SpecError", "TrainingRun", "data_parallel_degree", "explicit_fields", "format_count", "load_run",
+    "SpecError", "TrainingRun", "data_parallel_degree", "explicit_fields", "format_count", "kubernetes_problems", "load_run",
     "parse_count", "parse_float", "read_manifest", "resolve_run", "to_manifest", "validate_manifest",
 ]
 

@@ -17,10 +17,11 @@ import typing
 from dataclasses import MISSING, dataclass
 from typing import Any, Literal
 
-from .quantities import QuantityError, parse_count, parse_float
+from .quantities import QuantityError, parse_count, parse_duration, parse_float
 
 COUNT = "count"  # an integer that may be written with a suffix: 2T, 252M, 4Mi
 NUMBER = "number"  # a float that may be written as a string: "3e-4"
+DURATION = "duration"  # whole seconds, written as 900 or "15m", "1h30m"
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,8 @@ class Reader:
                 value: Any = raw
             elif tp is int and kind == COUNT:
                 value = parse_count(raw)
+            elif tp is int and kind == DURATION:
+                value = parse_duration(raw)
             elif tp is int:
                 if isinstance(raw, bool) or not isinstance(raw, int):
                     raise QuantityError(f"expected an integer, got {_describe(raw)}")

@@ -100,3 +100,28 @@ def format_count(count: int) -> str:
                 return f"{value.normalize():f}{suffix}"
             return f"~{float(value):.3g}{suffix}"
     return str(count)  # pragma: no cover
+
+
+_DURATION = re.compile(r"^\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?\s*$")
+
+
+def parse_duration(value: object) -> int:
+    """Whole seconds from an int or a string such as ``"90s"``, ``"15m"``, ``"1h30m"``."""
+    if isinstance(value, bool):
+        raise QuantityError(f"expected a duration such as '15m' or 900, got the boolean {value}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match and any(match.groups()):
+            hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+            return hours * 3600 + minutes * 60 + seconds
+    raise QuantityError(f"cannot read {value!r} as a duration; write e.g. '90s', '15m', '1h30m' or seconds as a number")
+
+
+def format_duration(seconds: int) -> str:
+    """900 -> '15m', 5400 -> '1h30m', 45 -> '45s'."""
+    hours, rest = divmod(int(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs else "")
+    return text or "0s"

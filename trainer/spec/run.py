@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .fields import COUNT, spec_field
+from .fields import COUNT, DURATION, spec_field
 from .model import ModelSpec
 
 API_GROUP = "stagerun.io"
@@ -115,6 +115,9 @@ class ResourcesSpec:
         None, doc="worker processes per pod; default: gpusPerNode, or 1 on CPU", minimum=1
     )
     gpu_resource: str = spec_field("nvidia.com/gpu", doc="extended resource name of the GPUs")
+    cpu: str | None = spec_field(None, doc="CPU request and limit of each pod (a Kubernetes quantity, e.g. '32')")
+    memory: str | None = spec_field(None, doc="memory request and limit of each pod (e.g. '512Gi')")
+    shared_memory: str = spec_field("16Gi", doc="size of the in-memory /dev/shm of each pod (NCCL and data loaders)")
 
     @property
     def procs_per_node(self) -> int:
@@ -151,6 +154,12 @@ class CheckpointSpec:
         None, doc="save every this many tokens (always at phase ends and on SIGTERM)", kind=COUNT, minimum=1
     )
     keep: int = spec_field(3, doc="keep the newest this many checkpoints, plus every phase's last", minimum=1)
+    volume_claim: str | None = spec_field(
+        None, doc="a PersistentVolumeClaim mounted at `path` in every pod (path must then be an absolute local path)"
+    )
+    credentials_secret: str | None = spec_field(
+        None, doc="a Secret whose keys become environment variables of every pod (e.g. AWS_ACCESS_KEY_ID for s3://)"
+    )
 
 
 @dataclass(frozen=True)
@@ -176,6 +185,16 @@ class TrainingSpec:
 
 
 @dataclass(frozen=True)
+class SchedulingSpec:
+    node_selector: dict[str, str] | None = spec_field(None, doc="node labels the pods must match")
+    tolerations: tuple[dict[str, Any], ...] | None = spec_field(None, doc="Kubernetes tolerations of the pods")
+    affinity: dict[str, Any] | None = spec_field(None, doc="Kubernetes affinity of the pods")
+    priority_class_name: str | None = spec_field(None, doc="PriorityClass of the pods")
+    service_account_name: str | None = spec_field(None, doc="ServiceAccount the pods run as")
+    image_pull_secrets: tuple[str, ...] | None = spec_field(None, doc="names of Secrets for pulling the image")
+
+
+@dataclass(frozen=True)
 class RunSpec:
     model: ModelSpec = spec_field(doc="model architecture: a preset and/or explicit fields")
     tokenizer: TokenizerSpec = spec_field(doc="tokenizer: a file, or train one on the sources")
@@ -185,7 +204,15 @@ class RunSpec:
     resources: ResourcesSpec = spec_field(default_factory=ResourcesSpec, doc="pods, GPUs and processes")
     checkpoint: CheckpointSpec = spec_field(default_factory=CheckpointSpec, doc="where and how often to checkpoint")
     training: TrainingSpec = spec_field(default_factory=TrainingSpec, doc="optimizer, losses, precision")
-    image: str | None = spec_field(None, doc="container image of the trainer pods (Kubernetes only)")
+    image: str | None = spec_field(None, doc="container image of the trainer pods (required on Kubernetes)")
+    scheduling: SchedulingSpec = spec_field(default_factory=SchedulingSpec, doc="where and how the pods are placed")
+    queue_name: str | None = spec_field(None, doc="Kueue LocalQueue: sets kueue.x-k8s.io/queue-name on the Jobs")
+    suspend: bool = spec_field(False, doc="true: checkpoint, stop the pods and free the GPUs; false: resume")
+    max_restarts: int = spec_field(10, doc="relaunches after failures before the run is Failed", minimum=0)
+    hang_timeout: int = spec_field(
+        1800, doc="restart the gang when no step completes for this long (a hung collective, a stuck read)",
+        kind=DURATION, minimum=60,
+    )
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,9 @@ def check_run(run: TrainingRun, problems: list[Problem]) -> None:
     _check_resources(spec.resources, "spec.resources", problems)
     if spec.checkpoint.path is not None:
         _check_url(spec.checkpoint.path, "spec.checkpoint.path", problems)
+    if spec.checkpoint.volume_claim is not None and not (spec.checkpoint.path or "").startswith("/"):
+        problems.append(Problem("spec.checkpoint.path", "with volumeClaim the path is where the volume is mounted: it "
+                                "must be an absolute path", "e.g. path: /checkpoints"))
     for index, phase in enumerate(spec.phases):
         if phase.resources is not None:
             _check_resources(phase.resources, f"spec.phases[{index}].resources", problems)
@@ -181,3 +184,21 @@ def check_phase_topology(phase: ResolvedPhase, raw_phase, model: ModelSpec, prob
                 f"microBatchSize ({phase.micro_batch_size}) = {per_step}",
                 f"make the batch a multiple of {good} tokens ({per_step} sequences), or change microBatchSize",
             ))
+
+
+def kubernetes_problems(run: TrainingRun) -> list[Problem]:
+    """What a manifest needs on Kubernetes beyond a local run (the operator checks these; `stagerun run` does not)."""
+    problems = []
+    spec = run.spec
+    if not spec.image:
+        problems.append(Problem("spec.image", "is required on Kubernetes", "set the trainer image, e.g. "
+                                "ghcr.io/example/stagerun:0.1"))
+    if not spec.checkpoint.path:
+        problems.append(Problem("spec.checkpoint.path", "is required on Kubernetes: pods are replaced on every restart, "
+                                "so checkpoints must live in shared storage", "an s3://, gs:// URL, or a path with "
+                                "volumeClaim"))
+    elif "://" not in spec.checkpoint.path and spec.checkpoint.volume_claim is None:
+        problems.append(Problem("spec.checkpoint.path", f"{spec.checkpoint.path!r} is a local path but no volumeClaim "
+                                "is mounted there: every restarted pod would start from scratch",
+                                "set spec.checkpoint.volumeClaim, or use an object-store URL"))
+    return problems

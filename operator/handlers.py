@@ -1,0 +1,192 @@
+"""kopf handlers: thin glue between TrainingRun events and the pure state machine (state.py).
+
+Every handler funnels into ``reconcile_run``: read the manifest (accepting or refusing edits), observe the current
+attempt (Job, pods, nodes, rank 0's progress), let ``state.reconcile`` decide, carry out its actions, post its Events
+and write the new status. It is level-triggered and idempotent, so a timer, a restart of the operator, or a repeated
+event all converge on the same state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import urllib.request
+
+import kopf
+import yaml
+
+from . import builders, kube, naming
+from .observe import Observation, job_view, pod_view, ready_node_names
+from .spec_changes import immutable_changes, manifest_of, parse
+from .state import FAILED, PENDING, TERMINAL, Settings, reconcile, set_condition
+from .state import DeleteAttempt, ForceDeletePod, Launch
+
+log = logging.getLogger("stagerun.operator")
+RESOURCE = (naming.GROUP, naming.VERSION, naming.PLURAL)
+RECONCILE_SECONDS = float(os.environ.get("STAGERUN_RECONCILE_SECONDS", "10"))
+PROGRESS_TIMEOUT_SECONDS = 2.0
+
+
+def settings_from_env() -> Settings:
+    env = os.environ
+    return Settings(
+        backoff_base_seconds=float(env.get("STAGERUN_BACKOFF_BASE_SECONDS", Settings.backoff_base_seconds)),
+        backoff_max_seconds=float(env.get("STAGERUN_BACKOFF_MAX_SECONDS", Settings.backoff_max_seconds)),
+        failure_grace_seconds=int(env.get("STAGERUN_FAILURE_GRACE_SECONDS", Settings.failure_grace_seconds)),
+        suspend_grace_seconds=int(env.get("STAGERUN_SUSPEND_GRACE_SECONDS", Settings.suspend_grace_seconds)),
+        force_delete_after_seconds=float(env.get("STAGERUN_FORCE_DELETE_AFTER_SECONDS",
+                                                 Settings.force_delete_after_seconds)),
+    )
+
+
+def fetch_progress(pod_ip: str, port: int) -> dict | None:
+    """Rank 0's /progress (trainer/status_server.py); None when it does not answer (yet)."""
+    try:
+        with urllib.request.urlopen(f"http://{pod_ip}:{port}/progress", timeout=PROGRESS_TIMEOUT_SECONDS) as reply:
+            return json.loads(reply.read())
+    except (OSError, ValueError):
+        return None
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_) -> None:
+    # kopf's bookkeeping goes to annotations, so status holds only what users read.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.stagerun.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.stagerun.io")
+    settings.persistence.finalizer = "stagerun.io/cleanup"
+    settings.posting.level = logging.INFO
+    kube.api_client()  # fail at startup, not at the first event, when there are no credentials
+
+
+@kopf.on.create(*RESOURCE)
+@kopf.on.resume(*RESOURCE)
+@kopf.on.update(*RESOURCE, field="spec")
+def on_change(body, patch, **_) -> None:
+    reconcile_run(body, patch)
+
+
+@kopf.timer(*RESOURCE, interval=RECONCILE_SECONDS, sharp=True)
+def on_timer(body, patch, **_) -> None:
+    if (body.get("status") or {}).get("state") not in TERMINAL:
+        reconcile_run(body, patch)
+
+
+@kopf.on.delete(*RESOURCE)
+def on_delete(body, **_) -> None:
+    """Children carry owner references (the garbage collector removes them); deleting them here as well makes the
+    cleanup immediate and independent of the collector. Checkpoints in storage are kept."""
+    meta = body["metadata"]
+    count = kube.delete_everything(meta["namespace"], meta["name"])
+    log.info("TrainingRun %s/%s deleted: removed %d child objects; checkpoints are kept", meta["namespace"],
+             meta["name"], count)
+
+
+def accepted_run(body: dict, status: dict):
+    """The manifest to run (new, or the last accepted one when the edit is refused) and the condition to show."""
+    manifest = manifest_of(body)
+    run, problems = parse(manifest)
+    accepted_spec = status.get("acceptedSpec")
+    accepted = parse({**manifest, "spec": accepted_spec})[0] if accepted_spec else None
+    if run is None:
+        text = "; ".join(str(p) for p in problems)
+        return accepted, ("InvalidSpec", f"the manifest is invalid: {text}")
+    if accepted is not None and status.get("attempt", 0) > 0:
+        changed = immutable_changes(accepted, run, status.get("phaseIndex", 0))
+        if changed:
+            return accepted, ("ImmutableFieldChanged", f"refused: {', '.join(changed)} cannot change while the run is "
+                              "past them; running on with the accepted spec. Revert them, or create a new run")
+    return run, None
+
+
+def observe(namespace: str, name: str, status: dict) -> Observation:
+    attempt = status.get("attempt", 0)
+    job = pods = None
+    if attempt:
+        raw_job = kube.get_job(namespace, naming.attempt_name(name, attempt))
+        job = job_view(raw_job) if raw_job else None
+        nodes = kube.list_nodes()
+        ready = ready_node_names(nodes) if nodes is not None else None
+        pods = tuple(pod_view(p, ready) for p in kube.list_pods(namespace, name, attempt))
+    progress = None
+    zero = next((p for p in kube.list_pods(namespace, name, attempt) if _is_index_zero_running(p)), None) \
+        if attempt else None
+    if zero is not None:
+        progress = fetch_progress(zero["status"]["podIP"], naming.STATUS_PORT)
+    return Observation(now=time.time(), job=job, pods=pods or (), progress=progress)
+
+
+def _is_index_zero_running(pod: dict) -> bool:
+    annotations = pod["metadata"].get("annotations") or {}
+    return (annotations.get(naming.JOB_INDEX_ANNOTATION) == "0" and (pod.get("status") or {}).get("phase") == "Running"
+            and bool((pod.get("status") or {}).get("podIP")))
+
+
+def reconcile_run(body, patch) -> None:
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    status = dict(body.get("status") or {})
+    run, refusal = accepted_run(body, status)
+    now = time.time()
+    if run is None:  # invalid and nothing accepted before: nothing can run
+        if status.get("state") != FAILED:
+            kopf.warn(body, reason=refusal[0], message=refusal[1])
+        status.update(state=FAILED, failureReason=refusal[0], message=refusal[1])
+        status["conditions"] = set_condition(status.get("conditions", []), "Failed", True, refusal[0], refusal[1], now)
+        _write_status(patch, body.get("status") or {}, status)
+        return
+    if status.get("failureReason") == "InvalidSpec" and status.get("attempt", 0) == 0:
+        status = {"conditions": status.get("conditions", []), "state": PENDING}  # fixed before it ever ran
+    if refusal is None:
+        _accept(namespace, name, run, body, status)
+    decision = reconcile(run, status, observe(namespace, name, status), settings_from_env())
+    new_status = decision.status
+    accepted_condition = ("SpecAccepted", True, "Accepted", "the manifest is running") if refusal is None else \
+        ("SpecAccepted", False, refusal[0], refusal[1])
+    new_status["conditions"] = set_condition(new_status["conditions"], *accepted_condition[:1],
+                                             accepted_condition[1], accepted_condition[2], accepted_condition[3], now)
+    if refusal is not None and (body.get("status") or {}).get("conditions") != new_status["conditions"]:
+        kopf.warn(body, reason=refusal[0], message=refusal[1])
+    for action in decision.actions:
+        _apply(action, run, namespace, name, meta["uid"])
+    for event in decision.events:
+        (kopf.info if event.type == "Normal" else kopf.warn)(body, reason=event.reason, message=event.message)
+    _write_status(patch, body.get("status") or {}, new_status)
+
+
+def _accept(namespace: str, name: str, run, body: dict, status: dict) -> None:
+    """Record the manifest as accepted; a running gang's ConfigMap gets the edit too, so its trainer picks up
+    changed later phases when it reaches them (it re-reads the manifest at every phase end)."""
+    spec = body.get("spec", {})
+    if status.get("acceptedSpec") == spec:
+        return
+    had = status.get("acceptedSpec") is not None
+    status["acceptedSpec"] = spec
+    status["acceptedGeneration"] = body["metadata"].get("generation")
+    if had and status.get("attempt"):
+        configmap = builders.build_configmap(run, namespace=namespace, uid=body["metadata"]["uid"],
+                                             attempt=status["attempt"], phase_index=status.get("phaseIndex", 0))
+        kube.patch_configmap_data(namespace, naming.attempt_name(name, status["attempt"]), configmap["data"])
+
+
+def _apply(action, run, namespace: str, name: str, uid: str) -> None:
+    if isinstance(action, Launch):
+        for obj in builders.build_attempt(run, namespace=namespace, uid=uid, attempt=action.attempt,
+                                          phase_index=action.phase_index):
+            kube.create(obj)
+    elif isinstance(action, DeleteAttempt):
+        kube.delete_attempt(namespace, name, action.attempt, action.grace_seconds)
+    elif isinstance(action, ForceDeletePod):
+        kube.force_delete_pod(namespace, action.name)
+
+
+def _write_status(patch, old: dict, new: dict) -> None:
+    """Merge-patch the keys that changed (None removes a key)."""
+    for key in set(old) | set(new):
+        if old.get(key) != new.get(key):
+            patch.status[key] = new.get(key)
+
+
+def dump(obj) -> str:  # for debugging from a REPL
+    return yaml.safe_dump(obj, sort_keys=False)

@@ -1,0 +1,115 @@
+"""The few Kubernetes API calls the operator makes, through the official client (sync; kopf runs sync handlers in
+threads). Creating what exists and deleting what is gone are not errors: every action may be repeated after an
+operator restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from . import naming
+
+log = logging.getLogger("stagerun.operator")
+_api: client.ApiClient | None = None
+
+
+def api_client() -> client.ApiClient:
+    """In-cluster credentials when running in a pod, else the kubeconfig ($KUBECONFIG or ~/.kube/config)."""
+    global _api
+    if _api is None:
+        if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+            config.load_incluster_config()
+        else:
+            config.load_kube_config()
+        _api = client.ApiClient()
+    return _api
+
+
+def core() -> client.CoreV1Api:
+    return client.CoreV1Api(api_client())
+
+
+def batch() -> client.BatchV1Api:
+    return client.BatchV1Api(api_client())
+
+
+def _ignore(status: int, call, *args, **kwargs):
+    try:
+        return call(*args, **kwargs)
+    except ApiException as exc:
+        if exc.status != status:
+            raise
+        return None
+
+
+def create(obj: dict) -> None:
+    """Create a ConfigMap, Service or Job; one that already exists (a repeated action) is left as it is."""
+    namespace, kind = obj["metadata"]["namespace"], obj["kind"]
+    calls = {
+        "ConfigMap": core().create_namespaced_config_map,
+        "Service": core().create_namespaced_service,
+        "Job": batch().create_namespaced_job,
+    }
+    _ignore(409, calls[kind], namespace, obj)
+
+
+def get_job(namespace: str, name: str) -> dict | None:
+    job = _ignore(404, batch().read_namespaced_job, name, namespace)
+    return api_client().sanitize_for_serialization(job) if job is not None else None
+
+
+def list_pods(namespace: str, run: str, attempt: int | None = None) -> list[dict]:
+    selector = f"{naming.LABEL_RUN}={run}" + (f",{naming.LABEL_ATTEMPT}={attempt}" if attempt is not None else "")
+    pods = core().list_namespaced_pod(namespace, label_selector=selector)
+    return api_client().sanitize_for_serialization(pods).get("items", [])
+
+
+def list_nodes() -> list[dict] | None:
+    """Every node, or None when the operator may not list nodes (then node readiness is not considered)."""
+    try:
+        return api_client().sanitize_for_serialization(core().list_node()).get("items", [])
+    except ApiException as exc:
+        if exc.status in (401, 403):
+            return None
+        raise
+
+
+def delete_attempt(namespace: str, run: str, attempt: int, grace_seconds: int) -> None:
+    """The attempt's Job, pods, Service and ConfigMap. Pods get ``grace_seconds`` to exit (SIGTERM first)."""
+    name = naming.attempt_name(run, attempt)
+    body = client.V1DeleteOptions(propagation_policy="Background", grace_period_seconds=grace_seconds)
+    _ignore(404, batch().delete_namespaced_job, name, namespace, body=body)
+    for pod in list_pods(namespace, run, attempt):
+        if not pod["metadata"].get("deletionTimestamp"):
+            _ignore(404, core().delete_namespaced_pod, pod["metadata"]["name"], namespace,
+                    body=client.V1DeleteOptions(grace_period_seconds=grace_seconds))
+    _ignore(404, core().delete_namespaced_service, name, namespace)
+    _ignore(404, core().delete_namespaced_config_map, name, namespace)
+
+
+def force_delete_pod(namespace: str, name: str) -> None:
+    _ignore(404, core().delete_namespaced_pod, name, namespace, body=client.V1DeleteOptions(grace_period_seconds=0))
+
+
+def delete_everything(namespace: str, run: str) -> int:
+    """Every Job, pod, Service and ConfigMap of the run (all attempts); returns how many objects were deleted."""
+    selector = f"{naming.LABEL_RUN}={run}"
+    count = 0
+    body = client.V1DeleteOptions(propagation_policy="Background")
+    for job in batch().list_namespaced_job(namespace, label_selector=selector).items:
+        count += _ignore(404, batch().delete_namespaced_job, job.metadata.name, namespace, body=body) is not None
+    for pod in core().list_namespaced_pod(namespace, label_selector=selector).items:
+        count += _ignore(404, core().delete_namespaced_pod, pod.metadata.name, namespace) is not None
+    for service in core().list_namespaced_service(namespace, label_selector=selector).items:
+        count += _ignore(404, core().delete_namespaced_service, service.metadata.name, namespace) is not None
+    for cm in core().list_namespaced_config_map(namespace, label_selector=selector).items:
+        count += _ignore(404, core().delete_namespaced_config_map, cm.metadata.name, namespace) is not None
+    return count
+
+
+def patch_configmap_data(namespace: str, name: str, data: dict[str, str]) -> None:
+    _ignore(404, core().patch_namespaced_config_map, name, namespace, {"data": data})

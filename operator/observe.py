@@ -1,0 +1,101 @@
+"""What the operator sees of one attempt, reduced to plain values the state machine can decide on.
+
+These views are built from raw API objects (dicts) by the handlers and from literals by the unit tests, so the
+state machine never touches the Kubernetes API.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from . import naming
+
+# Container waiting reasons that will not go away by retrying: the run is Failed with the reason shown.
+PERMANENT_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
+                     "CreateContainerError"}
+
+
+@dataclass(frozen=True)
+class PodView:
+    name: str
+    index: int
+    phase: str  # Pending, Running, Succeeded, Failed, Unknown
+    node_ready: bool = True
+    deleting_since: float | None = None  # deletionTimestamp (seconds since epoch)
+    waiting_reason: str | None = None
+    exit_code: int | None = None  # set once the trainer container terminated
+    terminated_reason: str | None = None  # Completed, Error, OOMKilled, ...
+    message: dict = field(default_factory=dict)  # the termination message (JSON written by `stagerun launch`)
+
+
+@dataclass(frozen=True)
+class JobView:
+    name: str
+    attempt: int
+    completions: int
+    succeeded: int = 0
+    failed: int = 0
+    complete: bool = False
+    failed_condition: str | None = None  # reason of a Failed condition (e.g. BackoffLimitExceeded)
+
+
+@dataclass(frozen=True)
+class Observation:
+    now: float
+    job: JobView | None = None
+    pods: tuple[PodView, ...] = ()
+    progress: dict | None = None  # rank 0's /progress answer, when reachable
+
+
+def timestamp(text: str | None) -> float | None:
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def pod_view(pod: dict, ready_nodes: set[str] | None) -> PodView:
+    meta, spec, status = pod.get("metadata", {}), pod.get("spec", {}), pod.get("status", {}) or {}
+    labels, annotations = meta.get("labels", {}), meta.get("annotations", {})
+    index = annotations.get(naming.JOB_INDEX_ANNOTATION, labels.get(naming.JOB_INDEX_ANNOTATION, "0"))
+    waiting = terminated = None
+    for container in status.get("containerStatuses", []) or []:
+        if container.get("name") == naming.CONTAINER:
+            state = container.get("state", {}) or {}
+            waiting, terminated = state.get("waiting"), state.get("terminated")
+    message = {}
+    if terminated and terminated.get("message"):
+        try:
+            message = json.loads(terminated["message"])
+        except ValueError:
+            message = {"text": terminated["message"]}
+    node = spec.get("nodeName")
+    return PodView(
+        name=meta["name"], index=int(index), phase=status.get("phase", "Pending"),
+        node_ready=True if ready_nodes is None or node is None else node in ready_nodes,
+        deleting_since=timestamp(meta.get("deletionTimestamp")),
+        waiting_reason=(waiting or {}).get("reason"),
+        exit_code=(terminated or {}).get("exitCode"), terminated_reason=(terminated or {}).get("reason"),
+        message=message,
+    )
+
+
+def job_view(job: dict) -> JobView:
+    meta, status = job["metadata"], job.get("status", {}) or {}
+    conditions = {c.get("type"): c for c in status.get("conditions", []) or [] if c.get("status") == "True"}
+    return JobView(
+        name=meta["name"], attempt=int(meta.get("labels", {}).get(naming.LABEL_ATTEMPT, "0")),
+        completions=job.get("spec", {}).get("completions", 1), succeeded=status.get("succeeded", 0) or 0,
+        failed=status.get("failed", 0) or 0, complete="Complete" in conditions,
+        failed_condition=conditions["Failed"].get("reason", "Failed") if "Failed" in conditions else None,
+    )
+
+
+def ready_node_names(nodes: list[dict]) -> set[str]:
+    ready = set()
+    for node in nodes:
+        for condition in node.get("status", {}).get("conditions", []) or []:
+            if condition.get("type") == "Ready" and condition.get("status") == "True":
+                ready.add(node["metadata"]["name"])
+    return ready

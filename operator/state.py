@@ -1,0 +1,331 @@
+"""The run's state machine: a pure function from (spec, status, what is observed) to (new status, actions, events).
+
+    Pending ─launch─► Running ─job ends "complete"──────────────────────────► Succeeded
+                        │  ▲  └─job ends "relaunch" (next phase, new topology)─► Running (next attempt)
+     failure/hang/lost  │  │ backoff elapsed, old pods gone
+                        ▼  │
+                      Restarting ── restart budget spent / permanent failure ──► Failed
+     spec.suspend ─► Suspending ─pods gone─► Suspended ─spec.suspend=false─► Running (next attempt)
+
+Everything the machine needs to survive an operator restart is in the status it returns; the handlers persist it
+and carry out the actions. Child objects have deterministic names per attempt, so repeating an action is harmless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from stagerun.trainer.spec import ResolvedRun, format_count
+from stagerun.trainer.spec.quantities import format_duration
+from .observe import PERMANENT_WAITING, Observation, timestamp
+
+PENDING, RUNNING, RESTARTING, SUSPENDING, SUSPENDED, SUCCEEDED, FAILED = (
+    "Pending", "Running", "Restarting", "Suspending", "Suspended", "Succeeded", "Failed")
+TERMINAL = (SUCCEEDED, FAILED)
+CONDITION_TYPES = ("Ready", "Progressing", "Suspended", "Failed", "Succeeded")
+
+
+@dataclass(frozen=True)
+class Settings:
+    backoff_base_seconds: float = 10.0  # first restart waits this long; each further one doubles it
+    backoff_max_seconds: float = 300.0
+    failure_grace_seconds: int = 30  # pods of a failed gang get this long to exit (they cannot checkpoint anyway)
+    suspend_grace_seconds: int = 600  # pods being suspended get this long to commit a checkpoint
+    force_delete_after_seconds: float = 60.0  # past its deletion time, a pod on a NotReady node is force-deleted
+
+
+@dataclass(frozen=True)
+class Launch:
+    attempt: int
+    phase_index: int
+
+
+@dataclass(frozen=True)
+class DeleteAttempt:
+    attempt: int
+    grace_seconds: int
+
+
+@dataclass(frozen=True)
+class ForceDeletePod:
+    name: str
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    status: dict
+    actions: list = field(default_factory=list)
+    events: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: str
+    message: str
+    permanent: bool = False
+
+
+def iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def backoff_seconds(restarts: int, settings: Settings) -> float:
+    return min(settings.backoff_base_seconds * 2 ** max(restarts - 1, 0), settings.backoff_max_seconds)
+
+
+class _Machine:
+    def __init__(self, run: ResolvedRun, status: dict, obs: Observation, settings: Settings):
+        self.run, self.spec, self.obs, self.settings = run, run.manifest.spec, obs, settings
+        self.s = {k: v for k, v in status.items()}
+        self.s.setdefault("state", PENDING)
+        self.s.setdefault("attempt", 0)
+        self.s.setdefault("restarts", 0)
+        self.s.setdefault("phaseIndex", 0)
+        self.s.setdefault("startTime", iso(obs.now))
+        self.actions: list = []
+        self.events: list[Event] = []
+
+    def event(self, kind: str, reason: str, message: str) -> None:
+        self.events.append(Event(kind, reason, message))
+
+    # -- transitions ---------------------------------------------------------------------------------------------
+    def launch(self, phase_index: int, reason: str, message: str) -> None:
+        attempt = self.s["attempt"] + 1
+        phase = self.run.phases[phase_index]
+        self.actions.append(Launch(attempt, phase_index))
+        self.s.update(state=RUNNING, attempt=attempt, phaseIndex=phase_index, phase=phase.name,
+                      launchedAt=iso(self.obs.now), pods={})
+        self.s.pop("nextLaunchAt", None)
+        self.event("Normal", reason, f"{message}: attempt {attempt}, phase {phase.name}, {phase.resources.nodes} "
+                   f"pod(s) x {phase.resources.procs_per_node} process(es)")
+
+    def finish(self, state: str, reason: str, message: str) -> None:
+        self.s.update(state=state, completionTime=iso(self.obs.now), message=message)
+        self.s.pop("nextLaunchAt", None)
+        self.event("Normal" if state == SUCCEEDED else "Warning", reason, message)
+
+    def fail_or_restart(self, failure: Failure) -> None:
+        attempt = self.s["attempt"]
+        self.s["lastFailure"] = {"reason": failure.reason, "message": failure.message, "attempt": attempt,
+                                 "time": iso(self.obs.now)}
+        self.event("Warning", failure.reason, failure.message)
+        self.actions.append(DeleteAttempt(attempt, self.settings.failure_grace_seconds))
+        if failure.permanent:
+            self.s["failureReason"] = failure.reason
+            self.finish(FAILED, failure.reason, f"{failure.message} (retrying cannot help; fix the cause and "
+                        "create the run again, it resumes from its newest checkpoint)")
+            return
+        if self.s["restarts"] >= self.spec.max_restarts:
+            self.s["failureReason"] = "RestartBudgetExhausted"
+            self.finish(FAILED, "RestartBudgetExhausted", f"{self.s['restarts']} restarts used (spec.maxRestarts "
+                        f"{self.spec.max_restarts}); last failure: {failure.reason}: {failure.message}")
+            return
+        self.s["restarts"] += 1
+        delay = backoff_seconds(self.s["restarts"], self.settings)
+        self.s.update(state=RESTARTING, nextLaunchAt=iso(self.obs.now + delay))
+        self.event("Normal", "RestartScheduled", f"restart {self.s['restarts']}/{self.spec.max_restarts} in "
+                   f"{delay:g}s, from the newest checkpoint")
+
+    # -- observation -------------------------------------------------------------------------------------------
+    def fold_progress(self) -> None:
+        progress = self.obs.progress
+        if not progress or progress.get("step") is None:
+            return
+        previous_phase = self.s.get("phaseIndex")
+        self.s.update(step=progress["step"], tokensSeen=progress.get("tokens", 0), loss=progress.get("loss"),
+                      tokensPerSecond=progress.get("tokensPerSecond"))
+        if progress.get("lastStepAt"):
+            self.s["lastStepTime"] = iso(progress["lastStepAt"])
+        index = progress.get("phaseIndex")
+        if index is not None and index != previous_phase and 0 <= index < len(self.run.phases):
+            self.event("Normal", "PhaseFinished", f"phase {self.run.phases[previous_phase].name} finished")
+            self.event("Normal", "PhaseStarted", f"phase {self.run.phases[index].name} started in the same gang")
+            self.s.update(phaseIndex=index, phase=self.run.phases[index].name)
+        checkpoint = progress.get("lastCheckpoint")
+        if checkpoint and checkpoint.get("step") != (self.s.get("lastCheckpoint") or {}).get("step"):
+            self.s["lastCheckpoint"] = {"path": checkpoint["path"], "step": checkpoint["step"],
+                                        "tokens": checkpoint["tokens"], "time": iso(checkpoint["time"])}
+            self.event("Normal", "CheckpointCommitted", f"checkpoint step {checkpoint['step']} "
+                       f"({format_count(checkpoint['tokens'])} tokens) at {checkpoint['path']}")
+        tps = self.s.get("tokensPerSecond")
+        if tps:
+            self.s["eta"] = format_duration(max(self.run.total_tokens - self.s.get("tokensSeen", 0), 0) / tps)
+
+    def assess_attempt(self) -> tuple[str, dict] | Failure | None:
+        """("finished", termination message) when the gang ended by itself, a Failure, or None while healthy."""
+        obs, attempt = self.obs, self.s["attempt"]
+        if obs.job is None:
+            return Failure("JobMissing", f"the Job of attempt {attempt} disappeared (deleted by someone else?)")
+        known = self.s.setdefault("pods", {})
+        current = {str(p.index): p for p in obs.pods}
+        for index, name in known.items():
+            pod = current.get(index)
+            if pod is None or pod.name != name:
+                return Failure("PodLost", f"pod {name} (index {index}) is gone: its node was lost or it was evicted")
+        for pod in obs.pods:
+            known.setdefault(str(pod.index), pod.name)
+            if pod.waiting_reason in PERMANENT_WAITING:
+                return Failure(pod.waiting_reason, f"pod {pod.name} cannot start its container: {pod.waiting_reason}; "
+                               "check spec.image and spec.scheduling.imagePullSecrets", permanent=True)
+            if not pod.node_ready:
+                return Failure("NodeNotReady", f"the node of pod {pod.name} is not ready")
+            if pod.deleting_since is not None:
+                return Failure("PodLost", f"pod {pod.name} is being deleted (evicted or preempted)")
+            if pod.exit_code not in (None, 0):
+                return self.pod_failure(pod)
+        if obs.job.failed_condition:
+            return Failure("JobFailed", f"the Job of attempt {attempt} failed ({obs.job.failed_condition})")
+        if obs.job.complete:
+            zero = current.get("0")
+            if zero is None or not zero.message.get("state"):
+                return Failure("UnknownOutcome", f"the Job of attempt {attempt} completed but pod 0 left no "
+                               "termination message")
+            return ("finished", zero.message)
+        started = timestamp(self.s.get("launchedAt")) or obs.now
+        last_step = (obs.progress or {}).get("lastStepAt") or 0
+        quiet = obs.now - max(started, last_step)
+        if quiet > self.spec.hang_timeout:
+            where = f"after step {self.s['step']}" if self.s.get("step") is not None else "since the gang started"
+            return Failure("Hang", f"no training step completed for {format_duration(quiet)} {where} "
+                           f"(spec.hangTimeout {format_duration(self.spec.hang_timeout)}): restarting the gang")
+        return None
+
+    def pod_failure(self, pod) -> Failure:
+        message = pod.message
+        if message.get("permanent"):
+            return Failure(message.get("reason", "InvalidSpec"), f"pod {pod.name}: {message.get('message', '')}",
+                           permanent=True)
+        if pod.terminated_reason == "OOMKilled" and self.s.get("step") is None:
+            return Failure("OOMKilledAtStart", f"pod {pod.name} ran out of memory before the first step (exit "
+                           f"{pod.exit_code}); lower microBatchSize, raise spec.resources.memory, or use more GPUs",
+                           permanent=True)
+        return Failure("PodFailed", f"pod {pod.name} exited with code {pod.exit_code} ({pod.terminated_reason})")
+
+    def force_delete_stuck_pods(self) -> None:
+        for pod in self.obs.pods:
+            stuck = pod.deleting_since is not None and not pod.node_ready
+            if stuck and self.obs.now - pod.deleting_since > self.settings.force_delete_after_seconds:
+                self.actions.append(ForceDeletePod(pod.name))
+                self.event("Warning", "ForceDeletedPod", f"pod {pod.name} was stuck terminating on a NotReady node "
+                           f"for {format_duration(self.obs.now - pod.deleting_since)}; force-deleted so the gang "
+                           "can be relaunched")
+
+    # -- one step of the machine -------------------------------------------------------------------------------
+    def step(self) -> None:
+        state = self.s["state"]
+        if state in TERMINAL:
+            return
+        if state == RUNNING:
+            self.fold_progress()
+        if state == PENDING:
+            if not self.spec.suspend:
+                self.launch(self.s["phaseIndex"], "Launched", "starting the run")
+            else:
+                self.s["state"] = SUSPENDED
+        elif state == RUNNING:
+            self.running()
+        elif state == RESTARTING:
+            self.force_delete_stuck_pods()
+            due = self.obs.now >= (timestamp(self.s.get("nextLaunchAt")) or 0)
+            if due and not self.obs.pods and self.obs.job is None:
+                restarts = self.s["restarts"]
+                checkpoint = self.s.get("lastCheckpoint")
+                origin = f"checkpoint step {checkpoint['step']}" if checkpoint else "the newest checkpoint"
+                self.launch(self.s["phaseIndex"], "Restarted", f"restart {restarts}, resuming from {origin}")
+        elif state == SUSPENDING:
+            self.force_delete_stuck_pods()
+            if not self.obs.pods and self.obs.job is None:
+                self.s["state"] = SUSPENDED
+                self.event("Normal", "Suspended", "pods stopped after a checkpoint; GPUs are free")
+        elif state == SUSPENDED and not self.spec.suspend:
+            self.launch(self.s["phaseIndex"], "Resumed", "resuming from the newest checkpoint")
+
+    def running(self) -> None:
+        if self.spec.suspend:
+            self.actions.append(DeleteAttempt(self.s["attempt"], self.settings.suspend_grace_seconds))
+            self.s["state"] = SUSPENDING
+            self.event("Normal", "Suspending", "spec.suspend is true: the trainer checkpoints on SIGTERM, then stops")
+            return
+        outcome = self.assess_attempt()
+        if outcome is None:
+            return
+        if isinstance(outcome, Failure):
+            self.fail_or_restart(outcome)
+            return
+        _, message = outcome
+        self.fold_final(message)
+        if message["state"] == "complete":
+            self.actions.append(DeleteAttempt(self.s["attempt"], self.settings.failure_grace_seconds))
+            self.finish(SUCCEEDED, "Succeeded", f"all {len(self.run.phases)} phases done: step {message.get('step')}, "
+                        f"{format_count(message.get('tokens') or 0)} tokens")
+        elif message["state"] == "relaunch":
+            finished = self.run.phases[self.s["phaseIndex"]].name
+            self.actions.append(DeleteAttempt(self.s["attempt"], self.settings.failure_grace_seconds))
+            self.event("Normal", "PhaseFinished", f"phase {finished} finished at step {message.get('step')}; the next "
+                       "phase needs another topology")
+            self.launch(int(message["phaseIndex"]), "PhaseStarted", "relaunching for the next phase")
+        else:  # stopped without a suspend request: a preemption (node drain, SIGTERM from outside)
+            self.fail_or_restart(Failure("Preempted", "the trainer was stopped from outside and checkpointed"))
+
+    def fold_final(self, message: dict) -> None:
+        if message.get("step") is not None:
+            self.s.update(step=message["step"], tokensSeen=message.get("tokens", self.s.get("tokensSeen")))
+        if message.get("checkpoint"):
+            self.s["lastCheckpoint"] = {"path": message["checkpoint"], "step": message.get("step"),
+                                        "tokens": message.get("tokens"), "time": iso(self.obs.now)}
+
+
+def set_condition(conditions: list[dict], kind: str, status: bool, reason: str, message: str, now: float) -> list:
+    """Kubernetes-style condition list; lastTransitionTime changes only when the status flips."""
+    value = "True" if status else "False"
+    out, found = [], False
+    for condition in conditions:
+        if condition.get("type") == kind:
+            found = True
+            since = condition.get("lastTransitionTime") if condition.get("status") == value else iso(now)
+            condition = {"type": kind, "status": value, "reason": reason, "message": message,
+                         "lastTransitionTime": since}
+        out.append(condition)
+    if not found:
+        out.append({"type": kind, "status": value, "reason": reason, "message": message,
+                    "lastTransitionTime": iso(now)})
+    return out
+
+
+def conditions_for(status: dict, obs: Observation, now: float) -> list[dict]:
+    state = status["state"]
+    failure = status.get("lastFailure") or {}
+    pods_running = bool(obs.pods) and all(p.phase == "Running" for p in obs.pods)
+    table = {
+        "Ready": (state == RUNNING and pods_running, "PodsRunning" if state == RUNNING and pods_running else state,
+                  "every pod of the gang is running" if state == RUNNING and pods_running else f"run is {state}"),
+        "Progressing": (state in (PENDING, RUNNING, RESTARTING), state, status.get("message", "") if state in TERMINAL
+                        else f"attempt {status.get('attempt', 0)}, phase {status.get('phase', '')}"),
+        "Suspended": (state in (SUSPENDING, SUSPENDED), "SuspendRequested" if state in (SUSPENDING, SUSPENDED)
+                      else "NotSuspended", "spec.suspend is true" if state in (SUSPENDING, SUSPENDED) else ""),
+        "Failed": (state == FAILED, status.get("failureReason", failure.get("reason", "")) if state == FAILED else
+                   "NotFailed", status.get("message", "") if state == FAILED else ""),
+        "Succeeded": (state == SUCCEEDED, "AllPhasesDone" if state == SUCCEEDED else "NotFinished",
+                      status.get("message", "") if state == SUCCEEDED else ""),
+    }
+    conditions = list(status.get("conditions", []))
+    for kind in CONDITION_TYPES:
+        value, reason, message = table[kind]
+        conditions = set_condition(conditions, kind, value, reason or kind, message, now)
+    return conditions
+
+
+def reconcile(run: ResolvedRun, status: dict, obs: Observation, settings: Settings = Settings()) -> Decision:
+    """One level-triggered step: what the run's status should become and what to do about it."""
+    machine = _Machine(run, status, obs, settings)
+    machine.step()
+    machine.s["conditions"] = conditions_for(machine.s, obs, obs.now)
+    return Decision(machine.s, machine.actions, machine.events)
