@@ -140,8 +140,10 @@ class _Machine:
         if not progress or progress.get("step") is None:
             return
         previous_phase = self.s.get("phaseIndex")
-        self.s.update(step=progress["step"], tokensSeen=progress.get("tokens", 0), loss=progress.get("loss"),
-                      tokensPerSecond=progress.get("tokensPerSecond"))
+        loss, tps = progress.get("loss"), progress.get("tokensPerSecond")
+        self.s.update(step=progress["step"], tokensSeen=progress.get("tokens", 0),
+                      loss=round(loss, 4) if loss is not None else None,  # rounded: kubectl prints them raw
+                      tokensPerSecond=round(tps) if tps is not None else None)
         if progress.get("lastStepAt"):
             self.s["lastStepTime"] = iso(progress["lastStepAt"])
         index = progress.get("phaseIndex")

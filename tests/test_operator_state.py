@@ -81,7 +81,7 @@ def test_progress_is_folded_into_status_with_checkpoint_and_phase_events():
                                                           "time": NOW - 2}}
     d = reconcile(RUN, running_status(), obs(progress=progress), SETTINGS)
     s = d.status
-    assert (s["step"], s["tokensSeen"], s["loss"], s["tokensPerSecond"]) == (40, 491_520, 6.2, 5000.0)
+    assert (s["step"], s["tokensSeen"], s["loss"], s["tokensPerSecond"]) == (40, 491_520, 6.2, 5000)
     assert s["phase"] == "long-context" and s["phaseIndex"] == 1
     assert s["lastCheckpoint"]["step"] == 40 and s["eta"]
     assert {"CheckpointCommitted", "PhaseFinished", "PhaseStarted"} <= set(event_reasons(d))

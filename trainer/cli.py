@@ -47,6 +47,12 @@ def cmd_launch(args) -> int:
     return launch()
 
 
+def cmd_operator(args) -> int:
+    from stagerun.operator.main import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stagerun", description="Staged LLM pretraining from one TrainingRun manifest.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     launch = sub.add_parser("launch", help="entrypoint of the trainer pods the operator creates (reads its env)")
     launch.set_defaults(func=cmd_launch)
+
+    operator = sub.add_parser("operator", help="run the Kubernetes operator (needs the `operator` extra)")
+    try:
+        from stagerun.operator.main import add_arguments
+
+        add_arguments(operator)
+    except ImportError:  # pragma: no cover - the operator package is always installed with stagerun
+        pass
+    operator.set_defaults(func=cmd_operator)
     return parser
 
 

@@ -86,6 +86,8 @@ def resolve_phases(run: TrainingRun, model: ModelSpec, problems: list[Problem], 
     failed = False
     for index, phase in enumerate(spec.phases):
         path = f"spec.phases[{index}]"
+        if failed and prev is None:
+            break  # every later phase inherits from the broken first one: their problems would only echo it
         if phase.name in names:
             problems.append(Problem(f"{path}.name", f"duplicate phase name {phase.name!r}", "give each phase a unique name"))
         names.add(phase.name)
