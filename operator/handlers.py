@@ -11,14 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import urllib.request
+from collections import defaultdict
 
 import kopf
 import yaml
 
 from . import builders, kube, naming
-from .observe import Observation, job_view, pod_view, ready_node_names
+from .observe import Observation, job_view, not_ready_nodes, pod_view
 from .spec_changes import immutable_changes, manifest_of, parse
 from .state import FAILED, PENDING, TERMINAL, Settings, reconcile, set_condition
 from .state import DeleteAttempt, ForceDeletePod, Launch
@@ -41,6 +43,11 @@ def settings_from_env() -> Settings:
     )
 
 
+def clock() -> float:
+    """Seconds since the epoch; a seam so tests can move the operator's time (hang detection) and nothing else."""
+    return time.time()
+
+
 def fetch_progress(pod_ip: str, port: int) -> dict | None:
     """Rank 0's /progress (trainer/status_server.py); None when it does not answer (yet)."""
     try:
@@ -48,6 +55,12 @@ def fetch_progress(pod_ip: str, port: int) -> dict | None:
             return json.loads(reply.read())
     except (OSError, ValueError):
         return None
+
+
+@kopf.on.login()
+def login(**kwargs):
+    """kopf's own API client authenticates like the operator's: in-cluster, or the kubeconfig."""
+    return kopf.login_via_client(**kwargs)
 
 
 @kopf.on.startup()
@@ -63,14 +76,14 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
 @kopf.on.create(*RESOURCE)
 @kopf.on.resume(*RESOURCE)
 @kopf.on.update(*RESOURCE, field="spec")
-def on_change(body, patch, **_) -> None:
-    reconcile_run(body, patch)
+def on_change(body, **_) -> None:
+    reconcile_run(body["metadata"]["namespace"], body["metadata"]["name"])
 
 
-@kopf.timer(*RESOURCE, interval=RECONCILE_SECONDS, sharp=True)
-def on_timer(body, patch, **_) -> None:
+@kopf.timer(*RESOURCE, interval=RECONCILE_SECONDS, initial_delay=RECONCILE_SECONDS, sharp=True)
+def on_timer(body, **_) -> None:
     if (body.get("status") or {}).get("state") not in TERMINAL:
-        reconcile_run(body, patch)
+        reconcile_run(body["metadata"]["namespace"], body["metadata"]["name"])
 
 
 @kopf.on.delete(*RESOURCE)
@@ -102,19 +115,16 @@ def accepted_run(body: dict, status: dict):
 
 def observe(namespace: str, name: str, status: dict) -> Observation:
     attempt = status.get("attempt", 0)
-    job = pods = None
-    if attempt:
-        raw_job = kube.get_job(namespace, naming.attempt_name(name, attempt))
-        job = job_view(raw_job) if raw_job else None
-        nodes = kube.list_nodes()
-        ready = ready_node_names(nodes) if nodes is not None else None
-        pods = tuple(pod_view(p, ready) for p in kube.list_pods(namespace, name, attempt))
-    progress = None
-    zero = next((p for p in kube.list_pods(namespace, name, attempt) if _is_index_zero_running(p)), None) \
-        if attempt else None
-    if zero is not None:
-        progress = fetch_progress(zero["status"]["podIP"], naming.STATUS_PORT)
-    return Observation(now=time.time(), job=job, pods=pods or (), progress=progress)
+    if not attempt:
+        return Observation(now=clock())
+    raw_job = kube.get_job(namespace, naming.attempt_name(name, attempt))
+    raw_pods = kube.list_pods(namespace, name, attempt)
+    nodes = kube.list_nodes()
+    unready = not_ready_nodes(nodes) if nodes is not None else None
+    zero = next((p for p in raw_pods if _is_index_zero_running(p)), None)
+    progress = fetch_progress(zero["status"]["podIP"], naming.STATUS_PORT) if zero is not None else None
+    return Observation(now=clock(), job=job_view(raw_job) if raw_job else None,
+                       pods=tuple(pod_view(p, unready) for p in raw_pods), progress=progress)
 
 
 def _is_index_zero_running(pod: dict) -> bool:
@@ -123,18 +133,35 @@ def _is_index_zero_running(pod: dict) -> bool:
             and bool((pod.get("status") or {}).get("podIP")))
 
 
-def reconcile_run(body, patch) -> None:
+_locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+
+
+def reconcile_run(namespace: str, name: str) -> None:
+    """Reconcile one run. Serialised per run in this process, and every decision is taken on a fresh read and
+    written with that read's resourceVersion: a decision based on a stale status is never written (kopf retries)."""
+    with _locks[(namespace, name)]:
+        body = kube.get_run(namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        try:
+            _reconcile(body)
+        except kube.Conflict as exc:
+            raise kopf.TemporaryError(str(exc), delay=1) from None
+
+
+def _reconcile(body: dict) -> None:
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    status = dict(body.get("status") or {})
+    old = body.get("status") or {}
+    status = dict(old)
     run, refusal = accepted_run(body, status)
-    now = time.time()
+    now = clock()
     if run is None:  # invalid and nothing accepted before: nothing can run
-        if status.get("state") != FAILED:
+        if status.get("state") != FAILED or status.get("message") != refusal[1]:
             kopf.warn(body, reason=refusal[0], message=refusal[1])
         status.update(state=FAILED, failureReason=refusal[0], message=refusal[1])
         status["conditions"] = set_condition(status.get("conditions", []), "Failed", True, refusal[0], refusal[1], now)
-        _write_status(patch, body.get("status") or {}, status)
+        _write_status(body, old, status)
         return
     if status.get("failureReason") == "InvalidSpec" and status.get("attempt", 0) == 0:
         status = {"conditions": status.get("conditions", []), "state": PENDING}  # fixed before it ever ran
@@ -142,17 +169,15 @@ def reconcile_run(body, patch) -> None:
         _accept(namespace, name, run, body, status)
     decision = reconcile(run, status, observe(namespace, name, status), settings_from_env())
     new_status = decision.status
-    accepted_condition = ("SpecAccepted", True, "Accepted", "the manifest is running") if refusal is None else \
-        ("SpecAccepted", False, refusal[0], refusal[1])
-    new_status["conditions"] = set_condition(new_status["conditions"], *accepted_condition[:1],
-                                             accepted_condition[1], accepted_condition[2], accepted_condition[3], now)
-    if refusal is not None and (body.get("status") or {}).get("conditions") != new_status["conditions"]:
+    accepted = (True, "Accepted", "the manifest is running") if refusal is None else (False, *refusal)
+    new_status["conditions"] = set_condition(new_status["conditions"], "SpecAccepted", *accepted, now)
+    if refusal is not None and old.get("conditions") != new_status["conditions"]:
         kopf.warn(body, reason=refusal[0], message=refusal[1])
     for action in decision.actions:
         _apply(action, run, namespace, name, meta["uid"])
     for event in decision.events:
         (kopf.info if event.type == "Normal" else kopf.warn)(body, reason=event.reason, message=event.message)
-    _write_status(patch, body.get("status") or {}, new_status)
+    _write_status(body, old, new_status)
 
 
 def _accept(namespace: str, name: str, run, body: dict, status: dict) -> None:
@@ -181,11 +206,27 @@ def _apply(action, run, namespace: str, name: str, uid: str) -> None:
         kube.force_delete_pod(namespace, action.name)
 
 
-def _write_status(patch, old: dict, new: dict) -> None:
-    """Merge-patch the keys that changed (None removes a key)."""
+def merge_patch_diff(old: dict, new: dict) -> dict:
+    """The JSON merge patch (RFC 7386) turning ``old`` into ``new``: removed keys become None, nested mappings are
+    diffed recursively (a plain ``{}`` would merge into the old mapping instead of replacing it)."""
+    patch = {}
     for key in set(old) | set(new):
-        if old.get(key) != new.get(key):
-            patch.status[key] = new.get(key)
+        before, after = old.get(key), new.get(key)
+        if before == after:
+            continue
+        if isinstance(before, dict) and isinstance(after, dict):
+            patch[key] = merge_patch_diff(before, after)
+        else:
+            patch[key] = after
+    return patch
+
+
+def _write_status(body: dict, old: dict, new: dict) -> None:
+    """Merge-patch what changed, conditional on the resourceVersion that was read."""
+    changes = merge_patch_diff(old, new)
+    if changes:
+        meta = body["metadata"]
+        kube.patch_run_status(meta["namespace"], meta["name"], meta["resourceVersion"], changes)
 
 
 def dump(obj) -> str:  # for debugging from a REPL

@@ -81,12 +81,13 @@ def list_nodes() -> list[dict] | None:
 def delete_attempt(namespace: str, run: str, attempt: int, grace_seconds: int) -> None:
     """The attempt's Job, pods, Service and ConfigMap. Pods get ``grace_seconds`` to exit (SIGTERM first)."""
     name = naming.attempt_name(run, attempt)
-    body = client.V1DeleteOptions(propagation_policy="Background", grace_period_seconds=grace_seconds)
-    _ignore(404, batch().delete_namespaced_job, name, namespace, body=body)
+    # Pods first, with our grace period: the Job's garbage collection would use the pods' own (long) one.
     for pod in list_pods(namespace, run, attempt):
         if not pod["metadata"].get("deletionTimestamp"):
             _ignore(404, core().delete_namespaced_pod, pod["metadata"]["name"], namespace,
                     body=client.V1DeleteOptions(grace_period_seconds=grace_seconds))
+    body = client.V1DeleteOptions(propagation_policy="Background", grace_period_seconds=grace_seconds)
+    _ignore(404, batch().delete_namespaced_job, name, namespace, body=body)
     _ignore(404, core().delete_namespaced_service, name, namespace)
     _ignore(404, core().delete_namespaced_config_map, name, namespace)
 
@@ -113,3 +114,30 @@ def delete_everything(namespace: str, run: str) -> int:
 
 def patch_configmap_data(namespace: str, name: str, data: dict[str, str]) -> None:
     _ignore(404, core().patch_namespaced_config_map, name, namespace, {"data": data})
+
+
+def custom() -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api_client())
+
+
+def get_run(namespace: str, name: str) -> dict | None:
+    return _ignore(404, custom().get_namespaced_custom_object, naming.GROUP, naming.VERSION, namespace, naming.PLURAL,
+                   name)
+
+
+class Conflict(Exception):
+    """The TrainingRun changed since it was read (another writer, or kopf's own bookkeeping)."""
+
+
+def patch_run_status(namespace: str, name: str, resource_version: str, status_changes: dict) -> None:
+    """Merge-patch ``status`` on the status subresource, only if the object is still at ``resource_version``
+    (optimistic concurrency: a decision taken on a stale read is never written)."""
+    body = {"metadata": {"resourceVersion": resource_version}, "status": status_changes}
+    try:
+        custom().patch_namespaced_custom_object_status(naming.GROUP, naming.VERSION, namespace, naming.PLURAL, name,
+                                                       body, _content_type="application/merge-patch+json")
+    except ApiException as exc:
+        if exc.status == 409:
+            raise Conflict(f"TrainingRun {namespace}/{name} changed while it was reconciled") from None
+        if exc.status != 404:
+            raise

@@ -23,6 +23,7 @@ class PodView:
     index: int
     phase: str  # Pending, Running, Succeeded, Failed, Unknown
     node_ready: bool = True
+    node_not_ready_since: float | None = None  # when the pod's node last turned NotReady
     deleting_since: float | None = None  # deletionTimestamp (seconds since epoch)
     waiting_reason: str | None = None
     exit_code: int | None = None  # set once the trainer container terminated
@@ -55,7 +56,8 @@ def timestamp(text: str | None) -> float | None:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def pod_view(pod: dict, ready_nodes: set[str] | None) -> PodView:
+def pod_view(pod: dict, not_ready_nodes: dict[str, float] | None) -> PodView:
+    """``not_ready_nodes``: NotReady node name -> since when (None: node readiness unknown, taken as ready)."""
     meta, spec, status = pod.get("metadata", {}), pod.get("spec", {}), pod.get("status", {}) or {}
     labels, annotations = meta.get("labels", {}), meta.get("annotations", {})
     index = annotations.get(naming.JOB_INDEX_ANNOTATION, labels.get(naming.JOB_INDEX_ANNOTATION, "0"))
@@ -71,9 +73,10 @@ def pod_view(pod: dict, ready_nodes: set[str] | None) -> PodView:
         except ValueError:
             message = {"text": terminated["message"]}
     node = spec.get("nodeName")
+    not_ready_since = (not_ready_nodes or {}).get(node) if node else None
     return PodView(
         name=meta["name"], index=int(index), phase=status.get("phase", "Pending"),
-        node_ready=True if ready_nodes is None or node is None else node in ready_nodes,
+        node_ready=not_ready_since is None, node_not_ready_since=not_ready_since,
         deleting_since=timestamp(meta.get("deletionTimestamp")),
         waiting_reason=(waiting or {}).get("reason"),
         exit_code=(terminated or {}).get("exitCode"), terminated_reason=(terminated or {}).get("reason"),
@@ -92,10 +95,11 @@ def job_view(job: dict) -> JobView:
     )
 
 
-def ready_node_names(nodes: list[dict]) -> set[str]:
-    ready = set()
+def not_ready_nodes(nodes: list[dict]) -> dict[str, float]:
+    """NotReady (or Unknown) nodes and since when their Ready condition says so."""
+    result = {}
     for node in nodes:
         for condition in node.get("status", {}).get("conditions", []) or []:
-            if condition.get("type") == "Ready" and condition.get("status") == "True":
-                ready.add(node["metadata"]["name"])
-    return ready
+            if condition.get("type") == "Ready" and condition.get("status") != "True":
+                result[node["metadata"]["name"]] = timestamp(condition.get("lastTransitionTime")) or 0.0
+    return result

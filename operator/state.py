@@ -13,6 +13,7 @@ and carry out the actions. Child objects have deterministic names per attempt, s
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -84,7 +85,7 @@ def backoff_seconds(restarts: int, settings: Settings) -> float:
 class _Machine:
     def __init__(self, run: ResolvedRun, status: dict, obs: Observation, settings: Settings):
         self.run, self.spec, self.obs, self.settings = run, run.manifest.spec, obs, settings
-        self.s = {k: v for k, v in status.items()}
+        self.s = copy.deepcopy(status)  # nested values (pods, conditions) must not alias the observed status
         self.s.setdefault("state", PENDING)
         self.s.setdefault("attempt", 0)
         self.s.setdefault("restarts", 0)
@@ -213,12 +214,15 @@ class _Machine:
 
     def force_delete_stuck_pods(self) -> None:
         for pod in self.obs.pods:
-            stuck = pod.deleting_since is not None and not pod.node_ready
-            if stuck and self.obs.now - pod.deleting_since > self.settings.force_delete_after_seconds:
+            # A NotReady node's kubelet cannot confirm the deletion, whatever the grace period says: waiting longer
+            # than force_delete_after only blocks the relaunch.
+            if pod.deleting_since is None or pod.node_ready:
+                continue
+            down = self.obs.now - (pod.node_not_ready_since or 0.0)
+            if down > self.settings.force_delete_after_seconds:
                 self.actions.append(ForceDeletePod(pod.name))
-                self.event("Warning", "ForceDeletedPod", f"pod {pod.name} was stuck terminating on a NotReady node "
-                           f"for {format_duration(self.obs.now - pod.deleting_since)}; force-deleted so the gang "
-                           "can be relaunched")
+                self.event("Warning", "ForceDeletedPod", f"pod {pod.name} was stuck terminating on a node NotReady "
+                           f"for {format_duration(down)}; force-deleted so the gang can be relaunched")
 
     # -- one step of the machine -------------------------------------------------------------------------------
     def step(self) -> None:

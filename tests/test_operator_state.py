@@ -174,11 +174,12 @@ def test_no_step_for_hang_timeout_restarts_the_gang():
 
 
 def test_stuck_terminating_pod_on_a_not_ready_node_is_force_deleted():
-    stuck = pod(deleting_since=NOW - 61, node_ready=False)
+    # Its deletion deadline (now + a 600 s grace period) is irrelevant: the node has been down for 61 s.
+    stuck = pod(deleting_since=NOW + 540, node_ready=False, node_not_ready_since=NOW - 61)
     status = running_status(state=RESTARTING, restarts=1, nextLaunchAt=iso(NOW - 1))
     d = reconcile(RUN, status, obs(pods=[stuck], job_view=None), SETTINGS)
     assert d.actions == [ForceDeletePod(stuck.name)] and event_reasons(d) == ["ForceDeletedPod"]
-    young = pod(deleting_since=NOW - 10, node_ready=False)
+    young = pod(deleting_since=NOW, node_ready=False, node_not_ready_since=NOW - 10)
     assert reconcile(RUN, status, obs(pods=[young], job_view=None), SETTINGS).actions == []
     healthy_node = pod(deleting_since=NOW - 600, node_ready=True)
     assert reconcile(RUN, status, obs(pods=[healthy_node], job_view=None), SETTINGS).actions == []
