@@ -264,7 +264,7 @@ def test_operator_restart_mid_run_creates_no_duplicate_job(monkeypatch):
 def test_image_that_cannot_be_pulled_fails_with_an_actionable_condition(monkeypatch):
     with operator_harness(monkeypatch) as h:
         h.create(manifest())
-        h.cluster.image_pull_backoff(h.cluster.wait_for_pods(1, job="quickstart-a1", phase="Pending")[0],
+        h.cluster.image_pull_backoff(h.cluster.wait_for_pods(1, job="quickstart-a1", phase=None)[0],
                                      reason="ErrImagePull")
         h.wait_state("Failed")
         failed = next(c for c in h.status()["conditions"] if c["type"] == "Failed")
