@@ -2,6 +2,9 @@
 
 Each test starts an API emulator, a simulated cluster (FakeCluster: pods run nothing, the test decides how they end)
 and the operator (kopf.testing.KopfRunner, the same code `stagerun operator` runs), then drives a scenario.
+
+With ``STAGERUN_TEST_KUBECONFIG=path`` the same tests run against that cluster's API server instead (in a fresh
+namespace, CRD installed beforehand): the scenarios that need the simulated kubelet skip, the rest run for real.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from kopf.testing import KopfRunner
 from conftest import ROOT
 from kube.emulator import running_api
 from kube.kubelet import FakeCluster
+from kube.real import RealApi, real_kubeconfig
 
-NS = "default"
+NS = "default"  # the emulator's; a real cluster gets a fresh namespace per test
 FAST = {
     "STAGERUN_RECONCILE_SECONDS": "0.2", "STAGERUN_BACKOFF_BASE_SECONDS": "0.5", "STAGERUN_BACKOFF_MAX_SECONDS": "2",
     "STAGERUN_FAILURE_GRACE_SECONDS": "1", "STAGERUN_SUSPEND_GRACE_SECONDS": "5",
@@ -40,20 +44,26 @@ def manifest(**spec_changes) -> dict:
 class Harness:
     """The API, the simulated cluster, the running operator, and helpers to look at them."""
 
-    def __init__(self, api, cluster, runner, progress: dict):
-        self.api, self.cluster, self.runner, self.progress = api, cluster, runner, progress
+    def __init__(self, api, cluster, runner, progress: dict, ns: str):
+        self.api, self.cluster, self.runner, self.progress, self.ns = api, cluster, runner, progress, ns
+
+    def require_kubelet(self) -> None:
+        if self.cluster is None:
+            pytest.skip("needs the simulated kubelet: runs against the API emulator only")
 
     def create(self, doc: dict) -> None:
-        self.api.custom().create_namespaced_custom_object("stagerun.io", "v1alpha1", NS, "trainingruns", doc)
+        doc = copy.deepcopy(doc)
+        doc["metadata"]["namespace"] = self.ns
+        self.api.custom().create_namespaced_custom_object("stagerun.io", "v1alpha1", self.ns, "trainingruns", doc)
 
     def run(self, name="quickstart") -> dict:
-        return self.api.get("trainingruns", NS, name)
+        return self.api.get("trainingruns", self.ns, name)
 
     def status(self, name="quickstart") -> dict:
         return (self.run(name) or {}).get("status") or {}
 
     def patch_spec(self, spec: dict, name="quickstart") -> None:
-        self.api.patch("trainingruns", NS, name, {"spec": spec})
+        self.api.patch("trainingruns", self.ns, name, {"spec": spec})
 
     def wait(self, predicate, message, timeout=20):
         return self.api.wait_for(predicate, timeout=timeout, message=lambda: f"{message}; status: {self.status()}")
@@ -62,12 +72,15 @@ class Harness:
         return self.wait(lambda: self.status(name).get("state") == state, f"run never reached {state}", timeout)
 
     def jobs(self, run="quickstart") -> list[str]:
-        return sorted(j["metadata"]["name"] for j in self.api.list("jobs", NS, label_selector={"stagerun.io/run": run}))
+        jobs = self.api.list("jobs", self.ns, label_selector={"stagerun.io/run": run})
+        return sorted(j["metadata"]["name"] for j in jobs)
 
     def reasons(self) -> list[str]:
-        return [e["reason"] for e in sorted(self.api.events(NS), key=lambda e: e["metadata"].get("creationTimestamp", ""))]
+        events = sorted(self.api.events(self.ns), key=lambda e: e["metadata"].get("creationTimestamp") or "")
+        return [e["reason"] for e in events]
 
     def running_pods(self, count=1, job="quickstart-a1"):
+        self.require_kubelet()
         return self.cluster.wait_for_pods(count, job=job)
 
 
@@ -87,10 +100,17 @@ def operator_harness(monkeypatch, nodes=("node-1", "node-2")):
     finally:
         kopf.set_default_registry(previous)
     monkeypatch.setattr(handlers, "fetch_progress", lambda ip, port: progress.get(ip))
-    with running_api() as api, api.use_kubeconfig(), FakeCluster(api, nodes=nodes, pod_ip_prefix="127.10") as cluster, \
-            KopfRunner(["run", "--standalone", "-A"], registry=registry) as runner:
-        yield Harness(api, cluster, runner, progress)
-    assert runner.exception is None, runner.output[-5000:]
+    kubeconfig = real_kubeconfig()
+    if kubeconfig:
+        api = RealApi(kubeconfig)
+        with api.use_kubeconfig(), KopfRunner(["run", "--standalone", "-n", api.namespace], registry=registry) as r:
+            yield Harness(api, None, r, progress, api.namespace)
+    else:
+        with running_api() as api, api.use_kubeconfig(), \
+                FakeCluster(api, nodes=nodes, pod_ip_prefix="127.10") as cluster, \
+                KopfRunner(["run", "--standalone", "-A"], registry=registry) as r:
+            yield Harness(api, cluster, r, progress, NS)
+    assert r.exception is None, r.output[-5000:]
 
 
 def relaunch_message(phase_index: int, step: int) -> str:
@@ -101,14 +121,14 @@ def relaunch_message(phase_index: int, step: int) -> str:
 def test_create_makes_configmap_service_and_indexed_job_and_reports_status(monkeypatch):
     with operator_harness(monkeypatch) as h:
         h.create(manifest(resources={"nodes": 2, "processesPerNode": 1}))
-        pods = h.running_pods(2)
         h.wait(lambda: h.status().get("state") == "Running" and h.status().get("attempt") == 1, "not running")
-        job = h.api.get("jobs", NS, "quickstart-a1")
+        job = h.wait(lambda: h.api.get("jobs", h.ns, "quickstart-a1"), "no Job")
         assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
         owner = job["metadata"]["ownerReferences"][0]
         assert owner["kind"] == "TrainingRun" and owner["uid"] == h.run()["metadata"]["uid"]
-        assert h.api.get("services", NS, "quickstart-a1")["spec"]["clusterIP"] == "None"
-        assert "trainingrun.yaml" in h.api.get("configmaps", NS, "quickstart-a1")["data"]
+        assert h.api.get("services", h.ns, "quickstart-a1")["spec"]["clusterIP"] == "None"
+        assert "trainingrun.yaml" in h.api.get("configmaps", h.ns, "quickstart-a1")["data"]
+        pods = h.running_pods(2)
         zero = next(p for p in pods if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0")
         h.progress[zero["status"]["podIP"]] = {
             "step": 12, "tokens": 98304, "loss": 6.54321, "tokensPerSecond": 4999.7, "phaseIndex": 0,
@@ -190,7 +210,7 @@ def test_phase_boundary_with_a_new_topology_launches_a_new_job(monkeypatch):
         h.running_pods(1)
         h.cluster.succeed_job("quickstart-a1", message=relaunch_message(1, 42))
         h.wait(lambda: h.jobs() == ["quickstart-a2"], "no new Job for the next phase")
-        job = h.api.get("jobs", NS, "quickstart-a2")
+        job = h.api.get("jobs", h.ns, "quickstart-a2")
         env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
         assert env["STAGERUN_PHASE_INDEX"] == "1"
         status = h.status()
@@ -219,40 +239,36 @@ def test_suspend_frees_the_pods_and_resume_relaunches(monkeypatch):
 def test_delete_removes_everything_it_created(monkeypatch):
     with operator_harness(monkeypatch) as h:
         h.create(manifest(resources={"nodes": 2, "processesPerNode": 1}))
-        h.running_pods(2)
-        h.api.delete("trainingruns", NS, "quickstart")
-        h.wait(lambda: h.run() is None, "the TrainingRun was not deleted (finalizer stuck?)")
+        h.wait(lambda: len(h.api.list("pods", h.ns, label_selector={"stagerun.io/run": "quickstart"})) == 2, "no pods")
+        h.api.delete("trainingruns", h.ns, "quickstart")
+        h.wait(lambda: h.run() is None, "the TrainingRun was not deleted (finalizer stuck?)", timeout=60)
         selector = {"stagerun.io/run": "quickstart"}
-        for kind in ("jobs", "services", "configmaps"):
-            h.wait(lambda kind=kind: h.api.list(kind, NS, label_selector=selector) == [], f"{kind} left behind")
-        h.wait(lambda: h.cluster.pods(run="quickstart") == [], "pods left behind")
+        for kind in ("jobs", "services", "configmaps", "pods"):
+            h.wait(lambda kind=kind: h.api.list(kind, h.ns, label_selector=selector) == [], f"{kind} left behind",
+                   timeout=60)
 
 
 def test_operator_restart_mid_run_creates_no_duplicate_job(monkeypatch):
-    with operator_harness(monkeypatch) as h:
-        h.create(manifest())
-        h.running_pods(1)
-        h.wait(lambda: h.status().get("attempt") == 1, "not running")
-    # A new operator (and a new API: state is lost with it) would prove little; restart kopf on the same API.
+    if real_kubeconfig():
+        pytest.skip("needs the simulated kubelet: runs against the API emulator only")
     for key, value in FAST.items():
         monkeypatch.setenv(key, value)
-    with running_api() as api, api.use_kubeconfig(), FakeCluster(api, pod_ip_prefix="127.10") as cluster:
-        monkeypatch.setattr("stagerun.operator.kube._api", None)
+    monkeypatch.setattr("stagerun.operator.kube._api", None)
+    registry, previous = kopf.OperatorRegistry(), kopf.get_default_registry()
+    kopf.set_default_registry(registry)
+    try:
         from stagerun.operator import handlers
 
-        registry = kopf.OperatorRegistry()
-        previous = kopf.get_default_registry()
-        kopf.set_default_registry(registry)
-        try:
-            importlib.reload(handlers)
-        finally:
-            kopf.set_default_registry(previous)
+        importlib.reload(handlers)
+    finally:
+        kopf.set_default_registry(previous)
+    with running_api() as api, api.use_kubeconfig(), FakeCluster(api, pod_ip_prefix="127.10") as cluster:
         api.custom().create_namespaced_custom_object("stagerun.io", "v1alpha1", NS, "trainingruns", manifest())
         with KopfRunner(["run", "--standalone", "-A"], registry=registry) as first:
             cluster.wait_for_pods(1, job="quickstart-a1")
             api.wait_for(lambda: (api.get("trainingruns", NS, "quickstart").get("status") or {}).get("attempt") == 1)
         assert first.exception is None, first.output[-3000:]
-        with KopfRunner(["run", "--standalone", "-A"], registry=registry) as second:
+        with KopfRunner(["run", "--standalone", "-A"], registry=registry) as second:  # the operator restarts
             time.sleep(2)  # ten reconcile periods
         assert second.exception is None, second.output[-3000:]
         jobs = [j["metadata"]["name"] for j in api.list("jobs", NS)]
@@ -261,14 +277,29 @@ def test_operator_restart_mid_run_creates_no_duplicate_job(monkeypatch):
         assert status["attempt"] == 1 and status["state"] == "Running" and status["restarts"] == 0
 
 
+def test_status_write_conflict_is_retried_without_duplicates(monkeypatch):
+    with operator_harness(monkeypatch) as h:
+        h.require_kubelet()
+        # The first status write finds the run changed since it was read (409): the decision is taken again.
+        h.api.inject_error("patch", "trainingruns", namespace=NS, name="quickstart", subresource="status", code=409,
+                           reason="Conflict")
+        h.create(manifest())
+        h.running_pods(1)
+        h.wait(lambda: h.status().get("attempt") == 1 and h.status().get("state") == "Running", "never recovered")
+        assert h.jobs() == ["quickstart-a1"]
+        runner = h.runner
+    assert "changed while it was reconciled" in runner.output  # the conflict happened and was retried
+
+
 def test_image_that_cannot_be_pulled_fails_with_an_actionable_condition(monkeypatch):
     with operator_harness(monkeypatch) as h:
-        h.create(manifest())
-        h.cluster.image_pull_backoff(h.cluster.wait_for_pods(1, job="quickstart-a1", phase=None)[0],
-                                     reason="ErrImagePull")
-        h.wait_state("Failed")
+        h.create(manifest())  # the image does not exist: a real kubelet fails to pull it, the simulated one is told
+        if h.cluster is not None:
+            h.cluster.image_pull_backoff(h.cluster.wait_for_pods(1, job="quickstart-a1", phase=None)[0],
+                                         reason="ErrImagePull")
+        h.wait_state("Failed", timeout=180)
         failed = next(c for c in h.status()["conditions"] if c["type"] == "Failed")
-        assert failed["reason"] == "ErrImagePull" and "spec.image" in failed["message"]
+        assert failed["reason"] in ("ErrImagePull", "ImagePullBackOff") and "spec.image" in failed["message"]
 
 
 def test_invalid_spec_is_reported_and_a_fix_starts_the_run(monkeypatch):
@@ -302,5 +333,5 @@ def test_editing_the_running_phase_is_refused_and_a_later_phase_accepted(monkeyp
         h.patch_spec({"phases": phases})
         h.wait(lambda: any(c["type"] == "SpecAccepted" and c["status"] == "True" for c in h.status()["conditions"]),
                "later-phase edit not accepted")
-        data = h.api.get("configmaps", NS, "quickstart-a1")["data"]["trainingrun.yaml"]
+        data = h.api.get("configmaps", h.ns, "quickstart-a1")["data"]["trainingrun.yaml"]
         assert yaml.safe_load(data)["spec"]["phases"][2]["tokens"] == 128_000  # the running gang sees the edit
