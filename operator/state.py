@@ -104,6 +104,8 @@ class _Machine:
         self.actions.append(Launch(attempt, phase_index))
         self.s.update(state=RUNNING, attempt=attempt, phaseIndex=phase_index, phase=phase.name,
                       launchedAt=iso(self.obs.now), pods={})
+        for per_attempt in ("progressSeen", "progressUnreachableReported"):
+            self.s.pop(per_attempt, None)
         self.s.pop("nextLaunchAt", None)
         self.event("Normal", reason, f"{message}: attempt {attempt}, phase {phase.name}, {phase.resources.nodes} "
                    f"pod(s) x {phase.resources.procs_per_node} process(es)")
@@ -138,6 +140,8 @@ class _Machine:
     # -- observation -------------------------------------------------------------------------------------------
     def fold_progress(self) -> None:
         progress = self.obs.progress
+        if progress:
+            self.s["progressSeen"] = True  # the gang's heartbeat is reachable: hang detection can trust it
         if not progress or progress.get("step") is None:
             return
         previous_phase = self.s.get("phaseIndex")
@@ -195,6 +199,15 @@ class _Machine:
         started = timestamp(self.s.get("launchedAt")) or obs.now
         last_step = (obs.progress or {}).get("lastStepAt") or 0
         quiet = obs.now - max(started, last_step)
+        if quiet > self.spec.hang_timeout and not self.s.get("progressSeen"):
+            # Never heard from rank 0 (an operator outside the cluster cannot reach pod IPs): silence proves nothing,
+            # so say so once instead of restarting a gang that may be training fine.
+            if not self.s.get("progressUnreachableReported"):
+                self.s["progressUnreachableReported"] = True
+                self.event("Warning", "ProgressUnreachable", f"rank 0's progress endpoint has not answered for "
+                           f"{format_duration(quiet)}; hangs cannot be detected for this attempt (is the operator "
+                           "running inside the cluster?)")
+            return None
         if quiet > self.spec.hang_timeout:
             where = f"after step {self.s['step']}" if self.s.get("step") is not None else "since the gang started"
             return Failure("Hang", f"no training step completed for {format_duration(quiet)} {where} "

@@ -169,8 +169,18 @@ def test_no_step_for_hang_timeout_restarts_the_gang():
     assert "no training step completed for 10m1s after step 50" in d.status["lastFailure"]["message"]
     alive = reconcile(run, quiet, obs(progress={"step": 51, "lastStepAt": NOW - 30}), SETTINGS)
     assert alive.status["state"] == RUNNING
-    starting = reconcile(run, running_status(launchedAt=iso(NOW - 601)), obs(progress=None), SETTINGS)
+    starting = reconcile(run, running_status(launchedAt=iso(NOW - 601)), obs(progress={"state": "starting"}), SETTINGS)
     assert starting.status["lastFailure"]["reason"] == "Hang"  # stuck before the first step counts too
+
+
+def test_silence_from_an_unreachable_progress_endpoint_warns_but_never_restarts():
+    run = make_run(hangTimeout="10m")
+    d = reconcile(run, running_status(launchedAt=iso(NOW - 3600)), obs(progress=None), SETTINGS)
+    assert d.status["state"] == RUNNING and d.actions == [] and event_reasons(d) == ["ProgressUnreachable"]
+    again = reconcile(run, d.status, obs(progress=None, now=NOW + 10), SETTINGS)
+    assert again.events == []  # said once per attempt
+    heard = reconcile(run, d.status, obs(progress={"step": 3, "lastStepAt": NOW - 700}, now=NOW + 20), SETTINGS)
+    assert heard.status["lastFailure"]["reason"] == "Hang"  # once heard from, silence is a hang
 
 
 def test_stuck_terminating_pod_on_a_not_ready_node_is_force_deleted():
