@@ -173,21 +173,25 @@ class _Machine:
             return Failure("JobMissing", f"the Job of attempt {attempt} disappeared (deleted by someone else?)")
         known = self.s.setdefault("pods", {})
         current = {str(p.index): p for p in obs.pods}
-        for index, name in known.items():
-            pod = current.get(index)
-            if pod is None or pod.name != name:
-                return Failure("PodLost", f"pod {name} (index {index}) is gone: its node was lost or it was evicted")
+        lost = next((Failure("PodLost", f"pod {name} (index {index}) is gone: its node was lost or it was evicted")
+                     for index, name in known.items()
+                     if current.get(index) is None or current[index].name != name), None)
+        # What a pod itself says (a bad image, an exit code) explains more than the teardown it causes in its peers,
+        # so it is looked at first.
         for pod in obs.pods:
             known.setdefault(str(pod.index), pod.name)
             if pod.waiting_reason in PERMANENT_WAITING:
                 return Failure(pod.waiting_reason, f"pod {pod.name} cannot start its container: {pod.waiting_reason}; "
                                "check spec.image and spec.scheduling.imagePullSecrets", permanent=True)
+            if pod.exit_code not in (None, 0):
+                return self.pod_failure(pod)
+        if lost:
+            return lost
+        for pod in obs.pods:
             if not pod.node_ready:
                 return Failure("NodeNotReady", f"the node of pod {pod.name} is not ready")
             if pod.deleting_since is not None:
                 return Failure("PodLost", f"pod {pod.name} is being deleted (evicted or preempted)")
-            if pod.exit_code not in (None, 0):
-                return self.pod_failure(pod)
         if obs.job.failed_condition:
             return Failure("JobFailed", f"the Job of attempt {attempt} failed ({obs.job.failed_condition})")
         if obs.job.complete:

@@ -378,7 +378,8 @@ def test_bad_arguments_are_rejected_with_the_field():
         build(raw)
 
 
-def test_builders_do_not_import_torch():
-    code = "import stagerun.operator.builders, sys; assert 'torch' not in sys.modules, 'torch was imported'"
+def test_the_operator_does_not_import_torch():
+    code = ("import stagerun.operator.builders, stagerun.operator.handlers, stagerun.operator.crd, "
+            "stagerun.operator.main, sys; assert 'torch' not in sys.modules, 'torch was imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -86,7 +86,8 @@ def test_training_run_survives_a_killed_pod_and_relaunches_for_a_new_topology(mo
 
     steps, tokens = total_steps()
     assert final["step"] == steps and final["tokensSeen"] == tokens, final
-    assert final["restarts"] == 1 and final["lastFailure"]["reason"] in ("PodFailed", "JobFailed"), final
+    # Usually PodFailed (the killed process); PodLost when the Job controller's teardown of the peer is seen first.
+    assert final["restarts"] == 1 and final["lastFailure"]["reason"] in ("PodFailed", "JobFailed", "PodLost"), final
     assert final["attempt"] == 3, final  # 1: killed; 2: resumed, ran core to its end; 3: the new topology
     assert "Restarted" in events and "PhaseStarted" in events, events
     assert manager.latest().step == steps
