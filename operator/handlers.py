@@ -17,11 +17,12 @@ import urllib.request
 from collections import defaultdict
 
 import kopf
-import yaml
 
 from . import builders, kube, naming
 from .observe import Observation, job_view, not_ready_nodes, pod_view
-from .spec_changes import immutable_changes, manifest_of, parse
+from stagerun.trainer.spec.changes import immutable_changes
+
+from .spec_changes import manifest_of, parse
 from .state import FAILED, PENDING, TERMINAL, Settings, reconcile, set_condition
 from .state import DeleteAttempt, ForceDeletePod, Launch
 
@@ -227,7 +228,3 @@ def _write_status(body: dict, old: dict, new: dict) -> None:
     if changes:
         meta = body["metadata"]
         kube.patch_run_status(meta["namespace"], meta["name"], meta["resourceVersion"], changes)
-
-
-def dump(obj) -> str:  # for debugging from a REPL
-    return yaml.safe_dump(obj, sort_keys=False)

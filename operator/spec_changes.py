@@ -1,14 +1,11 @@
-"""Which manifest the operator runs: reading a TrainingRun body, and accepting or refusing edits to a live run.
+"""Which manifest the operator runs: reading a TrainingRun body into a checked run.
 
-A live run's past and current phases, model, tokenizer, data sources, training settings and checkpoint path cannot
-change under it (its checkpoints and data position depend on them); later phases, suspend, restart budget, hang
-timeout, scheduling and image can, and take effect at the next phase or attempt.
+Which edits a live run may take is decided by ``stagerun.trainer.spec.changes`` (shared with the trainer).
 """
 
 from __future__ import annotations
 
 from stagerun.trainer.spec import Problem, ResolvedRun, SpecError, kubernetes_problems, resolve_run
-from stagerun.trainer.spec.changes import immutable_changes  # noqa: F401  (re-exported for the handlers)
 
 
 def manifest_of(body: dict) -> dict:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import importlib
 import signal
-import time
 
 import kopf
 from kopf.testing import KopfRunner

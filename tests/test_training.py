@@ -5,7 +5,6 @@ Each test prepares nothing itself: the tiny run's tokenizer and shards are made 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
