@@ -1160,7 +1160,7 @@ def _validate_pod_spec(rt: ResourceType, name: str, spec: dict, field: str) -> N
 # -- the HTTP server ---------------------------------------------------------------------------------------------------
 
 _WATCH_TRUE = ("true", "1", "yes")
-_STATUS_KEY = "kube-emulator-status"
+_STATUS_KEY = aiohttp.web.RequestKey("kube-emulator-status", int) if hasattr(aiohttp.web, "RequestKey") else "kube-emulator-status"
 
 
 @attrs.define(kw_only=True)
