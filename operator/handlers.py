@@ -18,7 +18,7 @@ from collections import defaultdict
 
 import kopf
 
-from . import builders, kube, naming
+from . import builders, kube, metrics, naming
 from .observe import Observation, job_view, not_ready_nodes, pod_view
 from stagerun.trainer.spec.changes import immutable_changes
 
@@ -72,6 +72,9 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.persistence.finalizer = "stagerun.io/cleanup"
     settings.posting.level = logging.INFO
     kube.api_client()  # fail at startup, not at the first event, when there are no credentials
+    port = os.environ.get("STAGERUN_METRICS_PORT")
+    if port:
+        metrics.serve(int(port))
 
 
 @kopf.on.create(*RESOURCE)
@@ -93,6 +96,7 @@ def on_delete(body, **_) -> None:
     cleanup immediate and independent of the collector. Checkpoints in storage are kept."""
     meta = body["metadata"]
     count = kube.delete_everything(meta["namespace"], meta["name"])
+    metrics.RUNS.set(meta["namespace"], meta["name"], None)
     log.info("TrainingRun %s/%s deleted: removed %d child objects; checkpoints are kept", meta["namespace"],
              meta["name"], count)
 
@@ -140,14 +144,19 @@ _locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 def reconcile_run(namespace: str, name: str) -> None:
     """Reconcile one run. Serialised per run in this process, and every decision is taken on a fresh read and
     written with that read's resourceVersion: a decision based on a stale status is never written (kopf retries)."""
-    with _locks[(namespace, name)]:
+    with _locks[(namespace, name)], metrics.RECONCILE_SECONDS.time():
         body = kube.get_run(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
+            metrics.RUNS.set(namespace, name, None)
             return
         try:
             _reconcile(body)
         except kube.Conflict as exc:
+            metrics.RECONCILE_ERRORS.inc()
             raise kopf.TemporaryError(str(exc), delay=1) from None
+        except Exception:
+            metrics.RECONCILE_ERRORS.inc()
+            raise
 
 
 def _reconcile(body: dict) -> None:
@@ -163,6 +172,7 @@ def _reconcile(body: dict) -> None:
         status.update(state=FAILED, failureReason=refusal[0], message=refusal[1])
         status["conditions"] = set_condition(status.get("conditions", []), "Failed", True, refusal[0], refusal[1], now)
         _write_status(body, old, status)
+        metrics.RUNS.set(namespace, name, FAILED)
         return
     if status.get("failureReason") == "InvalidSpec" and status.get("attempt", 0) == 0:
         status = {"conditions": status.get("conditions", []), "state": PENDING}  # fixed before it ever ran
@@ -179,6 +189,10 @@ def _reconcile(body: dict) -> None:
     for event in decision.events:
         (kopf.info if event.type == "Normal" else kopf.warn)(body, reason=event.reason, message=event.message)
     _write_status(body, old, new_status)
+    metrics.RUNS.set(namespace, name, new_status["state"])
+    metrics.record_decision(decision.events)
+    if new_status.get("restarts", 0) > old.get("restarts", 0):
+        metrics.RESTARTS.labels(new_status["lastFailure"]["reason"]).inc()
 
 
 def _accept(namespace: str, name: str, run, body: dict, status: dict) -> None:

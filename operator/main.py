@@ -18,12 +18,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no peering with other operator replicas (single-replica deployments, tests)")
     parser.add_argument("--liveness", default=None, metavar="URL",
                         help="serve kopf's health endpoint, e.g. http://0.0.0.0:8080/healthz")
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     import kopf
 
+    if args.metrics_port:
+        os.environ["STAGERUN_METRICS_PORT"] = str(args.metrics_port)  # read by the startup handler
     from . import handlers  # noqa: F401  (registers the handlers with kopf)
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -38,7 +38,7 @@ def cmd_run(args) -> int:
     from .runner import run_local
 
     return run_local(run, args.manifest, nproc=args.nproc, run_dir=args.run_dir, max_restarts=args.max_restarts,
-                     max_source_bytes=args.max_source_bytes)
+                     max_source_bytes=args.max_source_bytes, metrics_port=args.metrics_port)
 
 
 def cmd_launch(args) -> int:
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts of a failed gang before giving up")
     run.add_argument("--max-source-bytes", type=parse_count, default=None,
                      help="tokenize at most this much text per source (e.g. 2M): a quick smoke run on a sample")
+    run.add_argument("--metrics-port", type=int, default=None,
+                     help="serve Prometheus metrics (/metrics) and progress (/progress) on 127.0.0.1:PORT")
     run.set_defaults(func=cmd_run)
 
     launch = sub.add_parser("launch", help="entrypoint of the trainer pods the operator creates (reads its env)")

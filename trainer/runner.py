@@ -52,8 +52,10 @@ def torchrun_command(manifest: Path, run_dir: Path, nproc: int, world_override: 
     return cmd
 
 
-def worker_env(run: ResolvedRun, nproc: int) -> dict[str, str]:
+def worker_env(run: ResolvedRun, nproc: int, metrics_port: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if metrics_port:
+        env["STAGERUN_STATUS_PORT"] = str(metrics_port)  # rank 0 serves /metrics and /progress on 127.0.0.1
     if "OMP_NUM_THREADS" not in env:
         # Share the cores between CPU workers instead of letting each one spawn a thread per core.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
@@ -62,7 +64,7 @@ def worker_env(run: ResolvedRun, nproc: int) -> dict[str, str]:
 
 
 def run_local(run: ResolvedRun, manifest: Path, *, nproc: int | None, run_dir: Path | None,
-              max_restarts: int = 0, max_source_bytes: int | None = None) -> int:
+              max_restarts: int = 0, max_source_bytes: int | None = None, metrics_port: int | None = None) -> int:
     from .checkpoint import CheckpointManager
     from .train import checkpoint_url
 
@@ -81,7 +83,7 @@ def run_local(run: ResolvedRun, manifest: Path, *, nproc: int | None, run_dir: P
         print(f"{run.name}: phase {phase.name}, {world} worker process(es), {where}", flush=True)
         status_file = run_dir / "status.json"
         status_file.unlink(missing_ok=True)
-        code = _run_gang(torchrun_command(manifest, run_dir, world, nproc, max_restarts), worker_env(run, world))
+        code = _run_gang(torchrun_command(manifest, run_dir, world, nproc, max_restarts), worker_env(run, world, metrics_port))
         status = read_status(run_dir)
         stopped = status is not None and status.state == STATE_STOPPED  # torchrun exits non-zero on Ctrl-C
         if status is None or (code != 0 and not stopped):

@@ -21,6 +21,7 @@ from . import distributed as D
 from .checkpoint import CheckpointManager, ModelOptimizerState
 from .data.loader import PackedMixLoader
 from .data.shards import TokenShards
+from .exporter import start_exporter
 from .model import Transformer, init_weights
 from .plan import checkpoint_due, next_phase_needs_relaunch, phase_at, segments, step_plan
 from .spec import ResolvedRun, SpecError, load_run, to_manifest
@@ -86,18 +87,6 @@ def _inject_test_fault(step: int, topo: D.Topology) -> None:
     value = os.environ.get(KILL_AFTER_STEP_ENV)
     if value and int(value) == step and topo.rank == topo.world_size - 1:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _status_server(topo: D.Topology, run: ResolvedRun):
-    """Rank 0's progress endpoint, when the pod asks for one (``STAGERUN_STATUS_PORT``; see status_server.py)."""
-    port = os.environ.get("STAGERUN_STATUS_PORT")
-    if not port or not topo.is_main:
-        return None
-    from .status_server import StatusServer
-
-    server = StatusServer(os.environ.get("POD_IP") or "0.0.0.0", int(port))
-    server.update(run=run.name, totalTokens=run.total_tokens)
-    return server
 
 
 def _same_model(expected: dict, checkpoint_path: str):
@@ -185,17 +174,20 @@ def train(run: ResolvedRun, run_dir: Path, manifest: Path | None = None, world_s
     app_state = {"train": ModelOptimizerState(model, optimizer)}
     loader = open_loader(run, run_dir)
     model_fields = to_manifest(run.model)
+    exporter = start_exporter(run, topo.rank, topo.local_rank, topo.world_size, topo.device.type)
+    restarts = 0
     if latest:
         meta = manager.load(latest, app_state, check_meta=_same_model(model_fields, latest.path))
         loader.load_state_dict(meta["loader"])
         _restore_rng(meta["rng"])
+        restarts = meta.get("restarts", 0) + 1
+        exporter.resumed(restarts=restarts, load_seconds=manager.last_load_seconds)
         if topo.is_main:
             log.warning("resumed from %s (step %d, %d tokens, phase %s)", latest.path, step, tokens, phase.name)
     elif topo.is_main:
         log.warning("no committed checkpoint under %s: starting from step 0", manager.url)
 
     stop = StopRequest()
-    server = _status_server(topo, run)
     metrics = MetricsLog(run_dir / "metrics.jsonl") if topo.is_main else None
     progress = Progress(segments(run)[-1].end_tokens, tokens, enabled=topo.is_main)  # incl. the last step's overshoot
     status, checkpoint, running_phase = None, latest.path if latest else None, None
@@ -226,24 +218,21 @@ def train(run: ResolvedRun, run_dir: Path, manifest: Path | None = None, world_s
                 metrics.write(_step_record(step, plan, result, loader, seconds, data_seconds))
             progress.update(plan.batch_tokens, phase=plan.phase.name, step=step, loss=result.loss,
                             tokens_per_second=plan.batch_tokens / seconds)
-            if server:
-                server.update(state="running", step=step, tokens=tokens, phase=plan.phase.name,
-                              phaseIndex=plan.phase.index, loss=result.loss, lastStepAt=time.time(),
-                              tokensPerSecond=plan.batch_tokens / seconds)
+            exporter.step(plan=plan, step=step, tokens=tokens, result=result, seconds=seconds,
+                          data_seconds=data_seconds, tokens_per_source=dict(loader.tokens_per_source))
 
             stopping = D.any_rank(stop.requested, topo)
             if plan.ends_phase or stopping or checkpoint_due(run.checkpoint.every_tokens, plan.tokens, tokens):
                 meta = {
                     "step": step, "tokens": tokens, "phase_index": plan.phase.index, "phase": plan.phase.name,
                     "loader": loader.state_dict(), "rng": _rng_state(), "model": model_fields, "run": run.name,
-                    "worldSize": topo.world_size,
+                    "worldSize": topo.world_size, "restarts": restarts,
                 }
                 checkpoint = manager.save(step, app_state, meta, phase_boundary=plan.ends_phase).path
                 if topo.is_main:
                     manager.apply_retention()
-                if server:
-                    server.update(lastCheckpoint={"path": checkpoint, "step": step, "tokens": tokens,
-                                                  "time": time.time()})
+                exporter.checkpoint_saved(path=checkpoint, step=step, tokens=tokens,
+                                          seconds=manager.last_save_seconds, size=manager.last_save_bytes)
                 progress.write(f"checkpoint step {step} ({tokens:,} tokens) committed at {checkpoint}")
             if plan.ends_phase:
                 progress.write(f"phase {plan.phase.name} finished at step {step} ({tokens:,} tokens)")
@@ -254,8 +243,7 @@ def train(run: ResolvedRun, run_dir: Path, manifest: Path | None = None, world_s
         progress.close()
         if metrics:
             metrics.close()
-        if server:
-            server.close()
+        exporter.close()
     if topo.is_main:
         write_status(run_dir, status)
     del model, optimizer, app_state

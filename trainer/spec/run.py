@@ -185,6 +185,16 @@ class TrainingSpec:
 
 
 @dataclass(frozen=True)
+class MetricsSpec:
+    all_ranks: bool = spec_field(False, doc="every rank serves its own /metrics (port 8090 + local rank); default: "
+                                 "rank 0 serves the training metrics, each node's local rank 0 its GPU telemetry")
+    peak_tflops: float | None = spec_field(
+        None, doc="peak dense TFLOP/s of one device for MFU; unset: looked up from the GPU model (none on CPU)",
+        minimum=0, exclusive_minimum=True,
+    )
+
+
+@dataclass(frozen=True)
 class SchedulingSpec:
     node_selector: dict[str, str] | None = spec_field(None, doc="node labels the pods must match")
     tolerations: tuple[dict[str, Any], ...] | None = spec_field(None, doc="Kubernetes tolerations of the pods")
@@ -204,6 +214,7 @@ class RunSpec:
     resources: ResourcesSpec = spec_field(default_factory=ResourcesSpec, doc="pods, GPUs and processes")
     checkpoint: CheckpointSpec = spec_field(default_factory=CheckpointSpec, doc="where and how often to checkpoint")
     training: TrainingSpec = spec_field(default_factory=TrainingSpec, doc="optimizer, losses, precision")
+    metrics: MetricsSpec = spec_field(default_factory=MetricsSpec, doc="Prometheus metrics of the trainer")
     image: str | None = spec_field(None, doc="container image of the trainer pods (required on Kubernetes)")
     scheduling: SchedulingSpec = spec_field(default_factory=SchedulingSpec, doc="where and how the pods are placed")
     queue_name: str | None = spec_field(None, doc="Kueue LocalQueue: sets kueue.x-k8s.io/queue-name on the Jobs")
