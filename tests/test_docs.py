@@ -32,3 +32,13 @@ def test_every_documented_field_exists():
     table = doc[doc.index("| field | first phase"):doc.index("**Batch.**")]
     for name in re.findall(r"`([a-zA-Z.]+)`", table):
         assert f"`{name.split('.')[-1]}`" in reference, name
+
+
+def test_every_metric_is_documented():
+    from stagerun.trainer.metrics import GPU_GAUGES, SOURCE_GAUGE, STEP_GAUGES
+
+    doc = (ROOT / "docs" / "observability.md").read_text()
+    for name in [*STEP_GAUGES, SOURCE_GAUGE[0], *GPU_GAUGES, "stagerun_operator_runs", "stagerun_operator_restarts_total",
+                 "stagerun_operator_phase_transitions_total", "stagerun_operator_reconcile_errors_total",
+                 "stagerun_operator_reconcile_duration_seconds"]:
+        assert f"`{name}`" in doc, f"{name} is not in docs/observability.md"
