@@ -71,6 +71,9 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.stagerun.io")
     settings.persistence.finalizer = "stagerun.io/cleanup"
     settings.posting.level = logging.INFO
+    # A deletion waits for a running timer to be cancelled; kopf checks every 60 s by default, which made deleting a
+    # run take up to a minute.
+    settings.background.cancellation_polling = 1.0
     kube.api_client()  # fail at startup, not at the first event, when there are no credentials
     port = os.environ.get("STAGERUN_METRICS_PORT")
     if port:
