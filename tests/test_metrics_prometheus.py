@@ -128,6 +128,8 @@ def test_prometheus_scrapes_every_documented_metric_and_every_dashboard_query_ha
         assert 0 < values["stagerun_mfu"][0] < 1
         assert values["stagerun_restarts"][0] >= 1 and values["stagerun_checkpoint_load_seconds"][0] > 0
         assert values["stagerun_checkpoint_save_bytes"][0] > 10_000
+        assert values["stagerun_checkpoint_load_bytes"][0] == pytest.approx(values["stagerun_checkpoint_save_bytes"][0],
+                                                                            rel=0.05)
         assert sorted(values["stagerun_gpu_power_watts"]) == [350.0, 351.0]  # the NVML double's two GPUs
         assert values["stagerun_gpu_utilization_ratio"] == [0.87, 0.87]
         phases = {r["metric"]["phase"] for r in query(url, 'stagerun_loss{job="trainer"}[5m]')}

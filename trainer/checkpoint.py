@@ -67,6 +67,7 @@ class CheckpointInfo:
     path: str  # URL of the checkpoint folder
     saved_at: str  # ISO 8601, UTC
     world_size: int = 0  # ranks that wrote it (informational: loading may use any world size)
+    size_bytes: int = 0  # all files of the checkpoint, as measured when it was committed
 
 
 # ---------------------------------------------------------------------------------------------------- ranks
@@ -201,6 +202,7 @@ class CheckpointManager:
                 path=url,
                 saved_at=str(marker["savedAt"]),
                 world_size=int(marker.get("worldSize", 0)),
+                size_bytes=int(marker.get("bytes", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(

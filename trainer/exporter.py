@@ -60,9 +60,9 @@ class Exporter(NullExporter):
         if self.training:
             self.metrics.checkpoint_saved(seconds, size)
 
-    def resumed(self, *, restarts: int, load_seconds: float | None) -> None:
+    def resumed(self, *, restarts: int, load_seconds: float | None, load_bytes: int | None) -> None:
         if self.training:
-            self.metrics.set(restarts=restarts, checkpoint_load_seconds=load_seconds)
+            self.metrics.set(restarts=restarts, checkpoint_load_seconds=load_seconds, checkpoint_load_bytes=load_bytes)
 
     def close(self) -> None:
         self.server.close()

@@ -40,6 +40,7 @@ STEP_GAUGES = {
     "stagerun_checkpoint_save_seconds": "duration of the last checkpoint save",
     "stagerun_checkpoint_save_bytes": "size of the last checkpoint",
     "stagerun_checkpoint_load_seconds": "duration of the last checkpoint load",
+    "stagerun_checkpoint_load_bytes": "size of the last checkpoint loaded",
     "stagerun_checkpoints_saved": "checkpoints saved by this process",
 }
 SOURCE_GAUGE = ("stagerun_source_tokens_seen", "tokens trained on per data source since the run started")

@@ -181,7 +181,7 @@ def train(run: ResolvedRun, run_dir: Path, manifest: Path | None = None, world_s
         loader.load_state_dict(meta["loader"])
         _restore_rng(meta["rng"])
         restarts = meta.get("restarts", 0) + 1
-        exporter.resumed(restarts=restarts, load_seconds=manager.last_load_seconds)
+        exporter.resumed(restarts=restarts, load_seconds=manager.last_load_seconds, load_bytes=latest.size_bytes)
         if topo.is_main:
             log.warning("resumed from %s (step %d, %d tokens, phase %s)", latest.path, step, tokens, phase.name)
     elif topo.is_main:
