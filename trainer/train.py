@@ -173,7 +173,7 @@ def train(run: ResolvedRun, run_dir: Path, manifest: Path | None = None, world_s
     optimizer = build_optimizer(model, run.training, topo.device)
     app_state = {"train": ModelOptimizerState(model, optimizer)}
     loader = open_loader(run, run_dir)
-    model_fields = to_manifest(run.model)
+    model_fields = {k: v for k, v in to_manifest(run.model).items() if k != "init"}  # init: where weights began
     exporter = start_exporter(run, topo.rank, topo.local_rank, topo.world_size, topo.device.type)
     restarts = 0
     if latest:

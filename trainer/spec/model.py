@@ -13,6 +13,12 @@ from .fields import COUNT, spec_field
 
 
 @dataclass(frozen=True)
+class ModelInitSpec:
+    from_: Literal["hf"] = spec_field(doc="where the initial weights come from: hf (a Hugging Face model folder)")
+    path: str = spec_field(doc="the folder (local path or fsspec URL) with config.json and *.safetensors")
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     preset: str | None = spec_field(
         None, doc="a named architecture (tiny, stablelm2-1.6b, index-1.9b, llama3-8b, baichuan2-7b, afm-3b); "
@@ -47,6 +53,9 @@ class ModelSpec:
     tied_embeddings: bool | None = spec_field(None, doc="share the input embedding with the LM head")
     max_seq_len: int | None = spec_field(None, doc="longest sequence the model is built for", kind=COUNT, minimum=8)
     init_std: float | None = spec_field(None, doc="std of the normal weight init", minimum=0, exclusive_minimum=True)
+    init: ModelInitSpec | None = spec_field(
+        None, doc="start from released weights instead of a random init (continued pretraining)"
+    )
 
     # -- derived quantities (valid on a resolved spec, see presets.resolve_model) --------------------------------
     @property

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .fields import Problem, explicit_fields
 from .model import ModelSpec
 from .quantities import format_count
-from .run import CheckpointSpec, ParallelismSpec, PhaseSpec, ResourcesSpec, SourceSpec, TokenizerSpec, TrainingRun, TrainingSpec
+from .run import CheckpointSpec, DistillSpec, ParallelismSpec, PhaseSpec, ResourcesSpec, SourceSpec, TokenizerSpec, TrainingRun, TrainingSpec
 
 WEIGHT_TOLERANCE = 1e-6
 
@@ -45,6 +45,7 @@ class ResolvedPhase:
     parallelism: ParallelismSpec
     resources: ResourcesSpec
     world_size: int
+    distill: DistillSpec | None = None  # not inherited: only the phases that say so distil
 
     @property
     def end_tokens(self) -> int:
@@ -129,14 +130,37 @@ def resolve_phases(run: TrainingRun, model: ModelSpec, problems: list[Problem], 
             current = ResolvedPhase(
                 index=index, name=phase.name, start_tokens=start, tokens=phase.tokens, seq_len=seq_len, ramp=ramp,
                 micro_batch_size=micro, lr=lr, weights=weights, parallelism=parallelism, resources=resources,
-                world_size=world,
+                world_size=world, distill=phase.distill,
             )
-            resolved.append(current)
-            prev = current
+            if phase.distill is not None:
+                ok = _check_teacher(phase.distill, model, path, problems)
+            if ok:
+                resolved.append(current)
+                prev = current
+            else:
+                failed = True
         else:
             failed = True  # keep going: later phases' own problems are reported too (they inherit from `prev`)
         start += phase.tokens
     return None if failed else tuple(resolved)
+
+
+def _check_teacher(distill: DistillSpec, student: ModelSpec, path: str, problems: list[Problem]) -> bool:
+    """The teacher's architecture must resolve and predict over the student's (padded) vocabulary."""
+    from .presets import PRESETS, resolve_model
+
+    raw = distill.teacher.model
+    if raw is not None and raw.preset is not None and raw.preset not in PRESETS:
+        problems.append(Problem(f"{path}.distill.teacher.model.preset", f"unknown preset {raw.preset!r}",
+                                f"use one of {', '.join(PRESETS)}"))
+        return False
+    teacher = resolve_model(raw) if raw is not None else student
+    if teacher.vocab_size is None or teacher.padded_vocab != student.padded_vocab:
+        problems.append(Problem(f"{path}.distill.teacher.model.vocabSize", f"the teacher's vocabulary "
+                                f"({teacher.vocab_size}) differs from the student's ({student.vocab_size})",
+                                "distillation compares predictions token by token: use the student's vocabSize"))
+        return False
+    return True
 
 
 def _merge(base, override):

@@ -95,6 +95,25 @@ class LRSpec:
 
 
 @dataclass(frozen=True)
+class TeacherSpec:
+    checkpoint: str = spec_field(
+        doc="the teacher's weights: a stagerun checkpoint root (its newest committed checkpoint) or step folder"
+    )
+    model: ModelSpec | None = spec_field(
+        None, doc="the teacher's architecture (preset and/or fields); unset: the student's. Same vocabulary required"
+    )
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    teacher: TeacherSpec = spec_field(doc="the model whose predictions the student learns from")
+    weight: float = spec_field(
+        0.9, doc="target = weight x one-hot(teacher top-1) + (1 - weight) x one-hot(label) (AFM: 0.9)",
+        minimum=0, maximum=1,
+    )
+
+
+@dataclass(frozen=True)
 class PhaseDataSpec:
     weights: dict[str, float] | None = spec_field(None, doc="source sampling weights in this phase; they sum to 1")
 
@@ -141,6 +160,9 @@ class PhaseSpec:
     )
     lr: LRSpec | None = spec_field(None, doc="learning-rate schedule; unset: constant at the previous phase's final LR")
     data: PhaseDataSpec | None = spec_field(None, doc="data mix; unset: the previous phase's")
+    distill: DistillSpec | None = spec_field(
+        None, doc="distil from a teacher in this phase (AFM); not inherited: each phase that distils says so"
+    )
     parallelism: ParallelismSpec | None = spec_field(None, doc="override spec.parallelism for this phase")
     resources: ResourcesSpec | None = spec_field(None, doc="override spec.resources for this phase")
 
