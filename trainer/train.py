@@ -62,6 +62,10 @@ def build_model(run: ResolvedRun, topo: D.Topology) -> torch.nn.Module:
     D.apply_fsdp(model, topo, torch.bfloat16 if bf16 else None)
     model.to_empty(device=topo.device)
     init_weights(model, run.training.seed)
+    if run.model.init is not None:  # continued pretraining: released weights replace the random init
+        from .hf.load import load_hf_weights
+
+        load_hf_weights(model, run.model, run.model.init.path)
     return model
 
 
