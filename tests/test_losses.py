@@ -111,3 +111,33 @@ def test_gradients_flow_through_every_term():
     keep = targets != -100
     expected = (2 * log_z[..., None] * logits.softmax(-1)) * keep[..., None]
     torch.testing.assert_close(leaf.grad, expected)
+
+
+def test_distillation_objective_is_the_soft_target_cross_entropy():
+    """AFM: target = w x one-hot(teacher top-1) + (1 - w) x one-hot(label), checked against the definition."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, 0] = -100  # ignored positions stay ignored for both targets
+    teacher = torch.randint(0, 11, (2, 5))
+    weight = 0.9
+    terms = compute_losses(logits, labels, teacher_tokens=teacher, distill_weight=weight)
+    keep = labels != -100
+    target = weight * torch.nn.functional.one_hot(teacher, 11).float()
+    target += (1 - weight) * torch.nn.functional.one_hot(labels.clamp(min=0), 11).float()
+    expected = -(target * torch.log_softmax(logits, dim=-1)).sum(-1)[keep].sum()
+    torch.testing.assert_close(terms.total, expected)
+    torch.testing.assert_close(terms.ce_sum, torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 11), labels.reshape(-1), ignore_index=-100, reduction="sum"))
+    assert terms.distill_sum is not None and terms.distill_sum > 0
+    terms.total.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_distillation_weight_zero_is_plain_cross_entropy_and_no_teacher_means_none():
+    torch.manual_seed(1)
+    logits, labels = torch.randn(3, 7), torch.randint(0, 7, (3,))
+    plain = compute_losses(logits, labels)
+    assert plain.distill_sum is None
+    zero = compute_losses(logits, labels, teacher_tokens=torch.randint(0, 7, (3,)), distill_weight=0.0)
+    torch.testing.assert_close(zero.total, plain.total)

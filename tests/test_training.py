@@ -221,3 +221,30 @@ def test_validate_and_plan_commands(tmp_path):
     bad["spec"]["phases"][0]["lr"]["schedule"] = "cosin"
     invalid = stagerun("validate", str(write_manifest(tmp_path / "bad.yaml", bad)))
     assert invalid.returncode == 1 and "did you mean 'cosine'" in invalid.stdout
+
+
+def test_distillation_phase_learns_from_a_teacher_checkpoint(straight, run_dir, tmp_path):
+    """AFM-style: the core phase distils from the straight run's final checkpoint (same architecture), sharded the
+    same way; later phases do not distil."""
+    manifest = tiny_run()
+    manifest["spec"]["phases"][0]["distill"] = {"teacher": {"checkpoint": str(straight["dir"] / "checkpoints")},
+                                                "weight": 0.9}
+    result = run_tiny(write_manifest(tmp_path / "tiny.yaml", manifest), run_dir)
+    completed(result)
+    assert "teacher loaded from" in result.stdout and "step-00000022" in result.stdout
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    core = [m for m in metrics if m["phase"] == "core"]
+    later = [m for m in metrics if m["phase"] != "core"]
+    assert all(m["distillLoss"] > 0 for m in core) and all(m["distillLoss"] == 0 for m in later)
+    # The teacher is a trained model: its top-1 predictions are easier to fit than the raw labels, and fitting them
+    # gets easier as the student learns.
+    assert core[-1]["distillLoss"] < core[0]["distillLoss"] - 0.5
+    assert core[-1]["distillLoss"] < core[-1]["loss"]
+
+
+def test_distilling_from_a_missing_checkpoint_fails_with_a_clear_message(run_dir, tmp_path):
+    manifest = tiny_run()
+    manifest["spec"]["phases"][0]["distill"] = {"teacher": {"checkpoint": str(tmp_path / "nowhere")}}
+    result = run_tiny(write_manifest(tmp_path / "tiny.yaml", manifest), run_dir)
+    assert result.returncode != 0
+    assert "distill.teacher.checkpoint: no committed checkpoint" in result.stdout

@@ -49,7 +49,8 @@ class Exporter(NullExporter):
         if self.training:
             self.metrics.step(
                 phase=phase.name, phase_index=phase.index, step=step, tokens=tokens, loss=result.loss,
-                z_loss=result.z_loss, max_z_loss=result.max_z_loss, grad_norm=result.grad_norm, lr=plan.lr,
+                z_loss=result.z_loss, max_z_loss=result.max_z_loss, distill_loss=result.distill_loss,
+                grad_norm=result.grad_norm, lr=plan.lr,
                 batch_tokens=plan.batch_tokens, seq_len=phase.seq_len, step_seconds=seconds,
                 data_seconds=data_seconds, flops_per_token=self.run.model.flops_per_token(phase.seq_len),
                 tokens_per_source=tokens_per_source)

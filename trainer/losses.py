@@ -8,6 +8,8 @@ logging.
 - ce: cross-entropy of the targets.
 - z: PaLM's z-loss, weight * log^2 Z with Z the softmax normaliser (logsumexp of the logits): keeps log Z near 0
   so the logits do not drift (PaLM 1e-4; StableLM 2 found it neutral, so it is optional).
+- distillation (AFM): with the teacher's top-1 tokens, the objective mixes the label cross-entropy with the
+  cross-entropy of the teacher's prediction, ``(1 - w) ce(label) + w ce(teacher)``.
 - max_z: Baichuan 2's max-z loss, weight * max_v(logit)^2 per token: stops a few logits from growing without
   bound, which destabilised inference with a large vocabulary (Baichuan 2: 2e-4).
 
@@ -24,11 +26,12 @@ import torch.nn.functional as F
 
 
 class LossTerms(NamedTuple):
-    ce_sum: torch.Tensor  # float32 scalar: cross-entropy summed over non-ignored tokens
+    ce_sum: torch.Tensor  # float32 scalar: cross-entropy of the labels summed over non-ignored tokens
     z_sum: torch.Tensor  # float32 scalar: z-loss, weight applied (exactly 0 when the weight is 0)
     max_z_sum: torch.Tensor  # float32 scalar: max-z loss, weight applied (exactly 0 when the weight is 0)
     count: torch.Tensor  # int64 scalar: non-ignored target tokens
-    total: torch.Tensor  # ce_sum + z_sum + max_z_sum: divide by the global count, then backward
+    total: torch.Tensor  # the objective: divide by the global count, then backward
+    distill_sum: torch.Tensor | None = None  # float32 scalar: cross-entropy of the teacher's top-1 (when distilling)
 
 
 def compute_losses(
@@ -38,6 +41,8 @@ def compute_losses(
     z_loss_weight: float = 0.0,
     max_z_loss_weight: float = 0.0,
     ignore_index: int = -100,
+    teacher_tokens: torch.Tensor | None = None,
+    distill_weight: float = 0.0,
 ) -> LossTerms:
     """Loss sums for ``logits`` [..., V] against ``targets`` [...] (targets equal to ``ignore_index`` are skipped)."""
     vocab = logits.shape[-1]
@@ -54,10 +59,19 @@ def compute_losses(
     if max_z_loss_weight:
         max_logit = flat.amax(dim=-1)
         max_z_sum = max_z_loss_weight * torch.where(keep, max_logit.square(), zero).sum()
+    objective = ce_sum
+    distill_sum = None
+    if teacher_tokens is not None:
+        # AFM's target w x one-hot(teacher top-1) + (1 - w) x one-hot(label): cross-entropy is linear in the
+        # target distribution, so it is the same mix of the two cross-entropies.
+        teacher_flat = torch.where(keep, teacher_tokens.reshape(-1), ignore_index)
+        distill_sum = F.cross_entropy(flat, teacher_flat, ignore_index=ignore_index, reduction="sum")
+        objective = (1.0 - distill_weight) * ce_sum + distill_weight * distill_sum
     return LossTerms(
         ce_sum=ce_sum,
         z_sum=z_sum,
         max_z_sum=max_z_sum,
         count=keep.sum(),
-        total=ce_sum + z_sum + max_z_sum,
+        total=objective + z_sum + max_z_sum,
+        distill_sum=distill_sum,
     )

@@ -23,6 +23,7 @@ STEP_GAUGES = {
     "stagerun_loss": "mean cross-entropy of the last step's global batch",
     "stagerun_z_loss": "mean weighted z-loss term of the last step (0 when disabled)",
     "stagerun_max_z_loss": "mean weighted max-z loss term of the last step (0 when disabled)",
+    "stagerun_distill_loss": "mean cross-entropy of the teacher's top-1 predictions (0 when not distilling)",
     "stagerun_grad_norm": "global gradient norm of the last step, before clipping",
     "stagerun_learning_rate": "learning rate of the last step",
     "stagerun_batch_tokens": "global batch of the last step, in tokens",
@@ -128,13 +129,14 @@ class TrainerMetrics:
             self.values.update({f"stagerun_{k}": float(v) for k, v in values.items() if v is not None})
 
     def step(self, *, phase: str, phase_index: int, step: int, tokens: int, loss: float, z_loss: float,
-             max_z_loss: float, grad_norm: float, lr: float, batch_tokens: int, seq_len: int, step_seconds: float,
+             max_z_loss: float, grad_norm: float, distill_loss: float = 0.0, lr: float, batch_tokens: int, seq_len: int, step_seconds: float,
              data_seconds: float, flops_per_token: int, tokens_per_source: dict[str, int]) -> None:
         tokens_per_second = batch_tokens / step_seconds if step_seconds > 0 else 0.0
         with self._lock:
             self.phase = phase
             self.source_tokens = {k: float(v) for k, v in tokens_per_source.items()}
-        self.set(loss=loss, z_loss=z_loss, max_z_loss=max_z_loss, grad_norm=grad_norm, learning_rate=lr,
+        self.set(loss=loss, z_loss=z_loss, max_z_loss=max_z_loss, distill_loss=distill_loss, grad_norm=grad_norm,
+                 learning_rate=lr,
                  batch_tokens=batch_tokens, batch_sequences=batch_tokens // seq_len, seq_len=seq_len,
                  phase_index=phase_index, step=step, tokens_seen=tokens, tokens_per_second=tokens_per_second,
                  step_seconds=step_seconds, data_wait_seconds=data_seconds, model_flops_per_token=flops_per_token,

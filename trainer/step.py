@@ -10,6 +10,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from .distributed import Topology, all_reduce_sum
+from .distill import teacher_targets
 from .losses import compute_losses
 from .spec.run import TrainingSpec
 
@@ -21,6 +22,7 @@ class StepResult:
     loss: float  # mean cross-entropy over the global batch
     z_loss: float  # mean weighted z-loss term (0 when disabled)
     max_z_loss: float  # mean weighted max-z term (0 when disabled)
+    distill_loss: float  # mean cross-entropy of the teacher's top-1 predictions (0 when not distilling)
     grad_norm: float  # global gradient norm before clipping
     tokens: int  # target tokens in the global batch
     batch_checksum: float  # sum over the global batch of token x (position + 1): the same however it is split
@@ -75,31 +77,35 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     return total
 
 
-def train_step(model, optimizer, micro_batches, *, lr: float, topo: Topology, training: TrainingSpec) -> StepResult:
+def train_step(model, optimizer, micro_batches, *, lr: float, topo: Topology, training: TrainingSpec,
+               teacher=None, distill_weight: float = 0.0, vocab_size: int | None = None) -> StepResult:
     for group in optimizer.param_groups:
         group["lr"] = lr
     local_tokens = sum(int((mb.targets != IGNORE_INDEX).sum()) for mb in micro_batches)
     (global_tokens,) = all_reduce_sum([local_tokens], topo)
     checksum = batch_checksum(micro_batches)
-    sums = torch.zeros(3, dtype=torch.float64, device=topo.device)
+    sums = torch.zeros(4, dtype=torch.float64, device=topo.device)
     for mb in micro_batches:
         inputs = torch.from_numpy(mb.inputs).to(topo.device, non_blocking=True)
         targets = torch.from_numpy(mb.targets).to(topo.device, non_blocking=True)
         doc_ids = torch.from_numpy(mb.doc_ids).to(topo.device, non_blocking=True) if training.doc_masking else None
+        teacher_tokens = teacher_targets(teacher, inputs, doc_ids, vocab_size) if teacher is not None else None
         logits = model(inputs, doc_ids)
         terms = compute_losses(
             logits, targets, z_loss_weight=training.z_loss, max_z_loss_weight=training.max_z_loss,
-            ignore_index=IGNORE_INDEX,
+            ignore_index=IGNORE_INDEX, teacher_tokens=teacher_tokens, distill_weight=distill_weight,
         )
         # Dividing by the *global* token count (and summing gradients across ranks) gives the exact mean
         # over the global batch, however it is split into ranks and micro-batches.
         (terms.total / global_tokens).backward()
-        sums += torch.stack([terms.ce_sum.detach(), terms.z_sum.detach(), terms.max_z_sum.detach()]).double()
+        distill = terms.distill_sum if terms.distill_sum is not None else torch.zeros_like(terms.ce_sum)
+        sums += torch.stack([terms.ce_sum.detach(), terms.z_sum.detach(), terms.max_z_sum.detach(),
+                             distill.detach()]).double()
         del logits, terms
     max_norm = training.grad_clip if training.grad_clip > 0 else math.inf
     grad_norm = clip_grad_norm(model.parameters(), max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    ce, z, max_z, checksum = all_reduce_sum(sums.tolist() + [checksum], topo)
-    return StepResult(ce / global_tokens, z / global_tokens, max_z / global_tokens, float(grad_norm),
-                      int(global_tokens), checksum)
+    ce, z, max_z, distill, checksum = all_reduce_sum(sums.tolist() + [checksum], topo)
+    return StepResult(ce / global_tokens, z / global_tokens, max_z / global_tokens, distill / global_tokens,
+                      float(grad_norm), int(global_tokens), checksum)

@@ -21,6 +21,7 @@ from . import distributed as D
 from .checkpoint import CheckpointManager, ModelOptimizerState
 from .data.loader import PackedMixLoader
 from .data.shards import TokenShards
+from .distill import Teachers
 from .exporter import start_exporter
 from .model import Transformer, init_weights
 from .plan import checkpoint_due, next_phase_needs_relaunch, phase_at, segments, step_plan
@@ -48,24 +49,25 @@ def checkpoint_url(run: ResolvedRun, run_dir: Path) -> str:
     return run.checkpoint.path or str(Path(run_dir) / "checkpoints")
 
 
-def build_model(run: ResolvedRun, topo: D.Topology) -> torch.nn.Module:
-    """Meta-device build, parallelise, then materialise and initialise shard by shard."""
+def build_model(spec, training, topo: D.Topology, *, for_training: bool = True) -> torch.nn.Module:
+    """Meta-device build of ``spec`` (a resolved ModelSpec), parallelise, then materialise and initialise shard by
+    shard. ``for_training=False`` (a distillation teacher) skips activation checkpointing: it never backpropagates."""
     with torch.device("meta"):
-        model = Transformer(run.model)
+        model = Transformer(spec)
     if topo.tp_size > 1:
         D.apply_tensor_parallel(model, topo)
-    if run.training.activation_checkpointing:
+    if training.activation_checkpointing and for_training:
         D.apply_activation_checkpointing(model)
-    if run.training.compile:
+    if training.compile:
         D.apply_compile(model)
-    bf16 = run.training.precision == "bf16" or (run.training.precision == "auto" and topo.device.type == "cuda")
+    bf16 = training.precision == "bf16" or (training.precision == "auto" and topo.device.type == "cuda")
     D.apply_fsdp(model, topo, torch.bfloat16 if bf16 else None)
     model.to_empty(device=topo.device)
-    init_weights(model, run.training.seed)
-    if run.model.init is not None:  # continued pretraining: released weights replace the random init
+    init_weights(model, training.seed)
+    if spec.init is not None and for_training:  # continued pretraining: released weights replace the random init
         from .hf.load import load_hf_weights
 
-        load_hf_weights(model, run.model, run.model.init.path)
+        load_hf_weights(model, spec, spec.init.path)
     return model
 
 
@@ -109,7 +111,8 @@ def _same_model(expected: dict, checkpoint_path: str):
 def _step_record(step: int, plan, result, loader, seconds: float, data_seconds: float) -> dict:
     return {
         "step": step, "tokens": plan.tokens_after, "phase": plan.phase.name, "phaseIndex": plan.phase.index,
-        "loss": result.loss, "zLoss": result.z_loss, "maxZLoss": result.max_z_loss, "gradNorm": result.grad_norm,
+        "loss": result.loss, "zLoss": result.z_loss, "maxZLoss": result.max_z_loss,
+        "distillLoss": result.distill_loss, "gradNorm": result.grad_norm,
         "lr": plan.lr, "batchTokens": plan.batch_tokens, "seqLen": plan.seq_len, "stepSeconds": seconds,
         "dataSeconds": data_seconds, "tokensPerSecond": plan.batch_tokens / seconds,
         "tokensPerSource": dict(loader.tokens_per_source), "batchChecksum": result.batch_checksum,
@@ -173,7 +176,8 @@ def train(run: ResolvedRun, run_dir: Path, manifest: Path | None = None, world_s
             STATE_RELAUNCH, step, tokens, phase.index, phase.name, latest.path if latest else None,
             f"the newest checkpoint is in phase {phase.name}, which needs another topology than this gang's"))
     topo = D.init_topology(phase)
-    model = build_model(run, topo)
+    model = build_model(run.model, run.training, topo)
+    teachers = Teachers(run.model, lambda spec: build_model(spec, run.training, topo, for_training=False))
     optimizer = build_optimizer(model, run.training, topo.device)
     app_state = {"train": ModelOptimizerState(model, optimizer)}
     loader = open_loader(run, run_dir)
@@ -209,7 +213,9 @@ def train(run: ResolvedRun, run_dir: Path, manifest: Path | None = None, world_s
                 micro_batch_size=plan.phase.micro_batch_size,
             )
             data_seconds = time.perf_counter() - started
-            result = train_step(model, optimizer, micro_batches, lr=plan.lr, topo=topo, training=run.training)
+            teacher, distill_weight = teachers.for_phase(plan.phase)
+            result = train_step(model, optimizer, micro_batches, lr=plan.lr, topo=topo, training=run.training,
+                                teacher=teacher, distill_weight=distill_weight, vocab_size=run.model.vocab_size)
             if not math.isfinite(result.loss):
                 newest = manager.latest()
                 raise FloatingPointError(
@@ -250,6 +256,6 @@ def train(run: ResolvedRun, run_dir: Path, manifest: Path | None = None, world_s
         exporter.close()
     if topo.is_main:
         write_status(run_dir, status)
-    del model, optimizer, app_state
+    del model, optimizer, app_state, teachers
     D.shutdown()
     return status
