@@ -211,6 +211,8 @@ def status_schema() -> dict:
             "tokensSeen": integer("Tokens trained on, all phases."),
             "loss": number("Training loss of the latest logged step."),
             "tokensPerSecond": number("Training throughput of the latest logged steps, tokens per second."),
+            "tokensPerSource": {"type": "object", "additionalProperties": {"type": "integer"},
+                                "description": "Tokens trained on per data source, all phases."},
             "restarts": integer("Gang restarts after failures (at most spec.maxRestarts)."),
             "attempt": integer("Current attempt: its ConfigMap, Service and Job are named <run>-a<attempt>."),
             "lastCheckpoint": {

@@ -151,6 +151,8 @@ class _Machine:
                       tokensPerSecond=round(tps) if tps is not None else None)
         if progress.get("lastStepAt"):
             self.s["lastStepTime"] = iso(progress["lastStepAt"])
+        if progress.get("tokensPerSource"):
+            self.s["tokensPerSource"] = dict(progress["tokensPerSource"])
         index = progress.get("phaseIndex")
         if index is not None and index != previous_phase and 0 <= index < len(self.run.phases):
             self.event("Normal", "PhaseFinished", f"phase {self.run.phases[previous_phase].name} finished")

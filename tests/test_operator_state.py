@@ -77,6 +77,7 @@ def test_healthy_gang_changes_nothing_and_is_ready():
 
 def test_progress_is_folded_into_status_with_checkpoint_and_phase_events():
     progress = {"step": 40, "tokens": 491_520, "loss": 6.2, "tokensPerSecond": 5000.0, "phaseIndex": 1,
+                "tokensPerSource": {"docs": 344_064, "code": 147_456},
                 "lastStepAt": NOW - 1, "lastCheckpoint": {"path": "s3://b/step-40", "step": 40, "tokens": 491_520,
                                                           "time": NOW - 2}}
     d = reconcile(RUN, running_status(), obs(progress=progress), SETTINGS)
@@ -84,6 +85,7 @@ def test_progress_is_folded_into_status_with_checkpoint_and_phase_events():
     assert (s["step"], s["tokensSeen"], s["loss"], s["tokensPerSecond"]) == (40, 491_520, 6.2, 5000)
     assert s["phase"] == "long-context" and s["phaseIndex"] == 1
     assert s["lastCheckpoint"]["step"] == 40 and s["eta"]
+    assert s["tokensPerSource"] == {"docs": 344_064, "code": 147_456}
     assert {"CheckpointCommitted", "PhaseFinished", "PhaseStarted"} <= set(event_reasons(d))
     again = reconcile(RUN, s, obs(progress=progress), SETTINGS)
     assert "CheckpointCommitted" not in event_reasons(again)  # only new checkpoints make events

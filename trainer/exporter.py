@@ -45,7 +45,8 @@ class Exporter(NullExporter):
              tokens_per_source: dict) -> None:
         phase = plan.phase
         self.server.update(state="running", step=step, tokens=tokens, phase=phase.name, phaseIndex=phase.index,
-                           loss=result.loss, lastStepAt=time.time(), tokensPerSecond=plan.batch_tokens / seconds)
+                           loss=result.loss, lastStepAt=time.time(), tokensPerSecond=plan.batch_tokens / seconds,
+                           tokensPerSource=dict(tokens_per_source))
         if self.training:
             self.metrics.step(
                 phase=phase.name, phase_index=phase.index, step=step, tokens=tokens, loss=result.loss,
