@@ -69,6 +69,10 @@ def run_local(run: ResolvedRun, manifest: Path, *, nproc: int | None, run_dir: P
     from .train import checkpoint_url
 
     run_dir = Path(run_dir or default_run_dir(run))
+    if run.model.init is not None:  # a shape mismatch with the released weights is reported before anything starts
+        from .hf.load import check_hf_folder
+
+        check_hf_folder(run.model, run.model.init.path)
     prepare(run, run_dir, max_source_bytes)
     manager = CheckpointManager(checkpoint_url(run, run_dir), run.checkpoint.keep)
     while True:

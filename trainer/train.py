@@ -49,7 +49,7 @@ def checkpoint_url(run: ResolvedRun, run_dir: Path) -> str:
     return run.checkpoint.path or str(Path(run_dir) / "checkpoints")
 
 
-def build_model(spec, training, topo: D.Topology, *, for_training: bool = True) -> torch.nn.Module:
+def build_model(spec, training, topo: D.Topology, *, for_training: bool = True, load_init: bool = True):
     """Meta-device build of ``spec`` (a resolved ModelSpec), parallelise, then materialise and initialise shard by
     shard. ``for_training=False`` (a distillation teacher) skips activation checkpointing: it never backpropagates."""
     with torch.device("meta"):
@@ -64,7 +64,7 @@ def build_model(spec, training, topo: D.Topology, *, for_training: bool = True) 
     D.apply_fsdp(model, topo, torch.bfloat16 if bf16 else None)
     model.to_empty(device=topo.device)
     init_weights(model, training.seed)
-    if spec.init is not None and for_training:  # continued pretraining: released weights replace the random init
+    if spec.init is not None and for_training and load_init:  # continued pretraining: released weights
         from .hf.load import load_hf_weights
 
         load_hf_weights(model, spec, spec.init.path)
@@ -176,7 +176,7 @@ def train(run: ResolvedRun, run_dir: Path, manifest: Path | None = None, world_s
             STATE_RELAUNCH, step, tokens, phase.index, phase.name, latest.path if latest else None,
             f"the newest checkpoint is in phase {phase.name}, which needs another topology than this gang's"))
     topo = D.init_topology(phase)
-    model = build_model(run.model, run.training, topo)
+    model = build_model(run.model, run.training, topo, load_init=latest is None)  # a checkpoint supersedes them
     teachers = Teachers(run.model, lambda spec: build_model(spec, run.training, topo, for_training=False))
     optimizer = build_optimizer(model, run.training, topo.device)
     app_state = {"train": ModelOptimizerState(model, optimizer)}
