@@ -1,0 +1,277 @@
+"""The five seed recipes (examples/<report>.yaml): at full size they validate and plan the published schedules; scaled
+to tiny (tests/recipes.py) each trains end to end through all its phases on 2 CPU processes.
+
+The published numbers asserted here, with their sources, are in each manifest's header and in docs/recipes.md.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_tiny, stagerun, write_manifest
+from recipes import builtin_corpus, scale_to_tiny, tiny_teacher_manifest
+from stagerun.trainer.plan import lr_at, next_phase_needs_relaunch, segments, tokens_at_step, total_steps
+from stagerun.trainer.plan_report import render_table
+from stagerun.trainer.spec import load_run, read_manifest, resolve_run
+from stagerun.trainer.spec.presets import resolve_model
+from stagerun.trainer.telemetry import read_metrics, read_status
+
+Ki, Mi = 2**10, 2**20
+B, T = 10**9, 10**12
+RECIPES = ["stablelm2-1.6b", "index-1.9b", "llama3-8b", "afm-3b", "baichuan2-7b"]
+
+
+def recipe_path(recipe: str) -> Path:
+    return ROOT / "examples" / f"{recipe}.yaml"
+
+
+def recipe(recipe: str) -> dict:
+    return read_manifest(recipe_path(recipe))
+
+
+def phases(run) -> dict:
+    return {phase.name: phase for phase in run.phases}
+
+
+def steps_until(run, tokens: int) -> int:
+    """Optimizer steps that start before ``tokens`` (e.g. the steps of a warmup)."""
+    step = 0
+    while tokens_at_step(run, step) < tokens:
+        step += 1
+    return step
+
+
+# --- full size: what `stagerun validate` and `stagerun plan` say ---------------------------------------------------
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_validates_and_plans_with_the_cli(name, tmp_path):
+    path = recipe_path(name)
+    run = load_run(path)
+    validated = stagerun("validate", str(path))
+    assert validated.returncode == 0, validated.stdout
+    assert f"valid TrainingRun {run.name!r} ({len(run.phases)} phases" in validated.stdout
+    plan = stagerun("plan", str(path), "--throughput", "1000000")
+    assert plan.returncode == 0, plan.stdout
+    assert "does not split" not in plan.stdout
+    for phase in run.phases:
+        assert phase.name in plan.stdout
+    table = render_table(run, 1e6)  # what `stagerun plan` prints: the totals, then one row per phase and ramp step
+    assert table.splitlines()[0].startswith(f"{run.name}: {len(run.phases)} phases, ")
+    assert f"{total_steps(run):,} steps" in table and table in plan.stdout
+    assert len(table.splitlines()) == 4 + len(segments(run))
+    text = (ROOT / "examples" / f"{name}.yaml").read_text()
+    assert text.startswith("# ") and "From the report" in text and "Assumed" in text  # the header cites both
+    assert run.manifest.spec.image and run.manifest.spec.checkpoint.path.startswith("s3://")
+    assert run.manifest.spec.resources.gpus_per_node == 8 and run.manifest.spec.checkpoint.every_tokens
+
+
+def test_llama3_8b_reproduces_section_3_4():
+    run = load_run(recipe_path("llama3-8b"))
+    table = render_table(run)
+    core, anneal = run.phases[0], run.phases[-1]
+    assert [p.name for p in run.phases] == ["core", "long-16k", "long-32k", "long-48k", "long-64k", "long-96k",
+                                            "long-128k", "anneal"]
+    # Batch 4M -> 8M -> 16M tokens after 252M and 2.87T tokens (§3.4.1); 8K context in core.
+    assert core.ramp == ((0, 4 * Mi), (252 * 10**6, 8 * Mi), (2_870 * B, 16 * Mi)) and core.seq_len == 8192
+    assert [s.batch_tokens for s in segments(run) if s.phase is core] == [4 * Mi, 8 * Mi, 16 * Mi]
+    # Peak 3e-4 (Table 3, 8B), 8,000 warmup steps, cosine to 1/100 of the peak.
+    assert (core.lr.schedule, core.lr.peak, core.lr.end) == ("cosine", 3e-4, 3e-6)
+    assert abs(steps_until(run, core.lr.warmup_tokens) - 8000) <= 1
+    assert lr_at(core, core.end_tokens) == pytest.approx(3e-6)
+    # Six long-context stages from 8K to 128K, ~800B tokens (§3.4.2), with tensor parallelism (no CP yet).
+    stages = run.phases[1:-1]
+    assert [p.seq_len for p in stages] == [16384, 32768, 49152, 65536, 98304, 131072]
+    assert sum(p.tokens for p in stages) == 800 * B
+    assert [p.parallelism.tensor_parallel for p in stages] == [2, 2, 4, 4, 8, 8]
+    assert all(p.parallelism.context_parallel == 1 for p in run.phases)
+    assert [next_phase_needs_relaunch(run, p) for p in run.phases] == [True, False, True, False, True, False,
+                                                                       False, False]
+    # Anneal: the final 40M tokens at 128K, LR linearly to 0, a different (upsampled) mix (§3.4.3).
+    assert anneal.tokens == 40 * 10**6 and anneal.seq_len == 131072 and anneal.lr.schedule == "linear"
+    assert anneal.lr.peak == pytest.approx(3e-6) and lr_at(anneal, anneal.end_tokens) == 0.0
+    assert anneal.weights != core.weights
+    assert core.weights == {"general": 0.50, "math": 0.25, "code": 0.17, "multilingual": 0.08}  # §3.1.2
+    assert run.total_tokens == 15_600 * B + 40 * 10**6 and run.training.doc_masking
+    assert "8 phases, ~15.6T tokens" in table and "16Mi" in table and "131072" in table
+
+
+def test_stablelm2_reproduces_the_published_schedule():
+    run = load_run(recipe_path("stablelm2-1.6b"))
+    model = run.model
+    assert (model.padded_vocab, model.rotary_fraction, model.norm, model.qkv_bias, model.max_seq_len) == \
+        (100352, 0.25, "layernorm", True, 4096)
+    main, cooldown = run.phases
+    assert run.total_tokens == 2 * T and all(p.seq_len == 4096 for p in run.phases)
+    assert (main.lr.peak, main.lr.warmup_tokens // (4 * Mi)) == (1e-3, 9720)
+    assert lr_at(main, main.end_tokens) == pytest.approx(2.529e-4)  # the LR at the pre-cooldown checkpoint
+    assert segments(run)[0].steps == 420_000
+    assert cooldown.lr.schedule == "linear" and lr_at(cooldown, cooldown.end_tokens) == 0.0
+    assert total_steps(run) == math.ceil(main.tokens / (4 * Mi)) + math.ceil(cooldown.tokens / (4 * Mi))
+    training = run.training
+    assert training.z_loss == 0.0 and training.doc_masking
+    assert (training.optimizer.beta2, training.optimizer.eps, training.optimizer.weight_decay) == (0.95, 1e-8, 0.1)
+    assert len(run.sources) == 6 and sum(s.weight for s in run.sources.values()) == pytest.approx(1.0)
+
+
+def test_index_1_9b_is_wsd_with_a_quality_decay_phase():
+    run = load_run(recipe_path("index-1.9b"))
+    stable, decay = run.phases
+    assert run.model.norm_head and run.total_tokens == 2_800 * B
+    assert stable.lr.schedule == decay.lr.schedule == "wsd"
+    assert lr_at(stable, stable.start_tokens + stable.lr.warmup_tokens) == lr_at(stable, stable.end_tokens) == 3e-4
+    assert decay.tokens == run.total_tokens // 10 and decay.lr.peak == 3e-4
+    assert lr_at(decay, decay.end_tokens) == pytest.approx(3e-5)
+    assert decay.weights["quality"] > stable.weights["quality"]
+    assert decay.weights["instruct"] > stable.weights["instruct"]
+    assert not next_phase_needs_relaunch(run, stable)  # the mix and LR change in the running job
+
+
+def test_afm_distils_in_core_then_continues_and_lengthens_context():
+    run = load_run(recipe_path("afm-3b"))
+    core, continued, context = run.phases
+    assert [(p.seq_len, p.tokens) for p in run.phases] == [(4096, 6_300 * B), (8192, 1_000 * B), (32768, 100 * B)]
+    assert core.ramp == ((0, 16 * Mi),)  # 4096 sequences of 4096
+    assert (core.lr.peak, core.lr.warmup_tokens // (16 * Mi)) == (1e-2, 5000)
+    assert lr_at(core, core.end_tokens) == pytest.approx(0.005 * 1e-2)
+    for phase in (continued, context):
+        assert (phase.lr.peak, phase.lr.warmup_tokens // (16 * Mi)) == (3e-4, 1000)
+        assert lr_at(phase, phase.end_tokens) == pytest.approx(0.001 * 3e-4)
+    assert core.distill.weight == 0.9 and continued.distill is None and context.distill is None
+    teacher = resolve_model(core.distill.teacher.model)
+    assert teacher.padded_vocab == run.model.padded_vocab == 49152
+    assert teacher.parameter_count() == pytest.approx(6.4e9, rel=0.01)  # larger than the 2.8B student
+    assert continued.weights["web"] < core.weights["web"] and continued.weights["math"] > core.weights["math"]
+    assert continued.weights["licensed"] > 0 == core.weights["licensed"]
+    assert context.weights["long-qa"] > 0 and context.parallelism.tensor_parallel == 2
+    assert next_phase_needs_relaunch(run, continued)
+
+
+def test_baichuan2_7b_reproduces_section_2():
+    run = load_run(recipe_path("baichuan2-7b"))
+    (phase,) = run.phases
+    training = run.training
+    assert run.model.norm_head and run.model.position == "rope" and run.model.padded_vocab == 125696
+    assert (training.max_z_loss, training.grad_clip) == (2e-4, 0.5)
+    assert (training.optimizer.beta1, training.optimizer.beta2, training.optimizer.weight_decay) == (0.9, 0.95, 0.1)
+    assert (phase.tokens, phase.seq_len, phase.lr.schedule, phase.lr.peak) == (2_600 * B, 4096, "cosine", 2e-4)
+    assert steps_until(run, phase.lr.warmup_tokens) == 2000
+    assert phase.world_size == 1024
+
+
+# --- scaled to tiny: the same phases, end to end on 2 CPU processes ------------------------------------------------
+
+def test_scale_to_tiny_keeps_the_recipes_shape():
+    for name in RECIPES:
+        full_manifest = recipe(name)
+        full, tiny = load_run(recipe_path(name)), resolve_run(scale_to_tiny(full_manifest))
+        assert [p.name for p in tiny.phases] == [p.name for p in full.phases]
+        assert [p.lr.schedule for p in tiny.phases] == [p.lr.schedule for p in full.phases]
+        assert [p.lr.peak for p in tiny.phases] == pytest.approx([p.lr.peak for p in full.phases])
+        assert [p.lr.end for p in tiny.phases] == pytest.approx([p.lr.end for p in full.phases])
+        assert [p.weights for p in tiny.phases] == [p.weights for p in full.phases]
+        assert [p.distill is not None for p in tiny.phases] == [p.distill is not None for p in full.phases]
+        # Relaunches happen only where the full recipe has them, and a recipe with any keeps at least one.
+        full_relaunch = [next_phase_needs_relaunch(full, p) for p in full.phases]
+        tiny_relaunch = [next_phase_needs_relaunch(tiny, p) for p in tiny.phases]
+        assert all(f or not t for f, t in zip(full_relaunch, tiny_relaunch))
+        assert any(full_relaunch) == any(tiny_relaunch)
+        assert [p.parallelism.tensor_parallel > 1 for p in tiny.phases] == \
+            [p.parallelism.tensor_parallel > 1 for p in full.phases]
+        assert [len(p.ramp) for p in tiny.phases] == [len(p.ramp) for p in full.phases]
+        for t, f in zip(tiny.phases, full.phases):  # batch ratios within a phase are exact
+            assert [size / t.ramp[0][1] for _, size in t.ramp] == [size / f.ramp[0][1] for _, size in f.ramp]
+        full_lens, tiny_lens = [p.seq_len for p in full.phases], [p.seq_len for p in tiny.phases]
+        for i, j in zip(range(len(full_lens)), range(1, len(full_lens))):  # the order of context lengths is kept
+            if full_lens[i] == full_lens[j]:
+                assert tiny_lens[i] == tiny_lens[j]
+            else:
+                assert (tiny_lens[i] <= tiny_lens[j]) == (full_lens[i] < full_lens[j])
+        model, full_model = tiny.model, full.model
+        assert model.heads // model.kv_heads == full_model.heads // full_model.kv_heads
+        for option in ("position", "rotary_fraction", "norm", "norm_bias", "qkv_bias", "norm_head", "tied_embeddings",
+                       "rope_theta"):
+            assert getattr(model, option) == getattr(full_model, option), (name, option)
+        assert tiny.training.max_z_loss == full.training.max_z_loss
+        assert tiny.training.doc_masking == full.training.doc_masking
+        assert total_steps(tiny) <= 40 and all(p.world_size == 2 for p in tiny.phases)
+
+
+def prepare_run_dir(shared_data: Path, folder: Path, manifest: dict) -> Path:
+    """A run dir holding the session's tokenizer and, for each recipe source, a copy of the shards of the builtin
+    corpus it maps to (copies: a run never writes into the shared data)."""
+    run_dir = folder / "run"
+    (run_dir / "data").mkdir(parents=True)
+    (run_dir / "tokenizer.json").symlink_to(shared_data / "tokenizer.json")
+    for source, spec in manifest["spec"]["data"]["sources"].items():
+        corpus = {"builtin:python-docs": "docs", "builtin:python-code": "code"}[spec["path"]]
+        shutil.copytree(shared_data / "data" / corpus, run_dir / "data" / source)
+    return run_dir
+
+
+def run_scaled(manifest: dict, shared_data: Path, folder: Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    run_dir = prepare_run_dir(shared_data, folder, manifest)
+    path = write_manifest(folder / f"{manifest['metadata']['name']}.yaml", manifest)
+    result = run_tiny(path, run_dir)
+    assert result.returncode == 0, result.stdout[-4000:]
+    return result, read_metrics(run_dir / "metrics.jsonl"), run_dir
+
+
+def assert_ran_the_whole_plan(manifest: dict, metrics: list[dict], run_dir: Path) -> None:
+    run = resolve_run(manifest)
+    assert [m["step"] for m in metrics] == list(range(1, total_steps(run) + 1))
+    assert metrics[-1]["tokens"] == segments(run)[-1].end_tokens
+    seen = [m["phase"] for m in metrics]
+    assert [name for i, name in enumerate(seen) if i == 0 or seen[i - 1] != name] == [p.name for p in run.phases]
+    expected = {p.name: p.seq_len for p in run.phases}
+    assert all(m["seqLen"] == expected[m["phase"]] for m in metrics)
+    assert all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics)
+    assert read_status(run_dir).state == "complete"
+
+
+@pytest.mark.parametrize("name", ["stablelm2-1.6b", "index-1.9b", "llama3-8b", "baichuan2-7b"])
+def test_scaled_recipe_trains_through_every_phase(name, shared_data, tmp_path):
+    manifest = scale_to_tiny(recipe(name))
+    result, metrics, run_dir = run_scaled(manifest, shared_data, tmp_path)
+    assert_ran_the_whole_plan(manifest, metrics, run_dir)
+    if name == "llama3-8b":  # core (TP 1) -> long-16k (TP 2): the gang is relaunched once, then runs to the end
+        assert result.stdout.count("needs another topology") == 1 and "starting the next gang" in result.stdout
+        assert {m["batchTokens"] for m in metrics if m["phase"] == "core"} == {1 * Ki, 2 * Ki, 4 * Ki}
+        assert metrics[-1]["lr"] < metrics[-2]["lr"]  # the anneal decays toward 0
+    if name == "baichuan2-7b":
+        assert all(m["maxZLoss"] > 0 for m in metrics)
+    if name == "index-1.9b":  # the decay phase upsamples the high-quality source
+        stable_end = max(i for i, m in enumerate(metrics) if m["phase"] == "stable")
+        before, after = metrics[stable_end]["tokensPerSource"], metrics[-1]["tokensPerSource"]
+        assert after["quality"] - before["quality"] > 2 * before["quality"]
+        assert metrics[-1]["lr"] < metrics[stable_end]["lr"]
+
+
+@pytest.fixture(scope="module")
+def afm_teacher(shared_data, tmp_path_factory) -> str:
+    """A tiny teacher for the scaled AFM recipe: its core phase, without distillation, on the student's scaled
+    architecture; returns its checkpoint root."""
+    teacher = tiny_teacher_manifest(scale_to_tiny(recipe("afm-3b")), name="afm-teacher")
+    _, _, run_dir = run_scaled(teacher, shared_data, tmp_path_factory.mktemp("afm-teacher"))
+    return str(run_dir / "checkpoints")
+
+
+def test_scaled_afm_distils_in_core_then_continues_at_longer_contexts(afm_teacher, shared_data, tmp_path):
+    manifest = scale_to_tiny(recipe("afm-3b"), teacher_checkpoint=afm_teacher)
+    result, metrics, run_dir = run_scaled(manifest, shared_data, tmp_path)
+    assert_ran_the_whole_plan(manifest, metrics, run_dir)
+    assert "teacher loaded from" in result.stdout
+    core = [m for m in metrics if m["phase"] == "core"]
+    assert core and all(m["distillLoss"] > 0 for m in core)
+    assert all(m["distillLoss"] == 0 for m in metrics if m["phase"] != "core")
+    assert result.stdout.count("needs another topology") == 1  # context-32k runs with tensor parallelism
+    assert metrics[-1]["tokensPerSource"]["long-qa"] > 0  # only the context phase draws from it
+
+
+def test_builtin_corpus_mapping():
+    assert builtin_corpus("code") == builtin_corpus("math") == "builtin:python-code"
+    assert builtin_corpus("web-zh") == builtin_corpus("long-qa") == "builtin:python-docs"
