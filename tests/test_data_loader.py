@@ -262,3 +262,109 @@ def test_step_is_fast(tmp_path):
         loader.next_step(**args)
     per_step = (time.perf_counter() - start) / 20
     assert per_step < 0.02, f"64 x 256 tokens took {per_step * 1000:.1f} ms"
+
+
+# --- properties across phases: weights, seqLen and world size change; saves at random points ---------------------
+
+def source_token_counts(batches) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for inputs, _, _, sources in batches:
+        for name in sources:
+            counts[name] = counts.get(name, 0) + inputs.shape[1]
+    return counts
+
+
+@settings(max_examples=30, deadline=None)
+@given(raw=st.lists(st.sampled_from([0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0]), min_size=3, max_size=3).filter(any),
+       sizes=st.lists(st.integers(1, 40), min_size=1, max_size=12), seq_len=st.sampled_from([4, 8, 16]))
+def test_each_source_share_of_tokens_converges_to_its_weight(sources, raw, sizes, seq_len):
+    """After n sequences of a phase, every source has drawn within one sequence of weight x n (Megatron's blend),
+    so its share of the phase's tokens is within 1/n of its weight, whatever the batch sizes were."""
+    weights = dict(zip(sources, raw))
+    shares = {name: w / sum(raw) for name, w in weights.items()}
+    loader = PackedMixLoader(sources, 0)
+    tokens = dict.fromkeys(sources, 0)
+    n = 0
+    for size in sizes:
+        batch = global_batch([loader], **step_args(seq_len, size, size, 0, weights))
+        for name, count in source_token_counts([batch]).items():
+            tokens[name] += count
+        n += size
+        for name in sources:
+            assert abs(tokens[name] / seq_len - shares[name] * n) < 1.0
+            if shares[name] == 0:
+                assert tokens[name] == 0
+    assert loader.tokens_per_source == tokens
+
+
+def test_shares_over_a_long_run(sources):
+    loader = PackedMixLoader(sources, 0)
+    weights = {"web": 0.62, "code": 0.33, "math": 0.05}
+    batches = [global_batch([loader], **step_args(8, 64, 64, 0, weights)) for _ in range(60)]
+    counts = source_token_counts(batches)
+    total = sum(counts.values())
+    for name, weight in weights.items():
+        assert abs(counts[name] / total - weight) < 1 / (60 * 64)
+
+
+def straight_stream(shards: TokenShards, name: str, seed: int, count: int) -> np.ndarray:
+    from stagerun.trainer.data.loader import _SourceStream
+
+    return _SourceStream(name, shards, seed).read(0, count)[0]
+
+
+phase_strategy = st.tuples(
+    st.lists(st.sampled_from([0.0, 0.1, 0.3, 1.0]), min_size=3, max_size=3).filter(any),  # weights
+    st.sampled_from([8, 12, 16, 40]),  # seqLen (40: longer than the whole "math" source)
+    st.sampled_from([1, 2, 4]),  # world size
+    st.integers(1, 2),  # micro batch size
+    st.integers(1, 2),  # gradient accumulation steps
+    st.integers(1, 4),  # steps in the phase
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(phases=st.lists(phase_strategy, min_size=1, max_size=4), saves=st.sets(st.integers(0, 15), max_size=4),
+       seed=st.integers(0, 2**16))
+def test_phase_changes_continue_every_source_stream_exactly(sources, phases, saves, seed):
+    """Weights, seqLen and world size change between phases, and the state is saved and restored (as JSON, by a
+    new set of ranks) at random steps: the ranks' batches are always the one-rank batches, and each source's
+    sequences, in global order, are its stream read straight through — no document repeated or skipped within an
+    epoch, whatever changed between them."""
+    names = list(sources)
+    reference = PackedMixLoader(sources, seed)  # one rank, never restarted
+    ranks = [PackedMixLoader(sources, seed)]
+    drawn: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {name: [] for name in names}
+    step = 0
+    for phase, (raw, seq_len, world, micro, accum, steps) in enumerate(phases):
+        weights = dict(zip(names, raw))
+        for _ in range(steps):
+            if len(ranks) != world or step in saves:  # a restart: new world size or a resume from a checkpoint
+                state = json.loads(json.dumps(ranks[0].state_dict()))
+                ranks = [PackedMixLoader(sources, seed) for _ in range(world)]
+                for loader in ranks:
+                    loader.load_state_dict(state)
+            args = step_args(seq_len, world * micro * accum, micro, phase, weights)
+            expected = global_batch([reference], **args)
+            batch = global_batch(ranks, **args)
+            assert_same_batch(batch, expected)
+            for inputs, targets, name in zip(batch[0], batch[1], batch[3]):
+                drawn[name].append((inputs, targets))
+            step += 1
+    assert ranks[0].state_dict() == reference.state_dict()
+    for name in names:
+        if not drawn[name]:
+            continue
+        # Each sequence starts on the previous one's last target: positions are contiguous across every change.
+        for (_, before), (after, _) in zip(drawn[name], drawn[name][1:]):
+            assert before[-1] == after[0]
+        stream = np.concatenate([inputs for inputs, _ in drawn[name]] + [drawn[name][-1][1][-1:]])
+        assert np.array_equal(stream, straight_stream(sources[name], name, seed, len(stream)))
+        # And so, within each epoch, every token of the source (they are all distinct) appears exactly once.
+        total = sources[name].num_tokens
+        everything = np.sort(sources[name].read(0, total))
+        for epoch in range(len(stream) // total):
+            assert np.array_equal(np.sort(stream[epoch * total:(epoch + 1) * total]), everything)
+        tail = stream[(len(stream) // total) * total:]
+        tail = tail[tail != EOS]
+        assert len(np.unique(tail)) == len(tail)

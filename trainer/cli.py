@@ -18,7 +18,8 @@ def _add_manifest(parser: argparse.ArgumentParser) -> None:
 def cmd_validate(args) -> int:
     run = load_run(args.manifest, world_size=args.nproc)
     phases = ", ".join(p.name for p in run.phases)
-    print(f"{args.manifest}: valid TrainingRun {run.name!r} ({len(run.phases)} phases: {phases})")
+    count = f"{len(run.phases)} phase{'s' if len(run.phases) != 1 else ''}"
+    print(f"{args.manifest}: valid TrainingRun {run.name!r} ({count}: {phases})")
     return 0
 
 
@@ -88,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # pragma: no cover - the operator package is always installed with stagerun
         pass
     operator.set_defaults(func=cmd_operator)
+
+    from .hf.commands import add_export_command
+
+    add_export_command(sub)
+
+    from .data.commands import add_data_commands
+
+    add_data_commands(sub)
     return parser
 
 

@@ -3,8 +3,8 @@
 Two generated corpora make every machine with Python able to train without downloading anything:
 ``builtin:python-docs`` (English prose: the language reference topics and the standard library's docstrings)
 and ``builtin:python-code`` (the standard library's own source files). Everything else is read through fsspec
-(local paths, globs, ``s3://``, ``gs://``, ...): plain text files are one document each, JSONL files one
-document per line.
+(local paths, globs, ``s3://``, ``gs://``, ...) by the readers of ``readers.py``: plain text files are one
+document each, JSONL files one document per line, Parquet files one per row.
 
 All orders are deterministic (sorted paths), so a corpus tokenized twice on the same Python gives the same
 shards; the loader's checkpointed position relies on that.
@@ -13,8 +13,6 @@ shards; the loader's checkpointed position relies on that.
 from __future__ import annotations
 
 import ast
-import io
-import json
 import os
 import sys
 import sysconfig
@@ -22,7 +20,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import fsspec
+from .readers import COMPRESSION_SUFFIXES, JSONL_SUFFIXES, BadRecords, DataError, expand_inputs, read_texts
+
+__all__ = ["BUILTIN_CODE", "BUILTIN_CORPORA", "BUILTIN_DOCS", "COMPRESSION_SUFFIXES", "JSONL_SUFFIXES",
+           "CorpusStats", "DataError", "corpus_version", "iter_documents", "stdlib_source_files"]
 
 BUILTIN_DOCS = "builtin:python-docs"
 BUILTIN_CODE = "builtin:python-code"
@@ -31,12 +32,6 @@ BUILTIN_CORPORA = (BUILTIN_DOCS, BUILTIN_CODE)
 # grammar tests), or not part of the standard library at all (installed packages).
 SKIP_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__"})
 MIN_DOCSTRING_CHARS = 200
-JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
-COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
-
-
-class DataError(ValueError):
-    """A data problem a person can fix: the message names the file (and line) and the fix."""
 
 
 @dataclass
@@ -136,91 +131,12 @@ def _capped(documents: Iterable[str], max_bytes: int | None, stats: CorpusStats)
             return
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def _expand(path: str) -> list[fsspec.core.OpenFile]:
-    """The files a source path names: a file, a glob, or every file under a folder (sorted; no hidden files)."""
-    fs, root = fsspec.core.url_to_fs(path)
-    if not any(ch in path for ch in "*?[") and fs.isdir(root):
-        if fs.exists(f"{root.rstrip('/')}/manifest.json"):
-            raise DataError(f"{path} is a pretokenized shard set (it has manifest.json), not text: set the "
-                            f"source's format to tokens (or auto), or point it at the text files")
-        names = [p for p in sorted(fs.find(root))
-                 if not any(part.startswith((".", "_")) for part in p[len(root.rstrip("/")):].split("/"))]
-        files = [fsspec.core.OpenFile(fs, p, mode="rb", compression=_compression(p)) for p in names]
-    else:
-        files = fsspec.open_files(path, mode="rb", compression="infer")
-        files = sorted(files, key=lambda f: f.path)
-        if len(files) == 1 and not files[0].fs.exists(files[0].path):
-            files = []  # open_files returns a plain path whether or not it exists
-    if not files:
-        raise DataError(f"{path} matches no files: check the source's path (a file, folder, glob or URL)")
-    return files
-
-
-def _compression(path: str) -> str | None:
-    from fsspec.utils import infer_compression
-
-    return infer_compression(path)
-
-
-def _file_format(name: str, declared: str) -> str:
-    if declared in ("text", "jsonl"):
-        return declared
-    stem = name
-    for suffix in COMPRESSION_SUFFIXES:
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-    if stem.endswith(".parquet"):
-        raise DataError(f"{name}: Parquet sources are not supported yet: convert the file to JSONL "
-                        f"(one {{\"text\": ...}} object per line)")
-    return "jsonl" if stem.endswith(JSONL_SUFFIXES) else "text"
-
-
-def _read_text_file(file: fsspec.core.OpenFile, name: str) -> str:
-    with file as handle:
-        data = handle.read()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{name}: not UTF-8 text (invalid byte at offset {exc.start}): convert the file to UTF-8 "
-                        f"or remove it from the source") from None
-
-
-def _read_jsonl_file(file: fsspec.core.OpenFile, name: str, text_field: str) -> Iterator[str]:
-    with file as handle:
-        lines = io.TextIOWrapper(handle, encoding="utf-8", newline="\n")
-        lineno = 0
-        try:
-            for lineno, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{name}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}): fix or "
-                                    f"remove the line (JSONL holds one JSON object per line)") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    raise DataError(f"{name}:{lineno}: no field {text_field!r} in this record: set the source's "
-                                    f"textField to the field that holds the document text")
-                text = record[text_field]
-                if not isinstance(text, str):
-                    raise DataError(f"{name}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string: "
-                                    f"set the source's textField to the field that holds the document text")
-                yield text
-        except UnicodeDecodeError:
-            raise DataError(f"{name}:{lineno + 1}: not UTF-8 text: convert the file to UTF-8") from None
-
-
 def _file_documents(path: str, declared: str, text_field: str) -> Iterator[str]:
-    for file in _expand(path):
-        name = file.full_name if _is_url(path) else file.path
-        if _file_format(file.path, declared) == "jsonl":
-            yield from _read_jsonl_file(file, name, text_field)
-        else:
-            yield _read_text_file(file, name)
+    """The documents of the files a source names, read by the same readers as ``stagerun tokenize`` (so the same
+    malformed inputs give the same errors, naming file and line)."""
+    bad = BadRecords()  # a run's sources are strict: a malformed record is an error
+    for file in expand_inputs([path], declared, what="the source's path"):
+        yield from read_texts(file, text_field=text_field, bad=bad)
 
 
 def iter_documents(source, max_bytes: int | None = None, stats: CorpusStats | None = None) -> Iterator[str]:

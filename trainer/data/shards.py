@@ -4,12 +4,14 @@ A shard set is a folder::
 
     manifest.json        {"format": "stagerun-tokens/v1", "dtype": "uint16"|"uint32", "eosId", "vocabSize",
                           "tokenizerSha256", "numTokens", "numDocuments", "shards": [{"tokens", "index",
-                          "numTokens", "numDocuments"}, ...]}   (may carry more keys, e.g. "source")
+                          "numTokens", "numDocuments"}, ...]}   (may carry more keys, e.g. "source", "tokenize")
     shard-00000.bin      raw tokens (np.memmap-able, little-endian); every document is followed by EOS
     shard-00000.idx      int64 cumulative document *end* offsets within the shard (the EOS belongs to its document)
 
-Documents never straddle shards. The manifest is written last, and a local set is assembled in a temporary
-folder that is renamed into place, so a folder without a manifest is never a (half-written) complete set.
+Shard files may have any name inside the folder (``stagerun tokenize`` names them after its work units); the
+manifest lists them in order. Documents never straddle shards. The manifest is written last (``write_shards``
+assembles a local set in a temporary folder renamed into place; ``stagerun tokenize`` commits unit by unit and
+assembles the manifest once every unit is done), so a folder without a manifest is never a complete set.
 """
 
 from __future__ import annotations
@@ -53,52 +55,90 @@ def dtype_for_vocab(size: int) -> str:
     return "uint16" if size <= 2**16 else "uint32"
 
 
-def _encode(tokenizer, docs: Iterable[str]) -> Iterator[list[int]]:
-    # Batches bounded in documents and characters: encode_batch spreads a batch over the cores, and bounded
-    # batches keep memory flat and the progress bar moving on corpora of a few huge files.
+def encode_ids(tokenizer, batch: list[str]) -> list[list[int]]:
+    """Token ids of a batch of documents (no special tokens added); the offset-free fast path when available."""
+    encode = getattr(tokenizer, "encode_batch_fast", None) or tokenizer.encode_batch
+    return [e.ids for e in encode(batch, add_special_tokens=False)]
+
+
+def batches(docs: Iterable[str]) -> Iterator[list[str]]:
+    """Documents in batches bounded in count and characters.
+
+    encode_batch spreads a batch over the cores, and bounded batches keep memory flat and the progress bar moving
+    on corpora of a few huge files.
+    """
     batch: list[str] = []
     chars = 0
     for doc in docs:
         batch.append(doc)
         chars += len(doc)
         if len(batch) == ENCODE_BATCH_DOCS or chars >= ENCODE_BATCH_CHARS:
-            yield from (e.ids for e in tokenizer.encode_batch(batch, add_special_tokens=False))
+            yield batch
             batch, chars = [], 0
     if batch:
-        yield from (e.ids for e in tokenizer.encode_batch(batch, add_special_tokens=False))
+        yield batch
+
+
+def with_eos(ids: list[list[int]], eos: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """One array of the documents, each followed by EOS, and each document's length (EOS included)."""
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    tokens = np.concatenate([np.array(x + [eos], dtype=dtype) for x in ids]) if ids else np.zeros(0, dtype)
+    return tokens, lengths
 
 
 class _ShardWriter:
     """Appends documents (each followed by EOS) to numbered shards, closing a shard once it is full."""
 
-    def __init__(self, folder: Path, dtype: np.dtype, eos: int, shard_tokens: int):
+    def __init__(self, folder: Path, dtype: np.dtype, eos: int, shard_tokens: int, prefix: str = "shard-",
+                 digits: int = 5):
         self.folder, self.dtype, self.eos, self.shard_tokens = folder, dtype, eos, shard_tokens
+        self.prefix, self.digits = prefix, digits
         self.shards: list[dict] = []
         self._handle = None
-        self._ends: list[int] = []
+        self._ends: list[np.ndarray] = []
+        self._filled = 0
 
     def add(self, ids: list[int]) -> int:
-        if self._handle is None:
-            name = f"shard-{len(self.shards):05d}"
-            self.shards.append({"tokens": f"{name}.bin", "index": f"{name}.idx"})
-            self._handle = open(self.folder / self.shards[-1]["tokens"], "wb")
-        tokens = np.empty(len(ids) + 1, dtype=self.dtype)
-        tokens[:-1] = ids
-        tokens[-1] = self.eos
-        tokens.tofile(self._handle)
-        self._ends.append((self._ends[-1] if self._ends else 0) + len(tokens))
-        if self._ends[-1] >= self.shard_tokens:
-            self.close()
-        return len(tokens)
+        return self.add_batch(*with_eos([list(ids)], self.eos, self.dtype))
+
+    def add_batch(self, tokens: np.ndarray, lengths: np.ndarray) -> int:
+        """Documents given as one array (each already followed by EOS) and their lengths; returns tokens added."""
+        ends = np.cumsum(lengths, dtype=np.int64)
+        first = 0
+        while first < len(lengths):
+            if self._handle is None:
+                name = f"{self.prefix}{len(self.shards):0{self.digits}d}"
+                self.shards.append({"tokens": f"{name}.bin", "index": f"{name}.idx"})
+                self._handle = open(self.folder / self.shards[-1]["tokens"], "wb")
+            base = int(ends[first - 1]) if first else 0
+            # The shard takes documents up to and including the one that fills it to shard_tokens.
+            last = min(int(np.searchsorted(ends, base + self.shard_tokens - self._filled, side="left")),
+                       len(lengths) - 1)
+            stop = int(ends[last])
+            self._handle.write(np.ascontiguousarray(tokens[base:stop], dtype=self.dtype).tobytes())
+            self._ends.append(ends[first:last + 1] - base + self._filled)
+            self._filled += stop - base
+            first = last + 1
+            if self._filled >= self.shard_tokens:
+                self.close()
+        return int(ends[-1]) if len(ends) else 0
 
     def close(self) -> None:
         if self._handle is None:
             return
         self._handle.close()
         self._handle = None
-        np.asarray(self._ends, dtype="<i8").tofile(self.folder / self.shards[-1]["index"])
-        self.shards[-1].update(numTokens=self._ends[-1], numDocuments=len(self._ends))
-        self._ends = []
+        ends = np.concatenate(self._ends).astype("<i8", copy=False)
+        ends.tofile(self.folder / self.shards[-1]["index"])
+        self.shards[-1].update(numTokens=int(ends[-1]), numDocuments=len(ends))
+        self._ends, self._filled = [], 0
+
+
+def manifest_head(tokenizer) -> dict:
+    """The format v1 fields that follow from the tokenizer alone."""
+    size = vocab_size(tokenizer)
+    return {"format": FORMAT, "dtype": dtype_for_vocab(size), "eosId": eos_id(tokenizer), "vocabSize": size,
+            "tokenizerSha256": tokenizer_sha256(tokenizer)}
 
 
 def write_shards(docs: Iterable[str], tokenizer, out_dir: str | os.PathLike, *,
@@ -112,9 +152,8 @@ def write_shards(docs: Iterable[str], tokenizer, out_dir: str | os.PathLike, *,
     """
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
-    size, eos, sha = vocab_size(tokenizer), eos_id(tokenizer), tokenizer_sha256(tokenizer)
-    manifest = {"format": FORMAT, "dtype": dtype_for_vocab(size), "eosId": eos, "vocabSize": size,
-                "tokenizerSha256": sha}
+    manifest = manifest_head(tokenizer)
+    eos = manifest["eosId"]
     clash = sorted(set(extra or {}) & {*manifest, "numTokens", "numDocuments", "shards"})
     if clash:
         raise ValueError(f"extra manifest keys {clash} would replace format v1 fields: rename them")
@@ -131,8 +170,8 @@ def write_shards(docs: Iterable[str], tokenizer, out_dir: str | os.PathLike, *,
     previous_special = tokenizer.encode_special_tokens
     tokenizer.encode_special_tokens = True
     try:
-        for ids in _encode(tokenizer, docs):
-            bar.update(writer.add(ids))
+        for batch in batches(docs):
+            bar.update(writer.add_batch(*with_eos(encode_ids(tokenizer, batch), eos, writer.dtype)))
         writer.close()
         manifest.update(numTokens=sum(s["numTokens"] for s in writer.shards),
                         numDocuments=sum(s["numDocuments"] for s in writer.shards), shards=writer.shards,

@@ -11,13 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import fsspec
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
 
-from .corpora import DataError
+from .readers import BadRecords, DataError, InputStats, expand_inputs, read_texts
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -109,3 +111,66 @@ def tokenizer_sha256(tokenizer: Tokenizer) -> str:
     """
     canonical = json.dumps(json.loads(tokenizer.to_str()), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class TrainReport:
+    """What ``train_from_inputs`` read."""
+
+    documents: int = 0
+    bytes: int = 0  # UTF-8 bytes of text the tokenizer was trained on
+    stats: InputStats = field(default_factory=InputStats)  # per the readers: skipped / empty records
+    skipped: list[dict] = field(default_factory=list)  # the first skipped records (where, problem)
+
+
+def train_from_inputs(inputs: Sequence[str], vocab_size: int, out_path: str | os.PathLike, *, fmt: str = "auto",
+                      text_field: str = "text", max_bytes: int | None = None, skip_bad_records: bool = False,
+                      progress: bool = True, hint: str = "") -> tuple[Tokenizer, TrainReport]:
+    """Train a tokenizer on the documents of ``inputs`` (paths, globs, fsspec URLs), at most ``max_bytes`` of text.
+
+    With several inputs, documents are interleaved so each input gets an equal share of the bytes (an input that
+    runs out leaves its share to the others); the last document is cut to fit ``max_bytes``.
+    """
+    files = expand_inputs(inputs, fmt, what="--input")
+    bad = BadRecords(skip=skip_bad_records, hint=hint)
+    report = TrainReport(skipped=bad.examples)
+    streams: list[Iterator[str]] = []
+    for index in range(len(inputs)):
+        mine = [f for f in files if f.input_index == index]
+        streams.append(_documents_of(mine, text_field, bad, report.stats))
+    total = sum(f.size or 0 for f in files)
+    bar = tqdm(total=min(total, max_bytes) if max_bytes else total, desc="train tokenizer", unit="B",
+               unit_scale=True, disable=not progress, mininterval=0.5)
+
+    def texts() -> Iterator[str]:
+        taken = [0] * len(streams)
+        active = list(range(len(streams)))
+        while active and (max_bytes is None or report.bytes < max_bytes):
+            i = min(active, key=lambda j: (taken[j], j))
+            doc = next(streams[i], None)
+            if doc is None:
+                active.remove(i)
+                continue
+            data = doc.encode("utf-8")
+            if max_bytes is not None and report.bytes + len(data) > max_bytes:
+                data = data[:max_bytes - report.bytes]
+                doc = data.decode("utf-8", errors="ignore")
+            taken[i] += len(data)
+            report.bytes += len(data)
+            report.documents += 1
+            bar.update(len(data))
+            yield doc
+
+    try:
+        tokenizer = train_tokenizer(texts(), vocab_size, None)
+        if report.documents == 0:
+            raise DataError("the inputs hold no documents to train on: check --input, --format and --text-field")
+        save_tokenizer(tokenizer, out_path)
+    finally:
+        bar.close()
+    return tokenizer, report
+
+
+def _documents_of(files, text_field: str, bad: BadRecords, stats: InputStats) -> Iterator[str]:
+    for file in files:
+        yield from read_texts(file, text_field=text_field, bad=bad, stats=stats)
