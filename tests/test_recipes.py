@@ -53,7 +53,8 @@ def test_recipe_validates_and_plans_with_the_cli(name, tmp_path):
     run = load_run(path)
     validated = stagerun("validate", str(path))
     assert validated.returncode == 0, validated.stdout
-    assert f"valid TrainingRun {run.name!r} ({len(run.phases)} phases" in validated.stdout
+    count = f"{len(run.phases)} phase{'s' if len(run.phases) != 1 else ''}"
+    assert f"valid TrainingRun {run.name!r} ({count}:" in validated.stdout
     plan = stagerun("plan", str(path), "--throughput", "1000000")
     assert plan.returncode == 0, plan.stdout
     assert "does not split" not in plan.stdout
