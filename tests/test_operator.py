@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import json
 import time
 
-import kopf
 import pytest
 import yaml
 from kopf.testing import KopfRunner
@@ -23,6 +21,7 @@ from kopf.testing import KopfRunner
 from conftest import ROOT
 from kube.emulator import running_api
 from kube.kubelet import FakeCluster
+from kube.operator import fresh_operator
 from kube.real import RealApi, real_kubeconfig
 
 NS = "default"  # the emulator's; a real cluster gets a fresh namespace per test
@@ -86,19 +85,8 @@ class Harness:
 
 @contextlib.contextmanager
 def operator_harness(monkeypatch, nodes=("node-1", "node-2")):
-    for key, value in FAST.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setattr("stagerun.operator.kube._api", None)  # each API has a new port
     progress: dict = {}
-    registry = kopf.OperatorRegistry()
-    previous = kopf.get_default_registry()
-    kopf.set_default_registry(registry)
-    try:
-        from stagerun.operator import handlers
-
-        importlib.reload(handlers)  # registers into this test's registry and reads the fast settings
-    finally:
-        kopf.set_default_registry(previous)
+    registry, handlers = fresh_operator(monkeypatch, FAST)
     monkeypatch.setattr(handlers, "fetch_progress", lambda ip, port: progress.get(ip))
     kubeconfig = real_kubeconfig()
     if kubeconfig:
@@ -251,17 +239,7 @@ def test_delete_removes_everything_it_created(monkeypatch):
 def test_operator_restart_mid_run_creates_no_duplicate_job(monkeypatch):
     if real_kubeconfig():
         pytest.skip("needs the simulated kubelet: runs against the API emulator only")
-    for key, value in FAST.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setattr("stagerun.operator.kube._api", None)
-    registry, previous = kopf.OperatorRegistry(), kopf.get_default_registry()
-    kopf.set_default_registry(registry)
-    try:
-        from stagerun.operator import handlers
-
-        importlib.reload(handlers)
-    finally:
-        kopf.set_default_registry(previous)
+    registry, _ = fresh_operator(monkeypatch, FAST)
     with running_api() as api, api.use_kubeconfig(), FakeCluster(api, pod_ip_prefix="127.10") as cluster:
         api.custom().create_namespaced_custom_object("stagerun.io", "v1alpha1", NS, "trainingruns", manifest())
         with KopfRunner(["run", "--standalone", "-A"], registry=registry) as first:

@@ -5,14 +5,13 @@ torchrun, gloo), across a killed pod and a phase that needs another topology.
 from __future__ import annotations
 
 import copy
-import importlib
 import signal
 
-import kopf
 from kopf.testing import KopfRunner
 
 from conftest import SAMPLE_BYTES, TINY_RUN
 from kube.emulator import running_api
+from kube.operator import fresh_operator
 from kube.processes import ProcessCluster
 from stagerun.trainer.checkpoint import CheckpointManager
 
@@ -41,18 +40,8 @@ def total_steps() -> tuple[int, int]:
 
 
 def test_training_run_survives_a_killed_pod_and_relaunches_for_a_new_topology(monkeypatch, tmp_path):
-    for key, value in {"STAGERUN_RECONCILE_SECONDS": "0.5", "STAGERUN_BACKOFF_BASE_SECONDS": "1",
-                       "STAGERUN_FAILURE_GRACE_SECONDS": "5"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setattr("stagerun.operator.kube._api", None)
-    registry, previous = kopf.OperatorRegistry(), kopf.get_default_registry()
-    kopf.set_default_registry(registry)
-    try:
-        from stagerun.operator import handlers
-
-        importlib.reload(handlers)
-    finally:
-        kopf.set_default_registry(previous)
+    registry, _ = fresh_operator(monkeypatch, {"STAGERUN_RECONCILE_SECONDS": "0.5", "STAGERUN_BACKOFF_BASE_SECONDS": "1",
+                                               "STAGERUN_FAILURE_GRACE_SECONDS": "5"})
     checkpoints = tmp_path / "checkpoints"
     url = f"file://{checkpoints}"
     pod_env = {"STAGERUN_MAX_SOURCE_BYTES": str(SAMPLE_BYTES), "OMP_NUM_THREADS": "1"}

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import json
 import subprocess
 from typing import NamedTuple
 
-import kopf
 import pytest
 import yaml
 from kopf.testing import KopfRunner
@@ -27,6 +25,7 @@ from conftest import ROOT
 from helm_tool import helm_binary, why_no_helm
 from kube.emulator import KubeEmulator, running_api
 from kube.kubelet import FakeCluster
+from kube.operator import fresh_operator
 
 CHART = ROOT / "charts" / "stagerun"
 NS = "default"
@@ -154,24 +153,7 @@ def run_scenario(api, cluster) -> None:
 def record(scope_args: list[str]) -> set[Call]:
     """Run the operator with ``scope_args`` (``-A`` or ``-n default``) through the scenario; its RBAC calls."""
     with pytest.MonkeyPatch.context() as monkeypatch:
-        for key, value in FAST.items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.setattr("stagerun.operator.kube._api", None)  # a new API on a new port
-        registry, previous = kopf.OperatorRegistry(), kopf.get_default_registry()
-        kopf.set_default_registry(registry)
-        try:
-            from stagerun.operator import handlers
-
-            importlib.reload(handlers)  # registers into this registry and reads the fast settings
-        finally:
-            kopf.set_default_registry(previous)
-
-        @kopf.on.startup(registry=registry)
-        def poll_exiting_timers_often(settings: kopf.OperatorSettings, **_) -> None:
-            # When a TrainingRun is deleted while its timer is mid-reconcile, kopf keeps the finalizer until the timer
-            # has exited and looks again only every cancellation_polling seconds (60 by default): the deletion would
-            # then outlast the test. Timing only; it changes no API call the operator makes.
-            settings.background.cancellation_polling = 0.5
+        registry, handlers = fresh_operator(monkeypatch, FAST)
 
         monkeypatch.setattr(handlers, "fetch_progress", lambda ip, port: None)
         with tapped_requests() as seen, running_api() as api, api.use_kubeconfig(), \
