@@ -48,6 +48,7 @@ def cpus() -> int:
 
 # --- inside the measuring subprocess -----------------------------------------------------------------------------
 
+
 def run_baseline(data: Path, tokenizer_path: Path, fast: bool) -> dict:
     from tokenizers import Tokenizer
 
@@ -82,22 +83,23 @@ def run_stagerun(data: Path, tokenizer_path: Path, processes: int, threads: int 
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    result = tokenize([str(data / "*.jsonl")], tokenizer_path, out, processes=processes, threads=threads,
-                      progress=False)
+    result = tokenize(
+        [str(data / "*.jsonl")], tokenizer_path, out, processes=processes, threads=threads, progress=False
+    )
     seconds = time.perf_counter() - start
     shutil.rmtree(out, ignore_errors=True)
-    return {"seconds": seconds, "tokens": result.manifest["numTokens"], "bytes": result.bytes,
-            "units": result.units}
+    return {"seconds": seconds, "tokens": result.manifest["numTokens"], "bytes": result.bytes, "units": result.units}
 
 
 # --- the driver --------------------------------------------------------------------------------------------------
 
+
 def prepare(work: Path, megabytes: int, vocab: int, files: int) -> tuple[Path, Path]:
     data, tokenizer_path = work / f"jsonl-{megabytes}mb", work / f"tokenizer-{vocab}.json"
     if not (data / "done").exists():
+        from stagerun.core.spec.run import SourceSpec
         from stagerun.trainer.data import iter_documents
         from stagerun.trainer.data.corpora import BUILTIN_CODE, BUILTIN_DOCS
-        from stagerun.trainer.spec.run import SourceSpec
 
         docs = [d for path in (BUILTIN_DOCS, BUILTIN_CODE) for d in iter_documents(SourceSpec(path=path, weight=1))]
         lines = [json.dumps({"text": d}) + "\n" for d in docs]
@@ -113,9 +115,9 @@ def prepare(work: Path, megabytes: int, vocab: int, files: int) -> tuple[Path, P
             handle.close()
         (data / "done").touch()
     if not tokenizer_path.exists():
+        from stagerun.core.spec.run import SourceSpec
         from stagerun.trainer.data import iter_documents, train_tokenizer
         from stagerun.trainer.data.corpora import BUILTIN_CODE, BUILTIN_DOCS
-        from stagerun.trainer.spec.run import SourceSpec
 
         docs = [d for path in (BUILTIN_DOCS, BUILTIN_CODE) for d in iter_documents(SourceSpec(path=path, weight=1))]
         train_tokenizer(docs, vocab, tokenizer_path)
@@ -142,8 +144,11 @@ def measure_all(configs: dict[str, tuple[dict, dict | None]], repeats: int) -> d
     for round_ in range(repeats):
         for name, (spec, env) in configs.items():
             result = measure_once(spec, env)
-            print(f"round {round_ + 1}/{repeats} {name}: {result['seconds']:.2f} s wall, "
-                  f"{result['cpu_seconds']:.2f} s CPU, load {os.getloadavg()[0]:.2f}", file=sys.stderr)
+            print(
+                f"round {round_ + 1}/{repeats} {name}: {result['seconds']:.2f} s wall, "
+                f"{result['cpu_seconds']:.2f} s CPU, load {os.getloadavg()[0]:.2f}",
+                file=sys.stderr,
+            )
             if name not in best or result["seconds"] < best[name]["seconds"]:
                 best[name] = result
     for result in best.values():
@@ -154,8 +159,10 @@ def measure_all(configs: dict[str, tuple[dict, dict | None]], repeats: int) -> d
 
 def row(name: str, result: dict, reference: dict | None) -> str:
     ratio = f"{result['tokens_per_s'] / reference['tokens_per_s']:.2f}" if reference else "1.00"
-    return (f"| {name} | {result['seconds']:.2f} | {result['cpu_seconds']:.2f} | {result['tokens_per_s'] / 1e6:.2f} | "
-            f"{result['mb_per_s']:.1f} | {ratio} |")
+    return (
+        f"| {name} | {result['seconds']:.2f} | {result['cpu_seconds']:.2f} | {result['tokens_per_s'] / 1e6:.2f} | "
+        f"{result['mb_per_s']:.1f} | {ratio} |"
+    )
 
 
 def main() -> None:
@@ -165,8 +172,12 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32768, help="vocabulary of the BPE (default 32768)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration, the best is kept")
     parser.add_argument("--max-processes", type=int, default=cpus(), help="up to this many processes (default: CPUs)")
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "stagerun-bench-tokenize",
-                        help="where the input, tokenizer and outputs go (reused between runs)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "stagerun-bench-tokenize",
+        help="where the input, tokenizer and outputs go (reused between runs)",
+    )
     parser.add_argument("--markdown", type=Path, help="also write the tables (Markdown) to this file")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -187,9 +198,12 @@ def main() -> None:
     common = {"data": str(data), "tokenizer": str(tokenizer_path), "out": str(args.work / "out")}
     one_thread = {"RAYON_NUM_THREADS": "1"}
     header = "| configuration | wall s | CPU s | M tokens/s | MB/s | {} |\n|---|---:|---:|---:|---:|---:|"
-    lines = [f"Machine: {platform.machine()}, {cpus()} CPUs ({platform.processor() or platform.platform()}), "
-             f"Python {platform.python_version()}; input: {size / 1e6:.1f} MB of JSONL in {args.files} files; "
-             f"BPE of {args.vocab} tokens; best of {args.repeats} runs.", ""]
+    lines = [
+        f"Machine: {platform.machine()}, {cpus()} CPUs ({platform.processor() or platform.platform()}), "
+        f"Python {platform.python_version()}; input: {size / 1e6:.1f} MB of JSONL in {args.files} files; "
+        f"BPE of {args.vocab} tokens; best of {args.repeats} runs.",
+        "",
+    ]
 
     print(f"input {size / 1e6:.1f} MB in {args.files} files, tokenizer {tokenizer_path}", file=sys.stderr)
     counts = sorted({1, *range(2, args.max_processes + 1)})
@@ -203,15 +217,23 @@ def main() -> None:
     load = os.getloadavg()[0]
     best = measure_all(configs, args.repeats)
     lines[0] += f" Load average before: {load:.2f}, after: {os.getloadavg()[0]:.2f}."
-    lines += ["One process, tokenizer threads on all cores:", "", header.format("vs `encode_batch`"),
-              row("plain loop, `encode_batch`", best["base"], None),
-              row("plain loop, `encode_batch_fast`", best["base_fast"], best["base"]),
-              row("`stagerun tokenize --processes 1`", best["p1"], best["base"]), "",
-              f"`stagerun tokenize --processes 1` / plain `encode_batch_fast` loop: "
-              f"{best['p1']['tokens_per_s'] / best['base_fast']['tokens_per_s']:.2f} (wall), "
-              f"{best['base_fast']['cpu_seconds'] / best['p1']['cpu_seconds']:.2f} (CPU time)", "",
-              "Processes, one tokenizer thread each (`--threads 1`), against one process:", "",
-              header.format("speedup"), row("plain loop, `encode_batch_fast`, 1 thread", best["base_1t"], best["p1t1"])]
+    lines += [
+        "One process, tokenizer threads on all cores:",
+        "",
+        header.format("vs `encode_batch`"),
+        row("plain loop, `encode_batch`", best["base"], None),
+        row("plain loop, `encode_batch_fast`", best["base_fast"], best["base"]),
+        row("`stagerun tokenize --processes 1`", best["p1"], best["base"]),
+        "",
+        f"`stagerun tokenize --processes 1` / plain `encode_batch_fast` loop: "
+        f"{best['p1']['tokens_per_s'] / best['base_fast']['tokens_per_s']:.2f} (wall), "
+        f"{best['base_fast']['cpu_seconds'] / best['p1']['cpu_seconds']:.2f} (CPU time)",
+        "",
+        "Processes, one tokenizer thread each (`--threads 1`), against one process:",
+        "",
+        header.format("speedup"),
+        row("plain loop, `encode_batch_fast`, 1 thread", best["base_1t"], best["p1t1"]),
+    ]
     lines += [row(f"`--processes {p} --threads 1`", best[f"p{p}t1"], best["p1t1"]) for p in counts]
     lines += ["", "Default threads (CPUs / processes), against one process:", "", header.format("speedup")]
     lines += [row(f"`--processes {p}`", best[f"p{p}"], best["p1"]) for p in counts]

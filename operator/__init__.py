@@ -1,5 +1,5 @@
 """stagerun.operator: the kopf operator that runs TrainingRuns on Kubernetes (see DESIGN.md §8).
 
 Imported only as ``stagerun.operator``; the folder name never shadows the standard library's ``operator``.
-The operator reuses ``stagerun.trainer.spec`` and ``stagerun.trainer.plan`` (pure Python, no torch).
+The operator reuses ``stagerun.core.spec`` and ``stagerun.core.plan`` (pure Python, no torch).
 """

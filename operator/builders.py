@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from stagerun.trainer.spec import ResolvedPhase, ResolvedRun, to_manifest
+from stagerun.core.spec import ResolvedPhase, ResolvedRun, to_manifest
 
 from . import naming
 
@@ -97,13 +97,17 @@ def build_job(run: ResolvedRun, *, namespace: str, uid: str, attempt: int, phase
     phase = _phase(run, phase_index)
     spec = run.manifest.spec
     if not spec.image:
-        raise ValueError("spec.image is required on Kubernetes: set the trainer image, e.g. ghcr.io/example/stagerun:0.1")
+        raise ValueError(
+            "spec.image is required on Kubernetes: set the trainer image, e.g. ghcr.io/example/stagerun:0.1"
+        )
     name = attempt_object_name(run, attempt)
     nodes = phase.resources.nodes
     last_host = f"{name}-{nodes - 1}"  # Indexed Jobs name each pod's hostname <job>-<index>
     if len(last_host) > 63:
-        raise ValueError(f"pod hostname {last_host!r} is longer than 63 characters: shorten metadata.name "
-                         f"{run.name!r} or use fewer nodes")
+        raise ValueError(
+            f"pod hostname {last_host!r} is longer than 63 characters: shorten metadata.name "
+            f"{run.name!r} or use fewer nodes"
+        )
     metadata = _metadata(run, namespace=namespace, uid=uid, attempt=attempt, phase=phase)
     job_spec: dict[str, Any] = {
         "completionMode": "Indexed",
@@ -125,14 +129,17 @@ def build_job(run: ResolvedRun, *, namespace: str, uid: str, attempt: int, phase
 def attempt_object_name(run: ResolvedRun, attempt: int) -> str:
     """The name of an attempt's objects, checked: a DNS-1123 label with room for the pod index."""
     if len(run.name) > naming.MAX_RUN_NAME:
-        raise ValueError(f"metadata.name {run.name!r} is {len(run.name)} characters; the operator allows at most "
-                         f"{naming.MAX_RUN_NAME} (its Jobs' pods are named <name>-a<attempt>-<index>): shorten it")
+        raise ValueError(
+            f"metadata.name {run.name!r} is {len(run.name)} characters; the operator allows at most "
+            f"{naming.MAX_RUN_NAME} (its Jobs' pods are named <name>-a<attempt>-<index>): shorten it"
+        )
     if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
         raise ValueError(f"attempt must be a positive integer, got {attempt!r}")
     name = naming.attempt_name(run.name, attempt)
     if len(name) > 63 or not _DNS_LABEL.match(name):
-        raise ValueError(f"{name!r} (from metadata.name {run.name!r}) is not a DNS-1123 label: use lowercase "
-                         "letters, digits and '-'")
+        raise ValueError(
+            f"{name!r} (from metadata.name {run.name!r}) is not a DNS-1123 label: use lowercase letters, digits and '-'"
+        )
     return name
 
 
@@ -166,8 +173,14 @@ def _phase_summary(phase: ResolvedPhase) -> dict:
         "seqLen": phase.seq_len,
         "ramp": [{"tokens": tokens, "size": size} for tokens, size in phase.ramp],
         "microBatchSize": phase.micro_batch_size,
-        "lr": {"schedule": lr.schedule, "peak": lr.peak, "end": lr.end, "warmupTokens": lr.warmup_tokens,
-               "decayFraction": lr.decay_fraction, "decayShape": lr.decay_shape},
+        "lr": {
+            "schedule": lr.schedule,
+            "peak": lr.peak,
+            "end": lr.end,
+            "warmupTokens": lr.warmup_tokens,
+            "decayFraction": lr.decay_fraction,
+            "decayShape": lr.decay_shape,
+        },
         "weights": dict(phase.weights),
         "worldSize": phase.world_size,
     }
@@ -175,7 +188,9 @@ def _phase_summary(phase: ResolvedPhase) -> dict:
 
 def _phase(run: ResolvedRun, phase_index: int) -> ResolvedPhase:
     if isinstance(phase_index, bool) or not isinstance(phase_index, int) or not 0 <= phase_index < len(run.phases):
-        raise ValueError(f"phase index {phase_index!r} is not one of spec.phases[0..{len(run.phases) - 1}] of run {run.name!r}")
+        raise ValueError(
+            f"phase index {phase_index!r} is not one of spec.phases[0..{len(run.phases) - 1}] of run {run.name!r}"
+        )
     return run.phases[phase_index]
 
 
@@ -253,7 +268,11 @@ def _env(phase: ResolvedPhase, *, name: str, uid: str, attempt: int) -> list[dic
         "STAGERUN_STATUS_PORT": str(naming.STATUS_PORT),
     }
     env = [{"name": key, "value": value} for key, value in values.items()]
-    for key, path in (("POD_IP", "status.podIP"), ("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")):
+    for key, path in (
+        ("POD_IP", "status.podIP"),
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ):
         env.append({"name": key, "valueFrom": {"fieldRef": {"fieldPath": path}}})
     return env
 

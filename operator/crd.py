@@ -6,7 +6,7 @@
 The schema is *structural* (apiextensions.k8s.io/v1): every node has a ``type`` except count/duration fields
 (``x-kubernetes-int-or-string``) and the free-form Kubernetes blocks ``scheduling.tolerations`` /
 ``scheduling.affinity`` (``x-kubernetes-preserve-unknown-fields``). It is produced by walking the dataclasses of
-``stagerun.trainer.spec.run`` from ``RunSpec`` down, the way ``spec/reference.py`` walks them for the docs.
+``stagerun.core.spec.run`` from ``RunSpec`` down, the way ``spec/reference.py`` walks them for the docs.
 
 What the API server checks, and what only the operator can
 ------------------------------------------------------------
@@ -21,7 +21,7 @@ from the previous phase, so the operator must see what the manifest left unset (
 Everything that spans fields - weights summing to 1, seqLen a multiple of 8 that fits maxSeqLen, batch sizes
 that split into micro-batches, a tokenizer with exactly one of path/train, known presets and corpora, DNS-label
 names, and what Kubernetes needs beyond a local run (``spec.image``, a shared ``spec.checkpoint.path``) - is
-checked by the operator with the same code as ``stagerun run``: ``stagerun.trainer.spec.validate_manifest`` and
+checked by the operator with the same code as ``stagerun run``: ``stagerun.core.spec.validate_manifest`` and
 ``kubernetes_problems``, which report every problem with its field path and a fix.
 
 Unknown fields. A structural schema *prunes* fields it does not declare: a typo such as ``seqLne: 8192`` is
@@ -51,8 +51,8 @@ from typing import Any, Literal
 
 import yaml
 
-from stagerun.trainer.spec.fields import COUNT, DURATION, camel, is_required
-from stagerun.trainer.spec.run import PhaseSpec, RunSpec, TrainingRun
+from stagerun.core.spec.fields import COUNT, DURATION, camel, is_required
+from stagerun.core.spec.run import PhaseSpec, RunSpec, TrainingRun
 
 from . import naming
 
@@ -67,8 +67,10 @@ HEADER = """\
 # (python -m stagerun.operator.crd > crds/trainingrun.yaml; tests/test_crd.py fails when this file is stale)
 """
 
-COUNT_TEXT = ("A count: an integer, or a string with a suffix K, M, B (or G), T (powers of 1000) or Ki, Mi, Gi, Ti "
-              "(powers of 1024), e.g. '2T' or '4Mi'.")
+COUNT_TEXT = (
+    "A count: an integer, or a string with a suffix K, M, B (or G), T (powers of 1000) or Ki, Mi, Gi, Ti "
+    "(powers of 1024), e.g. '2T' or '4Mi'."
+)
 DURATION_TEXT = "A duration: whole seconds, or a string such as '90s', '15m' or '1h30m'."
 
 _SCALARS = {bool: "boolean", int: "integer", float: "number", str: "string"}
@@ -211,8 +213,11 @@ def status_schema() -> dict:
             "tokensSeen": integer("Tokens trained on, all phases."),
             "loss": number("Training loss of the latest logged step."),
             "tokensPerSecond": number("Training throughput of the latest logged steps, tokens per second."),
-            "tokensPerSource": {"type": "object", "additionalProperties": {"type": "integer"},
-                                "description": "Tokens trained on per data source, all phases."},
+            "tokensPerSource": {
+                "type": "object",
+                "additionalProperties": {"type": "integer"},
+                "description": "Tokens trained on per data source, all phases.",
+            },
             "restarts": integer("Gang restarts after failures (at most spec.maxRestarts)."),
             "attempt": integer("Current attempt: its ConfigMap, Service and Job are named <run>-a<attempt>."),
             "lastCheckpoint": {
@@ -236,8 +241,11 @@ def status_schema() -> dict:
                     "required": ["type", "status"],
                     "properties": {
                         "type": string("Ready, Progressing, Suspended, Failed, Succeeded or SpecAccepted."),
-                        "status": {"description": "True, False or Unknown.", "type": "string",
-                                   "enum": ["True", "False", "Unknown"]},
+                        "status": {
+                            "description": "True, False or Unknown.",
+                            "type": "string",
+                            "enum": ["True", "False", "Unknown"],
+                        },
                         "reason": string("CamelCase reason for the last transition."),
                         "message": string("What happened, for a person."),
                         "lastTransitionTime": _time("When the status last changed."),
@@ -257,8 +265,10 @@ def openapi_schema() -> dict:
         "type": "object",
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"description": "APIVersion of this object: " + naming.GROUP + "/" + naming.VERSION + ".",
-                           "type": "string"},
+            "apiVersion": {
+                "description": "APIVersion of this object: " + naming.GROUP + "/" + naming.VERSION + ".",
+                "type": "string",
+            },
             "kind": {"description": "Kind of this object: " + naming.KIND + ".", "type": "string"},
             # The API server validates ObjectMeta itself; a CRD may only say it is an object.
             "metadata": {"type": "object"},
@@ -291,14 +301,16 @@ def crd_manifest() -> dict:
                 "shortNames": list(SHORT_NAMES),
                 "categories": list(CATEGORIES),
             },
-            "versions": [{
-                "name": naming.VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": columns,
-                "schema": {"openAPIV3Schema": openapi_schema()},
-            }],
+            "versions": [
+                {
+                    "name": naming.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": columns,
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                }
+            ],
         },
     }
 
@@ -312,8 +324,9 @@ class _Dumper(yaml.SafeDumper):
 
 def render() -> str:
     """The CRD as YAML, with the "generated; do not edit" header."""
-    body = yaml.dump(crd_manifest(), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120,
-                     allow_unicode=True)
+    body = yaml.dump(
+        crd_manifest(), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120, allow_unicode=True
+    )
     return HEADER + body
 
 

@@ -18,13 +18,12 @@ from collections import defaultdict
 
 import kopf
 
+from stagerun.core.spec.changes import immutable_changes
+
 from . import builders, kube, metrics, naming
 from .observe import Observation, job_view, not_ready_nodes, pod_view
-from stagerun.trainer.spec.changes import immutable_changes
-
 from .spec_changes import manifest_of, parse
-from .state import FAILED, PENDING, TERMINAL, Settings, reconcile, set_condition
-from .state import DeleteAttempt, ForceDeletePod, Launch
+from .state import FAILED, PENDING, TERMINAL, DeleteAttempt, ForceDeletePod, Launch, Settings, reconcile, set_condition
 
 log = logging.getLogger("stagerun.operator")
 RESOURCE = (naming.GROUP, naming.VERSION, naming.PLURAL)
@@ -39,8 +38,9 @@ def settings_from_env() -> Settings:
         backoff_max_seconds=float(env.get("STAGERUN_BACKOFF_MAX_SECONDS", Settings.backoff_max_seconds)),
         failure_grace_seconds=int(env.get("STAGERUN_FAILURE_GRACE_SECONDS", Settings.failure_grace_seconds)),
         suspend_grace_seconds=int(env.get("STAGERUN_SUSPEND_GRACE_SECONDS", Settings.suspend_grace_seconds)),
-        force_delete_after_seconds=float(env.get("STAGERUN_FORCE_DELETE_AFTER_SECONDS",
-                                                 Settings.force_delete_after_seconds)),
+        force_delete_after_seconds=float(
+            env.get("STAGERUN_FORCE_DELETE_AFTER_SECONDS", Settings.force_delete_after_seconds)
+        ),
     )
 
 
@@ -100,8 +100,12 @@ def on_delete(body, **_) -> None:
     meta = body["metadata"]
     count = kube.delete_everything(meta["namespace"], meta["name"])
     metrics.RUNS.set(meta["namespace"], meta["name"], None)
-    log.info("TrainingRun %s/%s deleted: removed %d child objects; checkpoints are kept", meta["namespace"],
-             meta["name"], count)
+    log.info(
+        "TrainingRun %s/%s deleted: removed %d child objects; checkpoints are kept",
+        meta["namespace"],
+        meta["name"],
+        count,
+    )
 
 
 def accepted_run(body: dict, status: dict):
@@ -116,8 +120,11 @@ def accepted_run(body: dict, status: dict):
     if accepted is not None and status.get("attempt", 0) > 0:
         changed = immutable_changes(accepted, run, status.get("phaseIndex", 0))
         if changed:
-            return accepted, ("ImmutableFieldChanged", f"refused: {', '.join(changed)} cannot change while the run is "
-                              "past them; running on with the accepted spec. Revert them, or create a new run")
+            return accepted, (
+                "ImmutableFieldChanged",
+                f"refused: {', '.join(changed)} cannot change while the run is "
+                "past them; running on with the accepted spec. Revert them, or create a new run",
+            )
     return run, None
 
 
@@ -131,14 +138,21 @@ def observe(namespace: str, name: str, status: dict) -> Observation:
     unready = not_ready_nodes(nodes) if nodes is not None else None
     zero = next((p for p in raw_pods if _is_index_zero_running(p)), None)
     progress = fetch_progress(zero["status"]["podIP"], naming.STATUS_PORT) if zero is not None else None
-    return Observation(now=clock(), job=job_view(raw_job) if raw_job else None,
-                       pods=tuple(pod_view(p, unready) for p in raw_pods), progress=progress)
+    return Observation(
+        now=clock(),
+        job=job_view(raw_job) if raw_job else None,
+        pods=tuple(pod_view(p, unready) for p in raw_pods),
+        progress=progress,
+    )
 
 
 def _is_index_zero_running(pod: dict) -> bool:
     annotations = pod["metadata"].get("annotations") or {}
-    return (annotations.get(naming.JOB_INDEX_ANNOTATION) == "0" and (pod.get("status") or {}).get("phase") == "Running"
-            and bool((pod.get("status") or {}).get("podIP")))
+    return (
+        annotations.get(naming.JOB_INDEX_ANNOTATION) == "0"
+        and (pod.get("status") or {}).get("phase") == "Running"
+        and bool((pod.get("status") or {}).get("podIP"))
+    )
 
 
 _locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
@@ -208,15 +222,21 @@ def _accept(namespace: str, name: str, run, body: dict, status: dict) -> None:
     status["acceptedSpec"] = spec
     status["acceptedGeneration"] = body["metadata"].get("generation")
     if had and status.get("attempt"):
-        configmap = builders.build_configmap(run, namespace=namespace, uid=body["metadata"]["uid"],
-                                             attempt=status["attempt"], phase_index=status.get("phaseIndex", 0))
+        configmap = builders.build_configmap(
+            run,
+            namespace=namespace,
+            uid=body["metadata"]["uid"],
+            attempt=status["attempt"],
+            phase_index=status.get("phaseIndex", 0),
+        )
         kube.patch_configmap_data(namespace, naming.attempt_name(name, status["attempt"]), configmap["data"])
 
 
 def _apply(action, run, namespace: str, name: str, uid: str) -> None:
     if isinstance(action, Launch):
-        for obj in builders.build_attempt(run, namespace=namespace, uid=uid, attempt=action.attempt,
-                                          phase_index=action.phase_index):
+        for obj in builders.build_attempt(
+            run, namespace=namespace, uid=uid, attempt=action.attempt, phase_index=action.phase_index
+        ):
             kube.create(obj)
     elif isinstance(action, DeleteAttempt):
         kube.delete_attempt(namespace, name, action.attempt, action.grace_seconds)

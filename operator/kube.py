@@ -84,8 +84,13 @@ def delete_attempt(namespace: str, run: str, attempt: int, grace_seconds: int) -
     # Pods first, with our grace period: the Job's garbage collection would use the pods' own (long) one.
     for pod in list_pods(namespace, run, attempt):
         if not pod["metadata"].get("deletionTimestamp"):
-            _ignore(404, core().delete_namespaced_pod, pod["metadata"]["name"], namespace,
-                    body=client.V1DeleteOptions(grace_period_seconds=grace_seconds))
+            _ignore(
+                404,
+                core().delete_namespaced_pod,
+                pod["metadata"]["name"],
+                namespace,
+                body=client.V1DeleteOptions(grace_period_seconds=grace_seconds),
+            )
     body = client.V1DeleteOptions(propagation_policy="Background", grace_period_seconds=grace_seconds)
     _ignore(404, batch().delete_namespaced_job, name, namespace, body=body)
     _ignore(404, core().delete_namespaced_service, name, namespace)
@@ -121,8 +126,9 @@ def custom() -> client.CustomObjectsApi:
 
 
 def get_run(namespace: str, name: str) -> dict | None:
-    return _ignore(404, custom().get_namespaced_custom_object, naming.GROUP, naming.VERSION, namespace, naming.PLURAL,
-                   name)
+    return _ignore(
+        404, custom().get_namespaced_custom_object, naming.GROUP, naming.VERSION, namespace, naming.PLURAL, name
+    )
 
 
 class Conflict(Exception):
@@ -134,8 +140,15 @@ def patch_run_status(namespace: str, name: str, resource_version: str, status_ch
     (optimistic concurrency: a decision taken on a stale read is never written)."""
     body = {"metadata": {"resourceVersion": resource_version}, "status": status_changes}
     try:
-        custom().patch_namespaced_custom_object_status(naming.GROUP, naming.VERSION, namespace, naming.PLURAL, name,
-                                                       body, _content_type="application/merge-patch+json")
+        custom().patch_namespaced_custom_object_status(
+            naming.GROUP,
+            naming.VERSION,
+            namespace,
+            naming.PLURAL,
+            name,
+            body,
+            _content_type="application/merge-patch+json",
+        )
     except ApiException as exc:
         if exc.status == 409:
             raise Conflict(f"TrainingRun {namespace}/{name} changed while it was reconciled") from None

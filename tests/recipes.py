@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import math
 
-from stagerun.trainer.spec import resolve_run
+from stagerun.core.spec import resolve_run
 
 TINY_VOCAB = 512
 TINY_LAYERS = 2
@@ -40,8 +40,18 @@ WORLD = 2  # CPU processes of the scaled runs
 TEACHER_PLACEHOLDER = "TEACHER-CHECKPOINT"
 
 # Model fields that state a size (replaced); every other field the manifest sets is an option and is kept.
-SIZE_FIELDS = {"vocabSize", "dim", "layers", "heads", "kvHeads", "ffnHidden", "ffnMultiplier", "ffnMultipleOf",
-               "maxSeqLen", "init"}
+SIZE_FIELDS = {
+    "vocabSize",
+    "dim",
+    "layers",
+    "heads",
+    "kvHeads",
+    "ffnHidden",
+    "ffnMultiplier",
+    "ffnMultipleOf",
+    "maxSeqLen",
+    "init",
+}
 # Builtin corpus for each recipe source name: code-like sources read Python source, the rest prose.
 CODE_LIKE = ("code", "math")
 GPU_ONLY_TRAINING = ("precision", "compile", "activationCheckpointing")
@@ -133,8 +143,15 @@ def tiny_model(raw: dict, resolved, max_seq_len: int) -> dict:
     heads, kv_heads = (4, 4) if ratio == 1 else (2 * ratio, 2)
     dim = heads * HEAD_DIM
     model = {key: value for key, value in raw.items() if key not in SIZE_FIELDS}
-    model.update(vocabSize=TINY_VOCAB, dim=dim, layers=TINY_LAYERS, heads=heads, kvHeads=kv_heads,
-                 ffnHidden=3 * dim, maxSeqLen=max_seq_len)
+    model.update(
+        vocabSize=TINY_VOCAB,
+        dim=dim,
+        layers=TINY_LAYERS,
+        heads=heads,
+        kvHeads=kv_heads,
+        ffnHidden=3 * dim,
+        maxSeqLen=max_seq_len,
+    )
     return model
 
 

@@ -21,16 +21,26 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stagerun.core.spec import read_manifest, resolve_run
 from stagerun.operator import builders, naming
-from stagerun.trainer.spec import read_manifest, resolve_run
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 CONTRACT_ENV = {
-    "STAGERUN_MANIFEST", "STAGERUN_RUN_DIR", "STAGERUN_ATTEMPT", "STAGERUN_PHASE_INDEX", "STAGERUN_NNODES",
-    "STAGERUN_NPROC_PER_NODE", "STAGERUN_SERVICE", "STAGERUN_RDZV_ENDPOINT", "STAGERUN_RDZV_ID",
-    "STAGERUN_STATUS_PORT", "POD_IP", "POD_NAME", "POD_NAMESPACE",
+    "STAGERUN_MANIFEST",
+    "STAGERUN_RUN_DIR",
+    "STAGERUN_ATTEMPT",
+    "STAGERUN_PHASE_INDEX",
+    "STAGERUN_NNODES",
+    "STAGERUN_NPROC_PER_NODE",
+    "STAGERUN_SERVICE",
+    "STAGERUN_RDZV_ENDPOINT",
+    "STAGERUN_RDZV_ID",
+    "STAGERUN_STATUS_PORT",
+    "POD_IP",
+    "POD_NAME",
+    "POD_NAMESPACE",
 }
 
 
@@ -49,8 +59,9 @@ MANIFESTS = {"quickstart": quickstart_manifest, "multinode": multinode_manifest}
 
 
 def build(raw: dict, *, attempt: int = 1, phase_index: int = 0, namespace: str = "default", uid: str = "uid-1234"):
-    return builders.build_attempt(resolve_run(raw), namespace=namespace, uid=uid, attempt=attempt,
-                                  phase_index=phase_index)
+    return builders.build_attempt(
+        resolve_run(raw), namespace=namespace, uid=uid, attempt=attempt, phase_index=phase_index
+    )
 
 
 def by_kind(objects: list[dict]) -> dict[str, dict]:
@@ -66,6 +77,7 @@ def container_of(job: dict) -> dict:
 
 
 # --- golden files ---------------------------------------------------------------------------------------------
+
 
 class _GoldenDumper(yaml.SafeDumper):
     """Multi-line strings (the ConfigMap's files) as literal blocks, so the goldens read like the files."""
@@ -86,8 +98,13 @@ def render_golden(objects: list[dict]) -> str:
 
 GOLDEN_CASES = {
     "quickstart-a1.yaml": lambda: build(quickstart_manifest(), attempt=1, phase_index=0),
-    "multinode-gpu-a3.yaml": lambda: build(multinode_manifest(), attempt=3, phase_index=1, namespace="ml-training",
-                                           uid="6f1c2d4e-8a9b-4c3d-9e8f-0a1b2c3d4e5f"),
+    "multinode-gpu-a3.yaml": lambda: build(
+        multinode_manifest(),
+        attempt=3,
+        phase_index=1,
+        namespace="ml-training",
+        uid="6f1c2d4e-8a9b-4c3d-9e8f-0a1b2c3d4e5f",
+    ),
 }
 
 
@@ -104,7 +121,7 @@ def test_golden(filename):
 
 
 def test_multinode_example_is_valid_for_kubernetes():
-    from stagerun.trainer.spec import kubernetes_problems
+    from stagerun.core.spec import kubernetes_problems
 
     run = resolve_run(multinode_manifest())
     assert kubernetes_problems(run.manifest) == []
@@ -113,6 +130,7 @@ def test_multinode_example_is_valid_for_kubernetes():
 
 
 # --- properties -----------------------------------------------------------------------------------------------
+
 
 def all_cases():
     for key in MANIFESTS:
@@ -149,8 +167,12 @@ def test_every_object_is_owned_labelled_and_named(key, attempt, phase_index):
 
 def test_owner_reference():
     assert builders.owner_reference("demo", "u-1") == {
-        "apiVersion": "stagerun.io/v1alpha1", "kind": "TrainingRun", "name": "demo", "uid": "u-1",
-        "controller": True, "blockOwnerDeletion": True,
+        "apiVersion": "stagerun.io/v1alpha1",
+        "kind": "TrainingRun",
+        "name": "demo",
+        "uid": "u-1",
+        "controller": True,
+        "blockOwnerDeletion": True,
     }
 
 
@@ -315,21 +337,36 @@ def test_scheduling_fields_reach_the_pod():
     assert pod["imagePullSecrets"] == [{"name": "ghcr-pull"}]
     assert container_of({"spec": {"template": {"spec": pod}}})["image"] == "ghcr.io/example/stagerun:0.1"
     quick = by_kind(build(quickstart_manifest()))["Job"]["spec"]["template"]["spec"]
-    for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName", "serviceAccountName", "imagePullSecrets"):
+    for key in (
+        "nodeSelector",
+        "tolerations",
+        "affinity",
+        "priorityClassName",
+        "serviceAccountName",
+        "imagePullSecrets",
+    ):
         assert key not in quick
 
 
 def test_configmap_holds_the_manifest_as_written_and_reads_back():
     raw = multinode_manifest()
-    raw["metadata"].update(uid="abc", resourceVersion="42", generation=3, creationTimestamp="2025-01-01T00:00:00Z",
-                           annotations={"kubectl.kubernetes.io/last-applied-configuration": "{...}", "note": "keep"})
+    raw["metadata"].update(
+        uid="abc",
+        resourceVersion="42",
+        generation=3,
+        creationTimestamp="2025-01-01T00:00:00Z",
+        annotations={"kubectl.kubernetes.io/last-applied-configuration": "{...}", "note": "keep"},
+    )
     raw["status"] = {"phase": "Running"}
     run = resolve_run(raw)
     cm = builders.build_configmap(run, namespace="ns", uid="abc", attempt=1, phase_index=0)
     written = yaml.safe_load(cm["data"][naming.MANIFEST_FILE])
     assert "status" not in written
-    assert written["metadata"] == {"name": "llama3-8b-pretrain", "labels": {"team": "foundation-models"},
-                                   "annotations": {"note": "keep"}}
+    assert written["metadata"] == {
+        "name": "llama3-8b-pretrain",
+        "labels": {"team": "foundation-models"},
+        "annotations": {"note": "keep"},
+    }
     assert "scheduling" in written["spec"] and "hangTimeout" not in written["spec"]  # only what the user set
     again = resolve_run(written)
     assert again.phases == run.phases
@@ -337,8 +374,17 @@ def test_configmap_holds_the_manifest_as_written_and_reads_back():
     summary = json.loads(cm["data"][builders.RESOLVED_FILE])
     assert [p["name"] for p in summary["phases"]] == ["core", "long-context", "anneal"]
     first = summary["phases"][0]
-    assert set(first) == {"name", "startTokens", "tokens", "seqLen", "ramp", "microBatchSize", "lr", "weights",
-                          "worldSize"}
+    assert set(first) == {
+        "name",
+        "startTokens",
+        "tokens",
+        "seqLen",
+        "ramp",
+        "microBatchSize",
+        "lr",
+        "weights",
+        "worldSize",
+    }
     assert first["ramp"] == [{"tokens": 0, "size": 4 * 2**20}, {"tokens": 252_000_000, "size": 8 * 2**20}]
     assert summary["phases"][1]["startTokens"] == 10**12
 
@@ -379,7 +425,9 @@ def test_bad_arguments_are_rejected_with_the_field():
 
 
 def test_the_operator_does_not_import_torch():
-    code = ("import stagerun.operator.builders, stagerun.operator.handlers, stagerun.operator.crd, "
-            "stagerun.operator.main, sys; assert 'torch' not in sys.modules, 'torch was imported'")
+    code = (
+        "import stagerun.operator.builders, stagerun.operator.handlers, stagerun.operator.crd, "
+        "stagerun.operator.main, sys; assert 'torch' not in sys.modules, 'torch was imported'"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT
 from helm_tool import helm_binary, why_no_helm
 
@@ -28,24 +27,42 @@ FULL_VALUES = {
     "watchNamespaces": ["team-a", "team-b"],
     "image": {"repository": "registry.example.com/ml/stagerun-operator", "tag": "0.2.0-rc1", "pullPolicy": "Always"},
     "imagePullSecrets": [{"name": "regcred"}],
-    "operator": {"verbose": True, "settings": {"STAGERUN_RECONCILE_SECONDS": 30, "STAGERUN_BACKOFF_MAX_SECONDS": "600"},
-                 "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]},
+    "operator": {
+        "verbose": True,
+        "settings": {"STAGERUN_RECONCILE_SECONDS": 30, "STAGERUN_BACKOFF_MAX_SECONDS": "600"},
+        "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
+    },
     "resources": {"requests": {"cpu": "250m", "memory": "300Mi"}, "limits": {"cpu": 2, "memory": "1Gi"}},
     "podAnnotations": {"example.com/owner": "ml-platform"},
     "podLabels": {"team": "ml"},
     "nodeSelector": {"kubernetes.io/os": "linux"},
     "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "system", "effect": "NoSchedule"}],
-    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-        {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}]}}},
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}
+                ]
+            }
+        }
+    },
     "priorityClassName": "system-cluster-critical",
     "serviceAccount": {"name": "trainer-operator", "annotations": {"iam.example.com/role": "stagerun"}},
     "rbac": {"readNodes": False},
-    "metrics": {"port": 9091,
-                "serviceMonitor": {"enabled": True, "interval": "15s", "scrapeTimeout": "10s",
-                                   "labels": {"release": "kps"}},
-                "podMonitor": {"enabled": True, "interval": "1m", "labels": {"release": "kps"}}},
-    "grafana": {"dashboards": {"enabled": True, "namespace": "monitoring", "label": "grafana_dashboard",
-                               "labelValue": "yes", "annotations": {"grafana_folder": "Training"}}},
+    "metrics": {
+        "port": 9091,
+        "serviceMonitor": {"enabled": True, "interval": "15s", "scrapeTimeout": "10s", "labels": {"release": "kps"}},
+        "podMonitor": {"enabled": True, "interval": "1m", "labels": {"release": "kps"}},
+    },
+    "grafana": {
+        "dashboards": {
+            "enabled": True,
+            "namespace": "monitoring",
+            "label": "grafana_dashboard",
+            "labelValue": "yes",
+            "annotations": {"grafana_folder": "Training"},
+        }
+    },
 }
 
 
@@ -101,7 +118,8 @@ def dashboard_files() -> list[Path]:
     return sorted((CHART / "dashboards").glob("*.json"))
 
 
-# -- lint and render ----------------------------------------------------------------------------------------------------
+# -- lint and render ---------------------------------------------------------------------------------------------------
+
 
 def test_helm_lint(helm, tmp_path):
     result = helm_run(helm, "lint", "--strict", str(CHART))
@@ -114,14 +132,25 @@ def test_helm_lint(helm, tmp_path):
 
 def test_default_install_renders_the_operator_and_its_clusterwide_rbac(default_objects):
     kinds = sorted(o["kind"] for o in default_objects)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment", "Service",
-                     "ServiceAccount"]
+    assert kinds == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+    ]
     for obj in default_objects:
         if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"):
             assert obj["metadata"]["namespace"] == RELEASE_NS, obj["metadata"]
     args = container(default_objects)["command"]
-    assert args[:5] == ["stagerun", "operator", "--standalone", "--liveness=http://0.0.0.0:8080/healthz",
-                        "--metrics-port=8081"]
+    assert args[:5] == [
+        "stagerun",
+        "operator",
+        "--standalone",
+        "--liveness=http://0.0.0.0:8080/healthz",
+        "--metrics-port=8081",
+    ]
     assert args[5:] == ["-A"]
     assert container(default_objects)["image"] == f"ghcr.io/stagerun/stagerun-operator:{chart()['appVersion']}"
 
@@ -136,13 +165,27 @@ def test_install_dry_run_prints_the_next_steps(helm):
 
 def test_full_values_render_every_optional_part(full_objects):
     kinds = sorted(o["kind"] for o in full_objects)
-    expected = ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment", "PodMonitor",
-                "Role", "Role", "RoleBinding", "RoleBinding", "Service", "ServiceAccount", "ServiceMonitor"]
+    expected = [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "Deployment",
+        "PodMonitor",
+        "Role",
+        "Role",
+        "RoleBinding",
+        "RoleBinding",
+        "Service",
+        "ServiceAccount",
+        "ServiceMonitor",
+    ]
     if dashboard_files():
         expected.append("ConfigMap")
     assert kinds == sorted(expected)
-    assert {o["metadata"]["namespace"] for o in full_objects if o["kind"] in ("Role", "RoleBinding")} == \
-        {"team-a", "team-b"}
+    assert {o["metadata"]["namespace"] for o in full_objects if o["kind"] in ("Role", "RoleBinding")} == {
+        "team-a",
+        "team-b",
+    }
     main = container(full_objects)
     assert main["command"][5:] == ["-n", "team-a", "-n", "team-b", "--verbose"]
     assert "--metrics-port=9091" in main["command"]
@@ -173,18 +216,23 @@ def test_default_settings_are_the_operators_own_defaults(default_objects):
     from stagerun.operator.state import Settings
 
     env = {e["name"]: e["value"] for e in container(default_objects)["env"] if e["name"].startswith("STAGERUN_")}
-    documented = dict(re.findall(r"`(STAGERUN_[A-Z_]+_SECONDS)` \((\d+)\)", (ROOT / "docs" / "operator.md").read_text()))
+    documented = dict(
+        re.findall(r"`(STAGERUN_[A-Z_]+_SECONDS)` \((\d+)\)", (ROOT / "docs" / "operator.md").read_text())
+    )
     assert set(env) == set(documented), "values.yaml operator.settings and docs/operator.md list other settings"
     assert {k: float(v) for k, v in env.items()} == {k: float(v) for k, v in documented.items()}
-    from_code = {"STAGERUN_BACKOFF_BASE_SECONDS": Settings.backoff_base_seconds,
-                 "STAGERUN_BACKOFF_MAX_SECONDS": Settings.backoff_max_seconds,
-                 "STAGERUN_FAILURE_GRACE_SECONDS": Settings.failure_grace_seconds,
-                 "STAGERUN_SUSPEND_GRACE_SECONDS": Settings.suspend_grace_seconds,
-                 "STAGERUN_FORCE_DELETE_AFTER_SECONDS": Settings.force_delete_after_seconds}
+    from_code = {
+        "STAGERUN_BACKOFF_BASE_SECONDS": Settings.backoff_base_seconds,
+        "STAGERUN_BACKOFF_MAX_SECONDS": Settings.backoff_max_seconds,
+        "STAGERUN_FAILURE_GRACE_SECONDS": Settings.failure_grace_seconds,
+        "STAGERUN_SUSPEND_GRACE_SECONDS": Settings.suspend_grace_seconds,
+        "STAGERUN_FORCE_DELETE_AFTER_SECONDS": Settings.force_delete_after_seconds,
+    }
     assert all(float(env[k]) == float(v) for k, v in from_code.items())
 
 
-# -- validity of every object -------------------------------------------------------------------------------------------
+# -- validity of every object ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("which", ["default", "full"])
 def test_every_object_is_valid_for_its_kind(which, request, kubernetes_validate):
@@ -248,9 +296,11 @@ def test_pod_monitor_watches_every_namespace_by_default(helm, tmp_path):
 
 # -- what the Deployment promises -------------------------------------------------------------------------------------
 
+
 def test_crd_is_a_byte_identical_copy_of_the_repositorys():
-    assert (CHART / "crds" / "trainingrun.yaml").read_bytes() == (ROOT / "crds" / "trainingrun.yaml").read_bytes(), \
+    assert (CHART / "crds" / "trainingrun.yaml").read_bytes() == (ROOT / "crds" / "trainingrun.yaml").read_bytes(), (
         "charts/stagerun/crds/trainingrun.yaml is stale: cp crds/trainingrun.yaml charts/stagerun/crds/"
+    )
 
 
 def test_operator_runs_non_root_read_only_with_health_probes(default_objects):
@@ -292,25 +342,29 @@ def test_operator_command_line_is_accepted_by_the_operator(default_objects, full
         assert args.all_namespaces or args.namespace
 
 
-# -- the values schema --------------------------------------------------------------------------------------------------
+# -- the values schema -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad, complaint", [
-    (["--set", "replicaCount=2"], "replicaCount"),
-    (["--set", "replicaCount=one"], "replicaCount"),
-    (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),
-    (["--set", "surprise=1"], "surprise"),
-    (["--set", "image.registry=example.com"], "registry"),
-    (["--set", "resources.limits.cpu=-1"], "cpu"),
-    (["--set", "resources.requests.memory=-256Mi"], "memory"),
-    (["--set", "resources.requests.memory=lots"], "memory"),
-    (["--set", "watchNamespaces=team-a"], "watchNamespaces"),
-    (["--set", "watchNamespaces={Team_A}"], "watchNamespaces"),
-    (["--set", "rbac.readNodes=maybe"], "readNodes"),
-    (["--set", "operator.settings.RECONCILE=5"], "RECONCILE"),
-    (["--set", "metrics.port=8080"], "port"),
-    (["--set", "metrics.serviceMonitor.interval=often"], "interval"),
-    (["--set", "serviceAccount.create=false"], "serviceAccount.name"),
-])
+
+@pytest.mark.parametrize(
+    "bad, complaint",
+    [
+        (["--set", "replicaCount=2"], "replicaCount"),
+        (["--set", "replicaCount=one"], "replicaCount"),
+        (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),
+        (["--set", "surprise=1"], "surprise"),
+        (["--set", "image.registry=example.com"], "registry"),
+        (["--set", "resources.limits.cpu=-1"], "cpu"),
+        (["--set", "resources.requests.memory=-256Mi"], "memory"),
+        (["--set", "resources.requests.memory=lots"], "memory"),
+        (["--set", "watchNamespaces=team-a"], "watchNamespaces"),
+        (["--set", "watchNamespaces={Team_A}"], "watchNamespaces"),
+        (["--set", "rbac.readNodes=maybe"], "readNodes"),
+        (["--set", "operator.settings.RECONCILE=5"], "RECONCILE"),
+        (["--set", "metrics.port=8080"], "port"),
+        (["--set", "metrics.serviceMonitor.interval=often"], "interval"),
+        (["--set", "serviceAccount.create=false"], "serviceAccount.name"),
+    ],
+)
 def test_bad_values_are_refused(helm, bad, complaint):
     result = helm_run(helm, "template", RELEASE, str(CHART), "-n", RELEASE_NS, *bad)
     assert result.returncode != 0, f"{bad} was accepted"
@@ -336,7 +390,8 @@ def test_values_yaml_documents_every_key():
     assert not undocumented, f"keys of values.yaml without a comment above them: {undocumented}"
 
 
-# -- Grafana dashboards -------------------------------------------------------------------------------------------------
+# -- Grafana dashboards ------------------------------------------------------------------------------------------------
+
 
 def test_dashboards_configmap_carries_every_dashboard(full_objects):
     files = dashboard_files()

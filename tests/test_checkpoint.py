@@ -34,8 +34,16 @@ WORKER = Path(__file__).with_name("_ckpt_worker.py")
 
 
 def torchrun(nproc: int, *args, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "--monitor-interval=0.1", str(WORKER), *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "--monitor-interval=0.1",
+        str(WORKER),
+        *map(str, args),
+    ]
     inherited = {k: v for k, v in os.environ.items() if k != CRASH_ENV}  # fault injection only where asked for
     full_env = {**inherited, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=120)
@@ -81,6 +89,7 @@ def copy_ck(reference, dest: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- multi-process
+
 
 def test_resume_same_world_is_bitwise_and_continues_identically(reference, tmp_path):
     (tmp_path / "dump").mkdir()
@@ -137,6 +146,7 @@ def test_crash_before_commit_is_invisible_and_resume_uses_previous(reference, tm
 
 
 # ------------------------------------------------------------------------------------------- single process
+
 
 def tiny_model(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
@@ -231,6 +241,7 @@ def test_meta_disagreeing_with_marker_is_refused(tmp_path):
 
 # ------------------------------------------------------------------------------------------- retention
 
+
 def save_tiny(mgr: CheckpointManager, step: int, boundary: bool = False) -> None:
     meta = {"tokens": step * 10, "phase_index": 0}
     mgr.save(step, {"w": torch.full((2,), float(step))}, meta, phase_boundary=boundary)
@@ -250,8 +261,12 @@ def test_retention_keeps_newest_and_phase_boundaries(tmp_path):
     (tmp_path / "step-00000007").mkdir()  # newer than every committed one: maybe a save in flight, keep it
     save_tiny(mgr, 6)
     assert mgr.apply_retention() == [str(tmp_path / "step-00000003")]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002", "step-00000005", "step-00000006",
-                                                          "step-00000007"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step-00000002",
+        "step-00000005",
+        "step-00000006",
+        "step-00000007",
+    ]
     assert [i.step for i in mgr.committed()] == [2, 5, 6]
 
     one = CheckpointManager(tmp_path, keep=1)

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
+from stagerun.core.spec import kubernetes_problems, resolve_run, to_manifest, validate_manifest
 from stagerun.operator import crd, naming
-from stagerun.trainer.spec import kubernetes_problems, resolve_run, to_manifest, validate_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 REGENERATE = "python -m stagerun.operator.crd > crds/trainingrun.yaml"
@@ -65,9 +65,14 @@ def test_crd_identity():
     spec = manifest["spec"]
     assert spec["group"] == naming.GROUP == "stagerun.io"
     assert spec["scope"] == "Namespaced"
-    assert spec["names"] == {"plural": "trainingruns", "singular": "trainingrun", "kind": "TrainingRun",
-                             "listKind": "TrainingRunList", "shortNames": ["tr", "trun"],
-                             "categories": ["all", "stagerun"]}
+    assert spec["names"] == {
+        "plural": "trainingruns",
+        "singular": "trainingrun",
+        "kind": "TrainingRun",
+        "listKind": "TrainingRunList",
+        "shortNames": ["tr", "trun"],
+        "categories": ["all", "stagerun"],
+    }
     (version,) = spec["versions"]
     assert (version["name"], version["served"], version["storage"]) == (naming.VERSION, True, True)
     assert version["subresources"] == {"status": {}}
@@ -76,11 +81,42 @@ def test_crd_identity():
 
 # -- structural schema rules (apiextensions.k8s.io/v1) --------------------------------------------------------------
 SCHEMA_KEYS = {  # JSONSchemaProps fields a v1 CRD may use ($ref, definitions, patternProperties... are forbidden)
-    "description", "type", "format", "title", "default", "maximum", "exclusiveMaximum", "minimum", "exclusiveMinimum",
-    "maxLength", "minLength", "pattern", "maxItems", "minItems", "uniqueItems", "multipleOf", "enum", "maxProperties",
-    "minProperties", "required", "items", "allOf", "oneOf", "anyOf", "not", "properties", "additionalProperties",
-    "nullable", "example", "externalDocs", "x-kubernetes-preserve-unknown-fields", "x-kubernetes-embedded-resource",
-    "x-kubernetes-int-or-string", "x-kubernetes-list-map-keys", "x-kubernetes-list-type", "x-kubernetes-map-type",
+    "description",
+    "type",
+    "format",
+    "title",
+    "default",
+    "maximum",
+    "exclusiveMaximum",
+    "minimum",
+    "exclusiveMinimum",
+    "maxLength",
+    "minLength",
+    "pattern",
+    "maxItems",
+    "minItems",
+    "uniqueItems",
+    "multipleOf",
+    "enum",
+    "maxProperties",
+    "minProperties",
+    "required",
+    "items",
+    "allOf",
+    "oneOf",
+    "anyOf",
+    "not",
+    "properties",
+    "additionalProperties",
+    "nullable",
+    "example",
+    "externalDocs",
+    "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-embedded-resource",
+    "x-kubernetes-int-or-string",
+    "x-kubernetes-list-map-keys",
+    "x-kubernetes-list-type",
+    "x-kubernetes-map-type",
     "x-kubernetes-validations",
 }
 TYPES = {"object", "array", "string", "integer", "number", "boolean"}
@@ -147,16 +183,24 @@ def test_schema_is_structural():
 
 
 def test_structural_checker_finds_violations():
-    bad = {"type": "object", "properties": {
-        "untyped": {"description": "no type"},
-        "both": {"type": "object", "properties": {}, "additionalProperties": {"type": "string"}},
-        "list": {"type": "array"},
-        "ref": {"$ref": "#/definitions/x"},
-        "iors": {"type": "string", "x-kubernetes-int-or-string": True},
-    }}
+    bad = {
+        "type": "object",
+        "properties": {
+            "untyped": {"description": "no type"},
+            "both": {"type": "object", "properties": {}, "additionalProperties": {"type": "string"}},
+            "list": {"type": "array"},
+            "ref": {"$ref": "#/definitions/x"},
+            "iors": {"type": "string", "x-kubernetes-int-or-string": True},
+        },
+    }
     text = "\n".join(structural_problems(bad))
-    for expected in ("untyped: has no type", "both: properties and additionalProperties", "list: an array needs items",
-                     "ref: '$ref' is not allowed", "iors: x-kubernetes-int-or-string forbids a type"):
+    for expected in (
+        "untyped: has no type",
+        "both: properties and additionalProperties",
+        "list: an array needs items",
+        "ref: '$ref' is not allowed",
+        "iors: x-kubernetes-int-or-string forbids a type",
+    ):
         assert expected in text, text
 
 
@@ -184,7 +228,10 @@ def test_schema_mirrors_the_field_metadata():
     phase = props["phases"]["items"]
     assert phase["required"] == ["name", "tokens"]
     assert phase["properties"]["tokens"] == {
-        "description": phase["properties"]["tokens"]["description"], "x-kubernetes-int-or-string": True, "minimum": 1}
+        "description": phase["properties"]["tokens"]["description"],
+        "x-kubernetes-int-or-string": True,
+        "minimum": 1,
+    }
     assert "'2T' or '4Mi'" in phase["properties"]["tokens"]["description"]
     assert props["hangTimeout"]["x-kubernetes-int-or-string"] and props["hangTimeout"]["minimum"] == 60
     assert "'15m'" in props["hangTimeout"]["description"]
@@ -193,8 +240,10 @@ def test_schema_mirrors_the_field_metadata():
     assert (lr["peak"]["type"], lr["peak"]["minimum"], lr["peak"]["exclusiveMinimum"]) == ("number", 0, True)
     assert (lr["decayFraction"]["minimum"], lr["decayFraction"]["maximum"]) == (0, 1)
     assert phase["properties"]["data"]["properties"]["weights"] == {
-        "description": "source sampling weights in this phase; they sum to 1.", "type": "object",
-        "additionalProperties": {"type": "number"}}
+        "description": "source sampling weights in this phase; they sum to 1.",
+        "type": "object",
+        "additionalProperties": {"type": "number"},
+    }
     source = props["data"]["properties"]["sources"]["additionalProperties"]
     assert source["required"] == ["path", "weight"] and source["properties"]["weight"]["minimum"] == 0
     assert props["scheduling"]["properties"]["imagePullSecrets"]["items"] == {"type": "string"}
@@ -210,8 +259,11 @@ def to_json_schema(node: dict) -> dict:
     """Draft 7 JSON Schema for a structural schema node: int-or-string becomes anyOf integer/string, OpenAPI 3.0's
     boolean exclusiveMinimum becomes Draft 7's numeric one, x-kubernetes-* extensions are dropped (unknown fields
     are allowed by JSON Schema; pruning is modelled separately by ``pruned_fields``)."""
-    out = {k: v for k, v in node.items()
-           if not k.startswith("x-kubernetes-") and k not in ("properties", "items", "additionalProperties")}
+    out = {
+        k: v
+        for k, v in node.items()
+        if not k.startswith("x-kubernetes-") and k not in ("properties", "items", "additionalProperties")
+    }
     if node.get("x-kubernetes-int-or-string"):
         out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
     if out.get("exclusiveMinimum") is True:
@@ -357,103 +409,214 @@ class Case:
 P0, P1, P2 = "spec.phases[0]", "spec.phases[1]", "spec.phases[2]"
 CASES = [
     # Rejected by the CRD schema at `kubectl apply` time (and again by the operator, which reads with the same rules).
-    Case("missing-spec", {"spec": DELETE},
-         schema=("", "'spec' is a required property"), operator=("spec", "required field is missing")),
-    Case("missing-phases", {"spec.phases": DELETE},
-         schema=("spec", "'phases' is a required property"), operator=("spec.phases", "required field is missing")),
-    Case("phase-without-tokens", {f"{P0}.tokens": DELETE},
-         schema=(P0, "'tokens' is a required property"), operator=(f"{P0}.tokens", "required field is missing")),
-    Case("ramp-point-without-size", {f"{P0}.batch.ramp[1]": {"tokens": "160K"}},
-         schema=(f"{P0}.batch.ramp[1]", "'size' is a required property"),
-         operator=(f"{P0}.batch.ramp[1].size", "required field is missing")),
-    Case("source-without-weight", {"spec.data.sources.code": {"path": "builtin:python-code"}},
-         schema=("spec.data.sources.code", "'weight' is a required property"),
-         operator=("spec.data.sources.code.weight", "required field is missing")),
-    Case("dim-as-string", {"spec.model.dim": "256"},
-         schema=("spec.model.dim", "'256' is not of type 'integer'"),
-         operator=("spec.model.dim", "expected an integer")),
-    Case("phases-as-mapping", {"spec.phases": {"core": {"tokens": "1M"}}},
-         schema=("spec.phases", "is not of type 'array'"), operator=("spec.phases", "expected a list")),
-    Case("ramp-point-as-string", {f"{P0}.batch.ramp[0]": "8Ki"},
-         schema=(f"{P0}.batch.ramp[0]", "'8Ki' is not of type 'object'"),
-         operator=(f"{P0}.batch.ramp[0]", "expected a mapping")),
-    Case("weight-not-a-number", {"spec.data.sources.docs.weight": "lots"},
-         schema=("spec.data.sources.docs.weight", "'lots' is not of type 'number'"),
-         operator=("spec.data.sources.docs.weight", "cannot read 'lots' as a number")),
-    Case("suspend-as-string", {"spec.suspend": "true"},
-         schema=("spec.suspend", "'true' is not of type 'boolean'"),
-         operator=("spec.suspend", "expected true or false")),
-    Case("tokens-as-boolean", {f"{P0}.tokens": True},
-         schema=(f"{P0}.tokens", "is not valid under any of the given schemas"),  # neither integer nor string
-         operator=(f"{P0}.tokens", "got the boolean")),
-    Case("lr-schedule-typo", {f"{P0}.lr.schedule": "cosin"},
-         schema=(f"{P0}.lr.schedule", "'cosin' is not one of ['constant', 'linear', 'cosine', 'wsd']"),
-         operator=(f"{P0}.lr.schedule", "did you mean 'cosine'?")),
-    Case("precision-fp16", {"spec.training.precision": "fp16"},
-         schema=("spec.training.precision", "'fp16' is not one of"),
-         operator=("spec.training.precision", "must be one of")),
-    Case("source-format-parquet", {"spec.data.sources.docs.format": "parquet"},
-         schema=("spec.data.sources.docs.format", "'parquet' is not one of"),
-         operator=("spec.data.sources.docs.format", "must be one of auto, tokens, text, jsonl")),
-    Case("norm-batchnorm", {"spec.model.norm": "batchnorm"},
-         schema=("spec.model.norm", "'batchnorm' is not one of ['rmsnorm', 'layernorm']"),
-         operator=("spec.model.norm", "must be one of")),
-    Case("zero-nodes", {"spec.resources.nodes": 0},
-         schema=("spec.resources.nodes", "0 is less than the minimum of 1"),
-         operator=("spec.resources.nodes", "must be at least 1")),
-    Case("zero-token-phase", {f"{P1}.tokens": 0},  # minimum on an int-or-string field applies to its integer form
-         schema=(f"{P1}.tokens", "0 is less than the minimum of 1"), operator=(f"{P1}.tokens", "must be at least 1")),
-    Case("hang-timeout-too-short", {"spec.hangTimeout": 30},
-         schema=("spec.hangTimeout", "30 is less than the minimum of 60"),
-         operator=("spec.hangTimeout", "must be at least 60")),
-    Case("zero-peak-lr", {f"{P0}.lr.peak": 0},
-         schema=(f"{P0}.lr.peak", "0 is less than or equal to the minimum of 0"),
-         operator=(f"{P0}.lr.peak", "must be greater than 0")),
-    Case("decay-fraction-above-1", {f"{P0}.lr.schedule": "wsd", f"{P0}.lr.decayFraction": 1.5},
-         schema=(f"{P0}.lr.decayFraction", "1.5 is greater than the maximum of 1"),
-         operator=(f"{P0}.lr.decayFraction", "must be at most 1")),
-    Case("beta2-of-1", {"spec.training.optimizer": {"beta2": 1.0}},
-         schema=("spec.training.optimizer.beta2", "1.0 is greater than the maximum of 0.999999"),
-         operator=("spec.training.optimizer.beta2", "must be at most 0.999999")),
-    Case("keep-zero-checkpoints", {"spec.checkpoint.keep": 0},
-         schema=("spec.checkpoint.keep", "0 is less than the minimum of 1"),
-         operator=("spec.checkpoint.keep", "must be at least 1")),
-    Case("node-selector-value-not-a-string", {"spec.scheduling": {"nodeSelector": {"pool": 8}}},
-         schema=("spec.scheduling.nodeSelector.pool", "8 is not of type 'string'"),
-         operator=("spec.scheduling.nodeSelector.pool", "expected a string")),
-    Case("tolerations-as-mapping", {"spec.scheduling": {"tolerations": {"key": "gpu", "operator": "Exists"}}},
-         schema=("spec.scheduling.tolerations", "is not of type 'array'"),
-         operator=("spec.scheduling.tolerations", "expected a list")),
-    Case("image-pull-secrets-as-objects", {"spec.scheduling": {"imagePullSecrets": [{"name": "regcred"}]}},
-         schema=("spec.scheduling.imagePullSecrets[0]", "is not of type 'string'"),  # names, not Pod-style objects
-         operator=("spec.scheduling.imagePullSecrets[0]", "expected a string")),
+    Case(
+        "missing-spec",
+        {"spec": DELETE},
+        schema=("", "'spec' is a required property"),
+        operator=("spec", "required field is missing"),
+    ),
+    Case(
+        "missing-phases",
+        {"spec.phases": DELETE},
+        schema=("spec", "'phases' is a required property"),
+        operator=("spec.phases", "required field is missing"),
+    ),
+    Case(
+        "phase-without-tokens",
+        {f"{P0}.tokens": DELETE},
+        schema=(P0, "'tokens' is a required property"),
+        operator=(f"{P0}.tokens", "required field is missing"),
+    ),
+    Case(
+        "ramp-point-without-size",
+        {f"{P0}.batch.ramp[1]": {"tokens": "160K"}},
+        schema=(f"{P0}.batch.ramp[1]", "'size' is a required property"),
+        operator=(f"{P0}.batch.ramp[1].size", "required field is missing"),
+    ),
+    Case(
+        "source-without-weight",
+        {"spec.data.sources.code": {"path": "builtin:python-code"}},
+        schema=("spec.data.sources.code", "'weight' is a required property"),
+        operator=("spec.data.sources.code.weight", "required field is missing"),
+    ),
+    Case(
+        "dim-as-string",
+        {"spec.model.dim": "256"},
+        schema=("spec.model.dim", "'256' is not of type 'integer'"),
+        operator=("spec.model.dim", "expected an integer"),
+    ),
+    Case(
+        "phases-as-mapping",
+        {"spec.phases": {"core": {"tokens": "1M"}}},
+        schema=("spec.phases", "is not of type 'array'"),
+        operator=("spec.phases", "expected a list"),
+    ),
+    Case(
+        "ramp-point-as-string",
+        {f"{P0}.batch.ramp[0]": "8Ki"},
+        schema=(f"{P0}.batch.ramp[0]", "'8Ki' is not of type 'object'"),
+        operator=(f"{P0}.batch.ramp[0]", "expected a mapping"),
+    ),
+    Case(
+        "weight-not-a-number",
+        {"spec.data.sources.docs.weight": "lots"},
+        schema=("spec.data.sources.docs.weight", "'lots' is not of type 'number'"),
+        operator=("spec.data.sources.docs.weight", "cannot read 'lots' as a number"),
+    ),
+    Case(
+        "suspend-as-string",
+        {"spec.suspend": "true"},
+        schema=("spec.suspend", "'true' is not of type 'boolean'"),
+        operator=("spec.suspend", "expected true or false"),
+    ),
+    Case(
+        "tokens-as-boolean",
+        {f"{P0}.tokens": True},
+        schema=(f"{P0}.tokens", "is not valid under any of the given schemas"),  # neither integer nor string
+        operator=(f"{P0}.tokens", "got the boolean"),
+    ),
+    Case(
+        "lr-schedule-typo",
+        {f"{P0}.lr.schedule": "cosin"},
+        schema=(f"{P0}.lr.schedule", "'cosin' is not one of ['constant', 'linear', 'cosine', 'wsd']"),
+        operator=(f"{P0}.lr.schedule", "did you mean 'cosine'?"),
+    ),
+    Case(
+        "precision-fp16",
+        {"spec.training.precision": "fp16"},
+        schema=("spec.training.precision", "'fp16' is not one of"),
+        operator=("spec.training.precision", "must be one of"),
+    ),
+    Case(
+        "source-format-parquet",
+        {"spec.data.sources.docs.format": "parquet"},
+        schema=("spec.data.sources.docs.format", "'parquet' is not one of"),
+        operator=("spec.data.sources.docs.format", "must be one of auto, tokens, text, jsonl"),
+    ),
+    Case(
+        "norm-batchnorm",
+        {"spec.model.norm": "batchnorm"},
+        schema=("spec.model.norm", "'batchnorm' is not one of ['rmsnorm', 'layernorm']"),
+        operator=("spec.model.norm", "must be one of"),
+    ),
+    Case(
+        "zero-nodes",
+        {"spec.resources.nodes": 0},
+        schema=("spec.resources.nodes", "0 is less than the minimum of 1"),
+        operator=("spec.resources.nodes", "must be at least 1"),
+    ),
+    Case(
+        "zero-token-phase",
+        {f"{P1}.tokens": 0},  # minimum on an int-or-string field applies to its integer form
+        schema=(f"{P1}.tokens", "0 is less than the minimum of 1"),
+        operator=(f"{P1}.tokens", "must be at least 1"),
+    ),
+    Case(
+        "hang-timeout-too-short",
+        {"spec.hangTimeout": 30},
+        schema=("spec.hangTimeout", "30 is less than the minimum of 60"),
+        operator=("spec.hangTimeout", "must be at least 60"),
+    ),
+    Case(
+        "zero-peak-lr",
+        {f"{P0}.lr.peak": 0},
+        schema=(f"{P0}.lr.peak", "0 is less than or equal to the minimum of 0"),
+        operator=(f"{P0}.lr.peak", "must be greater than 0"),
+    ),
+    Case(
+        "decay-fraction-above-1",
+        {f"{P0}.lr.schedule": "wsd", f"{P0}.lr.decayFraction": 1.5},
+        schema=(f"{P0}.lr.decayFraction", "1.5 is greater than the maximum of 1"),
+        operator=(f"{P0}.lr.decayFraction", "must be at most 1"),
+    ),
+    Case(
+        "beta2-of-1",
+        {"spec.training.optimizer": {"beta2": 1.0}},
+        schema=("spec.training.optimizer.beta2", "1.0 is greater than the maximum of 0.999999"),
+        operator=("spec.training.optimizer.beta2", "must be at most 0.999999"),
+    ),
+    Case(
+        "keep-zero-checkpoints",
+        {"spec.checkpoint.keep": 0},
+        schema=("spec.checkpoint.keep", "0 is less than the minimum of 1"),
+        operator=("spec.checkpoint.keep", "must be at least 1"),
+    ),
+    Case(
+        "node-selector-value-not-a-string",
+        {"spec.scheduling": {"nodeSelector": {"pool": 8}}},
+        schema=("spec.scheduling.nodeSelector.pool", "8 is not of type 'string'"),
+        operator=("spec.scheduling.nodeSelector.pool", "expected a string"),
+    ),
+    Case(
+        "tolerations-as-mapping",
+        {"spec.scheduling": {"tolerations": {"key": "gpu", "operator": "Exists"}}},
+        schema=("spec.scheduling.tolerations", "is not of type 'array'"),
+        operator=("spec.scheduling.tolerations", "expected a list"),
+    ),
+    Case(
+        "image-pull-secrets-as-objects",
+        {"spec.scheduling": {"imagePullSecrets": [{"name": "regcred"}]}},
+        schema=("spec.scheduling.imagePullSecrets[0]", "is not of type 'string'"),  # names, not Pod-style objects
+        operator=("spec.scheduling.imagePullSecrets[0]", "expected a string"),
+    ),
     # Accepted by the schema, rejected by the operator: rules that span fields, parse quantities, or are
     # Kubernetes-only, and unknown fields, which the API server prunes instead of rejecting.
-    Case("unknown-field-seqLne", {f"{P1}.seqLne": 512}, pruned=[f"{P1}.seqLne"],
-         operator=(f"{P1}.seqLne", "unknown field (fix: did you mean 'seqLen'?)")),
-    Case("unknown-block-checkpoints", {"spec.checkpoints": {"keep": 5}}, pruned=["spec.checkpoints"],
-         operator=("spec.checkpoints", "unknown field (fix: did you mean 'checkpoint'?)")),
-    Case("source-weights-sum-1.1", {"spec.data.sources.code.weight": 0.4},
-         operator=("spec.data.sources[*].weight", "weights sum to 1.1, not 1")),
-    Case("phase-weights-sum-1.1", {f"{P2}.data.weights": {"docs": 0.5, "code": 0.6}},
-         operator=(f"{P2}.data.weights", "weights sum to 1.1, not 1")),
-    Case("seq-len-not-multiple-of-8", {f"{P0}.seqLen": 100},
-         operator=(f"{P0}.seqLen", "must be a positive multiple of 8, got 100")),
+    Case(
+        "unknown-field-seqLne",
+        {f"{P1}.seqLne": 512},
+        pruned=[f"{P1}.seqLne"],
+        operator=(f"{P1}.seqLne", "unknown field (fix: did you mean 'seqLen'?)"),
+    ),
+    Case(
+        "unknown-block-checkpoints",
+        {"spec.checkpoints": {"keep": 5}},
+        pruned=["spec.checkpoints"],
+        operator=("spec.checkpoints", "unknown field (fix: did you mean 'checkpoint'?)"),
+    ),
+    Case(
+        "source-weights-sum-1.1",
+        {"spec.data.sources.code.weight": 0.4},
+        operator=("spec.data.sources[*].weight", "weights sum to 1.1, not 1"),
+    ),
+    Case(
+        "phase-weights-sum-1.1",
+        {f"{P2}.data.weights": {"docs": 0.5, "code": 0.6}},
+        operator=(f"{P2}.data.weights", "weights sum to 1.1, not 1"),
+    ),
+    Case(
+        "seq-len-not-multiple-of-8",
+        {f"{P0}.seqLen": 100},
+        operator=(f"{P0}.seqLen", "must be a positive multiple of 8, got 100"),
+    ),
     Case("tokens-bad-suffix", {f"{P0}.tokens": "2X"}, operator=(f"{P0}.tokens", "cannot read '2X' as a count")),
-    Case("hang-timeout-in-words", {"spec.hangTimeout": "15 minutes"},
-         operator=("spec.hangTimeout", "cannot read '15 minutes' as a duration")),
-    Case("tokenizer-path-and-train", {"spec.tokenizer.path": "s3://bucket/tok.json"},
-         operator=("spec.tokenizer", "set exactly one of path and train")),
+    Case(
+        "hang-timeout-in-words",
+        {"spec.hangTimeout": "15 minutes"},
+        operator=("spec.hangTimeout", "cannot read '15 minutes' as a duration"),
+    ),
+    Case(
+        "tokenizer-path-and-train",
+        {"spec.tokenizer.path": "s3://bucket/tok.json"},
+        operator=("spec.tokenizer", "set exactly one of path and train"),
+    ),
     Case("unknown-preset", {"spec.model.preset": "gpt-5"}, operator=("spec.model.preset", "unknown preset 'gpt-5'")),
-    Case("phase-name-not-a-label", {f"{P0}.name": "Core_Phase"},
-         operator=(f"{P0}.name", "is not a DNS-1123 label")),
+    Case("phase-name-not-a-label", {f"{P0}.name": "Core_Phase"}, operator=(f"{P0}.name", "is not a DNS-1123 label")),
     Case("missing-image", {"spec.image": DELETE}, operator=("spec.image", "is required on Kubernetes")),
-    Case("missing-checkpoint-path", {"spec.checkpoint.path": DELETE},
-         operator=("spec.checkpoint.path", "is required on Kubernetes")),
-    Case("local-checkpoint-without-volume", {"spec.checkpoint.path": "/checkpoints"},
-         operator=("spec.checkpoint.path", "is a local path but no volumeClaim is mounted there")),
-    Case("volume-claim-with-relative-path", {"spec.checkpoint.path": "ckpt", "spec.checkpoint.volumeClaim": "runs"},
-         operator=("spec.checkpoint.path", "must be an absolute path")),
+    Case(
+        "missing-checkpoint-path",
+        {"spec.checkpoint.path": DELETE},
+        operator=("spec.checkpoint.path", "is required on Kubernetes"),
+    ),
+    Case(
+        "local-checkpoint-without-volume",
+        {"spec.checkpoint.path": "/checkpoints"},
+        operator=("spec.checkpoint.path", "is a local path but no volumeClaim is mounted there"),
+    ),
+    Case(
+        "volume-claim-with-relative-path",
+        {"spec.checkpoint.path": "ckpt", "spec.checkpoint.volumeClaim": "runs"},
+        operator=("spec.checkpoint.path", "must be an absolute path"),
+    ),
 ]
 
 
@@ -530,8 +693,22 @@ def test_printer_columns_point_at_documented_status_fields():
 
 def test_status_documents_the_main_fields():
     status = crd.openapi_schema()["properties"]["status"]["properties"]
-    assert set(status) >= {"state", "phase", "phaseIndex", "step", "tokensSeen", "loss", "tokensPerSecond", "restarts",
-                           "attempt", "lastCheckpoint", "startTime", "completionTime", "eta", "conditions"}
+    assert set(status) >= {
+        "state",
+        "phase",
+        "phaseIndex",
+        "step",
+        "tokensSeen",
+        "loss",
+        "tokensPerSecond",
+        "restarts",
+        "attempt",
+        "lastCheckpoint",
+        "startTime",
+        "completionTime",
+        "eta",
+        "conditions",
+    }
     assert set(status["lastCheckpoint"]["properties"]) == {"path", "step", "tokens", "time"}
     condition = status["conditions"]["items"]
     assert set(condition["properties"]) == {"type", "status", "reason", "message", "lastTransitionTime"}
@@ -540,13 +717,33 @@ def test_status_documents_the_main_fields():
 def test_status_subresource_accepts_what_the_operator_writes(api_server):
     manifest = base_manifest()
     manifest["status"] = {
-        "state": "Running", "phase": "core", "phaseIndex": 0, "step": 12, "tokensSeen": 2_000_000_000_000,
-        "loss": 2.3456, "tokensPerSecond": 51234.5, "restarts": 1, "attempt": 2,
-        "lastCheckpoint": {"path": "s3://bucket/runs/quickstart/step-10", "step": 10, "tokens": 81920,
-                           "time": "2025-01-01T00:00:00Z"},
-        "startTime": "2025-01-01T00:00:00Z", "eta": "2h30m", "acceptedSpec": {"anything": ["the operator keeps"]},
-        "conditions": [{"type": "Progressing", "status": "True", "reason": "Running",
-                        "message": "attempt 2, phase core", "lastTransitionTime": "2025-01-01T00:00:00Z"}],
+        "state": "Running",
+        "phase": "core",
+        "phaseIndex": 0,
+        "step": 12,
+        "tokensSeen": 2_000_000_000_000,
+        "loss": 2.3456,
+        "tokensPerSecond": 51234.5,
+        "restarts": 1,
+        "attempt": 2,
+        "lastCheckpoint": {
+            "path": "s3://bucket/runs/quickstart/step-10",
+            "step": 10,
+            "tokens": 81920,
+            "time": "2025-01-01T00:00:00Z",
+        },
+        "startTime": "2025-01-01T00:00:00Z",
+        "eta": "2h30m",
+        "acceptedSpec": {"anything": ["the operator keeps"]},
+        "conditions": [
+            {
+                "type": "Progressing",
+                "status": "True",
+                "reason": "Running",
+                "message": "attempt 2, phase core",
+                "lastTransitionTime": "2025-01-01T00:00:00Z",
+            }
+        ],
         "someFutureField": {"kept": True},  # preserve-unknown-fields: the operator may add fields
     }
     assert api_server(manifest) == [] and api_server.pruned(manifest) == []
@@ -563,16 +760,42 @@ def test_status_the_state_machine_writes_fits_the_schema(api_server):
     manifest = base_manifest()
     run, now = resolve_run(manifest), 1_800_000_000.0
     pending = reconcile(run, {}, Observation(now=now)).status
-    progress = {"step": 40, "tokens": 491_520, "loss": 6.2, "tokensPerSecond": 5000.0, "phaseIndex": 1,
-                "lastStepAt": now + 99, "lastCheckpoint": {"path": "s3://b/step-40", "step": 40, "tokens": 491_520,
-                                                          "time": now + 98}}
+    progress = {
+        "step": 40,
+        "tokens": 491_520,
+        "loss": 6.2,
+        "tokensPerSecond": 5000.0,
+        "phaseIndex": 1,
+        "lastStepAt": now + 99,
+        "lastCheckpoint": {"path": "s3://b/step-40", "step": 40, "tokens": 491_520, "time": now + 98},
+    }
     job = JobView(name="quickstart-a1", attempt=1, completions=1)
-    running = reconcile(run, pending, Observation(now=now + 100, job=job, pods=(
-        PodView(name="quickstart-a1-0-abcde", index=0, phase="Running"),), progress=progress)).status
-    done = PodView(name="quickstart-a1-0-abcde", index=0, phase="Succeeded", exit_code=0,
-                   message={"state": "complete", "step": 59, "tokens": 802_816, "checkpoint": "s3://b/step-59"})
-    finished = reconcile(run, running, Observation(now=now + 200, job=JobView(
-        name="quickstart-a1", attempt=1, completions=1, complete=True, succeeded=1), pods=(done,))).status
+    running = reconcile(
+        run,
+        pending,
+        Observation(
+            now=now + 100,
+            job=job,
+            pods=(PodView(name="quickstart-a1-0-abcde", index=0, phase="Running"),),
+            progress=progress,
+        ),
+    ).status
+    done = PodView(
+        name="quickstart-a1-0-abcde",
+        index=0,
+        phase="Succeeded",
+        exit_code=0,
+        message={"state": "complete", "step": 59, "tokens": 802_816, "checkpoint": "s3://b/step-59"},
+    )
+    finished = reconcile(
+        run,
+        running,
+        Observation(
+            now=now + 200,
+            job=JobView(name="quickstart-a1", attempt=1, completions=1, complete=True, succeeded=1),
+            pods=(done,),
+        ),
+    ).status
     assert (pending["state"], running["state"], finished["state"]) == ("Running", "Running", "Succeeded")
     assert running["eta"] and running["lastCheckpoint"]["step"] == 40 and finished["completionTime"]
     for status in (pending, running, finished):

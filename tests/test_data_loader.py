@@ -33,12 +33,24 @@ def write_token_set(folder, docs: list[list[int]], tokens_per_shard: int = 10**9
         tokens = np.concatenate([np.array(d + [EOS], dtype=dtype) for d in shard_docs])
         tokens.tofile(folder / f"shard-{i:05d}.bin")
         np.cumsum([len(d) + 1 for d in shard_docs], dtype="<i8").tofile(folder / f"shard-{i:05d}.idx")
-        entries.append({"tokens": f"shard-{i:05d}.bin", "index": f"shard-{i:05d}.idx", "numTokens": len(tokens),
-                        "numDocuments": len(shard_docs)})
-    manifest = {"format": "stagerun-tokens/v1", "dtype": dtype, "eosId": EOS,
-                "vocabSize": 2**16 if dtype == "uint16" else 2**32 - 1,
-                "tokenizerSha256": sha, "numTokens": sum(e["numTokens"] for e in entries),
-                "numDocuments": len(docs), "shards": entries}
+        entries.append(
+            {
+                "tokens": f"shard-{i:05d}.bin",
+                "index": f"shard-{i:05d}.idx",
+                "numTokens": len(tokens),
+                "numDocuments": len(shard_docs),
+            }
+        )
+    manifest = {
+        "format": "stagerun-tokens/v1",
+        "dtype": dtype,
+        "eosId": EOS,
+        "vocabSize": 2**16 if dtype == "uint16" else 2**32 - 1,
+        "tokenizerSha256": sha,
+        "numTokens": sum(e["numTokens"] for e in entries),
+        "numDocuments": len(docs),
+        "shards": entries,
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return TokenShards.open(folder)
 
@@ -67,16 +79,22 @@ WEIGHTS = {"web": 0.5, "code": 0.3, "math": 0.2}
 
 
 def step_args(seq_len=16, global_sequences=8, micro=2, phase=0, weights=WEIGHTS):
-    return dict(phase_index=phase, weights=weights, seq_len=seq_len, global_sequences=global_sequences,
-                micro_batch_size=micro)
+    return dict(
+        phase_index=phase, weights=weights, seq_len=seq_len, global_sequences=global_sequences, micro_batch_size=micro
+    )
 
 
 def global_batch(loaders: list[PackedMixLoader], **args) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """One step on every rank's loader, the ranks' micro-batches concatenated in rank order."""
-    parts = [mb for rank, loader in enumerate(loaders)
-             for mb in loader.next_step(dp_rank=rank, dp_size=len(loaders), **args)]
-    return (np.concatenate([mb.inputs for mb in parts]), np.concatenate([mb.targets for mb in parts]),
-            np.concatenate([mb.doc_ids for mb in parts]), [s for mb in parts for s in mb.sources])
+    parts = [
+        mb for rank, loader in enumerate(loaders) for mb in loader.next_step(dp_rank=rank, dp_size=len(loaders), **args)
+    ]
+    return (
+        np.concatenate([mb.inputs for mb in parts]),
+        np.concatenate([mb.targets for mb in parts]),
+        np.concatenate([mb.doc_ids for mb in parts]),
+        [s for mb in parts for s in mb.sources],
+    )
 
 
 def assert_same_batch(a, b):
@@ -86,15 +104,21 @@ def assert_same_batch(a, b):
 
 
 @settings(max_examples=25, deadline=None)
-@given(steps=st.lists(st.tuples(st.sampled_from([8, 16, 24]), st.integers(1, 3), st.integers(0, 1)),
-                      min_size=1, max_size=6),
-       micro=st.sampled_from([1, 2]), seed=st.integers(0, 2**32 - 1))
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from([8, 16, 24]), st.integers(1, 3), st.integers(0, 1)), min_size=1, max_size=6
+    ),
+    micro=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_rank_slices_union_is_the_global_batch(sources, steps, micro, seed):
     runs = {dp: [PackedMixLoader(sources, seed) for _ in range(dp)] for dp in (1, 2, 4)}
     for seq_len, accum, phase in steps:
         weights = WEIGHTS if phase == 0 else {"web": 0.1, "code": 0.0, "math": 0.9}
-        batches = {dp: global_batch(loaders, **step_args(seq_len, 4 * micro * accum, micro, phase, weights))
-                   for dp, loaders in runs.items()}
+        batches = {
+            dp: global_batch(loaders, **step_args(seq_len, 4 * micro * accum, micro, phase, weights))
+            for dp, loaders in runs.items()
+        }
         assert_same_batch(batches[1], batches[2])
         assert_same_batch(batches[1], batches[4])
     states = [loader.state_dict() for loaders in runs.values() for loader in loaders]
@@ -194,8 +218,15 @@ def test_packing_invariants(sources):
 def source_stream(name, shards, seed, sequences):
     """The one-source stream rebuilt from its sequences: the inputs in order, then the last target."""
     loader = PackedMixLoader({name: shards}, seed)
-    batches = loader.next_step(dp_rank=0, dp_size=1, phase_index=0, weights={name: 1.0}, seq_len=24,
-                               global_sequences=sequences, micro_batch_size=sequences)
+    batches = loader.next_step(
+        dp_rank=0,
+        dp_size=1,
+        phase_index=0,
+        weights={name: 1.0},
+        seq_len=24,
+        global_sequences=sequences,
+        micro_batch_size=sequences,
+    )
     inputs, targets = batches[0].inputs, batches[0].targets
     assert np.array_equal(targets[:-1, -1], inputs[1:, 0])  # the last target is the next sequence's first input
     return np.concatenate([inputs.reshape(-1), targets[-1, -1:]])
@@ -206,11 +237,13 @@ def test_epochs_are_new_permutations_with_no_token_lost(sources, name):
     shards = sources[name]
     total = shards.num_tokens
     stream = source_stream(name, shards, 11, sequences=3 * total // 24 + 2)
-    documents = sorted(tuple(shards.read(int(a), int(b)).tolist())
-                       for a, b in zip(np.concatenate([[0], shards.doc_ends[:-1]]), shards.doc_ends))
+    documents = sorted(
+        tuple(shards.read(int(a), int(b)).tolist())
+        for a, b in zip(np.concatenate([[0], shards.doc_ends[:-1]]), shards.doc_ends)
+    )
     orders = []
     for epoch in range(3):
-        chunk = stream[epoch * total:(epoch + 1) * total]
+        chunk = stream[epoch * total : (epoch + 1) * total]
         ends = np.flatnonzero(chunk == EOS) + 1
         docs = [tuple(d.tolist()) for d in np.split(chunk, ends)[:-1]]
         assert ends[-1] == total and sorted(docs) == documents  # each epoch is every document exactly once
@@ -254,8 +287,15 @@ def test_bad_arguments_are_refused(sources):
 def test_step_is_fast(tmp_path):
     shards = write_token_set(tmp_path / "big", random_docs(0, 5000, 1, max_len=300))
     loader = PackedMixLoader({"a": shards, "b": shards}, 0)
-    args = dict(phase_index=0, weights={"a": 0.7, "b": 0.3}, seq_len=256, global_sequences=64, dp_rank=0,
-                dp_size=1, micro_batch_size=8)
+    args = dict(
+        phase_index=0,
+        weights={"a": 0.7, "b": 0.3},
+        seq_len=256,
+        global_sequences=64,
+        dp_rank=0,
+        dp_size=1,
+        micro_batch_size=8,
+    )
     loader.next_step(**args)
     start = time.perf_counter()
     for _ in range(20):
@@ -266,6 +306,7 @@ def test_step_is_fast(tmp_path):
 
 # --- properties across phases: weights, seqLen and world size change; saves at random points ---------------------
 
+
 def source_token_counts(batches) -> dict[str, int]:
     counts: dict[str, int] = {}
     for inputs, _, _, sources in batches:
@@ -275,8 +316,11 @@ def source_token_counts(batches) -> dict[str, int]:
 
 
 @settings(max_examples=30, deadline=None)
-@given(raw=st.lists(st.sampled_from([0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0]), min_size=3, max_size=3).filter(any),
-       sizes=st.lists(st.integers(1, 40), min_size=1, max_size=12), seq_len=st.sampled_from([4, 8, 16]))
+@given(
+    raw=st.lists(st.sampled_from([0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0]), min_size=3, max_size=3).filter(any),
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=12),
+    seq_len=st.sampled_from([4, 8, 16]),
+)
 def test_each_source_share_of_tokens_converges_to_its_weight(sources, raw, sizes, seq_len):
     """After n sequences of a phase, every source has drawn within one sequence of weight x n (Megatron's blend),
     so its share of the phase's tokens is within 1/n of its weight, whatever the batch sizes were."""
@@ -324,8 +368,11 @@ phase_strategy = st.tuples(
 
 
 @settings(max_examples=25, deadline=None)
-@given(phases=st.lists(phase_strategy, min_size=1, max_size=4), saves=st.sets(st.integers(0, 15), max_size=4),
-       seed=st.integers(0, 2**16))
+@given(
+    phases=st.lists(phase_strategy, min_size=1, max_size=4),
+    saves=st.sets(st.integers(0, 15), max_size=4),
+    seed=st.integers(0, 2**16),
+)
 def test_phase_changes_continue_every_source_stream_exactly(sources, phases, saves, seed):
     """Weights, seqLen and world size change between phases, and the state is saved and restored (as JSON, by a
     new set of ranks) at random steps: the ranks' batches are always the one-rank batches, and each source's
@@ -364,7 +411,7 @@ def test_phase_changes_continue_every_source_stream_exactly(sources, phases, sav
         total = sources[name].num_tokens
         everything = np.sort(sources[name].read(0, total))
         for epoch in range(len(stream) // total):
-            assert np.array_equal(np.sort(stream[epoch * total:(epoch + 1) * total]), everything)
-        tail = stream[(len(stream) // total) * total:]
+            assert np.array_equal(np.sort(stream[epoch * total : (epoch + 1) * total]), everything)
+        tail = stream[(len(stream) // total) * total :]
         tail = tail[tail != EOS]
         assert len(np.unique(tail)) == len(tail)

@@ -11,26 +11,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stagerun.core.spec import resolve_run
+from stagerun.core.spec.run import SourceSpec
 from stagerun.trainer.data import (
-    DataError, PackedMixLoader, TokenShards, iter_documents, load_tokenizer, prepare, train_tokenizer,
+    DataError,
+    PackedMixLoader,
+    TokenShards,
+    iter_documents,
+    load_tokenizer,
+    prepare,
+    train_tokenizer,
 )
 from stagerun.trainer.data.corpora import BUILTIN_CODE, BUILTIN_DOCS, CorpusStats, stdlib_source_files
 from stagerun.trainer.data.prepare import prepare_data
-from stagerun.trainer.spec import resolve_run
-from stagerun.trainer.spec.run import SourceSpec
 
 SOURCE_BYTES = 40_000
 
 
 def manifest(sources: dict, tokenizer: dict, model_vocab: int = 512) -> dict:
     return {
-        "apiVersion": "stagerun.io/v1alpha1", "kind": "TrainingRun", "metadata": {"name": "data-test"},
+        "apiVersion": "stagerun.io/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": "data-test"},
         "spec": {
             "model": {"preset": "tiny", "vocabSize": model_vocab},
             "tokenizer": tokenizer,
             "data": {"sources": sources},
-            "phases": [{"name": "core", "tokens": "64K", "seqLen": 64, "batch": {"size": 512},
-                        "lr": {"peak": 1e-3}}],
+            "phases": [{"name": "core", "tokens": "64K", "seqLen": 64, "batch": {"size": 512}, "lr": {"peak": 1e-3}}],
         },
     }
 
@@ -60,8 +67,15 @@ def test_end_to_end_on_builtin_corpora(prepared_run):
         assert tokenizer.decode(first.tolist()) == documents[0]
         assert shards[name].manifest["source"]["path"] == source.path
     loader = PackedMixLoader(shards, run.data_seed)
-    (batch,) = loader.next_step(phase_index=0, weights=run.phases[0].weights, seq_len=64, global_sequences=8,
-                                dp_rank=0, dp_size=1, micro_batch_size=8)
+    (batch,) = loader.next_step(
+        phase_index=0,
+        weights=run.phases[0].weights,
+        seq_len=64,
+        global_sequences=8,
+        dp_rank=0,
+        dp_size=1,
+        micro_batch_size=8,
+    )
     assert batch.inputs.shape == (8, 64) and batch.inputs.max() < prepared.vocab_size
 
 
@@ -105,7 +119,7 @@ def test_a_changed_or_damaged_cache_is_tokenized_again(prepared_run, tmp_path):
     bin_file = copy / "data" / "code" / "shard-00000.bin"
     bin_file.write_bytes(bin_file.read_bytes()[:100])
     prepared = prepare_data(run, copy, progress=False, max_source_bytes=SOURCE_BYTES // 2)
-    for name, path in prepared.shard_dirs.items():
+    for path in prepared.shard_dirs.values():
         shards = TokenShards.open(path)
         assert shards.manifest["source"]["maxBytes"] == SOURCE_BYTES // 2
         assert shards.num_tokens > 0
@@ -113,8 +127,10 @@ def test_a_changed_or_damaged_cache_is_tokenized_again(prepared_run, tmp_path):
 
 def test_pretokenized_sources_are_used_as_they_are(prepared_run):
     _, run_dir, first = prepared_run
-    sources = {"docs": {"path": first.shard_dirs["docs"], "weight": 0.5},
-               "code": {"path": first.shard_dirs["code"], "weight": 0.5, "format": "tokens"}}
+    sources = {
+        "docs": {"path": first.shard_dirs["docs"], "weight": 0.5},
+        "code": {"path": first.shard_dirs["code"], "weight": 0.5, "format": "tokens"},
+    }
     run = resolve_run(manifest(sources, {"path": first.tokenizer_path}))
     prepared = prepare_data(run, run_dir / "other", progress=False)
     assert prepared.shard_dirs == first.shard_dirs
@@ -148,17 +164,22 @@ def test_text_and_jsonl_sources(prepared_run, tmp_path):
     (folder / ".hidden.txt").write_text("never read")
     with gzip.open(tmp_path / "records.jsonl.gz", "wt") as handle:
         handle.write(json.dumps({"body": "eins zwei"}) + "\n\n" + json.dumps({"body": "drei 123"}) + "\n")
-    sources = {"plain": {"path": str(folder), "weight": 0.5},
-               "records": {"path": str(tmp_path / "*.jsonl.gz"), "weight": 0.5, "textField": "body"}}
+    sources = {
+        "plain": {"path": str(folder), "weight": 0.5},
+        "records": {"path": str(tmp_path / "*.jsonl.gz"), "weight": 0.5, "textField": "body"},
+    }
     run = resolve_run(manifest(sources, {"path": first.tokenizer_path}))
     tokenizer = load_tokenizer(first.tokenizer_path)
     prepared = prepare_data(run, tmp_path / "run", progress=False)
-    for name, expected in {"plain": ["first file\n    indented\n", "second file ÄÖÜ\n"],
-                           "records": ["eins zwei", "drei 123"]}.items():
+    for name, expected in {
+        "plain": ["first file\n    indented\n", "second file ÄÖÜ\n"],
+        "records": ["eins zwei", "drei 123"],
+    }.items():
         shards = TokenShards.open(prepared.shard_dirs[name])
         starts = np.concatenate([[0], shards.doc_ends[:-1]])
-        assert [tokenizer.decode(shards.read(int(a), int(b) - 1).tolist())
-                for a, b in zip(starts, shards.doc_ends)] == expected
+        assert [
+            tokenizer.decode(shards.read(int(a), int(b) - 1).tolist()) for a, b in zip(starts, shards.doc_ends)
+        ] == expected
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):

@@ -61,8 +61,13 @@ def local_reference(tokenizer_path, tmp_path_factory):
     for name in DOCS:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(content(name))
-    tokenize([str(root / "in" / "*.jsonl"), str(root / "in" / "rows.parquet")], tokenizer_path, root / "out",
-             processes=1, progress=False)
+    tokenize(
+        [str(root / "in" / "*.jsonl"), str(root / "in" / "rows.parquet")],
+        tokenizer_path,
+        root / "out",
+        processes=1,
+        progress=False,
+    )
     return TokenShards.open(root / "out")
 
 
@@ -80,13 +85,15 @@ def read_with_loader(shards: TokenShards) -> np.ndarray:
     """Two data-parallel ranks read one step each; their slices together are the one-rank batch."""
     args = dict(phase_index=0, weights={"web": 1.0}, seq_len=32, global_sequences=4, micro_batch_size=2)
     one = PackedMixLoader({"web": shards}, 0).next_step(dp_rank=0, dp_size=1, **args)
-    two = [mb for rank in range(2) for mb in PackedMixLoader({"web": shards}, 0).next_step(dp_rank=rank, dp_size=2,
-                                                                                            **args)]
+    two = [
+        mb for rank in range(2) for mb in PackedMixLoader({"web": shards}, 0).next_step(dp_rank=rank, dp_size=2, **args)
+    ]
     assert np.array_equal(np.concatenate([mb.inputs for mb in one]), np.concatenate([mb.inputs for mb in two]))
     return np.concatenate([mb.inputs for mb in one])
 
 
 # --- memory:// ---------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def memory_root():
@@ -101,8 +108,9 @@ def memory_root():
 def test_memory_in_and_out(memory_root, tokenizer_path, local_reference, tmp_path):
     messages = []
     inputs = [f"{memory_root}/in/*.jsonl", f"{memory_root}/in/rows.parquet"]
-    result = tokenize(inputs, tokenizer_path, f"{memory_root}/out", processes=2, unit_bytes=2048, progress=False,
-                      log=messages.append)
+    result = tokenize(
+        inputs, tokenizer_path, f"{memory_root}/out", processes=2, unit_bytes=2048, progress=False, log=messages.append
+    )
     assert result.units > 3 and result.processes == 1
     assert any("lives in this process's memory: tokenizing in 1 process" in m for m in messages)
     shards = TokenShards.open(f"{memory_root}/out", cache_dir=tmp_path / "cache")
@@ -116,8 +124,19 @@ def test_memory_in_and_out(memory_root, tokenizer_path, local_reference, tmp_pat
 
 
 def test_memory_tokenizer_train_and_resume(memory_root, tokenizer_path, tmp_path, monkeypatch):
-    code = main(["tokenizer", "train", "--input", f"{memory_root}/in/*.jsonl", "--vocab-size", "300", "--out",
-                 f"{memory_root}/tok.json", "--no-progress"])
+    code = main(
+        [
+            "tokenizer",
+            "train",
+            "--input",
+            f"{memory_root}/in/*.jsonl",
+            "--vocab-size",
+            "300",
+            "--out",
+            f"{memory_root}/tok.json",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     assert load_tokenizer(f"{memory_root}/tok.json").token_to_id("<|endoftext|>") == 0
 
@@ -136,14 +155,14 @@ def test_memory_tokenizer_train_and_resume(memory_root, tokenizer_path, tmp_path
     with pytest.raises(DataError, match="manifest.json not found: .* is not a complete shard set"):
         TokenShards.open(out, cache_dir=tmp_path / "cache")
     monkeypatch.undo()
-    result = tokenize([f"{memory_root}/in/*.jsonl"], tokenizer_path, out, processes=1, unit_bytes=2048,
-                      progress=False)
+    result = tokenize([f"{memory_root}/in/*.jsonl"], tokenizer_path, out, processes=1, unit_bytes=2048, progress=False)
     assert result.reused_units == 2
     shards = TokenShards.open(out, cache_dir=tmp_path / "cache")
     assert decoded(shards, load_tokenizer(tokenizer_path)) == DOCS["in/a.jsonl"] + DOCS["in/b.jsonl"]
 
 
 # --- S3 (moto's server, on 127.0.0.1) ----------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def s3():
@@ -157,10 +176,15 @@ def s3():
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     with pytest.MonkeyPatch.context() as patch:
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                           "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": endpoint,
-                           "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_SESSION_TOKEN": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_S3": endpoint,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }.items():
             patch.setenv(key, value)
         patch.delenv("AWS_PROFILE", raising=False)
         import s3fs
@@ -185,17 +209,47 @@ def keys(client, prefix: str) -> list[str]:
 def test_s3_to_s3_with_worker_processes(s3, local_reference, tmp_path):
     out = io.StringIO()
     with redirect_stdout(out), redirect_stderr(io.StringIO()):
-        assert main(["tokenizer", "train", "--input", f"s3://{BUCKET}/in/*.jsonl", "--input",
-                     f"s3://{BUCKET}/in/rows.parquet", "--vocab-size", "350", "--out", f"s3://{BUCKET}/tok.json",
-                     "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "tokenizer",
+                    "train",
+                    "--input",
+                    f"s3://{BUCKET}/in/*.jsonl",
+                    "--input",
+                    f"s3://{BUCKET}/in/rows.parquet",
+                    "--vocab-size",
+                    "350",
+                    "--out",
+                    f"s3://{BUCKET}/tok.json",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     assert "tokens trained on 300 documents" in out.getvalue()
     assert keys(s3, "tok") == ["tok.json"]
 
     out = io.StringIO()
     with redirect_stdout(out), redirect_stderr(io.StringIO()):
-        code = main(["tokenize", "--input", f"s3://{BUCKET}/in/*.jsonl", "--input", f"s3://{BUCKET}/in/rows.parquet",
-                     "--tokenizer", f"s3://{BUCKET}/tok.json", "--out", f"s3://{BUCKET}/tokens/web",
-                     "--processes", "2", "--unit-bytes", "2K", "--no-progress"])
+        code = main(
+            [
+                "tokenize",
+                "--input",
+                f"s3://{BUCKET}/in/*.jsonl",
+                "--input",
+                f"s3://{BUCKET}/in/rows.parquet",
+                "--tokenizer",
+                f"s3://{BUCKET}/tok.json",
+                "--out",
+                f"s3://{BUCKET}/tokens/web",
+                "--processes",
+                "2",
+                "--unit-bytes",
+                "2K",
+                "--no-progress",
+            ]
+        )
     assert code == 0, out.getvalue()
     assert "2 processes" in out.getvalue() and "tokens/s" in out.getvalue()
     stored = keys(s3, "tokens/web/")
@@ -236,6 +290,7 @@ def test_s3_interrupted_run_resumes(s3, tokenizer_path, local_reference, tmp_pat
 
 
 # --- http(s):// --------------------------------------------------------------------------------------------------
+
 
 def test_http_inputs_are_streamed(tokenizer_path, local_reference, tmp_path):
     """A plain HTTP server need not support range requests: its files are read front to back, never split (and

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from stagerun.core.spec.run import SourceSpec
 from stagerun.trainer.data import DataError, TokenShards, train_tokenizer, write_shards
 from stagerun.trainer.data.corpora import BUILTIN_DOCS, iter_documents
 from stagerun.trainer.data.tokenizer import tokenizer_sha256
-from stagerun.trainer.spec.run import SourceSpec
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -150,12 +150,15 @@ def test_wrong_format_string(good_set):
         TokenShards.open(good_set)
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"dtype": "int8"}, "dtype 'int8' is not one of uint16, uint32"),
-    ({"numTokens": 3}, "numTokens is 3 but its shards add up to"),
-    ({"eosId": -1}, "eosId must be a non-negative integer"),
-    ({"shards": {"a": 1}}, "shards must be a list of objects"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"dtype": "int8"}, "dtype 'int8' is not one of uint16, uint32"),
+        ({"numTokens": 3}, "numTokens is 3 but its shards add up to"),
+        ({"eosId": -1}, "eosId must be a non-negative integer"),
+        ({"shards": {"a": 1}}, "shards must be a list of objects"),
+    ],
+)
 def test_inconsistent_manifest(good_set, changes, message):
     edit_manifest(good_set, **changes)
     with pytest.raises(DataError, match=message):
@@ -181,8 +184,11 @@ def test_interrupted_write_leaves_no_set_and_keeps_the_old_one(tokenizer, tmp_pa
 def test_rewrite_replaces_a_set(tokenizer, tmp_path):
     write_shards(DOCS, tokenizer, tmp_path / "set", shard_tokens=50, progress=False)
     write_shards(DOCS[:2], tokenizer, tmp_path / "set", progress=False)
-    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["manifest.json", "shard-00000.bin",
-                                                                    "shard-00000.idx"]
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == [
+        "manifest.json",
+        "shard-00000.bin",
+        "shard-00000.idx",
+    ]
     assert decoded_documents(tokenizer, TokenShards.open(tmp_path / "set")) == DOCS[:2]
 
 

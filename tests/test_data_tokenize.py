@@ -26,8 +26,9 @@ WORDS = ["alpha", "beta", "gamma", "delta", "Grüße", "你好", "😀", "def f(
 
 def make_docs(seed: int, count: int, max_words: int = 40) -> list[str]:
     rng = np.random.default_rng(seed)
-    return [f"doc {seed}-{i}: " + " ".join(rng.choice(WORDS, size=int(rng.integers(1, max_words))))
-            for i in range(count)]
+    return [
+        f"doc {seed}-{i}: " + " ".join(rng.choice(WORDS, size=int(rng.integers(1, max_words)))) for i in range(count)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +61,7 @@ def documents(shards: TokenShards, tokenizer) -> list[str]:
 
 
 def same_set(a: TokenShards, b: TokenShards) -> bool:
-    return (np.array_equal(a.read(0, a.num_tokens), b.read(0, b.num_tokens))
-            and np.array_equal(a.doc_ends, b.doc_ends))
+    return np.array_equal(a.read(0, a.num_tokens), b.read(0, b.num_tokens)) and np.array_equal(a.doc_ends, b.doc_ends)
 
 
 @pytest.fixture
@@ -76,8 +76,11 @@ def corpus(tmp_path):
         (tmp_path / "in" / "texts").mkdir(parents=True, exist_ok=True)
         (tmp_path / "in" / "texts" / f"{i:02d}.txt").write_text(text, encoding="utf-8")
     write_parquet(tmp_path / "in" / "rows.parquet", rows)
-    inputs = [str(tmp_path / "in" / "web" / "*.jsonl"), str(tmp_path / "in" / "texts"),
-              str(tmp_path / "in" / "rows.parquet")]
+    inputs = [
+        str(tmp_path / "in" / "web" / "*.jsonl"),
+        str(tmp_path / "in" / "texts"),
+        str(tmp_path / "in" / "rows.parquet"),
+    ]
     return inputs, web[0] + web[1] + texts + rows, [len(web[0]) + len(web[1]), len(texts), len(rows)]
 
 
@@ -109,8 +112,9 @@ def test_processes_and_unit_sizes_give_the_same_set(tokenizer_path, tmp_path):
     write_parquet(tmp_path / "big.parquet", docs, row_group_size=20)
     inputs = [str(tmp_path / "big.jsonl"), str(tmp_path / "big.parquet")]
     one = tokenize(inputs, tokenizer_path, tmp_path / "one", processes=1, unit_bytes=10**9, progress=False)
-    many = tokenize(inputs, tokenizer_path, tmp_path / "many", processes=2, unit_bytes=8 * 1024, progress=False,
-                    shard_tokens=500)
+    many = tokenize(
+        inputs, tokenizer_path, tmp_path / "many", processes=2, unit_bytes=8 * 1024, progress=False, shard_tokens=500
+    )
     assert one.units == 1 and many.units > 8
     files = expand_inputs(inputs)
     units = plan_units(files, unit_bytes=8 * 1024, tokenizer_sha="x", text_field="text", shard_tokens=500)
@@ -124,9 +128,11 @@ def test_processes_and_unit_sizes_give_the_same_set(tokenizer_path, tmp_path):
 
 
 @settings(max_examples=40, deadline=None)
-@given(lines=st.lists(st.text(alphabet="ab\n é", max_size=12).map(lambda s: s.replace("\n", "")), min_size=1,
-                      max_size=30),
-       cuts=st.lists(st.integers(0, 400), max_size=6), trailing_newline=st.booleans())
+@given(
+    lines=st.lists(st.text(alphabet="ab\n é", max_size=12).map(lambda s: s.replace("\n", "")), min_size=1, max_size=30),
+    cuts=st.lists(st.integers(0, 400), max_size=6),
+    trailing_newline=st.booleans(),
+)
 def test_byte_ranges_read_every_line_exactly_once(tmp_path_factory, lines, cuts, trailing_newline):
     folder = tmp_path_factory.mktemp("ranges")
     docs = [f"{i}{line}" for i, line in enumerate(lines)]
@@ -243,8 +249,18 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
 def test_cli_train_then_tokenize_then_load(corpus, tmp_path):
     inputs, expected, _ = corpus
     args = [arg for path in inputs for arg in ("--input", path)]
-    code, out, err = run_cli("tokenizer", "train", *args, "--vocab-size", "600", "--out", str(tmp_path / "tok.json"),
-                             "--max-bytes", "200K", "--no-progress")
+    code, out, err = run_cli(
+        "tokenizer",
+        "train",
+        *args,
+        "--vocab-size",
+        "600",
+        "--out",
+        str(tmp_path / "tok.json"),
+        "--max-bytes",
+        "200K",
+        "--no-progress",
+    )
     assert code == 0, err
     assert "byte-level BPE of " in out
     assert "note: --vocab-size asked for 600 tokens, but the text only had" in out  # a small, repetitive corpus
@@ -255,19 +271,39 @@ def test_cli_train_then_tokenize_then_load(corpus, tmp_path):
     code_text = "def f(x):\n        return x\n"
     assert tokenizer.decode(tokenizer.encode(code_text).ids) == code_text
 
-    code, out, err = run_cli("tokenize", *args, "--tokenizer", str(tmp_path / "tok.json"), "--out",
-                             str(tmp_path / "out"), "--processes", "2", "--unit-bytes", "16K", "--no-progress")
+    code, out, err = run_cli(
+        "tokenize",
+        *args,
+        "--tokenizer",
+        str(tmp_path / "tok.json"),
+        "--out",
+        str(tmp_path / "out"),
+        "--processes",
+        "2",
+        "--unit-bytes",
+        "16K",
+        "--no-progress",
+    )
     assert code == 0, err
     assert "throughput:" in out and "tokens/s" in out and "MB/s" in out and "2 processes" in out
     shards = TokenShards.open(tmp_path / "out")
     assert documents(shards, tokenizer) == expected
     loader = PackedMixLoader({"all": shards}, 0)
-    (batch,) = loader.next_step(phase_index=0, weights={"all": 1.0}, seq_len=32, global_sequences=4, dp_rank=0,
-                                dp_size=1, micro_batch_size=4)
+    (batch,) = loader.next_step(
+        phase_index=0, weights={"all": 1.0}, seq_len=32, global_sequences=4, dp_rank=0, dp_size=1, micro_batch_size=4
+    )
     assert batch.inputs.shape == (4, 32)
 
-    code, out, err = run_cli("tokenize", "--input", str(tmp_path / "nothing-*.jsonl"), "--tokenizer",
-                             str(tmp_path / "tok.json"), "--out", str(tmp_path / "x"), "--no-progress")
+    code, out, err = run_cli(
+        "tokenize",
+        "--input",
+        str(tmp_path / "nothing-*.jsonl"),
+        "--tokenizer",
+        str(tmp_path / "tok.json"),
+        "--out",
+        str(tmp_path / "x"),
+        "--no-progress",
+    )
     assert code == 1 and "nothing-*.jsonl matches no files: check --input" in err
 
 
@@ -276,8 +312,13 @@ def test_tokenizer_train_shares_bytes_between_inputs(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", ["bbbb " * 50] * 100)
     from stagerun.trainer.data.tokenizer import train_from_inputs
 
-    _, report = train_from_inputs([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], 300,
-                                  tmp_path / "tok.json", max_bytes=5000, progress=False)
+    _, report = train_from_inputs(
+        [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")],
+        300,
+        tmp_path / "tok.json",
+        max_bytes=5000,
+        progress=False,
+    )
     assert report.bytes == 5000 and report.documents == 20  # 10 documents of 250 bytes from each input
 
 
@@ -296,9 +337,13 @@ def test_records_carry_their_provenance(tmp_path):
     write_parquet(tmp_path / "b.parquet", ["x", "y"])
     (tmp_path / "c.txt").write_text("whole file")
     found = [(r.where, r.text) for f in expand_inputs([str(tmp_path)]) for r in read_records(f)]
-    assert found == [(f"{tmp_path / 'a.jsonl'}:1", "one"), (f"{tmp_path / 'a.jsonl'}:3", "three"),
-                     (f"{tmp_path / 'b.parquet'}: row 0", "x"), (f"{tmp_path / 'b.parquet'}: row 1", "y"),
-                     (str(tmp_path / "c.txt"), "whole file")]
+    assert found == [
+        (f"{tmp_path / 'a.jsonl'}:1", "one"),
+        (f"{tmp_path / 'a.jsonl'}:3", "three"),
+        (f"{tmp_path / 'b.parquet'}: row 0", "x"),
+        (f"{tmp_path / 'b.parquet'}: row 1", "y"),
+        (str(tmp_path / "c.txt"), "whole file"),
+    ]
 
 
 def test_registering_the_commands_loads_no_data_module():
@@ -309,7 +354,9 @@ def test_registering_the_commands_loads_no_data_module():
     from stagerun.trainer.data import commands, readers
 
     assert commands.FORMATS == readers.FORMATS
-    code = ("import sys; from stagerun.trainer.cli import build_parser; build_parser(); "
-            "print(sorted(m for m in sys.modules if m.startswith('stagerun.trainer.data')))")
+    code = (
+        "import sys; from stagerun.trainer.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in sys.modules if m.startswith('stagerun.trainer.data')))"
+    )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "['stagerun.trainer.data', 'stagerun.trainer.data.commands']"

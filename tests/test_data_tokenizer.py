@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from stagerun.core.spec.run import SourceSpec
 from stagerun.trainer.data import DataError, eos_id, load_tokenizer, tokenizer_sha256, train_tokenizer, vocab_size
 from stagerun.trainer.data.corpora import BUILTIN_CODE, BUILTIN_DOCS, iter_documents
-from stagerun.trainer.spec.run import SourceSpec
 
 SAMPLES = [
     "Grüße aus München! Übermäßig schöne Äpfel, Öl und Straße.",

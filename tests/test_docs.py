@@ -5,14 +5,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from stagerun.trainer.spec.reference import render
+from stagerun.core.spec.reference import render
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_field_reference_is_current():
     committed = (ROOT / "docs" / "manifest-reference.md").read_text()
-    assert committed == render(), "docs/manifest-reference.md is stale: python -m stagerun.trainer.spec.reference > docs/manifest-reference.md"
+    assert committed == render(), (
+        "docs/manifest-reference.md is stale: python -m stagerun.core.spec.reference > docs/manifest-reference.md"
+    )
 
 
 def test_ci_runs_exactly_the_readme_test_command():
@@ -29,7 +31,7 @@ def test_every_documented_field_exists():
     """Field names quoted in docs/manifest.md's inheritance table are real manifest fields."""
     reference = (ROOT / "docs" / "manifest-reference.md").read_text()
     doc = (ROOT / "docs" / "manifest.md").read_text()
-    table = doc[doc.index("| field | first phase"):doc.index("**Batch.**")]
+    table = doc[doc.index("| field | first phase") : doc.index("**Batch.**")]
     for name in re.findall(r"`([a-zA-Z.]+)`", table):
         assert f"`{name.split('.')[-1]}`" in reference, name
 
@@ -38,7 +40,14 @@ def test_every_metric_is_documented():
     from stagerun.trainer.metrics import GPU_GAUGES, SOURCE_GAUGE, STEP_GAUGES
 
     doc = (ROOT / "docs" / "observability.md").read_text()
-    for name in [*STEP_GAUGES, SOURCE_GAUGE[0], *GPU_GAUGES, "stagerun_operator_runs", "stagerun_operator_restarts_total",
-                 "stagerun_operator_phase_transitions_total", "stagerun_operator_reconcile_errors_total",
-                 "stagerun_operator_reconcile_duration_seconds"]:
+    for name in [
+        *STEP_GAUGES,
+        SOURCE_GAUGE[0],
+        *GPU_GAUGES,
+        "stagerun_operator_runs",
+        "stagerun_operator_restarts_total",
+        "stagerun_operator_phase_transitions_total",
+        "stagerun_operator_reconcile_errors_total",
+        "stagerun_operator_reconcile_duration_seconds",
+    ]:
         assert f"`{name}`" in doc, f"{name} is not in docs/observability.md"

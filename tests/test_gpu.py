@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import run_tiny, tiny_run, write_manifest
 
 pytestmark = [
@@ -14,9 +13,9 @@ pytestmark = [
 
 
 def test_flex_document_masking_matches_the_explicit_mask_on_cuda():
+    from stagerun.core.spec import ModelSpec
+    from stagerun.core.spec.presets import resolve_model
     from stagerun.trainer.model import DocumentMask, Transformer, init_weights
-    from stagerun.trainer.spec import ModelSpec
-    from stagerun.trainer.spec.presets import resolve_model
 
     spec = resolve_model(ModelSpec(preset="tiny"))
     model = Transformer(spec).cuda()

@@ -19,16 +19,20 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from conftest import ROOT, run_tiny, stagerun, tiny_run, write_manifest  # noqa: E402
+
+from stagerun.core.spec import to_manifest  # noqa: E402
+from stagerun.core.spec.model import ModelSpec  # noqa: E402
+from stagerun.core.spec.presets import resolve_model  # noqa: E402
 from stagerun.trainer.checkpoint import CheckpointManager, ModelOptimizerState  # noqa: E402
 from stagerun.trainer.hf.export import ExportError, export_checkpoint, export_model  # noqa: E402
 from stagerun.trainer.hf.load import load_hf_weights  # noqa: E402
 from stagerun.trainer.hf.mapping import (  # noqa: E402
-    HFMismatchError, UnsupportedArchitecture, hf_config, hf_entries,
+    HFMismatchError,
+    UnsupportedArchitecture,
+    hf_config,
+    hf_entries,
 )
 from stagerun.trainer.model import Transformer, init_weights  # noqa: E402
-from stagerun.trainer.spec import to_manifest  # noqa: E402
-from stagerun.trainer.spec.model import ModelSpec  # noqa: E402
-from stagerun.trainer.spec.presets import resolve_model  # noqa: E402
 from stagerun.trainer.telemetry import read_metrics  # noqa: E402
 
 VOCAB = 300  # tokenizer size; padded to 320 rows, so 20 padded ids exist
@@ -44,8 +48,10 @@ SHAPES = {
     # StableLM 2-like: partial rotary 0.25 (4 of 16 head dims), LayerNorm with bias, qkv bias, GQA
     "stablelm": (dict(norm="layernorm", norm_bias=True, qkv_bias=True, rotary_fraction=0.25), "StableLmForCausalLM"),
     # LayerNorm without bias (exported as zero biases), tied, half rotary
-    "stablelm-nobias-tied": (dict(norm="layernorm", norm_bias=False, tied_embeddings=True, rotary_fraction=0.5),
-                             "StableLmForCausalLM"),
+    "stablelm-nobias-tied": (
+        dict(norm="layernorm", norm_bias=False, tied_embeddings=True, rotary_fraction=0.5),
+        "StableLmForCausalLM",
+    ),
 }
 
 
@@ -86,10 +92,10 @@ def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory) -> str:
-    from stagerun.trainer.data.tokenizer import train_tokenizer
-
     import argparse
     import textwrap
+
+    from stagerun.trainer.data.tokenizer import train_tokenizer
 
     texts = [Path(module.__file__).read_text() for module in (json, argparse, textwrap)]
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
@@ -98,6 +104,7 @@ def tokenizer_file(tmp_path_factory) -> str:
 
 
 # ------------------------------------------------------------------------------------------ export: logits agree
+
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_export_through_a_dcp_checkpoint_loads_in_transformers_with_the_same_logits(shape, tmp_path, tokenizer_file):
@@ -207,6 +214,7 @@ def test_sharded_export_writes_an_index_and_loads(tmp_path):
 
 # ------------------------------------------------------------------------------------------ import
 
+
 def hf_random_folder(spec: ModelSpec, folder: Path, seed: int = 0, **config_changes) -> torch.nn.Module:
     """A model made by transformers itself from the export config (its own random init), with norms and biases
     moved off 1 / 0 and a NormHead head normalised (what an export of a NormHead model holds)."""
@@ -281,9 +289,11 @@ def test_import_mismatches_name_every_field(tmp_path):
     assert "spec.model.dim" not in message and "spec.model.layers" not in message
 
     # Options too: LayerNorm vs RMSNorm, tied embeddings, too large a vocab.
-    for changes, field_name in ((dict(norm="layernorm"), "spec.model.norm"),
-                                (dict(tied_embeddings=True), "spec.model.tiedEmbeddings"),
-                                (dict(vocab_size=200), "spec.model.vocabSize")):
+    for changes, field_name in (
+        (dict(norm="layernorm"), "spec.model.norm"),
+        (dict(tied_embeddings=True), "spec.model.tiedEmbeddings"),
+        (dict(vocab_size=200), "spec.model.vocabSize"),
+    ):
         other = make_spec(heads=8, kv_heads=2, **changes)
         with pytest.raises(HFMismatchError, match=field_name):
             load_hf_weights(Transformer(other), other, str(tmp_path / "hf"))
@@ -298,6 +308,7 @@ def test_nonzero_layernorm_bias_needs_norm_bias(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ refusals
+
 
 def test_alibi_and_rmsnorm_partial_rotary_are_refused_naming_the_field(tmp_path):
     alibi = make_spec(position="alibi")
@@ -327,9 +338,16 @@ def test_export_refuses_a_non_empty_folder_and_a_missing_checkpoint(tmp_path):
 
 # ------------------------------------------------------------------------------------------ real runs
 
+
 def _phase(tokens: str, lr: dict) -> dict:
-    return {"name": "core", "tokens": tokens, "seqLen": 64, "microBatchSize": 4,
-            "batch": {"ramp": [{"tokens": 0, "size": "1Ki"}]}, "lr": lr}
+    return {
+        "name": "core",
+        "tokens": tokens,
+        "seqLen": 64,
+        "microBatchSize": 4,
+        "batch": {"ramp": [{"tokens": 0, "size": "1Ki"}]},
+        "lr": lr,
+    }
 
 
 def _run_dir(shared_data: Path, folder: Path) -> Path:
@@ -340,13 +358,14 @@ def _run_dir(shared_data: Path, folder: Path) -> Path:
 
 
 def test_real_run_exports_and_a_run_initialised_from_it_starts_at_the_original_models_loss(shared_data, tmp_path):
-    from stagerun.trainer.spec import resolve_run
+    from stagerun.core.plan import step_plan
+    from stagerun.core.spec import resolve_run
     from stagerun.trainer.train import open_loader
-    from stagerun.trainer.plan import step_plan
 
     # 1. Train the tiny preset (Llama-like, GQA, tied) for 4 steps, one process.
-    original = tiny_run(phases=[_phase("4Ki", {"schedule": "constant", "peak": 1e-2})],
-                        resources={"processesPerNode": 1})
+    original = tiny_run(
+        phases=[_phase("4Ki", {"schedule": "constant", "peak": 1e-2})], resources={"processesPerNode": 1}
+    )
     run_a = _run_dir(shared_data, tmp_path / "a")
     result = run_tiny(write_manifest(tmp_path / "a.yaml", original), run_a)
     assert result.returncode == 0, result.stdout[-3000:]
@@ -357,8 +376,13 @@ def test_real_run_exports_and_a_run_initialised_from_it_starts_at_the_original_m
     export = stagerun("export", str(run_a), "--out", str(tmp_path / "hf"), timeout=120)
     assert export.returncode == 0, export.stdout
     assert "LlamaForCausalLM" in export.stdout
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    } <= {p.name for p in (tmp_path / "hf").iterdir()}
 
     # --manifest: the run's own manifest agrees with meta.json; another model's is refused, naming the fields.
     export_checkpoint(str(run_a), tmp_path / "hf-manifest", manifest=tmp_path / "a.yaml")
@@ -378,8 +402,9 @@ def test_real_run_exports_and_a_run_initialised_from_it_starts_at_the_original_m
     assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf")).decode([0]) == "<|endoftext|>"
 
     # 3. A new run (two FSDP ranks: the import writes DTensor shards) starts from the export, for one step.
-    continued = tiny_run(phases=[_phase("1Ki", {"schedule": "constant", "peak": 1e-3})],
-                         resources={"processesPerNode": 2})
+    continued = tiny_run(
+        phases=[_phase("1Ki", {"schedule": "constant", "peak": 1e-3})], resources={"processesPerNode": 2}
+    )
     continued["spec"]["model"] = {"preset": "tiny", "init": {"from": "hf", "path": str(tmp_path / "hf")}}
     run_b = _run_dir(shared_data, tmp_path / "b")
     result = run_tiny(write_manifest(tmp_path / "b.yaml", continued), run_b)
@@ -390,9 +415,15 @@ def test_real_run_exports_and_a_run_initialised_from_it_starts_at_the_original_m
     run_cont = resolve_run(continued)
     plan = step_plan(run_cont, 0, 0)
     loader = open_loader(run_cont, run_b)
-    micro_batches = loader.next_step(phase_index=0, weights=plan.phase.weights, seq_len=plan.seq_len,
-                                     global_sequences=plan.batch_sequences, dp_rank=0, dp_size=1,
-                                     micro_batch_size=plan.phase.micro_batch_size)
+    micro_batches = loader.next_step(
+        phase_index=0,
+        weights=plan.phase.weights,
+        seq_len=plan.seq_len,
+        global_sequences=plan.batch_sequences,
+        dp_rank=0,
+        dp_size=1,
+        micro_batch_size=plan.phase.micro_batch_size,
+    )
     total, count = 0.0, 0
     with torch.no_grad():
         for mb in micro_batches:

@@ -26,8 +26,12 @@ def api():
 
 
 def trainingrun(name: str = "tr", **spec) -> dict:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainingRun", "metadata": {"name": name},
-            "spec": spec or {"model": {"preset": "tiny"}}}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "TrainingRun",
+        "metadata": {"name": name},
+        "spec": spec or {"model": {"preset": "tiny"}},
+    }
 
 
 def create_tr(api, name: str = "tr", namespace: str = "default", **spec) -> dict:
@@ -35,29 +39,70 @@ def create_tr(api, name: str = "tr", namespace: str = "default", **spec) -> dict
 
 
 def owner_ref(obj: dict) -> dict:
-    return {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": obj["metadata"]["name"],
-            "uid": obj["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+    return {
+        "apiVersion": obj["apiVersion"],
+        "kind": obj["kind"],
+        "name": obj["metadata"]["name"],
+        "uid": obj["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
 
 
-def indexed_job(name: str, *, completions: int = 2, command=None, env=None, owner: dict | None = None,
-                grace: int = 30, volumes=None, mounts=None, env_from=None) -> dict:
-    container = {"name": "trainer", "image": "stagerun:test", "command": command or ["stagerun", "launch"],
-                 "env": env or [], "volumeMounts": mounts or []}
+def indexed_job(
+    name: str,
+    *,
+    completions: int = 2,
+    command=None,
+    env=None,
+    owner: dict | None = None,
+    grace: int = 30,
+    volumes=None,
+    mounts=None,
+    env_from=None,
+) -> dict:
+    container = {
+        "name": "trainer",
+        "image": "stagerun:test",
+        "command": command or ["stagerun", "launch"],
+        "env": env or [],
+        "volumeMounts": mounts or [],
+    }
     if env_from:
         container["envFrom"] = env_from
     meta = {"name": name, "labels": {"stagerun.io/run": name.rsplit("-a", 1)[0]}}
     if owner:
         meta["ownerReferences"] = [owner_ref(owner)]
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": {
-        "completionMode": "Indexed", "completions": completions, "parallelism": completions, "backoffLimit": 0,
-        "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": {
-            "restartPolicy": "Never", "subdomain": name, "terminationGracePeriodSeconds": grace,
-            "containers": [container], "volumes": volumes or []}}}}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": completions,
+            "parallelism": completions,
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {"labels": dict(meta["labels"])},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "subdomain": name,
+                    "terminationGracePeriodSeconds": grace,
+                    "containers": [container],
+                    "volumes": volumes or [],
+                },
+            },
+        },
+    }
 
 
 def headless_service(name: str) -> dict:
-    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
-            "spec": {"clusterIP": "None", "selector": {"job-name": name}, "ports": [{"name": "rdzv", "port": 29400}]}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name},
+        "spec": {"clusterIP": "None", "selector": {"job-name": name}, "ports": [{"name": "rdzv", "port": 29400}]},
+    }
 
 
 def condition(obj: dict, kind: str) -> dict | None:
@@ -65,6 +110,7 @@ def condition(obj: dict, kind: str) -> dict | None:
 
 
 # -- the API through the official client -------------------------------------------------------------------------------
+
 
 def test_discovery_serves_builtin_and_custom_resources(api):
     raw = api.client()
@@ -83,8 +129,9 @@ def test_discovery_serves_builtin_and_custom_resources(api):
 
 def test_crud_conflicts_and_errors(api):
     core = api.core()
-    created = core.create_namespaced_config_map("default", {"metadata": {"name": "cm", "labels": {"a": "1"}},
-                                                            "data": {"k": "v"}})
+    created = core.create_namespaced_config_map(
+        "default", {"metadata": {"name": "cm", "labels": {"a": "1"}}, "data": {"k": "v"}}
+    )
     assert created.metadata.uid and created.metadata.creation_timestamp and created.metadata.resource_version
     with pytest.raises(ApiException) as exists:
         core.create_namespaced_config_map("default", {"metadata": {"name": "cm"}})
@@ -97,8 +144,9 @@ def test_crud_conflicts_and_errors(api):
     assert again.metadata.resource_version == patched.metadata.resource_version
 
     with pytest.raises(ApiException) as stale:  # optimistic concurrency: a stale resourceVersion
-        core.patch_namespaced_config_map("cm", "default", {"metadata": {"resourceVersion": created.metadata
-                                                                       .resource_version}, "data": {"x": "y"}})
+        core.patch_namespaced_config_map(
+            "cm", "default", {"metadata": {"resourceVersion": created.metadata.resource_version}, "data": {"x": "y"}}
+        )
     assert stale.value.status == 409
     body = api.get("configmaps", "default", "cm")
     body["data"] = {"only": "this"}
@@ -111,8 +159,13 @@ def test_crud_conflicts_and_errors(api):
     # JSON patch, including the failed `test` kopf relies on (422)
     api.patch("configmaps", "default", "cm", [{"op": "add", "path": "/data/n", "value": "1"}], patch_type="json")
     with pytest.raises(ApiError) as failed_test:
-        api.patch("configmaps", "default", "cm", [{"op": "test", "path": "/metadata/resourceVersion", "value": "1"},
-                                                  {"op": "remove", "path": "/data/n"}], patch_type="json")
+        api.patch(
+            "configmaps",
+            "default",
+            "cm",
+            [{"op": "test", "path": "/metadata/resourceVersion", "value": "1"}, {"op": "remove", "path": "/data/n"}],
+            patch_type="json",
+        )
     assert failed_test.value.code == 422
     assert api.get("configmaps", "default", "cm")["data"] == {"only": "this", "n": "1"}
 
@@ -134,8 +187,9 @@ def test_resource_version_is_cluster_wide_and_generation_follows_spec(api):
     tr = create_tr(api)
     assert tr["metadata"]["generation"] == 1
     custom = api.custom()
-    labelled = custom.patch_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "tr",
-                                                     {"metadata": {"labels": {"x": "y"}}})
+    labelled = custom.patch_namespaced_custom_object(
+        GROUP, VERSION, "default", PLURAL, "tr", {"metadata": {"labels": {"x": "y"}}}
+    )
     assert labelled["metadata"]["generation"] == 1
     respecced = custom.patch_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "tr", {"spec": {"a": 1}})
     assert respecced["metadata"]["generation"] == 2
@@ -175,8 +229,9 @@ def test_watch_from_a_resource_version_with_selectors(api):
 
     def consume():
         stream = watch.Watch()
-        for event in stream.stream(core.list_namespaced_config_map, "default", label_selector="w=1",
-                                   resource_version=since, timeout_seconds=5):
+        for event in stream.stream(
+            core.list_namespaced_config_map, "default", label_selector="w=1", resource_version=since, timeout_seconds=5
+        ):
             events.append((event["type"], event["object"].metadata.name))
             if len(events) == 4:
                 stream.stop()
@@ -204,7 +259,9 @@ def _http(api, method: str, path: str, body=None, content_type: str = "applicati
     import urllib.request
 
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"{api.url}{path}", data=data, method=method, headers={"Content-Type": content_type})
+    request = urllib.request.Request(
+        f"{api.url}{path}", data=data, method=method, headers={"Content-Type": content_type}
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as reply:
             return reply.status, reply.read()
@@ -223,22 +280,41 @@ def test_watch_from_a_compacted_resource_version_is_gone():
 
 def test_status_subresource_splits_status_from_the_rest(api):
     custom = api.custom()
-    created = custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL,
-                                                     {**trainingrun(), "status": {"state": "Hacked"}})
+    created = custom.create_namespaced_custom_object(
+        GROUP, VERSION, "default", PLURAL, {**trainingrun(), "status": {"state": "Hacked"}}
+    )
     assert "status" not in created  # dropped on create
-    updated = custom.patch_namespaced_custom_object_status(GROUP, VERSION, "default", PLURAL, "tr", {
-        "status": {"state": "Running"}, "spec": {"ignored": True}, "metadata": {"labels": {"ignored": "yes"}}})
+    updated = custom.patch_namespaced_custom_object_status(
+        GROUP,
+        VERSION,
+        "default",
+        PLURAL,
+        "tr",
+        {"status": {"state": "Running"}, "spec": {"ignored": True}, "metadata": {"labels": {"ignored": "yes"}}},
+    )
     assert updated["status"] == {"state": "Running"}
     assert "ignored" not in updated["spec"] and "labels" not in updated["metadata"]
-    main = custom.patch_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "tr",
-                                                 {"status": {"state": "Nope"}, "spec": {"x": 1}})
+    main = custom.patch_namespaced_custom_object(
+        GROUP, VERSION, "default", PLURAL, "tr", {"status": {"state": "Nope"}, "spec": {"x": 1}}
+    )
     assert main["status"] == {"state": "Running"} and main["spec"]["x"] == 1
-    status, _ = _http(api, "PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/default/{PLURAL}/tr",  # custom resources
-                      {"spec": {"y": 1}}, content_type="application/strategic-merge-patch+json")  # take no SMP
+    status, _ = _http(
+        api,
+        "PATCH",
+        f"/apis/{GROUP}/{VERSION}/namespaces/default/{PLURAL}/tr",  # custom resources
+        {"spec": {"y": 1}},
+        content_type="application/strategic-merge-patch+json",
+    )  # take no SMP
     assert status == 415
 
-    pod = api.core().create_namespaced_pod("default", {"metadata": {"name": "p"}, "status": {"phase": "Running"},
-                                                       "spec": {"containers": [{"name": "c", "image": "i"}]}})
+    pod = api.core().create_namespaced_pod(
+        "default",
+        {
+            "metadata": {"name": "p"},
+            "status": {"phase": "Running"},
+            "spec": {"containers": [{"name": "c", "image": "i"}]},
+        },
+    )
     assert pod.status.phase == "Pending" and pod.spec.restart_policy == "Always"
     assert pod.spec.termination_grace_period_seconds == 30
     assert pod.spec.containers[0].termination_message_path == "/dev/termination-log"
@@ -253,8 +329,9 @@ def test_finalizers_hold_deletion(api):
     assert deleting["metadata"]["deletionTimestamp"] and deleting["metadata"]["generation"] == 2
     assert api.get(PLURAL, "default", "tr") is not None
     with pytest.raises(ApiException) as forbidden:
-        custom.patch_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "tr",
-                                              {"metadata": {"finalizers": ["stagerun.io/cleanup", "other"]}})
+        custom.patch_namespaced_custom_object(
+            GROUP, VERSION, "default", PLURAL, "tr", {"metadata": {"finalizers": ["stagerun.io/cleanup", "other"]}}
+        )
     assert forbidden.value.status == 422
     custom.patch_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "tr", {"metadata": {"finalizers": None}})
     assert api.get(PLURAL, "default", "tr") is None
@@ -272,8 +349,9 @@ def test_graceful_and_forced_pod_deletion(api):
     core.delete_namespaced_pod("p", "default", grace_period_seconds=0)
     assert api.get("pods", "default", "p") is None
 
-    core.create_namespaced_pod("default", {"metadata": {"name": "unscheduled"},
-                                           "spec": {"containers": [{"name": "c", "image": "i"}]}})
+    core.create_namespaced_pod(
+        "default", {"metadata": {"name": "unscheduled"}, "spec": {"containers": [{"name": "c", "image": "i"}]}}
+    )
     core.delete_namespaced_pod("unscheduled", "default")
     assert api.get("pods", "default", "unscheduled") is None  # never bound to a node: deleted at once
 
@@ -284,28 +362,50 @@ def test_garbage_collection_by_owner_references(api):
     api.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tr-a1", "ownerReferences": ref}})
     api.create({**headless_service("tr-a1"), "metadata": {"name": "tr-a1", "ownerReferences": ref}})
     job = api.create(indexed_job("tr-a1", owner=owner))
-    pod = api.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "tr-a1-0-abcde",
-                                                                      "ownerReferences": [owner_ref(job)]},
-                      "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "i"}]}})
+    pod = api.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "tr-a1-0-abcde", "ownerReferences": [owner_ref(job)]},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "i"}]},
+        }
+    )
     api.custom().delete_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "tr")
-    api.wait_for(lambda: not any(api.get(kind, "default", "tr-a1") for kind in ("configmaps", "services", "jobs")),
-                 timeout=5)
-    terminating = api.wait_for(lambda: (api.get("pods", "default", pod["metadata"]["name"]) or {})
-                               .get("metadata", {}).get("deletionTimestamp"), timeout=5)
+    api.wait_for(
+        lambda: not any(api.get(kind, "default", "tr-a1") for kind in ("configmaps", "services", "jobs")), timeout=5
+    )
+    terminating = api.wait_for(
+        lambda: (
+            (api.get("pods", "default", pod["metadata"]["name"]) or {}).get("metadata", {}).get("deletionTimestamp")
+        ),
+        timeout=5,
+    )
     assert terminating  # graceful: the pod waits for its kubelet
 
     # batch/v1 Jobs deleted without a propagationPolicy orphan their pods, as on a real API server.
     job = api.create(indexed_job("orphans"))
-    api.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "orphan", "ownerReferences": [owner_ref(job)]},
-                "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "i"}]}})
+    api.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "orphan", "ownerReferences": [owner_ref(job)]},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "i"}]},
+        }
+    )
     api.batch().delete_namespaced_job("orphans", "default")
     left = api.wait_for(lambda: api.get("pods", "default", "orphan"), timeout=5)
     assert "ownerReferences" not in left["metadata"] and not left["metadata"].get("deletionTimestamp")
 
     # Foreground: the owner stays (with the foregroundDeletion finalizer) until its dependents are gone.
     job = api.create(indexed_job("fg"))
-    api.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "fg-pod", "ownerReferences": [owner_ref(job)]},
-                "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "i"}]}})
+    api.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "fg-pod", "ownerReferences": [owner_ref(job)]},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "i"}]},
+        }
+    )
     api.batch().delete_namespaced_job("fg", "default", propagation_policy="Foreground")
     assert api.get("jobs", "default", "fg")["metadata"]["finalizers"] == ["foregroundDeletion"]
     api.wait_for(lambda: api.get("pods", "default", "fg-pod")["metadata"].get("deletionTimestamp"), timeout=5)
@@ -325,8 +425,10 @@ def test_validation_of_names_and_jobs(api):
         core.create_namespaced_config_map("default", {"metadata": {"name": "cm", "labels": {"run": long_name}}})
     assert long_label.value.status == 422
     with pytest.raises(ApiException) as long_host:
-        core.create_namespaced_pod("default", {"metadata": {"name": "p"}, "spec": {
-            "hostname": long_name, "containers": [{"name": "c", "image": "i"}]}})
+        core.create_namespaced_pod(
+            "default",
+            {"metadata": {"name": "p"}, "spec": {"hostname": long_name, "containers": [{"name": "c", "image": "i"}]}},
+        )
     assert long_host.value.status == 422
     with pytest.raises(ApiException) as bad_service:
         core.create_namespaced_service("default", headless_service("1-starts-with-a-digit"))
@@ -357,10 +459,22 @@ def test_injected_errors_come_before_the_store(api):
 def test_events(api):
     core = api.core()
     tr = create_tr(api)
-    core.create_namespaced_event("default", {
-        "metadata": {"generateName": "tr."}, "type": "Normal", "reason": "Launched", "message": "attempt 1",
-        "involvedObject": {"apiVersion": tr["apiVersion"], "kind": "TrainingRun", "name": "tr",
-                           "namespace": "default", "uid": tr["metadata"]["uid"]}})
+    core.create_namespaced_event(
+        "default",
+        {
+            "metadata": {"generateName": "tr."},
+            "type": "Normal",
+            "reason": "Launched",
+            "message": "attempt 1",
+            "involvedObject": {
+                "apiVersion": tr["apiVersion"],
+                "kind": "TrainingRun",
+                "name": "tr",
+                "namespace": "default",
+                "uid": tr["metadata"]["uid"],
+            },
+        },
+    )
     [event] = api.events("default", name="tr")
     assert event["reason"] == "Launched" and event["metadata"]["name"].startswith("tr.")
     assert api.events("default", reason="Nope") == []
@@ -368,7 +482,7 @@ def test_events(api):
 
 # -- a real kopf operator against the emulated API ---------------------------------------------------------------------
 
-OPERATOR = '''
+OPERATOR = """
 import logging
 import kopf
 
@@ -385,7 +499,7 @@ def created(body, patch, **_):
 @kopf.on.delete("stagerun.io", "v1alpha1", "trainingruns")
 def deleted(body, **_):
     kopf.info(body, reason="Cleanup", message="deleted by the test")
-'''
+"""
 
 
 def test_kopf_operator_handles_a_trainingrun(api, tmp_path):
@@ -395,8 +509,9 @@ def test_kopf_operator_handles_a_trainingrun(api, tmp_path):
     module.write_text(OPERATOR)
     with api.use_kubeconfig(), KopfRunner(["run", "--standalone", "-A", "--verbose", str(module)]) as runner:
         create_tr(api)
-        tr = api.wait_for(lambda: (o := api.get(PLURAL, "default", "tr")) and "created" in o.get("status", {}) and o,
-                          timeout=20)
+        tr = api.wait_for(
+            lambda: (o := api.get(PLURAL, "default", "tr")) and "created" in o.get("status", {}) and o, timeout=20
+        )
         assert tr["status"]["state"] == "Pending" and tr["status"]["created"] == {"seen": "tiny"}
         assert tr["metadata"]["finalizers"] == ["stagerun.io/test"]
         api.custom().delete_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "tr")
@@ -409,6 +524,7 @@ def test_kopf_operator_handles_a_trainingrun(api, tmp_path):
 
 
 # -- FakeCluster: job controller + kubelet without processes -----------------------------------------------------------
+
 
 def test_fake_cluster_runs_an_indexed_job_to_completion(api):
     owner = create_tr(api)
@@ -435,8 +551,9 @@ def test_fake_cluster_runs_an_indexed_job_to_completion(api):
         assert job["status"]["active"] == 2 and job["status"]["startTime"]
 
         cluster.succeed_job("tr-a1", message='{"tokens": 24576}')
-        job = api.wait_for(lambda: condition(api.get("jobs", "default", "tr-a1"), "Complete")
-                           and api.get("jobs", "default", "tr-a1"))
+        job = api.wait_for(
+            lambda: condition(api.get("jobs", "default", "tr-a1"), "Complete") and api.get("jobs", "default", "tr-a1")
+        )
         assert job["status"]["succeeded"] == 2 and job["status"]["active"] == 0
         assert job["status"]["completedIndexes"] == "0-1" and job["status"]["completionTime"]
         zero = cluster.pods(job="tr-a1")[0]
@@ -450,8 +567,9 @@ def test_fake_cluster_fails_a_job_and_terminates_its_other_pods(api):
         api.create(indexed_job("tr-a1"))
         first, second = cluster.wait_for_pods(2, job="tr-a1")
         cluster.fail(second, exit_code=3, message="boom")
-        job = api.wait_for(lambda: condition(api.get("jobs", "default", "tr-a1"), "Failed")
-                           and api.get("jobs", "default", "tr-a1"))
+        job = api.wait_for(
+            lambda: condition(api.get("jobs", "default", "tr-a1"), "Failed") and api.get("jobs", "default", "tr-a1")
+        )
         assert condition(job, "Failed")["reason"] == "BackoffLimitExceeded"
         assert condition(job, "FailureTarget")["status"] == "True"
         assert job["status"]["failed"] == 1
@@ -514,8 +632,9 @@ def test_fake_cluster_lost_node_and_lost_pod(api):
         assert cluster.pod(on_lost)["metadata"]["deletionTimestamp"]  # Terminating: nobody finalises it
         cluster.lose_pod(on_lost)  # the operator's force delete
         assert api.get("pods", "default", on_lost["metadata"]["name"]) is None
-        job = api.wait_for(lambda: condition(api.get("jobs", "default", "tr-a1"), "Failed")
-                           and api.get("jobs", "default", "tr-a1"))
+        job = api.wait_for(
+            lambda: condition(api.get("jobs", "default", "tr-a1"), "Failed") and api.get("jobs", "default", "tr-a1")
+        )
         assert job["status"]["failed"] >= 1
         cluster.node_ready("node-2")
 
@@ -531,7 +650,7 @@ def test_fake_cluster_cascades_deletion_from_the_trainingrun(api):
 
 # -- ProcessCluster: pods as local processes ---------------------------------------------------------------------------
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import json, os, pathlib, signal, sys, time
     keys = ["MANIFEST", "RUN_DIR", "RDZV", "RDZV_FQDN", "POD_IP", "POD_NAME", "NAMESPACE", "NODE", "INDEX",
             "JOB_COMPLETION_INDEX", "STAGERUN_NODE_ADDR", "STAGERUN_TERMINATION_LOG", "TOKEN", "GREETING"]
@@ -547,7 +666,7 @@ SCRIPT = textwrap.dedent('''
         signal.signal(signal.SIGTERM, stop)
         time.sleep(60)
     pathlib.Path(os.environ["STAGERUN_TERMINATION_LOG"]).write_text(json.dumps({"index": env["INDEX"]}))
-''')
+""")
 
 
 def process_job(name: str, mode: str = "exit", completions: int = 2) -> dict:
@@ -560,16 +679,27 @@ def process_job(name: str, mode: str = "exit", completions: int = 2) -> dict:
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "INDEX", "valueFrom": {"fieldRef": {
-            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+        {
+            "name": "INDEX",
+            "valueFrom": {
+                "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+            },
+        },
         {"name": "GREETING", "value": "hello from $(POD_NAME)"},
     ]
-    return indexed_job(name, command=["python", "-c", SCRIPT], env=env, grace=20, completions=completions,
-                       env_from=[{"secretRef": {"name": "creds"}}],
-                       volumes=[{"name": "manifest", "configMap": {"name": name}},
-                                {"name": "state", "emptyDir": {}}],
-                       mounts=[{"name": "manifest", "mountPath": "/etc/stagerun", "readOnly": True},
-                               {"name": "state", "mountPath": "/var/lib/stagerun"}])
+    return indexed_job(
+        name,
+        command=["python", "-c", SCRIPT],
+        env=env,
+        grace=20,
+        completions=completions,
+        env_from=[{"secretRef": {"name": "creds"}}],
+        volumes=[{"name": "manifest", "configMap": {"name": name}}, {"name": "state", "emptyDir": {}}],
+        mounts=[
+            {"name": "manifest", "mountPath": "/etc/stagerun", "readOnly": True},
+            {"name": "state", "mountPath": "/var/lib/stagerun"},
+        ],
+    )
 
 
 def pod_env(cluster, pod) -> dict:
@@ -579,13 +709,22 @@ def pod_env(cluster, pod) -> dict:
 
 def test_process_cluster_runs_pods_with_node_rewrites(api, tmp_path):
     api.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"}, "stringData": {"TOKEN": "s3"}})
-    api.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tr-a1"},
-                "data": {"trainingrun.yaml": "kind: TrainingRun\n"}})
+    api.create(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "tr-a1"},
+            "data": {"trainingrun.yaml": "kind: TrainingRun\n"},
+        }
+    )
     api.create(headless_service("tr-a1"))
     with ProcessCluster(api, tmp_path / "pods") as cluster:
         api.create(process_job("tr-a1"))
-        job = api.wait_for(lambda: condition(api.get("jobs", "default", "tr-a1"), "Complete")
-                           and api.get("jobs", "default", "tr-a1"), timeout=20, message=cluster.all_logs)
+        job = api.wait_for(
+            lambda: condition(api.get("jobs", "default", "tr-a1"), "Complete") and api.get("jobs", "default", "tr-a1"),
+            timeout=20,
+            message=cluster.all_logs,
+        )
         assert job["status"]["succeeded"] == 2, cluster.all_logs()
         pods = cluster.pods(job="tr-a1")
         envs = [pod_env(cluster, pod) for pod in pods]
@@ -612,13 +751,20 @@ def test_process_cluster_runs_pods_with_node_rewrites(api, tmp_path):
 def test_process_cluster_sigterm_on_deletion_and_crash(api, tmp_path):
     api.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"}, "stringData": {"TOKEN": "s3"}})
     for name in ("tr-a1", "tr-a2"):
-        api.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name},
-                    "data": {"trainingrun.yaml": "x: 1\n"}})
+        api.create(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": name},
+                "data": {"trainingrun.yaml": "x: 1\n"},
+            }
+        )
     with ProcessCluster(api, tmp_path / "pods") as cluster:
         api.create(process_job("tr-a1", mode="wait"))
         first, second = cluster.wait_for_pods(2, job="tr-a1", timeout=20)
-        api.wait_for(lambda: all("ENV " in cluster.logs(p) for p in (first, second)), timeout=20,
-                     message=cluster.all_logs)
+        api.wait_for(
+            lambda: all("ENV " in cluster.logs(p) for p in (first, second)), timeout=20, message=cluster.all_logs
+        )
         # a ConfigMap edit reaches the running pods' mounted files, as the kubelet does it
         api.core().patch_namespaced_config_map("tr-a1", "default", {"data": {"trainingrun.yaml": "x: 2\n"}})
         mounted = cluster.pod_dir(first) / "volumes" / "manifest" / "trainingrun.yaml"
@@ -626,24 +772,35 @@ def test_process_cluster_sigterm_on_deletion_and_crash(api, tmp_path):
 
         started = time.monotonic()
         api.core().delete_namespaced_pod(first["metadata"]["name"], "default", grace_period_seconds=20)
-        api.wait_for(lambda: api.get("pods", "default", first["metadata"]["name"]) is None, timeout=10,
-                     message=cluster.all_logs)
+        api.wait_for(
+            lambda: api.get("pods", "default", first["metadata"]["name"]) is None, timeout=10, message=cluster.all_logs
+        )
         assert time.monotonic() - started < 10  # it exited on SIGTERM, not at the end of the grace period
         assert "got SIGTERM" in cluster.logs(first)
         # backoffLimit 0: the Job failed, and the job controller's deletion stopped index 1 the same way
-        job = api.wait_for(lambda: condition(api.get("jobs", "default", "tr-a1"), "Failed")
-                           and api.get("jobs", "default", "tr-a1"), message=cluster.all_logs)
+        job = api.wait_for(
+            lambda: condition(api.get("jobs", "default", "tr-a1"), "Failed") and api.get("jobs", "default", "tr-a1"),
+            message=cluster.all_logs,
+        )
         assert job["status"]["failed"] == 1
-        api.wait_for(lambda: api.get("pods", "default", second["metadata"]["name"]) is None, timeout=10,
-                     message=cluster.all_logs)
+        api.wait_for(
+            lambda: api.get("pods", "default", second["metadata"]["name"]) is None, timeout=10, message=cluster.all_logs
+        )
         assert "got SIGTERM" in cluster.logs(second)
 
         api.create(process_job("tr-a2", mode="wait", completions=1))
         [crashing] = cluster.wait_for_pods(1, job="tr-a2", timeout=20)
         api.wait_for(lambda: "ENV " in cluster.logs(crashing), timeout=20, message=cluster.all_logs)
         cluster.kill_pod_process(crashing, signal.SIGKILL)  # a crash inside the pod: exit code 137
-        crashed = api.wait_for(lambda: (p := api.get("pods", "default", crashing["metadata"]["name"])) and
-                               p["status"]["phase"] == "Failed" and p, timeout=10, message=cluster.all_logs)
+        crashed = api.wait_for(
+            lambda: (
+                (p := api.get("pods", "default", crashing["metadata"]["name"]))
+                and p["status"]["phase"] == "Failed"
+                and p
+            ),
+            timeout=10,
+            message=cluster.all_logs,
+        )
         terminated = crashed["status"]["containerStatuses"][0]["state"]["terminated"]
         assert (terminated["exitCode"], terminated["reason"]) == (137, "Error")
         api.wait_for(lambda: condition(api.get("jobs", "default", "tr-a2"), "Failed"), message=cluster.all_logs)

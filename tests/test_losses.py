@@ -61,9 +61,7 @@ def test_z_loss_is_weight_times_sum_of_log_z_squared():
 def test_max_z_loss_is_weight_times_sum_of_max_logit_squared():
     logits, targets = batch()
     terms = compute_losses(logits, targets, max_z_loss_weight=2e-4)
-    by_hand = sum(
-        logits[b, t].max().item() ** 2 for b in range(3) for t in range(5) if targets[b, t] != -100
-    )
+    by_hand = sum(logits[b, t].max().item() ** 2 for b in range(3) for t in range(5) if targets[b, t] != -100)
     assert terms.max_z_sum.item() == pytest.approx(2e-4 * by_hand, rel=1e-5)
     assert terms.z_sum.item() == 0.0
     torch.testing.assert_close(terms.total, terms.ce_sum + terms.max_z_sum)
@@ -127,8 +125,12 @@ def test_distillation_objective_is_the_soft_target_cross_entropy():
     target += (1 - weight) * torch.nn.functional.one_hot(labels.clamp(min=0), 11).float()
     expected = -(target * torch.log_softmax(logits, dim=-1)).sum(-1)[keep].sum()
     torch.testing.assert_close(terms.total, expected)
-    torch.testing.assert_close(terms.ce_sum, torch.nn.functional.cross_entropy(
-        logits.reshape(-1, 11), labels.reshape(-1), ignore_index=-100, reduction="sum"))
+    torch.testing.assert_close(
+        terms.ce_sum,
+        torch.nn.functional.cross_entropy(
+            logits.reshape(-1, 11), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        ),
+    )
     assert terms.distill_sum is not None and terms.distill_sum > 0
     terms.total.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()

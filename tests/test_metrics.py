@@ -17,9 +17,23 @@ NVML_STUB = Path(__file__).parent / "stubs" / "nvml"
 
 
 def step(metrics: TrainerMetrics, phase="core", **changes):
-    values = dict(phase=phase, phase_index=0, step=10, tokens=20480, loss=5.5, z_loss=0.0, max_z_loss=0.01,
-                  grad_norm=0.7, lr=1e-3, batch_tokens=2048, seq_len=64, step_seconds=0.5, data_seconds=0.01,
-                  flops_per_token=1_000_000, tokens_per_source={"docs": 10240, "code": 10240})
+    values = dict(
+        phase=phase,
+        phase_index=0,
+        step=10,
+        tokens=20480,
+        loss=5.5,
+        z_loss=0.0,
+        max_z_loss=0.01,
+        grad_norm=0.7,
+        lr=1e-3,
+        batch_tokens=2048,
+        seq_len=64,
+        step_seconds=0.5,
+        data_seconds=0.01,
+        flops_per_token=1_000_000,
+        tokens_per_source={"docs": 10240, "code": 10240},
+    )
     values.update(changes)
     metrics.step(**values)
 

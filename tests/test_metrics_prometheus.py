@@ -19,14 +19,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, run_tiny, tiny_run, write_manifest
+
 from stagerun.trainer.metrics import GPU_GAUGES, SOURCE_GAUGE, STEP_GAUGES
 from stagerun.trainer.train import KILL_AFTER_STEP_ENV
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(
-    PROMETHEUS is None, reason="needs a Prometheus server binary (Debian: apt-get install prometheus; .ci/run does)")
+    PROMETHEUS is None, reason="needs a Prometheus server binary (Debian: apt-get install prometheus; .ci/run does)"
+)
 DASHBOARD = ROOT / "charts" / "stagerun" / "dashboards" / "stagerun.json"
 NVML_STUB = Path(__file__).parent / "stubs" / "nvml"
 
@@ -40,14 +41,24 @@ def free_port() -> int:
 @contextlib.contextmanager
 def prometheus(targets: dict[str, str], folder: Path):
     port = free_port()
-    config = {"global": {"scrape_interval": "1s", "scrape_timeout": "900ms"},
-              "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [target]}]}
-                                 for job, target in targets.items()]}
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "900ms"},
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": [target]}]} for job, target in targets.items()
+        ],
+    }
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
     process = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=subprocess.DEVNULL, stderr=open(folder / "prometheus.log", "w"))
+        [
+            PROMETHEUS,
+            f"--config.file={folder / 'prometheus.yml'}",
+            f"--storage.tsdb.path={folder / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(folder / "prometheus.log", "w"),
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -128,8 +139,9 @@ def test_prometheus_scrapes_every_documented_metric_and_every_dashboard_query_ha
         assert 0 < values["stagerun_mfu"][0] < 1
         assert values["stagerun_restarts"][0] >= 1 and values["stagerun_checkpoint_load_seconds"][0] > 0
         assert values["stagerun_checkpoint_save_bytes"][0] > 10_000
-        assert values["stagerun_checkpoint_load_bytes"][0] == pytest.approx(values["stagerun_checkpoint_save_bytes"][0],
-                                                                            rel=0.05)
+        assert values["stagerun_checkpoint_load_bytes"][0] == pytest.approx(
+            values["stagerun_checkpoint_save_bytes"][0], rel=0.05
+        )
         assert sorted(values["stagerun_gpu_power_watts"]) == [350.0, 351.0]  # the NVML double's two GPUs
         assert values["stagerun_gpu_utilization_ratio"] == [0.87, 0.87]
         phases = {r["metric"]["phase"] for r in query(url, 'stagerun_loss{job="trainer"}[5m]')}
@@ -139,8 +151,15 @@ def test_prometheus_scrapes_every_documented_metric_and_every_dashboard_query_ha
         assert {r["metric"]["reason"] for r in restarts} >= {"PodFailed"}
         assert query(url, 'stagerun_operator_reconcile_duration_seconds_count{job="operator"} > 0')
         states = {r["metric"]["state"]: float(r["value"][1]) for r in query(url, "stagerun_operator_runs")}
-        assert states["Running"] >= 1 and set(states) == {"Pending", "Running", "Restarting", "Suspending",
-                                                          "Suspended", "Succeeded", "Failed"}
+        assert states["Running"] >= 1 and set(states) == {
+            "Pending",
+            "Running",
+            "Restarting",
+            "Suspending",
+            "Suspended",
+            "Succeeded",
+            "Failed",
+        }
 
         # The trainer has exited, so its series are stale now: look at the dashboard as of its last scrape.
         last_scrape = max(float(series["values"][-1][0]) for series in query(url, 'stagerun_step{job="trainer"}[10m]'))

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stagerun.core.spec.model import ModelSpec
+from stagerun.core.spec.presets import resolve_model
 from stagerun.trainer.model import (
     NormHead,
     Transformer,
@@ -23,8 +25,6 @@ from stagerun.trainer.model import (
     init_weights,
     rope_cos_sin,
 )
-from stagerun.trainer.spec.model import ModelSpec
-from stagerun.trainer.spec.presets import resolve_model
 
 
 def tiny(**changes) -> ModelSpec:

@@ -16,9 +16,8 @@ import time
 
 import pytest
 import yaml
-from kopf.testing import KopfRunner
-
 from conftest import ROOT
+from kopf.testing import KopfRunner
 from kube.emulator import running_api
 from kube.kubelet import FakeCluster
 from kube.operator import fresh_operator
@@ -26,8 +25,11 @@ from kube.real import RealApi, real_kubeconfig
 
 NS = "default"  # the emulator's; a real cluster gets a fresh namespace per test
 FAST = {
-    "STAGERUN_RECONCILE_SECONDS": "0.2", "STAGERUN_BACKOFF_BASE_SECONDS": "0.5", "STAGERUN_BACKOFF_MAX_SECONDS": "2",
-    "STAGERUN_FAILURE_GRACE_SECONDS": "1", "STAGERUN_SUSPEND_GRACE_SECONDS": "5",
+    "STAGERUN_RECONCILE_SECONDS": "0.2",
+    "STAGERUN_BACKOFF_BASE_SECONDS": "0.5",
+    "STAGERUN_BACKOFF_MAX_SECONDS": "2",
+    "STAGERUN_FAILURE_GRACE_SECONDS": "1",
+    "STAGERUN_SUSPEND_GRACE_SECONDS": "5",
     "STAGERUN_FORCE_DELETE_AFTER_SECONDS": "1",
 }
 
@@ -94,16 +96,26 @@ def operator_harness(monkeypatch, nodes=("node-1", "node-2")):
         with api.use_kubeconfig(), KopfRunner(["run", "--standalone", "-n", api.namespace], registry=registry) as r:
             yield Harness(api, None, r, progress, api.namespace)
     else:
-        with running_api() as api, api.use_kubeconfig(), \
-                FakeCluster(api, nodes=nodes, pod_ip_prefix="127.10") as cluster, \
-                KopfRunner(["run", "--standalone", "-A"], registry=registry) as r:
+        with (
+            running_api() as api,
+            api.use_kubeconfig(),
+            FakeCluster(api, nodes=nodes, pod_ip_prefix="127.10") as cluster,
+            KopfRunner(["run", "--standalone", "-A"], registry=registry) as r,
+        ):
             yield Harness(api, cluster, r, progress, NS)
     assert r.exception is None, r.output[-5000:]
 
 
 def relaunch_message(phase_index: int, step: int) -> str:
-    return json.dumps({"state": "relaunch", "phaseIndex": phase_index, "step": step, "tokens": step * 8192,
-                       "checkpoint": f"s3://bucket/runs/quickstart/step-{step:08d}"})
+    return json.dumps(
+        {
+            "state": "relaunch",
+            "phaseIndex": phase_index,
+            "step": step,
+            "tokens": step * 8192,
+            "checkpoint": f"s3://bucket/runs/quickstart/step-{step:08d}",
+        }
+    )
 
 
 def test_create_makes_configmap_service_and_indexed_job_and_reports_status(monkeypatch):
@@ -119,9 +131,14 @@ def test_create_makes_configmap_service_and_indexed_job_and_reports_status(monke
         pods = h.running_pods(2)
         zero = next(p for p in pods if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0")
         h.progress[zero["status"]["podIP"]] = {
-            "step": 12, "tokens": 98304, "loss": 6.54321, "tokensPerSecond": 4999.7, "phaseIndex": 0,
-            "lastStepAt": time.time(), "lastCheckpoint": {"path": "s3://b/step-8", "step": 8, "tokens": 65536,
-                                                          "time": time.time()}}
+            "step": 12,
+            "tokens": 98304,
+            "loss": 6.54321,
+            "tokensPerSecond": 4999.7,
+            "phaseIndex": 0,
+            "lastStepAt": time.time(),
+            "lastCheckpoint": {"path": "s3://b/step-8", "step": 8, "tokens": 65536, "time": time.time()},
+        }
         h.wait(lambda: h.status().get("step") == 12, "progress never reached the status")
         status = h.status()
         assert (status["tokensSeen"], status["loss"], status["tokensPerSecond"]) == (98304, 6.5432, 5000)
@@ -232,8 +249,11 @@ def test_delete_removes_everything_it_created(monkeypatch):
         h.wait(lambda: h.run() is None, "the TrainingRun was not deleted (finalizer stuck?)", timeout=60)
         selector = {"stagerun.io/run": "quickstart"}
         for kind in ("jobs", "services", "configmaps", "pods"):
-            h.wait(lambda kind=kind: h.api.list(kind, h.ns, label_selector=selector) == [], f"{kind} left behind",
-                   timeout=60)
+            h.wait(
+                lambda kind=kind: h.api.list(kind, h.ns, label_selector=selector) == [],
+                f"{kind} left behind",
+                timeout=60,
+            )
 
 
 def test_operator_restart_mid_run_creates_no_duplicate_job(monkeypatch):
@@ -259,8 +279,9 @@ def test_status_write_conflict_is_retried_without_duplicates(monkeypatch):
     with operator_harness(monkeypatch) as h:
         h.require_kubelet()
         # The first status write finds the run changed since it was read (409): the decision is taken again.
-        h.api.inject_error("patch", "trainingruns", namespace=NS, name="quickstart", subresource="status", code=409,
-                           reason="Conflict")
+        h.api.inject_error(
+            "patch", "trainingruns", namespace=NS, name="quickstart", subresource="status", code=409, reason="Conflict"
+        )
         h.create(manifest())
         h.running_pods(1)
         h.wait(lambda: h.status().get("attempt") == 1 and h.status().get("state") == "Running", "never recovered")
@@ -273,8 +294,9 @@ def test_image_that_cannot_be_pulled_fails_with_an_actionable_condition(monkeypa
     with operator_harness(monkeypatch) as h:
         h.create(manifest())  # the image does not exist: a real kubelet fails to pull it, the simulated one is told
         if h.cluster is not None:
-            h.cluster.image_pull_backoff(h.cluster.wait_for_pods(1, job="quickstart-a1", phase=None)[0],
-                                         reason="ErrImagePull")
+            h.cluster.image_pull_backoff(
+                h.cluster.wait_for_pods(1, job="quickstart-a1", phase=None)[0], reason="ErrImagePull"
+            )
         h.wait_state("Failed", timeout=180)
         failed = next(c for c in h.status()["conditions"] if c["type"] == "Failed")
         assert failed["reason"] in ("ErrImagePull", "ImagePullBackOff") and "spec.image" in failed["message"]
@@ -301,15 +323,19 @@ def test_editing_the_running_phase_is_refused_and_a_later_phase_accepted(monkeyp
         phases = manifest()["spec"]["phases"]
         phases[0]["tokens"] = "1M"
         h.patch_spec({"phases": phases})
-        h.wait(lambda: any(c["type"] == "SpecAccepted" and c["status"] == "False" for c in h.status()["conditions"]),
-               "immutable edit not refused")
+        h.wait(
+            lambda: any(c["type"] == "SpecAccepted" and c["status"] == "False" for c in h.status()["conditions"]),
+            "immutable edit not refused",
+        )
         refused = next(c for c in h.status()["conditions"] if c["type"] == "SpecAccepted")
         assert refused["reason"] == "ImmutableFieldChanged" and "spec.phases[0]" in refused["message"]
         assert h.jobs() == ["quickstart-a1"] and h.status()["state"] == "Running"
         phases = manifest()["spec"]["phases"]
         phases[2]["tokens"] = "128K"
         h.patch_spec({"phases": phases})
-        h.wait(lambda: any(c["type"] == "SpecAccepted" and c["status"] == "True" for c in h.status()["conditions"]),
-               "later-phase edit not accepted")
+        h.wait(
+            lambda: any(c["type"] == "SpecAccepted" and c["status"] == "True" for c in h.status()["conditions"]),
+            "later-phase edit not accepted",
+        )
         data = h.api.get("configmaps", h.ns, "quickstart-a1")["data"]["trainingrun.yaml"]
         assert yaml.safe_load(data)["spec"]["phases"][2]["tokens"] == 128_000  # the running gang sees the edit

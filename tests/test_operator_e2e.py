@@ -7,12 +7,12 @@ from __future__ import annotations
 import copy
 import signal
 
-from kopf.testing import KopfRunner
-
 from conftest import SAMPLE_BYTES, TINY_RUN
+from kopf.testing import KopfRunner
 from kube.emulator import running_api
 from kube.operator import fresh_operator
 from kube.processes import ProcessCluster
+
 from stagerun.trainer.checkpoint import CheckpointManager
 
 NS = "default"
@@ -32,22 +32,31 @@ def e2e_manifest(checkpoint_url: str) -> dict:
 
 
 def total_steps() -> tuple[int, int]:
-    from stagerun.trainer.plan import total_steps as steps
-    from stagerun.trainer.spec import resolve_run
+    from stagerun.core.plan import total_steps as steps
+    from stagerun.core.spec import resolve_run
 
     run = resolve_run(e2e_manifest("file:///unused"))
     return steps(run), run.phases[-1].end_tokens
 
 
 def test_training_run_survives_a_killed_pod_and_relaunches_for_a_new_topology(monkeypatch, tmp_path):
-    registry, _ = fresh_operator(monkeypatch, {"STAGERUN_RECONCILE_SECONDS": "0.5", "STAGERUN_BACKOFF_BASE_SECONDS": "1",
-                                               "STAGERUN_FAILURE_GRACE_SECONDS": "5"})
+    registry, _ = fresh_operator(
+        monkeypatch,
+        {
+            "STAGERUN_RECONCILE_SECONDS": "0.5",
+            "STAGERUN_BACKOFF_BASE_SECONDS": "1",
+            "STAGERUN_FAILURE_GRACE_SECONDS": "5",
+        },
+    )
     checkpoints = tmp_path / "checkpoints"
     url = f"file://{checkpoints}"
     pod_env = {"STAGERUN_MAX_SOURCE_BYTES": str(SAMPLE_BYTES), "OMP_NUM_THREADS": "1"}
-    with running_api() as api, api.use_kubeconfig(), \
-            ProcessCluster(api, tmp_path / "pods", extra_env=pod_env) as cluster, \
-            KopfRunner(["run", "--standalone", "-A"], registry=registry) as runner:
+    with (
+        running_api() as api,
+        api.use_kubeconfig(),
+        ProcessCluster(api, tmp_path / "pods", extra_env=pod_env) as cluster,
+        KopfRunner(["run", "--standalone", "-A"], registry=registry) as runner,
+    ):
 
         def status() -> dict:
             return (api.get("trainingruns", NS, "e2e") or {}).get("status") or {}
@@ -55,14 +64,16 @@ def test_training_run_survives_a_killed_pod_and_relaunches_for_a_new_topology(mo
         def diagnostics() -> str:
             return f"status: {status()}\nlogs:\n{cluster.all_logs(max_chars=6000)}"
 
-        api.custom().create_namespaced_custom_object("stagerun.io", "v1alpha1", NS, "trainingruns",
-                                                     e2e_manifest(url))
+        api.custom().create_namespaced_custom_object("stagerun.io", "v1alpha1", NS, "trainingruns", e2e_manifest(url))
         # Wait for the first committed checkpoint of the first gang, then kill pod 1's process.
         manager = CheckpointManager(url, keep=100)
         api.wait_for(lambda: manager.latest() is not None, timeout=180, message=diagnostics)
         first = manager.latest()
-        victim = next(p for p in cluster.pods(job="e2e-a1")
-                      if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "1")
+        victim = next(
+            p
+            for p in cluster.pods(job="e2e-a1")
+            if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "1"
+        )
         cluster.kill_pod_process(victim, sig=signal.SIGKILL)
 
         api.wait_for(lambda: status().get("attempt", 0) >= 2, timeout=120, message=diagnostics)

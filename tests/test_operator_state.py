@@ -6,24 +6,43 @@ import copy
 
 import pytest
 import yaml
-
 from conftest import ROOT
+
+from stagerun.core.spec import resolve_run
 from stagerun.operator.observe import JobView, Observation, PodView
 from stagerun.operator.state import (
-    FAILED, PENDING, RESTARTING, RUNNING, SUCCEEDED, SUSPENDED, SUSPENDING, DeleteAttempt, ForceDeletePod, Launch,
-    Settings, iso, reconcile,
+    FAILED,
+    PENDING,
+    RESTARTING,
+    RUNNING,
+    SUCCEEDED,
+    SUSPENDED,
+    SUSPENDING,
+    DeleteAttempt,
+    ForceDeletePod,
+    Launch,
+    Settings,
+    iso,
+    reconcile,
 )
-from stagerun.trainer.spec import resolve_run
 
 NOW = 1_800_000_000.0
-SETTINGS = Settings(backoff_base_seconds=10, backoff_max_seconds=300, failure_grace_seconds=30,
-                    suspend_grace_seconds=600, force_delete_after_seconds=60)
+SETTINGS = Settings(
+    backoff_base_seconds=10,
+    backoff_max_seconds=300,
+    failure_grace_seconds=30,
+    suspend_grace_seconds=600,
+    force_delete_after_seconds=60,
+)
 
 
 def make_run(**spec_changes):
     manifest = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
-    manifest["spec"].update(image="ghcr.io/example/stagerun:0.1", checkpoint={"path": "s3://bucket/quickstart"},
-                            **copy.deepcopy(spec_changes))
+    manifest["spec"].update(
+        image="ghcr.io/example/stagerun:0.1",
+        checkpoint={"path": "s3://bucket/quickstart"},
+        **copy.deepcopy(spec_changes),
+    )
     return resolve_run(manifest)
 
 
@@ -31,8 +50,15 @@ RUN = make_run()
 
 
 def running_status(**extra) -> dict:
-    status = {"state": RUNNING, "attempt": 1, "phaseIndex": 0, "phase": "core", "restarts": 0,
-              "launchedAt": iso(NOW - 100), "pods": {"0": "quickstart-a1-0-abcde"}}
+    status = {
+        "state": RUNNING,
+        "attempt": 1,
+        "phaseIndex": 0,
+        "phase": "core",
+        "restarts": 0,
+        "launchedAt": iso(NOW - 100),
+        "pods": {"0": "quickstart-a1-0-abcde"},
+    }
     status.update(extra)
     return status
 
@@ -45,7 +71,12 @@ def job(**kw) -> JobView:
     return JobView(name="quickstart-a1", attempt=1, completions=1, **kw)
 
 
-def obs(pods=(pod(),), job_view=job(), progress=None, now=NOW) -> Observation:
+_DEFAULT = object()
+
+
+def obs(pods=_DEFAULT, job_view=_DEFAULT, progress=None, now=NOW) -> Observation:
+    pods = (pod(),) if pods is _DEFAULT else pods
+    job_view = job() if job_view is _DEFAULT else job_view
     return Observation(now=now, job=job_view, pods=tuple(pods), progress=progress)
 
 
@@ -76,10 +107,16 @@ def test_healthy_gang_changes_nothing_and_is_ready():
 
 
 def test_progress_is_folded_into_status_with_checkpoint_and_phase_events():
-    progress = {"step": 40, "tokens": 491_520, "loss": 6.2, "tokensPerSecond": 5000.0, "phaseIndex": 1,
-                "tokensPerSource": {"docs": 344_064, "code": 147_456},
-                "lastStepAt": NOW - 1, "lastCheckpoint": {"path": "s3://b/step-40", "step": 40, "tokens": 491_520,
-                                                          "time": NOW - 2}}
+    progress = {
+        "step": 40,
+        "tokens": 491_520,
+        "loss": 6.2,
+        "tokensPerSecond": 5000.0,
+        "phaseIndex": 1,
+        "tokensPerSource": {"docs": 344_064, "code": 147_456},
+        "lastStepAt": NOW - 1,
+        "lastCheckpoint": {"path": "s3://b/step-40", "step": 40, "tokens": 491_520, "time": NOW - 2},
+    }
     d = reconcile(RUN, running_status(), obs(progress=progress), SETTINGS)
     s = d.status
     assert (s["step"], s["tokensSeen"], s["loss"], s["tokensPerSecond"]) == (40, 491_520, 6.2, 5000)
@@ -97,7 +134,9 @@ def test_failed_pod_schedules_a_restart_with_backoff():
     assert d.actions == [DeleteAttempt(attempt=1, grace_seconds=30)]
     assert d.status["state"] == RESTARTING and d.status["restarts"] == 1
     assert d.status["nextLaunchAt"] == iso(NOW + 10)
-    assert d.status["lastFailure"]["reason"] == "PodFailed" and "exited with code 1" in d.status["lastFailure"]["message"]
+    assert (
+        d.status["lastFailure"]["reason"] == "PodFailed" and "exited with code 1" in d.status["lastFailure"]["message"]
+    )
     assert event_reasons(d) == ["PodFailed", "RestartScheduled"]
 
 
@@ -105,14 +144,19 @@ def test_backoff_doubles_and_is_capped():
     status = running_status(restarts=3)
     d = reconcile(RUN, status, obs(pods=[pod(phase="Failed", exit_code=1)]), SETTINGS)
     assert d.status["nextLaunchAt"] == iso(NOW + 80)  # 4th restart: 10 * 2^3
-    d = reconcile(make_run(maxRestarts=100), running_status(restarts=20), obs(pods=[pod(phase="Failed", exit_code=1)]),
-                  SETTINGS)
+    d = reconcile(
+        make_run(maxRestarts=100), running_status(restarts=20), obs(pods=[pod(phase="Failed", exit_code=1)]), SETTINGS
+    )
     assert d.status["nextLaunchAt"] == iso(NOW + 300)
 
 
 def test_restarting_waits_for_backoff_and_for_old_pods_then_relaunches_from_checkpoint():
-    status = running_status(state=RESTARTING, restarts=1, nextLaunchAt=iso(NOW + 5),
-                            lastCheckpoint={"path": "s3://b/step-16", "step": 16, "tokens": 1, "time": iso(NOW)})
+    status = running_status(
+        state=RESTARTING,
+        restarts=1,
+        nextLaunchAt=iso(NOW + 5),
+        lastCheckpoint={"path": "s3://b/step-16", "step": 16, "tokens": 1, "time": iso(NOW)},
+    )
     assert reconcile(RUN, status, Observation(now=NOW), SETTINGS).actions == []  # backoff not over
     old = pod(phase="Running", deleting_since=NOW)
     assert reconcile(RUN, status, obs(pods=[old], job_view=None, now=NOW + 6), SETTINGS).actions == []  # still exiting
@@ -122,20 +166,35 @@ def test_restarting_waits_for_backoff_and_for_old_pods_then_relaunches_from_chec
 
 
 def test_restart_budget_exhausted_fails_the_run():
-    d = reconcile(make_run(maxRestarts=2), running_status(restarts=2), obs(pods=[pod(phase="Failed", exit_code=1)]),
-                  SETTINGS)
+    d = reconcile(
+        make_run(maxRestarts=2), running_status(restarts=2), obs(pods=[pod(phase="Failed", exit_code=1)]), SETTINGS
+    )
     assert d.status["state"] == FAILED and d.status["failureReason"] == "RestartBudgetExhausted"
     assert condition(d, "Failed")["status"] == "True" and "spec.maxRestarts 2" in condition(d, "Failed")["message"]
     assert d.actions == [DeleteAttempt(1, 30)]
 
 
-@pytest.mark.parametrize("bad_pod,reason", [
-    (pod(phase="Pending", waiting_reason="ErrImagePull"), "ErrImagePull"),
-    (pod(phase="Pending", waiting_reason="InvalidImageName"), "InvalidImageName"),
-    (pod(phase="Failed", exit_code=2, message={"state": "failed", "reason": "InvalidSpec", "permanent": True,
-                                               "message": "spec.phases[1].seqLen: ..."}), "InvalidSpec"),
-    (pod(phase="Failed", exit_code=137, terminated_reason="OOMKilled"), "OOMKilledAtStart"),
-])
+@pytest.mark.parametrize(
+    "bad_pod,reason",
+    [
+        (pod(phase="Pending", waiting_reason="ErrImagePull"), "ErrImagePull"),
+        (pod(phase="Pending", waiting_reason="InvalidImageName"), "InvalidImageName"),
+        (
+            pod(
+                phase="Failed",
+                exit_code=2,
+                message={
+                    "state": "failed",
+                    "reason": "InvalidSpec",
+                    "permanent": True,
+                    "message": "spec.phases[1].seqLen: ...",
+                },
+            ),
+            "InvalidSpec",
+        ),
+        (pod(phase="Failed", exit_code=137, terminated_reason="OOMKilled"), "OOMKilledAtStart"),
+    ],
+)
 def test_failures_that_would_repeat_fail_at_once_with_an_actionable_condition(bad_pod, reason):
     d = reconcile(RUN, running_status(), obs(pods=[bad_pod]), SETTINGS)
     assert d.status["state"] == FAILED and d.status["restarts"] == 0
@@ -144,20 +203,27 @@ def test_failures_that_would_repeat_fail_at_once_with_an_actionable_condition(ba
 
 
 def test_out_of_memory_after_training_started_is_retried():
-    d = reconcile(RUN, running_status(step=100), obs(pods=[pod(phase="Failed", exit_code=137,
-                                                                terminated_reason="OOMKilled")]), SETTINGS)
+    d = reconcile(
+        RUN,
+        running_status(step=100),
+        obs(pods=[pod(phase="Failed", exit_code=137, terminated_reason="OOMKilled")]),
+        SETTINGS,
+    )
     assert d.status["state"] == RESTARTING
 
 
-@pytest.mark.parametrize("observed,reason", [
-    (obs(pods=[]), "PodLost"),  # the pod we saw is gone
-    (obs(pods=[pod(name="quickstart-a1-0-zzzzz")]), "PodLost"),  # replaced by the job controller
-    (obs(pods=[pod(deleting_since=NOW - 1)]), "PodLost"),  # evicted
-    (obs(pods=[pod(node_ready=False)]), "NodeNotReady"),
-    (obs(job_view=None), "JobMissing"),
-    (obs(job_view=job(failed_condition="BackoffLimitExceeded")), "JobFailed"),
-    (obs(job_view=job(complete=True, succeeded=1), pods=[pod(phase="Succeeded", exit_code=0)]), "UnknownOutcome"),
-])
+@pytest.mark.parametrize(
+    "observed,reason",
+    [
+        (obs(pods=[]), "PodLost"),  # the pod we saw is gone
+        (obs(pods=[pod(name="quickstart-a1-0-zzzzz")]), "PodLost"),  # replaced by the job controller
+        (obs(pods=[pod(deleting_since=NOW - 1)]), "PodLost"),  # evicted
+        (obs(pods=[pod(node_ready=False)]), "NodeNotReady"),
+        (obs(job_view=None), "JobMissing"),
+        (obs(job_view=job(failed_condition="BackoffLimitExceeded")), "JobFailed"),
+        (obs(job_view=job(complete=True, succeeded=1), pods=[pod(phase="Succeeded", exit_code=0)]), "UnknownOutcome"),
+    ],
+)
 def test_every_gang_failure_restarts(observed, reason):
     d = reconcile(RUN, running_status(), observed, SETTINGS)
     assert d.status["state"] == RESTARTING and d.status["lastFailure"]["reason"] == reason
@@ -198,8 +264,11 @@ def test_stuck_terminating_pod_on_a_not_ready_node_is_force_deleted():
 
 
 def test_completed_job_with_complete_message_succeeds():
-    done = pod(phase="Succeeded", exit_code=0, message={"state": "complete", "step": 59, "tokens": 802_816,
-                                                        "checkpoint": "s3://b/step-59"})
+    done = pod(
+        phase="Succeeded",
+        exit_code=0,
+        message={"state": "complete", "step": 59, "tokens": 802_816, "checkpoint": "s3://b/step-59"},
+    )
     d = reconcile(RUN, running_status(), obs(pods=[done], job_view=job(complete=True, succeeded=1)), SETTINGS)
     assert d.status["state"] == SUCCEEDED and d.status["step"] == 59 and d.status["completionTime"]
     assert condition(d, "Succeeded")["status"] == "True" and condition(d, "Progressing")["status"] == "False"
@@ -217,8 +286,12 @@ def test_phase_boundary_with_new_topology_launches_the_next_attempt():
 
 def test_stopped_without_suspend_is_a_preemption_restart():
     message = {"state": "stopped", "step": 10}
-    d = reconcile(RUN, running_status(), obs(pods=[pod(phase="Succeeded", exit_code=0, message=message)],
-                                            job_view=job(complete=True, succeeded=1)), SETTINGS)
+    d = reconcile(
+        RUN,
+        running_status(),
+        obs(pods=[pod(phase="Succeeded", exit_code=0, message=message)], job_view=job(complete=True, succeeded=1)),
+        SETTINGS,
+    )
     assert d.status["state"] == RESTARTING and d.status["lastFailure"]["reason"] == "Preempted"
 
 

@@ -6,12 +6,20 @@ from pathlib import Path
 
 import pytest
 
-from stagerun.trainer.plan import (
-    batch_tokens_at, checkpoint_due, grad_accumulation, lr_at, next_phase_needs_relaunch, phase_at, segments,
-    step_plan, tokens_at_step, total_steps,
+from stagerun.core.plan import (
+    batch_tokens_at,
+    checkpoint_due,
+    grad_accumulation,
+    lr_at,
+    next_phase_needs_relaunch,
+    phase_at,
+    segments,
+    step_plan,
+    tokens_at_step,
+    total_steps,
 )
-from stagerun.trainer.plan_report import curve_points, plot_schedule, render_table
-from stagerun.trainer.spec import load_run, resolve_run
+from stagerun.core.plan_report import curve_points, plot_schedule, render_table
+from stagerun.core.spec import load_run, resolve_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,21 +28,42 @@ def manifest(phases, **spec_extra) -> dict:
     spec = {
         "model": {"preset": "tiny", "maxSeqLen": 4096},
         "tokenizer": {"train": {"vocabSize": 512}},
-        "data": {"sources": {"a": {"path": "builtin:python-docs", "weight": 0.5},
-                             "b": {"path": "builtin:python-code", "weight": 0.5}}},
+        "data": {
+            "sources": {
+                "a": {"path": "builtin:python-docs", "weight": 0.5},
+                "b": {"path": "builtin:python-code", "weight": 0.5},
+            }
+        },
         "phases": phases,
     }
     spec.update(spec_extra)
     return {"apiVersion": "stagerun.io/v1alpha1", "kind": "TrainingRun", "metadata": {"name": "plan"}, "spec": spec}
 
 
-LLAMA_LIKE = manifest([
-    {"name": "core", "tokens": "10M", "seqLen": 1024,
-     "batch": {"ramp": [{"tokens": 0, "size": "64Ki"}, {"tokens": "1M", "size": "128Ki"}, {"tokens": "5M", "size": "256Ki"}]},
-     "lr": {"schedule": "cosine", "peak": 1e-3, "to": 1e-4, "warmupTokens": "500K"}},
-    {"name": "long", "tokens": "2M", "seqLen": 4096},
-    {"name": "anneal", "tokens": "1M", "lr": {"schedule": "linear", "to": 0}, "data": {"weights": {"a": 0.2, "b": 0.8}}},
-])
+LLAMA_LIKE = manifest(
+    [
+        {
+            "name": "core",
+            "tokens": "10M",
+            "seqLen": 1024,
+            "batch": {
+                "ramp": [
+                    {"tokens": 0, "size": "64Ki"},
+                    {"tokens": "1M", "size": "128Ki"},
+                    {"tokens": "5M", "size": "256Ki"},
+                ]
+            },
+            "lr": {"schedule": "cosine", "peak": 1e-3, "to": 1e-4, "warmupTokens": "500K"},
+        },
+        {"name": "long", "tokens": "2M", "seqLen": 4096},
+        {
+            "name": "anneal",
+            "tokens": "1M",
+            "lr": {"schedule": "linear", "to": 0},
+            "data": {"weights": {"a": 0.2, "b": 0.8}},
+        },
+    ]
+)
 
 
 @pytest.fixture
@@ -79,9 +108,26 @@ def test_warmup_cosine_and_linear_decay_values(run):
 
 @pytest.mark.parametrize("shape", ["linear", "cosine"])
 def test_wsd_decay_starts_exactly_at_its_fraction(shape):
-    run = resolve_run(manifest([{"name": "p", "tokens": "1M", "seqLen": 128, "batch": {"size": "16Ki"},
-                                 "lr": {"schedule": "wsd", "peak": 1e-3, "to": 1e-5, "warmupTokens": "100K",
-                                        "decayFraction": 0.2, "decayShape": shape}}]))
+    run = resolve_run(
+        manifest(
+            [
+                {
+                    "name": "p",
+                    "tokens": "1M",
+                    "seqLen": 128,
+                    "batch": {"size": "16Ki"},
+                    "lr": {
+                        "schedule": "wsd",
+                        "peak": 1e-3,
+                        "to": 1e-5,
+                        "warmupTokens": "100K",
+                        "decayFraction": 0.2,
+                        "decayShape": shape,
+                    },
+                }
+            ]
+        )
+    )
     phase = run.phases[0]
     assert lr_at(phase, 100_000) == pytest.approx(1e-3)
     assert lr_at(phase, 799_999) == pytest.approx(1e-3)
@@ -92,11 +138,20 @@ def test_wsd_decay_starts_exactly_at_its_fraction(shape):
 
 
 def test_wsd_with_zero_decay_fraction_holds_the_peak():
-    run = resolve_run(manifest([
-        {"name": "stable", "tokens": "1M", "seqLen": 128, "batch": {"size": "16Ki"},
-         "lr": {"schedule": "wsd", "peak": 1e-3, "decayFraction": 0}},
-        {"name": "decay", "tokens": "100K", "lr": {"schedule": "linear", "to": 0}},
-    ]))
+    run = resolve_run(
+        manifest(
+            [
+                {
+                    "name": "stable",
+                    "tokens": "1M",
+                    "seqLen": 128,
+                    "batch": {"size": "16Ki"},
+                    "lr": {"schedule": "wsd", "peak": 1e-3, "decayFraction": 0},
+                },
+                {"name": "decay", "tokens": "100K", "lr": {"schedule": "linear", "to": 0}},
+            ]
+        )
+    )
     assert lr_at(run.phases[0], 10**6) == pytest.approx(1e-3)
     assert run.phases[1].lr.peak == pytest.approx(1e-3)
 
@@ -128,17 +183,31 @@ def test_tokens_per_phase_equal_budgets_within_one_step(path):
         per_phase[seg.phase.index] = per_phase.get(seg.phase.index, 0) + seg.steps * seg.batch_tokens
     for phase in run.phases:
         largest = max(size for _, size in phase.ramp)
-        assert abs(per_phase.get(phase.index, 0) - phase.tokens) < largest + max(size for p in run.phases for _, size in p.ramp)
+        assert abs(per_phase.get(phase.index, 0) - phase.tokens) < largest + max(
+            size for p in run.phases for _, size in p.ramp
+        )
     total = sum(per_phase.values())
     assert run.total_tokens <= total < run.total_tokens + max(s for p in run.phases for _, s in p.ramp)
 
 
 def test_phase_overshoot_does_not_move_later_boundaries():
     # 300 tokens per step, 1000-token phases: every phase ends mid-step, the next starts where the previous stopped.
-    run = resolve_run(manifest([
-        {"name": "a", "tokens": 1000, "seqLen": 8, "batch": {"size": 296}, "microBatchSize": 37, "lr": {"peak": 1e-3}},
-        {"name": "b", "tokens": 1000},
-    ], resources={"processesPerNode": 1}))
+    run = resolve_run(
+        manifest(
+            [
+                {
+                    "name": "a",
+                    "tokens": 1000,
+                    "seqLen": 8,
+                    "batch": {"size": 296},
+                    "microBatchSize": 37,
+                    "lr": {"peak": 1e-3},
+                },
+                {"name": "b", "tokens": 1000},
+            ],
+            resources={"processesPerNode": 1},
+        )
+    )
     segs = segments(run)
     assert [(s.phase.name, s.start_tokens, s.steps) for s in segs] == [("a", 0, 4), ("b", 1184, 3)]
     assert phase_at(run, 1183).name == "b" and phase_at(run, 1999).name == "b"
@@ -157,11 +226,16 @@ def test_checkpoint_due_crosses_multiples():
 
 
 def test_relaunch_only_when_the_topology_changes():
-    run = resolve_run(manifest([
-        {"name": "a", "tokens": "1M", "seqLen": 128, "batch": {"size": "16Ki"}, "lr": {"peak": 1e-3}},
-        {"name": "b", "tokens": "1M", "seqLen": 256},
-        {"name": "c", "tokens": "1M", "parallelism": {"tensorParallel": 2}},
-    ], resources={"processesPerNode": 2}))
+    run = resolve_run(
+        manifest(
+            [
+                {"name": "a", "tokens": "1M", "seqLen": 128, "batch": {"size": "16Ki"}, "lr": {"peak": 1e-3}},
+                {"name": "b", "tokens": "1M", "seqLen": 256},
+                {"name": "c", "tokens": "1M", "parallelism": {"tensorParallel": 2}},
+            ],
+            resources={"processesPerNode": 2},
+        )
+    )
     assert not next_phase_needs_relaunch(run, run.phases[0])
     assert next_phase_needs_relaunch(run, run.phases[1])
     assert not next_phase_needs_relaunch(run, run.phases[2])
@@ -184,12 +258,28 @@ def test_plan_table_and_plot(run, tmp_path):
 def test_llama3_scale_arithmetic_is_instant():
     import time
 
-    run = resolve_run(manifest([
-        {"name": "core", "tokens": "15T", "seqLen": 4096,
-         "batch": {"ramp": [{"tokens": 0, "size": "4Mi"}, {"tokens": "252M", "size": "8Mi"}, {"tokens": "2.87T", "size": "16Mi"}]},
-         "lr": {"schedule": "cosine", "peak": 8e-5, "to": 8e-7, "warmupTokens": "8B"}}],
-        resources={"nodes": 128, "gpusPerNode": 8}, parallelism={"tensorParallel": 8},
-        model={"preset": "llama3-8b"}))
+    run = resolve_run(
+        manifest(
+            [
+                {
+                    "name": "core",
+                    "tokens": "15T",
+                    "seqLen": 4096,
+                    "batch": {
+                        "ramp": [
+                            {"tokens": 0, "size": "4Mi"},
+                            {"tokens": "252M", "size": "8Mi"},
+                            {"tokens": "2.87T", "size": "16Mi"},
+                        ]
+                    },
+                    "lr": {"schedule": "cosine", "peak": 8e-5, "to": 8e-7, "warmupTokens": "8B"},
+                }
+            ],
+            resources={"nodes": 128, "gpusPerNode": 8},
+            parallelism={"tensorParallel": 8},
+            model={"preset": "llama3-8b"},
+        )
+    )
     started = time.perf_counter()
     steps = total_steps(run)
     assert time.perf_counter() - started < 0.5

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from stagerun.core.spec.model import ModelSpec
+from stagerun.core.spec.presets import PRESETS, resolve_model
 from stagerun.trainer.model import Transformer
-from stagerun.trainer.spec.model import ModelSpec
-from stagerun.trainer.spec.presets import PRESETS, resolve_model
 
 
 def hf_count(*, vocab, dim, layers, heads, kv_heads, ffn, qkv_bias=False, norm_vectors=1, tied=False) -> int:
@@ -44,9 +44,13 @@ PUBLISHED: dict[str, list[Published]] = {
         # LayerNorm with bias) has 1,644,515,328; the card's figure is 98,304 = 48 x 2048 lower, i.e. as if the
         # 48 block LayerNorms had no bias, although the card says "LayerNorm with learned bias terms". Hence 1e-4.
         Published(
-            1_644_417_024, "total", 1e-4, "stabilityai/stablelm-2-1_6b model card",
-            checkpoint=hf_count(vocab=100352, dim=2048, layers=24, heads=32, kv_heads=32, ffn=5632, qkv_bias=True,
-                                norm_vectors=2),
+            1_644_417_024,
+            "total",
+            1e-4,
+            "stabilityai/stablelm-2-1_6b model card",
+            checkpoint=hf_count(
+                vocab=100352, dim=2048, layers=24, heads=32, kv_heads=32, ffn=5632, qkv_bias=True, norm_vectors=2
+            ),
             checkpoint_vocab=100352,
         ),
     ],
@@ -55,7 +59,10 @@ PUBLISHED: dict[str, list[Published]] = {
         # The checkpoint (config.json: vocab 65029 unpadded, d 2048, 36 layers, 16 heads, FFN 5888, RMSNorm,
         # untied) has 2,172,819,456; our embedding and head are padded to 65088 rows (+241,664).
         Published(
-            1.9e9, "non-embedding", 0.05 / 1.9, "IndexTeam/Index-1.9B model card",
+            1.9e9,
+            "non-embedding",
+            0.05 / 1.9,
+            "IndexTeam/Index-1.9B model card",
             checkpoint=hf_count(vocab=65029, dim=2048, layers=36, heads=16, kv_heads=16, ffn=5888),
             checkpoint_vocab=65029,
         ),
@@ -64,7 +71,10 @@ PUBLISHED: dict[str, list[Published]] = {
         # meta-llama/Meta-Llama-3-8B: 8,030,261,248 parameters (the exact count of the released safetensors);
         # The Llama 3 Herd of Models, Table 3: 32 layers, d 4096, FFN 14336, 32 heads, 8 KV heads, vocab 128256.
         Published(
-            8_030_261_248, "total", 0.0, "meta-llama/Meta-Llama-3-8B checkpoint",
+            8_030_261_248,
+            "total",
+            0.0,
+            "meta-llama/Meta-Llama-3-8B checkpoint",
             checkpoint=hf_count(vocab=128256, dim=4096, layers=32, heads=32, kv_heads=8, ffn=14336),
             checkpoint_vocab=128256,
         ),
@@ -73,7 +83,10 @@ PUBLISHED: dict[str, list[Published]] = {
         # Baichuan 2 (Yang et al., 2023), Table 2 names the model "7B" without an exact count; the released
         # checkpoint (config.json: vocab 125696, d 4096, 32 layers, 32 heads, FFN 11008, untied) has 7.506B.
         Published(
-            7e9, "total", 0.10, "Baichuan 2 report, Table 2 (nominal 7B)",
+            7e9,
+            "total",
+            0.10,
+            "Baichuan 2 report, Table 2 (nominal 7B)",
             checkpoint=hf_count(vocab=125696, dim=4096, layers=32, heads=32, kv_heads=32, ffn=11008),
             checkpoint_vocab=125696,
         ),

@@ -19,10 +19,9 @@ from typing import NamedTuple
 
 import pytest
 import yaml
-from kopf.testing import KopfRunner
-
 from conftest import ROOT
 from helm_tool import helm_binary, why_no_helm
+from kopf.testing import KopfRunner
 from kube.emulator import KubeEmulator, running_api
 from kube.kubelet import FakeCluster
 from kube.operator import fresh_operator
@@ -32,8 +31,11 @@ NS = "default"
 RELEASE, RELEASE_NS = "stagerun", "stagerun"
 SERVICE_ACCOUNT = ("stagerun", RELEASE_NS)  # the chart's default ServiceAccount for release "stagerun"
 FAST = {
-    "STAGERUN_RECONCILE_SECONDS": "0.2", "STAGERUN_BACKOFF_BASE_SECONDS": "0.3", "STAGERUN_BACKOFF_MAX_SECONDS": "1",
-    "STAGERUN_FAILURE_GRACE_SECONDS": "1", "STAGERUN_SUSPEND_GRACE_SECONDS": "1",
+    "STAGERUN_RECONCILE_SECONDS": "0.2",
+    "STAGERUN_BACKOFF_BASE_SECONDS": "0.3",
+    "STAGERUN_BACKOFF_MAX_SECONDS": "1",
+    "STAGERUN_FAILURE_GRACE_SECONDS": "1",
+    "STAGERUN_SUSPEND_GRACE_SECONDS": "1",
     "STAGERUN_FORCE_DELETE_AFTER_SECONDS": "1",
 }
 
@@ -49,7 +51,8 @@ class Call(NamedTuple):
     namespace: str | None  # None: cluster-scoped, or a namespaced resource across all namespaces
 
 
-# -- from HTTP requests to RBAC attributes ------------------------------------------------------------------------------
+# -- from HTTP requests to RBAC attributes -----------------------------------------------------------------------------
+
 
 def rbac_call(method: str, path: str, query: dict) -> Call | None:
     """The RBAC attributes the API server would check for this request; None for non-resource (discovery) URLs,
@@ -72,8 +75,12 @@ def rbac_call(method: str, path: str, query: dict) -> Call | None:
         watching = str(query.get("watch", "")).lower() in ("true", "1")
         verb = "watch" if watching else "get" if name is not None else "list"
     else:
-        verb = {"POST": "create", "PUT": "update", "PATCH": "patch",
-                "DELETE": "delete" if name is not None else "deletecollection"}[method]
+        verb = {
+            "POST": "create",
+            "PUT": "update",
+            "PATCH": "patch",
+            "DELETE": "delete" if name is not None else "deletecollection",
+        }[method]
     return Call(verb, group, f"{resource}/{sub}" if sub else resource, namespace)
 
 
@@ -95,7 +102,8 @@ def tapped_requests():
         KubeEmulator.__call__ = original
 
 
-# -- the scenario -------------------------------------------------------------------------------------------------------
+# -- the scenario ------------------------------------------------------------------------------------------------------
+
 
 def quickstart() -> dict:
     doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
@@ -107,18 +115,28 @@ def quickstart() -> dict:
 
 
 def relaunch_message(phase_index: int, step: int) -> str:
-    return json.dumps({"state": "relaunch", "phaseIndex": phase_index, "step": step, "tokens": step * 8192,
-                       "checkpoint": f"s3://bucket/runs/quickstart/step-{step:08d}"})
+    return json.dumps(
+        {
+            "state": "relaunch",
+            "phaseIndex": phase_index,
+            "step": step,
+            "tokens": step * 8192,
+            "checkpoint": f"s3://bucket/runs/quickstart/step-{step:08d}",
+        }
+    )
 
 
 def run_scenario(api, cluster) -> None:
     """Every operator path that calls the API. The test acts through the store (no HTTP), so that every recorded
     request is the operator's own."""
+
     def status() -> dict:
         return (api.get("trainingruns", NS, "quickstart") or {}).get("status") or {}
 
     def jobs() -> list[str]:
-        return sorted(j["metadata"]["name"] for j in api.list("jobs", NS, label_selector={"stagerun.io/run": "quickstart"}))
+        return sorted(
+            j["metadata"]["name"] for j in api.list("jobs", NS, label_selector={"stagerun.io/run": "quickstart"})
+        )
 
     doc = quickstart()
     api.create(copy.deepcopy(doc))  # kopf: finalizer; operator: ConfigMap, Service, Job; status; Events
@@ -128,8 +146,15 @@ def run_scenario(api, cluster) -> None:
     phases = copy.deepcopy(doc["spec"]["phases"])
     phases[2]["tokens"] = "128K"
     api.patch("trainingruns", NS, "quickstart", {"spec": {"phases": phases}})
-    api.wait_for(lambda: yaml.safe_load(api.get("configmaps", NS, "quickstart-a1")["data"]["trainingrun.yaml"])
-                 ["spec"]["phases"][2]["tokens"] == 128_000, message="the edit never reached the ConfigMap")
+    api.wait_for(
+        lambda: (
+            yaml.safe_load(api.get("configmaps", NS, "quickstart-a1")["data"]["trainingrun.yaml"])["spec"]["phases"][2][
+                "tokens"
+            ]
+            == 128_000
+        ),
+        message="the edit never reached the ConfigMap",
+    )
     # A failed pod: the gang is torn down (delete pods, job, service, configmap) and relaunched.
     cluster.fail(cluster.wait_for_pods(1, job="quickstart-a1")[0], exit_code=1)
     api.wait_for(lambda: jobs() == ["quickstart-a2"], timeout=20, message=status)
@@ -146,8 +171,11 @@ def run_scenario(api, cluster) -> None:
     cluster.wait_for_pods(1, job="quickstart-a4")
     # Deletion: the operator removes the children (list + delete), kopf removes its finalizer.
     api.delete("trainingruns", NS, "quickstart")
-    api.wait_for(lambda: api.get("trainingruns", NS, "quickstart") is None, timeout=30,
-                 message="the TrainingRun was not deleted (finalizer stuck?)")
+    api.wait_for(
+        lambda: api.get("trainingruns", NS, "quickstart") is None,
+        timeout=30,
+        message="the TrainingRun was not deleted (finalizer stuck?)",
+    )
 
 
 def record(scope_args: list[str]) -> set[Call]:
@@ -156,9 +184,13 @@ def record(scope_args: list[str]) -> set[Call]:
         registry, handlers = fresh_operator(monkeypatch, FAST)
 
         monkeypatch.setattr(handlers, "fetch_progress", lambda ip, port: None)
-        with tapped_requests() as seen, running_api() as api, api.use_kubeconfig(), \
-                FakeCluster(api, nodes=("node-1", "node-2"), pod_ip_prefix="127.10") as cluster, \
-                KopfRunner(["run", "--standalone", *scope_args], registry=registry) as runner:
+        with (
+            tapped_requests() as seen,
+            running_api() as api,
+            api.use_kubeconfig(),
+            FakeCluster(api, nodes=("node-1", "node-2"), pod_ip_prefix="127.10") as cluster,
+            KopfRunner(["run", "--standalone", *scope_args], registry=registry) as runner,
+        ):
             run_scenario(api, cluster)
             logged = [(r.method.value, r.url.path, dict(r.params)) for r in api.requests]
         assert runner.exception is None, runner.output[-5000:]
@@ -177,7 +209,8 @@ def namespaced_calls() -> set[Call]:
     return record(["-n", NS])
 
 
-# -- the chart's grants -------------------------------------------------------------------------------------------------
+# -- the chart's grants ------------------------------------------------------------------------------------------------
+
 
 class Grant(NamedTuple):
     verb: str
@@ -195,20 +228,29 @@ def helm():
 
 
 def render(helm, *set_args: str) -> list[dict]:
-    result = subprocess.run([str(helm), "template", RELEASE, str(CHART), "-n", RELEASE_NS, *set_args],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(helm), "template", RELEASE, str(CHART), "-n", RELEASE_NS, *set_args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
 def grants(objects: list[dict]) -> set[Grant]:
     """What the chart's ServiceAccount may do: rules of the roles bound to it, with the scope of each binding."""
-    roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o.get("rules") or []
-             for o in objects if o["kind"] in ("Role", "ClusterRole")}
+    roles = {
+        (o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o.get("rules") or []
+        for o in objects
+        if o["kind"] in ("Role", "ClusterRole")
+    }
     found: set[Grant] = set()
     for binding in (o for o in objects if o["kind"] in ("RoleBinding", "ClusterRoleBinding")):
-        if not any(s["kind"] == "ServiceAccount" and (s["name"], s.get("namespace")) == SERVICE_ACCOUNT
-                   for s in binding["subjects"]):
+        if not any(
+            s["kind"] == "ServiceAccount" and (s["name"], s.get("namespace")) == SERVICE_ACCOUNT
+            for s in binding["subjects"]
+        ):
             continue
         scope = binding["metadata"].get("namespace") if binding["kind"] == "RoleBinding" else None
         ref = binding["roleRef"]
@@ -216,8 +258,12 @@ def grants(objects: list[dict]) -> set[Grant]:
         for rule in rules:
             assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], f"wildcard rule {rule}"
             assert not rule.get("resourceNames") and not rule.get("nonResourceURLs"), rule
-            found |= {Grant(verb, group, resource, scope)
-                      for verb in rule["verbs"] for group in rule["apiGroups"] for resource in rule["resources"]}
+            found |= {
+                Grant(verb, group, resource, scope)
+                for verb in rule["verbs"]
+                for group in rule["apiGroups"]
+                for resource in rule["resources"]
+            }
     return found
 
 
@@ -235,17 +281,27 @@ def check(calls: set[Call], granted: set[Grant]) -> None:
     assert not excess, f"the chart grants what the operator never used: {excess}"
 
 
-# -- the tests ----------------------------------------------------------------------------------------------------------
+# -- the tests ---------------------------------------------------------------------------------------------------------
+
 
 def test_recording_sees_every_call_path(clusterwide_calls):
     """The scenario really took the paths it is meant to (a weaker recording would make the RBAC check vacuous)."""
     verbs = {(c.verb, c.group, c.resource) for c in clusterwide_calls}
     expected = {
-        ("create", "", "configmaps"), ("patch", "", "configmaps"), ("delete", "", "configmaps"),
-        ("create", "batch", "jobs"), ("get", "batch", "jobs"), ("delete", "batch", "jobs"),
-        ("list", "", "pods"), ("delete", "", "pods"), ("list", "", "nodes"), ("create", "", "events"),
-        ("get", "stagerun.io", "trainingruns"), ("patch", "stagerun.io", "trainingruns"),
-        ("patch", "stagerun.io", "trainingruns/status"), ("watch", "stagerun.io", "trainingruns"),
+        ("create", "", "configmaps"),
+        ("patch", "", "configmaps"),
+        ("delete", "", "configmaps"),
+        ("create", "batch", "jobs"),
+        ("get", "batch", "jobs"),
+        ("delete", "batch", "jobs"),
+        ("list", "", "pods"),
+        ("delete", "", "pods"),
+        ("list", "", "nodes"),
+        ("create", "", "events"),
+        ("get", "stagerun.io", "trainingruns"),
+        ("patch", "stagerun.io", "trainingruns"),
+        ("patch", "stagerun.io", "trainingruns/status"),
+        ("watch", "stagerun.io", "trainingruns"),
     }
     assert expected <= verbs, sorted(expected - verbs)
 
@@ -287,9 +343,11 @@ def test_rbac_call_mapping():
     assert rbac_call("GET", "/api/v1/namespaces/x/pods", {"labelSelector": "a=b"}) == Call("list", "", "pods", "x")
     assert rbac_call("DELETE", "/api/v1/namespaces/x/pods/p", {}) == Call("delete", "", "pods", "x")
     assert rbac_call("DELETE", "/api/v1/namespaces/x/pods", {}) == Call("deletecollection", "", "pods", "x")
-    assert rbac_call("PATCH", "/apis/stagerun.io/v1alpha1/namespaces/x/trainingruns/r/status", {}) == \
-        Call("patch", "stagerun.io", "trainingruns/status", "x")
-    assert rbac_call("GET", "/apis/stagerun.io/v1alpha1/trainingruns", {"watch": "1"}) == \
-        Call("watch", "stagerun.io", "trainingruns", None)
+    assert rbac_call("PATCH", "/apis/stagerun.io/v1alpha1/namespaces/x/trainingruns/r/status", {}) == Call(
+        "patch", "stagerun.io", "trainingruns/status", "x"
+    )
+    assert rbac_call("GET", "/apis/stagerun.io/v1alpha1/trainingruns", {"watch": "1"}) == Call(
+        "watch", "stagerun.io", "trainingruns", None
+    )
     assert rbac_call("POST", "/api/v1/namespaces/x/events", {}) == Call("create", "", "events", "x")
     assert rbac_call("GET", "/api/v1/namespaces/x/pods/p/log", {}) == Call("get", "", "pods/log", "x")

@@ -11,13 +11,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_tiny, stagerun, write_manifest
 from recipes import builtin_corpus, scale_to_tiny, tiny_teacher_manifest
-from stagerun.trainer.plan import lr_at, next_phase_needs_relaunch, segments, tokens_at_step, total_steps
-from stagerun.trainer.plan_report import render_table
-from stagerun.trainer.spec import load_run, read_manifest, resolve_run
-from stagerun.trainer.spec.presets import resolve_model
+
+from stagerun.core.plan import lr_at, next_phase_needs_relaunch, segments, tokens_at_step, total_steps
+from stagerun.core.plan_report import render_table
+from stagerun.core.spec import load_run, read_manifest, resolve_run
+from stagerun.core.spec.presets import resolve_model
 from stagerun.trainer.telemetry import read_metrics, read_status
 
 Ki, Mi = 2**10, 2**20
@@ -47,6 +47,7 @@ def steps_until(run, tokens: int) -> int:
 
 # --- full size: what `stagerun validate` and `stagerun plan` say ---------------------------------------------------
 
+
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_validates_and_plans_with_the_cli(name, tmp_path):
     path = recipe_path(name)
@@ -74,8 +75,16 @@ def test_llama3_8b_reproduces_section_3_4():
     run = load_run(recipe_path("llama3-8b"))
     table = render_table(run)
     core, anneal = run.phases[0], run.phases[-1]
-    assert [p.name for p in run.phases] == ["core", "long-16k", "long-32k", "long-48k", "long-64k", "long-96k",
-                                            "long-128k", "anneal"]
+    assert [p.name for p in run.phases] == [
+        "core",
+        "long-16k",
+        "long-32k",
+        "long-48k",
+        "long-64k",
+        "long-96k",
+        "long-128k",
+        "anneal",
+    ]
     # Batch 4M -> 8M -> 16M tokens after 252M and 2.87T tokens (§3.4.1); 8K context in core.
     assert core.ramp == ((0, 4 * Mi), (252 * 10**6, 8 * Mi), (2_870 * B, 16 * Mi)) and core.seq_len == 8192
     assert [s.batch_tokens for s in segments(run) if s.phase is core] == [4 * Mi, 8 * Mi, 16 * Mi]
@@ -89,8 +98,16 @@ def test_llama3_8b_reproduces_section_3_4():
     assert sum(p.tokens for p in stages) == 800 * B
     assert [p.parallelism.tensor_parallel for p in stages] == [2, 2, 4, 4, 8, 8]
     assert all(p.parallelism.context_parallel == 1 for p in run.phases)
-    assert [next_phase_needs_relaunch(run, p) for p in run.phases] == [True, False, True, False, True, False,
-                                                                       False, False]
+    assert [next_phase_needs_relaunch(run, p) for p in run.phases] == [
+        True,
+        False,
+        True,
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
     # Anneal: the final 40M tokens at 128K, LR linearly to 0, a different (upsampled) mix (§3.4.3).
     assert anneal.tokens == 40 * 10**6 and anneal.seq_len == 131072 and anneal.lr.schedule == "linear"
     assert anneal.lr.peak == pytest.approx(3e-6) and lr_at(anneal, anneal.end_tokens) == 0.0
@@ -103,8 +120,13 @@ def test_llama3_8b_reproduces_section_3_4():
 def test_stablelm2_reproduces_the_published_schedule():
     run = load_run(recipe_path("stablelm2-1.6b"))
     model = run.model
-    assert (model.padded_vocab, model.rotary_fraction, model.norm, model.qkv_bias, model.max_seq_len) == \
-        (100352, 0.25, "layernorm", True, 4096)
+    assert (model.padded_vocab, model.rotary_fraction, model.norm, model.qkv_bias, model.max_seq_len) == (
+        100352,
+        0.25,
+        "layernorm",
+        True,
+        4096,
+    )
     main, cooldown = run.phases
     assert run.total_tokens == 2 * T and all(p.seq_len == 4096 for p in run.phases)
     assert (main.lr.peak, main.lr.warmup_tokens // (4 * Mi)) == (1e-3, 9720)
@@ -165,6 +187,7 @@ def test_baichuan2_7b_reproduces_section_2():
 
 # --- scaled to tiny: the same phases, end to end on 2 CPU processes ------------------------------------------------
 
+
 def test_scale_to_tiny_keeps_the_recipes_shape():
     for name in RECIPES:
         full_manifest = recipe(name)
@@ -180,8 +203,9 @@ def test_scale_to_tiny_keeps_the_recipes_shape():
         tiny_relaunch = [next_phase_needs_relaunch(tiny, p) for p in tiny.phases]
         assert all(f or not t for f, t in zip(full_relaunch, tiny_relaunch))
         assert any(full_relaunch) == any(tiny_relaunch)
-        assert [p.parallelism.tensor_parallel > 1 for p in tiny.phases] == \
-            [p.parallelism.tensor_parallel > 1 for p in full.phases]
+        assert [p.parallelism.tensor_parallel > 1 for p in tiny.phases] == [
+            p.parallelism.tensor_parallel > 1 for p in full.phases
+        ]
         assert [len(p.ramp) for p in tiny.phases] == [len(p.ramp) for p in full.phases]
         for t, f in zip(tiny.phases, full.phases):  # batch ratios within a phase are exact
             assert [size / t.ramp[0][1] for _, size in t.ramp] == [size / f.ramp[0][1] for _, size in f.ramp]
@@ -193,8 +217,16 @@ def test_scale_to_tiny_keeps_the_recipes_shape():
                 assert (tiny_lens[i] <= tiny_lens[j]) == (full_lens[i] < full_lens[j])
         model, full_model = tiny.model, full.model
         assert model.heads // model.kv_heads == full_model.heads // full_model.kv_heads
-        for option in ("position", "rotary_fraction", "norm", "norm_bias", "qkv_bias", "norm_head", "tied_embeddings",
-                       "rope_theta"):
+        for option in (
+            "position",
+            "rotary_fraction",
+            "norm",
+            "norm_bias",
+            "qkv_bias",
+            "norm_head",
+            "tied_embeddings",
+            "rope_theta",
+        ):
             assert getattr(model, option) == getattr(full_model, option), (name, option)
         assert tiny.training.max_z_loss == full.training.max_z_loss
         assert tiny.training.doc_masking == full.training.doc_masking

@@ -8,10 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from stagerun.trainer.spec import (
-    SpecError, format_count, load_run, parse_count, parse_float, resolve_run, to_manifest, validate_manifest,
+from stagerun.core.spec import (
+    SpecError,
+    format_count,
+    load_run,
+    parse_count,
+    parse_float,
+    resolve_run,
+    to_manifest,
+    validate_manifest,
 )
-from stagerun.trainer.spec.quantities import QuantityError
+from stagerun.core.spec.quantities import QuantityError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,15 +31,28 @@ def base_manifest() -> dict:
         "spec": {
             "model": {"preset": "tiny"},
             "tokenizer": {"train": {"vocabSize": 512}},
-            "data": {"sources": {"web": {"path": "builtin:python-docs", "weight": 0.75},
-                                 "code": {"path": "builtin:python-code", "weight": 0.25}}},
+            "data": {
+                "sources": {
+                    "web": {"path": "builtin:python-docs", "weight": 0.75},
+                    "code": {"path": "builtin:python-code", "weight": 0.25},
+                }
+            },
             "phases": [
-                {"name": "core", "tokens": "1M", "seqLen": 128, "microBatchSize": 4,
-                 "batch": {"ramp": [{"tokens": 0, "size": "8Ki"}, {"tokens": "500K", "size": "16Ki"}]},
-                 "lr": {"schedule": "cosine", "peak": "3e-4", "to": "3e-5", "warmupTokens": "100K"}},
+                {
+                    "name": "core",
+                    "tokens": "1M",
+                    "seqLen": 128,
+                    "microBatchSize": 4,
+                    "batch": {"ramp": [{"tokens": 0, "size": "8Ki"}, {"tokens": "500K", "size": "16Ki"}]},
+                    "lr": {"schedule": "cosine", "peak": "3e-4", "to": "3e-5", "warmupTokens": "100K"},
+                },
                 {"name": "long", "tokens": "200K", "seqLen": 256},
-                {"name": "anneal", "tokens": "100K", "data": {"weights": {"web": 0.5, "code": 0.5}},
-                 "lr": {"schedule": "linear", "to": 0}},
+                {
+                    "name": "anneal",
+                    "tokens": "100K",
+                    "data": {"weights": {"web": 0.5, "code": 0.5}},
+                    "lr": {"schedule": "linear", "to": 0},
+                },
             ],
             "resources": {"processesPerNode": 2},
         },
@@ -78,42 +98,94 @@ MALFORMED = [
     (mutate("spec.phases[0].batch.ramp[1].size", "4Ki"), "spec.phases[0].batch.ramp[1].size", "must increase"),
     (mutate("spec.phases[0].batch.ramp[1].tokens", 0), "spec.phases[0].batch.ramp[1].tokens", "increasing token order"),
     (mutate("spec.phases[0].batch.ramp[0].tokens", 10), "spec.phases[0].batch.ramp[0].tokens", "must be at tokens 0"),
-    (mutate("spec.phases[0].batch.ramp[1].tokens", "2M"), "spec.phases[0].batch.ramp[1].tokens", "not inside the phase"),
-    (mutate("spec.phases[0].batch.ramp[1].size", "15K"), "spec.phases[0].batch.ramp[1].size", "not a whole number of sequences"),
-    (mutate("spec.phases[0].batch", {"size": "8Ki", "ramp": [{"tokens": 0, "size": "8Ki"}]}), "spec.phases[0].batch", "not both"),
+    (
+        mutate("spec.phases[0].batch.ramp[1].tokens", "2M"),
+        "spec.phases[0].batch.ramp[1].tokens",
+        "not inside the phase",
+    ),
+    (
+        mutate("spec.phases[0].batch.ramp[1].size", "15K"),
+        "spec.phases[0].batch.ramp[1].size",
+        "not a whole number of sequences",
+    ),
+    (
+        mutate("spec.phases[0].batch", {"size": "8Ki", "ramp": [{"tokens": 0, "size": "8Ki"}]}),
+        "spec.phases[0].batch",
+        "not both",
+    ),
     (mutate("spec.phases[0].batch", DELETE), "spec.phases[0].batch", "first phase must set batch"),
-    (mutate("spec.phases[0].microBatchSize", 3), "spec.phases[0].batch.ramp[0].size", "do not split into data-parallel"),
+    (
+        mutate("spec.phases[0].microBatchSize", 3),
+        "spec.phases[0].batch.ramp[0].size",
+        "do not split into data-parallel",
+    ),
     (mutate("spec.phases[0].lr.peak", "fast"), "spec.phases[0].lr.peak", "cannot read 'fast'"),
     (mutate("spec.phases[0].lr.peak", DELETE), "spec.phases[0].lr.peak", "first phase must set lr.peak"),
     (mutate("spec.phases[0].lr.schedule", "cosin"), "spec.phases[0].lr.schedule", "did you mean 'cosine'"),
     (mutate("spec.phases[0].lr.to", 1.0), "spec.phases[0].lr.to", "above the peak"),
     (mutate("spec.phases[0].lr.warmupTokens", "2M"), "spec.phases[0].lr.warmupTokens", "does not end inside the phase"),
     (mutate("spec.phases[0].lr.decayFraction", 0.1), "spec.phases[0].lr.decayFraction", "only applies to schedule wsd"),
-    (mutate("spec.phases[0].lr", {"schedule": "wsd", "peak": 1e-3}), "spec.phases[0].lr.decayFraction", "required with schedule wsd"),
-    (mutate("spec.phases[0].lr", {"schedule": "wsd", "peak": 1e-3, "decayFraction": 1.5}), "spec.phases[0].lr.decayFraction", "at most 1"),
-    (mutate("spec.phases[2].data.weights", {"web": 0.5, "math": 0.5}), "spec.phases[2].data.weights.math", "names no source"),
-    (mutate("spec.phases[2].data.weights", {"web": 0.5, "code": 0.6}), "spec.phases[2].data.weights", "sum to 1.1, not 1"),
-    (mutate("spec.phases[2].data.weights", {"web": -0.5, "code": 1.5}), "spec.phases[2].data.weights.web", "at least 0"),
+    (
+        mutate("spec.phases[0].lr", {"schedule": "wsd", "peak": 1e-3}),
+        "spec.phases[0].lr.decayFraction",
+        "required with schedule wsd",
+    ),
+    (
+        mutate("spec.phases[0].lr", {"schedule": "wsd", "peak": 1e-3, "decayFraction": 1.5}),
+        "spec.phases[0].lr.decayFraction",
+        "at most 1",
+    ),
+    (
+        mutate("spec.phases[2].data.weights", {"web": 0.5, "math": 0.5}),
+        "spec.phases[2].data.weights.math",
+        "names no source",
+    ),
+    (
+        mutate("spec.phases[2].data.weights", {"web": 0.5, "code": 0.6}),
+        "spec.phases[2].data.weights",
+        "sum to 1.1, not 1",
+    ),
+    (
+        mutate("spec.phases[2].data.weights", {"web": -0.5, "code": 1.5}),
+        "spec.phases[2].data.weights.web",
+        "at least 0",
+    ),
     (mutate("spec.data.sources.web.weight", 0.5), "spec.data.sources[*].weight", "sum to 0.75, not 1"),
     (mutate("spec.data.sources", {}), "spec.data.sources", "is empty"),
-    (mutate("spec.data.sources.web.path", "builtin:wikipedia"), "spec.data.sources.web.path", "unknown generated corpus"),
+    (
+        mutate("spec.data.sources.web.path", "builtin:wikipedia"),
+        "spec.data.sources.web.path",
+        "unknown generated corpus",
+    ),
     (mutate("spec.data.sources.web.format", "csv"), "spec.data.sources.web.format", "must be one of"),
     (mutate("spec.tokenizer", {}), "spec.tokenizer", "exactly one of path and train"),
-    (mutate("spec.tokenizer.train.vocabSize", 100000), "spec.tokenizer.train.vocabSize", "exceeds the model's vocabSize"),
+    (
+        mutate("spec.tokenizer.train.vocabSize", 100000),
+        "spec.tokenizer.train.vocabSize",
+        "exceeds the model's vocabSize",
+    ),
     (mutate("spec.model.preset", "gpt5"), "spec.model.preset", "unknown preset"),
     (mutate("spec.model", {"dim": 64}), "spec.model.layers", "required when no preset"),
     (mutate("spec.model.kvHeads", 3), "spec.model.kvHeads", "not a multiple of kvHeads"),
     (mutate("spec.model.dim", 66), "spec.model.dim", "not divisible by heads"),
     (mutate("spec.model.rotaryFraction", 0.3), "spec.model.rotaryFraction", "whole number"),
     (mutate("spec.model.position", "alibi"), None, None),  # valid on its own: ALiBi needs no rotary fields
-    (lambda m: (m["spec"]["model"].update(position="alibi", rotaryFraction=0.5), m)[1], "spec.model.rotaryFraction", "no meaning with position: alibi"),
+    (
+        lambda m: (m["spec"]["model"].update(position="alibi", rotaryFraction=0.5), m)[1],
+        "spec.model.rotaryFraction",
+        "no meaning with position: alibi",
+    ),
     (mutate("spec.model.normBias", True), "spec.model.normBias", "rmsnorm has no bias"),
     (mutate("spec.model.dims", 64), "spec.model.dims", "did you mean 'dim'"),
     (mutate("spec.phases[0].seqlen", 128), "spec.phases[0].seqlen", "did you mean 'seqLen'"),
     (mutate("spec.parallelism", {"tensorParallel": 3}), "spec.parallelism.tensorParallel", "not divisible"),
     (mutate("spec.parallelism", {"contextParallel": 2}), "spec.parallelism.contextParallel", "not supported yet"),
     (mutate("spec.parallelism", {"fsdp": 4}), "spec.parallelism.fsdp", "!= world size 2"),
-    (mutate("spec.resources", {"gpusPerNode": 8, "processesPerNode": 4}), "spec.resources.processesPerNode", "each GPU needs one process"),
+    (
+        mutate("spec.resources", {"gpusPerNode": 8, "processesPerNode": 4}),
+        "spec.resources.processesPerNode",
+        "each GPU needs one process",
+    ),
     (mutate("spec.resources.nodes", 0), "spec.resources.nodes", "at least 1"),
     (mutate("spec.checkpoint", {"keep": 0}), "spec.checkpoint.keep", "at least 1"),
     (mutate("spec.checkpoint", {"path": "s4://bucket/run"}), "spec.checkpoint.path", "unknown storage scheme 's4'"),
@@ -145,7 +217,12 @@ def test_at_least_thirty_malformed_cases():
 def test_base_manifest_is_valid_and_resolves_inheritance():
     run = resolve_run(base_manifest())
     core, long, anneal = run.phases
-    assert (core.start_tokens, long.start_tokens, anneal.start_tokens, run.total_tokens) == (0, 10**6, 1_200_000, 1_300_000)
+    assert (core.start_tokens, long.start_tokens, anneal.start_tokens, run.total_tokens) == (
+        0,
+        10**6,
+        1_200_000,
+        1_300_000,
+    )
     assert core.ramp == ((0, 8192), (500_000, 16384))
     assert long.ramp == ((0, 16384),) and long.seq_len == 256 and long.micro_batch_size == 4
     assert long.lr.schedule == "constant" and long.lr.peak == pytest.approx(3e-5)
@@ -202,11 +279,26 @@ def test_manifest_round_trips_through_to_manifest():
     assert resolve_run(again).phases == run.phases
 
 
-@pytest.mark.parametrize("text,count", [
-    ("2T", 2 * 10**12), ("252M", 252 * 10**6), ("4M", 4 * 10**6), ("8B", 8 * 10**9), ("8G", 8 * 10**9),
-    ("2.87T", 2_870_000_000_000), ("4Mi", 4 * 2**20), ("16Ki", 16384), ("1e9", 10**9), ("1_000", 1000), (4096, 4096),
-    ("40M", 40_000_000), ("0", 0), (" 3K ", 3000), (2.0, 2),
-])
+@pytest.mark.parametrize(
+    "text,count",
+    [
+        ("2T", 2 * 10**12),
+        ("252M", 252 * 10**6),
+        ("4M", 4 * 10**6),
+        ("8B", 8 * 10**9),
+        ("8G", 8 * 10**9),
+        ("2.87T", 2_870_000_000_000),
+        ("4Mi", 4 * 2**20),
+        ("16Ki", 16384),
+        ("1e9", 10**9),
+        ("1_000", 1000),
+        (4096, 4096),
+        ("40M", 40_000_000),
+        ("0", 0),
+        (" 3K ", 3000),
+        (2.0, 2),
+    ],
+)
 def test_parse_count(text, count):
     assert parse_count(text) == count
 
@@ -226,8 +318,14 @@ def test_parse_float_reads_yaml_strings():
 
 
 def test_format_count_is_short_and_exact_where_possible():
-    assert [format_count(c) for c in (2 * 10**12, 1_600_000, 8192, 2**22, 2_870_000_000_000, 999)] == \
-        ["2T", "1.6M", "8Ki", "4Mi", "2.87T", "999"]
+    assert [format_count(c) for c in (2 * 10**12, 1_600_000, 8192, 2**22, 2_870_000_000_000, 999)] == [
+        "2T",
+        "1.6M",
+        "8Ki",
+        "4Mi",
+        "2.87T",
+        "999",
+    ]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
@@ -252,14 +350,18 @@ def test_unreadable_files_give_clear_errors(tmp_path):
 def test_spec_and_plan_import_no_torch():
     import subprocess
 
-    code = ("import sys, stagerun.trainer.spec, stagerun.trainer.plan, stagerun.trainer.plan_report; "
-            "assert 'torch' not in sys.modules, 'torch was imported'")
+    code = (
+        "import sys, stagerun.core.spec, stagerun.core.plan, stagerun.core.plan_report; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_operator_folder_never_shadows_the_standard_library():
     import subprocess
 
-    code = ("import operator, stagerun.operator; assert operator.__file__ != stagerun.operator.__file__; "
-            "assert hasattr(operator, 'itemgetter')")
+    code = (
+        "import operator, stagerun.operator; assert operator.__file__ != stagerun.operator.__file__; "
+        "assert hasattr(operator, 'itemgetter')"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from stagerun.core.spec.run import TrainingSpec
 from stagerun.trainer.data.loader import MicroBatch
 from stagerun.trainer.step import batch_checksum, build_optimizer, clip_grad_norm
-from stagerun.trainer.spec.run import TrainingSpec
 
 
 def model_with_grads(scale: float) -> torch.nn.Module:
@@ -43,9 +43,13 @@ def test_batch_checksum_is_independent_of_the_split():
     rng = np.random.default_rng(0)
     inputs = rng.integers(0, 512, size=(8, 16))
     whole = [MicroBatch(inputs, inputs, np.zeros_like(inputs, dtype=np.int32), ["a"] * 8)]
-    parts = [MicroBatch(inputs[i:i + 2], inputs[i:i + 2], np.zeros((2, 16), np.int32), ["a"] * 2) for i in range(0, 8, 2)]
+    parts = [
+        MicroBatch(inputs[i : i + 2], inputs[i : i + 2], np.zeros((2, 16), np.int32), ["a"] * 2) for i in range(0, 8, 2)
+    ]
     assert batch_checksum(whole) == batch_checksum(parts[:2]) + batch_checksum(parts[2:])
     swapped = inputs.copy()
     swapped[0, [0, 1]] = swapped[0, [1, 0]]
     if swapped[0, 0] != inputs[0, 0]:
-        assert batch_checksum([MicroBatch(swapped, swapped, whole[0].doc_ids, whole[0].sources)]) != batch_checksum(whole)
+        assert batch_checksum([MicroBatch(swapped, swapped, whole[0].doc_ids, whole[0].sources)]) != batch_checksum(
+            whole
+        )

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import SAMPLE_BYTES, run_tiny, stagerun, tiny_run, write_manifest
+
 from stagerun.trainer.checkpoint import CRASH_ENV, CheckpointManager
 from stagerun.trainer.telemetry import read_metrics, read_status
 from stagerun.trainer.train import KILL_AFTER_STEP_ENV
@@ -61,8 +61,13 @@ def straight(shared_data, tmp_path_factory):
     manifest = write_manifest(folder / "tiny.yaml", tiny_run())
     result = run_tiny(manifest, run_dir)
     completed(result)
-    return {"dir": run_dir, "manifest": manifest, "metrics": read_metrics(run_dir / "metrics.jsonl"),
-            "output": result.stdout, "weights": final_weights(run_dir / "checkpoints", folder)}
+    return {
+        "dir": run_dir,
+        "manifest": manifest,
+        "metrics": read_metrics(run_dir / "metrics.jsonl"),
+        "output": result.stdout,
+        "weights": final_weights(run_dir / "checkpoints", folder),
+    }
 
 
 def test_two_processes_train_through_all_phases_and_loss_falls(straight):
@@ -152,9 +157,21 @@ def test_ctrl_c_checkpoints_then_the_same_command_resumes(run_dir, tmp_path):
     long_run["spec"]["phases"][0]["tokens"] = "160Ki"  # long enough to interrupt early
     manifest = write_manifest(tmp_path / "tiny.yaml", long_run)
     process = subprocess.Popen(
-        [sys.executable, "-m", "stagerun.trainer.cli", "run", str(manifest), "--run-dir", str(run_dir),
-         "--max-source-bytes", str(SAMPLE_BYTES)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "stagerun.trainer.cli",
+            "run",
+            str(manifest),
+            "--run-dir",
+            str(run_dir),
+            "--max-source-bytes",
+            str(SAMPLE_BYTES),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     metrics_file = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -227,8 +244,10 @@ def test_distillation_phase_learns_from_a_teacher_checkpoint(straight, run_dir, 
     """AFM-style: the core phase distils from the straight run's final checkpoint (same architecture), sharded the
     same way; later phases do not distil."""
     manifest = tiny_run()
-    manifest["spec"]["phases"][0]["distill"] = {"teacher": {"checkpoint": str(straight["dir"] / "checkpoints")},
-                                                "weight": 0.9}
+    manifest["spec"]["phases"][0]["distill"] = {
+        "teacher": {"checkpoint": str(straight["dir"] / "checkpoints")},
+        "weight": 0.9,
+    }
     result = run_tiny(write_manifest(tmp_path / "tiny.yaml", manifest), run_dir)
     completed(result)
     assert "teacher loaded from" in result.stdout and "step-00000022" in result.stdout

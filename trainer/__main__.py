@@ -11,19 +11,22 @@ import os
 import sys
 from pathlib import Path
 
-from .spec import SpecError, load_run
+from stagerun.core.spec import SpecError, load_run
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stagerun.trainer")
     parser.add_argument("--manifest", required=True, help="TrainingRun manifest (YAML)")
     parser.add_argument("--run-dir", required=True, type=Path, help="prepared data, metrics and status live here")
-    parser.add_argument("--world-size", type=int, default=None,
-                        help="override every phase's world size (local runs with --nproc)")
+    parser.add_argument(
+        "--world-size", type=int, default=None, help="override every phase's world size (local runs with --nproc)"
+    )
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(level=logging.WARNING if rank == 0 else logging.ERROR,
-                        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if rank == 0 else logging.ERROR,
+        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s",
+    )
     try:
         run = load_run(args.manifest, world_size=args.world_size)
     except SpecError as exc:

@@ -24,9 +24,10 @@ import re
 import signal
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, TypeVar
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -51,8 +52,8 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMMITTED"
 META = "meta.json"
-# Test-only fault injection: when set to a step number (or "all"), save() of that step SIGKILLs every rank after dcp.save and meta.json, just before
-# the commit marker, to reproduce "pod died mid-save". Never set it in production.
+# Test-only fault injection: when set to a step number (or "all"), save() of that step SIGKILLs every rank after
+# dcp.save and meta.json, just before the commit marker, to reproduce "pod died mid-save". Never set it in production.
 CRASH_ENV = "STAGERUN_TEST_CRASH_BEFORE_COMMIT"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _T = TypeVar("_T")
@@ -71,6 +72,7 @@ class CheckpointInfo:
 
 
 # ---------------------------------------------------------------------------------------------------- ranks
+
 
 def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -118,12 +120,14 @@ def _single_process_ok() -> Iterator[None]:
 
 def _crash_if_requested(step: int) -> None:
     if os.environ.get(CRASH_ENV) in ("all", str(step)):
-        log.warning("%s: killing rank %d before step %d's commit marker (test-only fault injection)", CRASH_ENV,
-                    _rank(), step)
+        log.warning(
+            "%s: killing rank %d before step %d's commit marker (test-only fault injection)", CRASH_ENV, _rank(), step
+        )
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------------- state
+
 
 class ModelOptimizerState(Stateful):
     """Model + optimizer as one DCP ``Stateful``.
@@ -152,6 +156,7 @@ class ModelOptimizerState(Stateful):
 
 
 # ---------------------------------------------------------------------------------------------------- manager
+
 
 class CheckpointManager:
     """Saves, lists, loads and prunes checkpoints under one URL. ``save``/``load`` are collective."""
@@ -269,7 +274,7 @@ class CheckpointManager:
                 "tokens": int(meta["tokens"]),
                 "phaseIndex": int(meta["phase_index"]),
                 "phaseBoundary": bool(phase_boundary),
-                "savedAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "savedAt": datetime.now(UTC).isoformat(timespec="seconds"),
                 "worldSize": _world(),
                 "bytes": nbytes,
             }
@@ -286,8 +291,13 @@ class CheckpointManager:
 
     # ---- load
 
-    def load(self, info: CheckpointInfo, app_state: dict[str, Any], *,
-             check_meta: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def load(
+        self,
+        info: CheckpointInfo,
+        app_state: dict[str, Any],
+        *,
+        check_meta: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Load ``info`` into ``app_state`` (collective; reshards to the current world) and return its meta.
 
         ``check_meta`` sees the meta before any tensor is read, so an incompatible checkpoint (another model) is
@@ -320,8 +330,13 @@ class CheckpointManager:
         with _single_process_ok():
             dcp.load(app_state, storage_reader=FsspecReader(url, **self.storage_options), no_dist=not _dist_on())
         self.last_load_seconds = time.perf_counter() - start
-        log.info("checkpoint %s loaded in %.2f s (saved by %d ranks, loaded by %d)", url,
-                 self.last_load_seconds, disk.world_size, _world())
+        log.info(
+            "checkpoint %s loaded in %.2f s (saved by %d ranks, loaded by %d)",
+            url,
+            self.last_load_seconds,
+            disk.world_size,
+            _world(),
+        )
         return meta
 
     # ---- retention
@@ -341,7 +356,7 @@ class CheckpointManager:
         if not infos:
             return []
         newest = infos[-1].step
-        keep = {i.step for i in infos[-self.keep:]} | {i.step for i in infos if i.phase_boundary} | {newest}
+        keep = {i.step for i in infos[-self.keep :]} | {i.step for i in infos if i.phase_boundary} | {newest}
         doomed = [self._folder(i.step) for i in infos if i.step not in keep]
         committed_steps = {i.step for i in infos}
         for name in storage.list_subdirs(self.fs, self.root):

@@ -6,13 +6,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from .spec import SpecError, load_run, parse_count
+from stagerun.core.spec import SpecError, load_run, parse_count
 
 
 def _add_manifest(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", type=Path, help="TrainingRun manifest (YAML)")
-    parser.add_argument("--nproc", type=int, default=None,
-                        help="worker processes on this machine (default: spec.resources, nodes x processesPerNode)")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="worker processes on this machine (default: spec.resources, nodes x processesPerNode)",
+    )
 
 
 def cmd_validate(args) -> int:
@@ -24,7 +28,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .plan_report import plot_schedule, render_table
+    from stagerun.core.plan_report import plot_schedule, render_table
 
     run = load_run(args.manifest, world_size=args.nproc)
     print(render_table(run, args.throughput))
@@ -38,8 +42,15 @@ def cmd_run(args) -> int:
     run = load_run(args.manifest, world_size=args.nproc)  # every problem is reported before anything starts
     from .runner import run_local
 
-    return run_local(run, args.manifest, nproc=args.nproc, run_dir=args.run_dir, max_restarts=args.max_restarts,
-                     max_source_bytes=args.max_source_bytes, metrics_port=args.metrics_port)
+    return run_local(
+        run,
+        args.manifest,
+        nproc=args.nproc,
+        run_dir=args.run_dir,
+        max_restarts=args.max_restarts,
+        max_source_bytes=args.max_source_bytes,
+        metrics_port=args.metrics_port,
+    )
 
 
 def cmd_launch(args) -> int:
@@ -55,7 +66,9 @@ def cmd_operator(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stagerun", description="Staged LLM pretraining from one TrainingRun manifest.")
+    parser = argparse.ArgumentParser(
+        prog="stagerun", description="Staged LLM pretraining from one TrainingRun manifest."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     validate = sub.add_parser("validate", help="check a manifest and print every problem with its field and a fix")
@@ -72,10 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_manifest(run)
     run.add_argument("--run-dir", type=Path, help="tokenizer, data, checkpoints and metrics (default: runs/<name>)")
     run.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts of a failed gang before giving up")
-    run.add_argument("--max-source-bytes", type=parse_count, default=None,
-                     help="tokenize at most this much text per source (e.g. 2M): a quick smoke run on a sample")
-    run.add_argument("--metrics-port", type=int, default=None,
-                     help="serve Prometheus metrics (/metrics) and progress (/progress) on 127.0.0.1:PORT")
+    run.add_argument(
+        "--max-source-bytes",
+        type=parse_count,
+        default=None,
+        help="tokenize at most this much text per source (e.g. 2M): a quick smoke run on a sample",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics (/metrics) and progress (/progress) on 127.0.0.1:PORT",
+    )
     run.set_defaults(func=cmd_run)
 
     launch = sub.add_parser("launch", help="entrypoint of the trainer pods the operator creates (reads its env)")

@@ -12,9 +12,10 @@ import re
 
 import torch
 
+from stagerun.core.spec import ModelSpec, ResolvedPhase, to_manifest
+from stagerun.core.spec.presets import resolve_model
+
 from .checkpoint import CheckpointInfo, CheckpointManager, ModelOptimizerState
-from .spec import ModelSpec, ResolvedPhase, to_manifest
-from .spec.presets import resolve_model
 
 log = logging.getLogger("stagerun.trainer")
 _STEP = re.compile(r"^step-(\d+)$")
@@ -33,8 +34,10 @@ def teacher_checkpoint(url: str) -> tuple[CheckpointManager, CheckpointInfo]:
         for info in parent_manager.committed():
             if info.step == int(match.group(1)):
                 return parent_manager, info
-    raise FileNotFoundError(f"spec.phases[*].distill.teacher.checkpoint: no committed checkpoint at {url} (give a "
-                            "checkpoint root or a committed step-… folder of the teacher's run)")
+    raise FileNotFoundError(
+        f"spec.phases[*].distill.teacher.checkpoint: no committed checkpoint at {url} (give a "
+        "checkpoint root or a committed step-… folder of the teacher's run)"
+    )
 
 
 class Teachers:
@@ -64,9 +67,11 @@ class Teachers:
 
         def same_architecture(meta: dict) -> None:
             if meta.get("model") != expected:
-                raise RuntimeError(f"teacher checkpoint {info.path} holds another architecture than "
-                                   "spec.phases[*].distill.teacher.model says: set the teacher's model fields to "
-                                   f"those it was trained with ({meta.get('model')})")
+                raise RuntimeError(
+                    f"teacher checkpoint {info.path} holds another architecture than "
+                    "spec.phases[*].distill.teacher.model says: set the teacher's model fields to "
+                    f"those it was trained with ({meta.get('model')})"
+                )
 
         manager.load(info, {"train": ModelOptimizerState(model, None)}, check_meta=same_architecture)
         model.eval()

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from .spec import ResolvedPhase, data_parallel_degree
+from stagerun.core.spec import ResolvedPhase, data_parallel_degree
 
 
 @dataclass
@@ -75,7 +75,8 @@ def init_topology(phase: ResolvedPhase, *, timeout_minutes: float = 30.0) -> Top
         raise RuntimeError(f"phase {phase.name!r}: parallelism does not fit world size {world}")
     replicate = par.data_parallel_replicate
     mesh = init_device_mesh(
-        device.type, (replicate, dp_size // replicate, par.tensor_parallel),
+        device.type,
+        (replicate, dp_size // replicate, par.tensor_parallel),
         mesh_dim_names=("dp_replicate", "dp_shard", "tp"),
     )
     dp_rank = mesh["dp_replicate"].get_local_rank() * (dp_size // replicate) + mesh["dp_shard"].get_local_rank()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 
-from .spec import ResolvedRun
+from stagerun.core.spec import ResolvedRun
 
 
 class NullExporter:
@@ -23,8 +23,17 @@ class NullExporter:
 
 
 class Exporter(NullExporter):
-    def __init__(self, run: ResolvedRun, rank: int, local_rank: int, world_size: int, device_type: str,
-                 port: int, training: bool, progress: bool):
+    def __init__(
+        self,
+        run: ResolvedRun,
+        rank: int,
+        local_rank: int,
+        world_size: int,
+        device_type: str,
+        port: int,
+        training: bool,
+        progress: bool,
+    ):
         from .metrics import GpuTelemetry, TrainerMetrics, peak_flops_for
         from .status_server import StatusServer
 
@@ -35,29 +44,54 @@ class Exporter(NullExporter):
 
             peak = peak_flops_for(torch.cuda.get_device_name())
         self.run, self.training = run, training
-        self.metrics = TrainerMetrics(run.name, run.namespace or os.environ.get("POD_NAMESPACE", ""), rank,
-                                      peak_flops_per_device=peak, world_size=world_size, gpus=gpus)
+        self.metrics = TrainerMetrics(
+            run.name,
+            run.namespace or os.environ.get("POD_NAMESPACE", ""),
+            rank,
+            peak_flops_per_device=peak,
+            world_size=world_size,
+            gpus=gpus,
+        )
         host = os.environ.get("POD_IP") or ("0.0.0.0" if os.environ.get("POD_NAME") else "127.0.0.1")
         self.server = StatusServer(host, port, registry=self.metrics.registry, serves_progress=progress)
         self.server.update(run=run.name, totalTokens=run.total_tokens)
 
-    def step(self, *, plan, step: int, tokens: int, result, seconds: float, data_seconds: float,
-             tokens_per_source: dict) -> None:
+    def step(
+        self, *, plan, step: int, tokens: int, result, seconds: float, data_seconds: float, tokens_per_source: dict
+    ) -> None:
         phase = plan.phase
-        self.server.update(state="running", step=step, tokens=tokens, phase=phase.name, phaseIndex=phase.index,
-                           loss=result.loss, lastStepAt=time.time(), tokensPerSecond=plan.batch_tokens / seconds,
-                           tokensPerSource=dict(tokens_per_source))
+        self.server.update(
+            state="running",
+            step=step,
+            tokens=tokens,
+            phase=phase.name,
+            phaseIndex=phase.index,
+            loss=result.loss,
+            lastStepAt=time.time(),
+            tokensPerSecond=plan.batch_tokens / seconds,
+            tokensPerSource=dict(tokens_per_source),
+        )
         if self.training:
             self.metrics.step(
-                phase=phase.name, phase_index=phase.index, step=step, tokens=tokens, loss=result.loss,
-                z_loss=result.z_loss, max_z_loss=result.max_z_loss, distill_loss=result.distill_loss,
-                grad_norm=result.grad_norm, lr=plan.lr,
-                batch_tokens=plan.batch_tokens, seq_len=phase.seq_len, step_seconds=seconds,
-                data_seconds=data_seconds, flops_per_token=self.run.model.flops_per_token(phase.seq_len),
-                tokens_per_source=tokens_per_source)
+                phase=phase.name,
+                phase_index=phase.index,
+                step=step,
+                tokens=tokens,
+                loss=result.loss,
+                z_loss=result.z_loss,
+                max_z_loss=result.max_z_loss,
+                distill_loss=result.distill_loss,
+                grad_norm=result.grad_norm,
+                lr=plan.lr,
+                batch_tokens=plan.batch_tokens,
+                seq_len=phase.seq_len,
+                step_seconds=seconds,
+                data_seconds=data_seconds,
+                flops_per_token=self.run.model.flops_per_token(phase.seq_len),
+                tokens_per_source=tokens_per_source,
+            )
 
-    def checkpoint_saved(self, *, path: str, step: int, tokens: int, seconds: float | None,
-                         size: int | None) -> None:
+    def checkpoint_saved(self, *, path: str, step: int, tokens: int, seconds: float | None, size: int | None) -> None:
         self.server.update(lastCheckpoint={"path": path, "step": step, "tokens": tokens, "time": time.time()})
         if self.training:
             self.metrics.checkpoint_saved(seconds, size)

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from .spec import SpecError, kubernetes_problems, load_run
+from stagerun.core.spec import SpecError, kubernetes_problems, load_run
 
 EXIT_INVALID = 2  # the manifest or the pod's environment is wrong: retrying cannot help
 TERMINATION_LOG = "/dev/termination-log"
@@ -34,8 +34,10 @@ TOKENIZER_WAIT_SECONDS = 3600
 def _env(name: str, env) -> str:
     value = env.get(name)
     if not value:
-        raise KeyError(f"environment variable {name} is not set: this command runs inside a pod created by the "
-                       "stagerun operator; use `stagerun run` on a workstation")
+        raise KeyError(
+            f"environment variable {name} is not set: this command runs inside a pod created by the "
+            "stagerun operator; use `stagerun run` on a workstation"
+        )
     return value
 
 
@@ -61,14 +63,25 @@ def node_address(env) -> str:
 
 def torchrun_command(env, manifest: str, run_dir: str) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nnodes={_env('STAGERUN_NNODES', env)}", f"--nproc-per-node={_env('STAGERUN_NPROC_PER_NODE', env)}",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint={_env('STAGERUN_RDZV_ENDPOINT', env)}",
-        f"--rdzv-id={_env('STAGERUN_RDZV_ID', env)}", f"--local-addr={node_address(env)}", "--max-restarts=0",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={_env('STAGERUN_NNODES', env)}",
+        f"--nproc-per-node={_env('STAGERUN_NPROC_PER_NODE', env)}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={_env('STAGERUN_RDZV_ENDPOINT', env)}",
+        f"--rdzv-id={_env('STAGERUN_RDZV_ID', env)}",
+        f"--local-addr={node_address(env)}",
+        "--max-restarts=0",
         # Pod 0 hosts the rendezvous store. Said explicitly: torchrun would otherwise decide by resolving the
         # endpoint's DNS name, which may not exist yet when pod 0 starts.
         f"--rdzv-conf=is_host={1 if env.get('JOB_COMPLETION_INDEX', '0') == '0' else 0}",
-        "-m", "stagerun.trainer", "--manifest", manifest, "--run-dir", run_dir,
+        "-m",
+        "stagerun.trainer",
+        "--manifest",
+        manifest,
+        "--run-dir",
+        run_dir,
     ]
 
 
@@ -111,11 +124,14 @@ def launch(env=os.environ) -> int:
         phase = run.phases[int(_env("STAGERUN_PHASE_INDEX", env))]
         world = int(_env("STAGERUN_NNODES", env)) * int(_env("STAGERUN_NPROC_PER_NODE", env))
         if world != phase.world_size:
-            raise ValueError(f"this pod was started for {world} processes but phase {phase.name} needs "
-                             f"{phase.world_size}: the Job does not match the manifest")
+            raise ValueError(
+                f"this pod was started for {world} processes but phase {phase.name} needs "
+                f"{phase.world_size}: the Job does not match the manifest"
+            )
     except (SpecError, KeyError, ValueError, IndexError) as exc:
-        write_termination_message({"state": "failed", "reason": "InvalidSpec", "permanent": True,
-                                   "message": str(exc)[:3000]}, env)
+        write_termination_message(
+            {"state": "failed", "reason": "InvalidSpec", "permanent": True, "message": str(exc)[:3000]}, env
+        )
         print(f"stagerun launch: {exc}", file=sys.stderr)
         return EXIT_INVALID
 
@@ -126,8 +142,15 @@ def launch(env=os.environ) -> int:
     try:
         share_tokenizer(run, run_dir, index, lambda: prepare(run, run_dir, int(sample) if sample else None))
     except Exception as exc:  # a bad data path is as permanent as a bad manifest
-        write_termination_message({"state": "failed", "reason": "DataPreparationFailed", "permanent": True,
-                                   "message": f"{type(exc).__name__}: {exc}"[:3000]}, env)
+        write_termination_message(
+            {
+                "state": "failed",
+                "reason": "DataPreparationFailed",
+                "permanent": True,
+                "message": f"{type(exc).__name__}: {exc}"[:3000],
+            },
+            env,
+        )
         print(f"stagerun launch: data preparation failed: {exc}", file=sys.stderr)
         return EXIT_INVALID
 
@@ -142,9 +165,15 @@ def launch(env=os.environ) -> int:
 
     status = read_status(run_dir) if index == 0 else None
     if status is not None and (code == 0 or status.state == "stopped"):
-        message = {"state": status.state, "step": status.step, "tokens": status.tokens,
-                   "phaseIndex": status.phase_index, "phase": status.phase, "checkpoint": status.checkpoint,
-                   "message": status.message}
+        message = {
+            "state": status.state,
+            "step": status.step,
+            "tokens": status.tokens,
+            "phaseIndex": status.phase_index,
+            "phase": status.phase,
+            "checkpoint": status.checkpoint,
+            "message": status.message,
+        }
         write_termination_message(message, env)
         return 0
     write_termination_message({"state": "failed" if code else "done", "exitCode": code}, env)

@@ -54,8 +54,13 @@ GPU_GAUGES = {
 }
 # Peak dense bf16 FLOP/s per device, by a substring of the device name (NVIDIA data sheets).
 PEAK_BF16_FLOPS = (
-    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
-    ("L4", 121e12), ("A10", 125e12),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
 )
 
 
@@ -95,14 +100,17 @@ class GpuTelemetry:
             try:
                 nvml = self._nvml
                 memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-                samples.append({
-                    "stagerun_gpu_utilization_ratio": nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0,
-                    "stagerun_gpu_memory_used_bytes": float(memory.used),
-                    "stagerun_gpu_memory_total_bytes": float(memory.total),
-                    "stagerun_gpu_power_watts": nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
-                    "stagerun_gpu_temperature_celsius": float(
-                        nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)),
-                })
+                samples.append(
+                    {
+                        "stagerun_gpu_utilization_ratio": nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0,
+                        "stagerun_gpu_memory_used_bytes": float(memory.used),
+                        "stagerun_gpu_memory_total_bytes": float(memory.total),
+                        "stagerun_gpu_power_watts": nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
+                        "stagerun_gpu_temperature_celsius": float(
+                            nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)
+                        ),
+                    }
+                )
             except Exception as exc:  # one GPU's NVML hiccup must not break the scrape
                 log.debug("NVML sample failed: %s", exc)
                 samples.append({})
@@ -112,8 +120,16 @@ class GpuTelemetry:
 class TrainerMetrics:
     """The trainer's current values, exported as a Prometheus registry."""
 
-    def __init__(self, run: str, namespace: str, rank: int, *, peak_flops_per_device: float | None,
-                 world_size: int, gpus: GpuTelemetry | None = None):
+    def __init__(
+        self,
+        run: str,
+        namespace: str,
+        rank: int,
+        *,
+        peak_flops_per_device: float | None,
+        world_size: int,
+        gpus: GpuTelemetry | None = None,
+    ):
         self.labels = {"run": run, "namespace": namespace, "rank": str(rank)}
         self.phase = ""
         self.values: dict[str, float] = {"stagerun_restarts": 0.0, "stagerun_checkpoints_saved": 0.0}
@@ -128,19 +144,49 @@ class TrainerMetrics:
         with self._lock:
             self.values.update({f"stagerun_{k}": float(v) for k, v in values.items() if v is not None})
 
-    def step(self, *, phase: str, phase_index: int, step: int, tokens: int, loss: float, z_loss: float,
-             max_z_loss: float, grad_norm: float, distill_loss: float = 0.0, lr: float, batch_tokens: int, seq_len: int, step_seconds: float,
-             data_seconds: float, flops_per_token: int, tokens_per_source: dict[str, int]) -> None:
+    def step(
+        self,
+        *,
+        phase: str,
+        phase_index: int,
+        step: int,
+        tokens: int,
+        loss: float,
+        z_loss: float,
+        max_z_loss: float,
+        grad_norm: float,
+        distill_loss: float = 0.0,
+        lr: float,
+        batch_tokens: int,
+        seq_len: int,
+        step_seconds: float,
+        data_seconds: float,
+        flops_per_token: int,
+        tokens_per_source: dict[str, int],
+    ) -> None:
         tokens_per_second = batch_tokens / step_seconds if step_seconds > 0 else 0.0
         with self._lock:
             self.phase = phase
             self.source_tokens = {k: float(v) for k, v in tokens_per_source.items()}
-        self.set(loss=loss, z_loss=z_loss, max_z_loss=max_z_loss, distill_loss=distill_loss, grad_norm=grad_norm,
-                 learning_rate=lr,
-                 batch_tokens=batch_tokens, batch_sequences=batch_tokens // seq_len, seq_len=seq_len,
-                 phase_index=phase_index, step=step, tokens_seen=tokens, tokens_per_second=tokens_per_second,
-                 step_seconds=step_seconds, data_wait_seconds=data_seconds, model_flops_per_token=flops_per_token,
-                 mfu=tokens_per_second * flops_per_token / self.peak_flops if self.peak_flops else None)
+        self.set(
+            loss=loss,
+            z_loss=z_loss,
+            max_z_loss=max_z_loss,
+            distill_loss=distill_loss,
+            grad_norm=grad_norm,
+            learning_rate=lr,
+            batch_tokens=batch_tokens,
+            batch_sequences=batch_tokens // seq_len,
+            seq_len=seq_len,
+            phase_index=phase_index,
+            step=step,
+            tokens_seen=tokens,
+            tokens_per_second=tokens_per_second,
+            step_seconds=step_seconds,
+            data_wait_seconds=data_seconds,
+            model_flops_per_token=flops_per_token,
+            mfu=tokens_per_second * flops_per_token / self.peak_flops if self.peak_flops else None,
+        )
 
     def checkpoint_saved(self, seconds: float | None, size: int | None) -> None:
         with self._lock:
@@ -151,8 +197,10 @@ class TrainerMetrics:
     def collect(self):
         with self._lock:
             values, sources, phase = dict(self.values), dict(self.source_tokens), self.phase
-        names, label_values = ["run", "namespace", "phase", "rank"], [self.labels["run"], self.labels["namespace"],
-                                                                       phase, self.labels["rank"]]
+        names, label_values = (
+            ["run", "namespace", "phase", "rank"],
+            [self.labels["run"], self.labels["namespace"], phase, self.labels["rank"]],
+        )
         for name, help_text in STEP_GAUGES.items():
             if name in values:
                 family = GaugeMetricFamily(name, help_text, labels=names)
@@ -169,6 +217,8 @@ class TrainerMetrics:
                 family = GaugeMetricFamily(name, help_text, labels=["run", "namespace", "rank", "gpu"])
                 for index, sample in enumerate(samples):
                     if name in sample:
-                        family.add_metric([self.labels["run"], self.labels["namespace"], self.labels["rank"],
-                                           str(index)], sample[name])
+                        family.add_metric(
+                            [self.labels["run"], self.labels["namespace"], self.labels["rank"], str(index)],
+                            sample[name],
+                        )
                 yield family

@@ -15,8 +15,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from .plan import phase_at
-from .spec import ResolvedRun
+from stagerun.core.plan import phase_at
+from stagerun.core.spec import ResolvedRun
+
 from .telemetry import STATE_COMPLETE, STATE_RELAUNCH, STATE_STOPPED, read_status
 
 EXIT_STOPPED = 130  # the shell convention for "interrupted": rerun the command to resume
@@ -41,11 +42,22 @@ def prepare(run: ResolvedRun, run_dir: Path, max_source_bytes: int | None = None
     (run_dir / "prepared.json").write_text(json.dumps(record, indent=2))
 
 
-def torchrun_command(manifest: Path, run_dir: Path, nproc: int, world_override: int | None, max_restarts: int) -> list[str]:
+def torchrun_command(
+    manifest: Path, run_dir: Path, nproc: int, world_override: int | None, max_restarts: int
+) -> list[str]:
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        f"--max-restarts={max_restarts}", "-m", "stagerun.trainer", "--manifest", str(manifest),
-        "--run-dir", str(run_dir),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={max_restarts}",
+        "-m",
+        "stagerun.trainer",
+        "--manifest",
+        str(manifest),
+        "--run-dir",
+        str(run_dir),
     ]
     if world_override:
         cmd += ["--world-size", str(world_override)]
@@ -63,8 +75,16 @@ def worker_env(run: ResolvedRun, nproc: int, metrics_port: int | None = None) ->
     return env
 
 
-def run_local(run: ResolvedRun, manifest: Path, *, nproc: int | None, run_dir: Path | None,
-              max_restarts: int = 0, max_source_bytes: int | None = None, metrics_port: int | None = None) -> int:
+def run_local(
+    run: ResolvedRun,
+    manifest: Path,
+    *,
+    nproc: int | None,
+    run_dir: Path | None,
+    max_restarts: int = 0,
+    max_source_bytes: int | None = None,
+    metrics_port: int | None = None,
+) -> int:
     from .checkpoint import CheckpointManager
     from .train import checkpoint_url
 
@@ -87,25 +107,33 @@ def run_local(run: ResolvedRun, manifest: Path, *, nproc: int | None, run_dir: P
         print(f"{run.name}: phase {phase.name}, {world} worker process(es), {where}", flush=True)
         status_file = run_dir / "status.json"
         status_file.unlink(missing_ok=True)
-        code = _run_gang(torchrun_command(manifest, run_dir, world, nproc, max_restarts), worker_env(run, world, metrics_port))
+        code = _run_gang(
+            torchrun_command(manifest, run_dir, world, nproc, max_restarts), worker_env(run, world, metrics_port)
+        )
         status = read_status(run_dir)
         stopped = status is not None and status.state == STATE_STOPPED  # torchrun exits non-zero on Ctrl-C
         if status is None or (code != 0 and not stopped):
             newest = manager.latest()
             resume = f"step {newest.step}" if newest else "the start (no checkpoint was committed)"
-            print(f"{run.name}: workers failed (exit code {code}); run the same command again to resume from "
-                  f"{resume}", file=sys.stderr)
+            print(
+                f"{run.name}: workers failed (exit code {code}); run the same command again to resume from {resume}",
+                file=sys.stderr,
+            )
             return code or 1
         if status.state == STATE_RELAUNCH:
             print(f"{run.name}: {status.message}; starting the next gang", flush=True)
             continue
         if status.state == STATE_STOPPED:
-            print(f"{run.name}: stopped at step {status.step} with checkpoint {status.checkpoint}; "
-                  "run the same command again to resume")
+            print(
+                f"{run.name}: stopped at step {status.step} with checkpoint {status.checkpoint}; "
+                "run the same command again to resume"
+            )
             return EXIT_STOPPED
         if status.state == STATE_COMPLETE:
-            print(f"{run.name}: complete at step {status.step} ({status.tokens:,} tokens); "
-                  f"metrics in {run_dir / 'metrics.jsonl'}")
+            print(
+                f"{run.name}: complete at step {status.step} ({status.tokens:,} tokens); "
+                f"metrics in {run_dir / 'metrics.jsonl'}"
+            )
             return 0
         raise RuntimeError(f"unknown run state {asdict(status)}")
 
@@ -119,8 +147,11 @@ def _run_gang(cmd: list[str], env: dict[str, str]) -> int:
         nonlocal interrupts
         interrupts += 1
         if interrupts == 1:
-            print("\nstopping after the current step and a checkpoint (Ctrl-C again to abort at once)",
-                  file=sys.stderr, flush=True)
+            print(
+                "\nstopping after the current step and a checkpoint (Ctrl-C again to abort at once)",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             process.kill()
 

@@ -9,10 +9,11 @@ import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 
-from .distributed import Topology, all_reduce_sum
+from stagerun.core.spec.run import TrainingSpec
+
 from .distill import teacher_targets
+from .distributed import Topology, all_reduce_sum
 from .losses import compute_losses
-from .spec.run import TrainingSpec
 
 IGNORE_INDEX = -100
 
@@ -46,7 +47,9 @@ def build_optimizer(model: torch.nn.Module, training: TrainingSpec, device: torc
     opt = training.optimizer
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=0.0, betas=(opt.beta1, opt.beta2), eps=opt.eps,
+        lr=0.0,
+        betas=(opt.beta1, opt.beta2),
+        eps=opt.eps,
         foreach=True,  # deterministic and fast on CPU and GPU; fused AdamW does not take DTensors on CPU
     )
 
@@ -77,8 +80,18 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     return total
 
 
-def train_step(model, optimizer, micro_batches, *, lr: float, topo: Topology, training: TrainingSpec,
-               teacher=None, distill_weight: float = 0.0, vocab_size: int | None = None) -> StepResult:
+def train_step(
+    model,
+    optimizer,
+    micro_batches,
+    *,
+    lr: float,
+    topo: Topology,
+    training: TrainingSpec,
+    teacher=None,
+    distill_weight: float = 0.0,
+    vocab_size: int | None = None,
+) -> StepResult:
     for group in optimizer.param_groups:
         group["lr"] = lr
     local_tokens = sum(int((mb.targets != IGNORE_INDEX).sum()) for mb in micro_batches)
@@ -92,20 +105,33 @@ def train_step(model, optimizer, micro_batches, *, lr: float, topo: Topology, tr
         teacher_tokens = teacher_targets(teacher, inputs, doc_ids, vocab_size) if teacher is not None else None
         logits = model(inputs, doc_ids)
         terms = compute_losses(
-            logits, targets, z_loss_weight=training.z_loss, max_z_loss_weight=training.max_z_loss,
-            ignore_index=IGNORE_INDEX, teacher_tokens=teacher_tokens, distill_weight=distill_weight,
+            logits,
+            targets,
+            z_loss_weight=training.z_loss,
+            max_z_loss_weight=training.max_z_loss,
+            ignore_index=IGNORE_INDEX,
+            teacher_tokens=teacher_tokens,
+            distill_weight=distill_weight,
         )
         # Dividing by the *global* token count (and summing gradients across ranks) gives the exact mean
         # over the global batch, however it is split into ranks and micro-batches.
         (terms.total / global_tokens).backward()
         distill = terms.distill_sum if terms.distill_sum is not None else torch.zeros_like(terms.ce_sum)
-        sums += torch.stack([terms.ce_sum.detach(), terms.z_sum.detach(), terms.max_z_sum.detach(),
-                             distill.detach()]).double()
+        sums += torch.stack(
+            [terms.ce_sum.detach(), terms.z_sum.detach(), terms.max_z_sum.detach(), distill.detach()]
+        ).double()
         del logits, terms
     max_norm = training.grad_clip if training.grad_clip > 0 else math.inf
     grad_norm = clip_grad_norm(model.parameters(), max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     ce, z, max_z, distill, checksum = all_reduce_sum(sums.tolist() + [checksum], topo)
-    return StepResult(ce / global_tokens, z / global_tokens, max_z / global_tokens, distill / global_tokens,
-                      float(grad_norm), int(global_tokens), checksum)
+    return StepResult(
+        ce / global_tokens,
+        z / global_tokens,
+        max_z / global_tokens,
+        distill / global_tokens,
+        float(grad_norm),
+        int(global_tokens),
+        checksum,
+    )

@@ -85,7 +85,11 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=total_tokens, initial=initial_tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
+                total=total_tokens,
+                initial=initial_tokens,
+                unit="tok",
+                unit_scale=True,
+                dynamic_ncols=True,
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} tok [{elapsed}<{remaining}{postfix}]",
             )
 

@@ -17,6 +17,10 @@ from pathlib import Path
 
 import torch
 
+from stagerun.core.plan import checkpoint_due, next_phase_needs_relaunch, phase_at, segments, step_plan
+from stagerun.core.spec import ResolvedRun, SpecError, load_run, to_manifest
+from stagerun.core.spec.changes import immutable_changes
+
 from . import distributed as D
 from .checkpoint import CheckpointManager, ModelOptimizerState
 from .data.loader import PackedMixLoader
@@ -24,9 +28,6 @@ from .data.shards import TokenShards
 from .distill import Teachers
 from .exporter import start_exporter
 from .model import Transformer, init_weights
-from .plan import checkpoint_due, next_phase_needs_relaunch, phase_at, segments, step_plan
-from .spec import ResolvedRun, SpecError, load_run, to_manifest
-from .spec.changes import immutable_changes
 from .step import build_optimizer, train_step
 from .telemetry import STATE_COMPLETE, STATE_RELAUNCH, STATE_STOPPED, MetricsLog, Progress, RunStatus, write_status
 
@@ -110,12 +111,23 @@ def _same_model(expected: dict, checkpoint_path: str):
 
 def _step_record(step: int, plan, result, loader, seconds: float, data_seconds: float) -> dict:
     return {
-        "step": step, "tokens": plan.tokens_after, "phase": plan.phase.name, "phaseIndex": plan.phase.index,
-        "loss": result.loss, "zLoss": result.z_loss, "maxZLoss": result.max_z_loss,
-        "distillLoss": result.distill_loss, "gradNorm": result.grad_norm,
-        "lr": plan.lr, "batchTokens": plan.batch_tokens, "seqLen": plan.seq_len, "stepSeconds": seconds,
-        "dataSeconds": data_seconds, "tokensPerSecond": plan.batch_tokens / seconds,
-        "tokensPerSource": dict(loader.tokens_per_source), "batchChecksum": result.batch_checksum,
+        "step": step,
+        "tokens": plan.tokens_after,
+        "phase": plan.phase.name,
+        "phaseIndex": plan.phase.index,
+        "loss": result.loss,
+        "zLoss": result.z_loss,
+        "maxZLoss": result.max_z_loss,
+        "distillLoss": result.distill_loss,
+        "gradNorm": result.grad_norm,
+        "lr": plan.lr,
+        "batchTokens": plan.batch_tokens,
+        "seqLen": plan.seq_len,
+        "stepSeconds": seconds,
+        "dataSeconds": data_seconds,
+        "tokensPerSecond": plan.batch_tokens / seconds,
+        "tokensPerSource": dict(loader.tokens_per_source),
+        "batchChecksum": result.batch_checksum,
     }
 
 
@@ -126,11 +138,19 @@ def _status_after(run: ResolvedRun, plan, step: int, stopping: bool, checkpoint:
         return RunStatus(STATE_COMPLETE, step, tokens, phase.index, phase.name, checkpoint, "all phases done")
     if plan.ends_phase and next_phase_needs_relaunch(run, phase):
         nxt = run.phases[phase.index + 1]
-        return RunStatus(STATE_RELAUNCH, step, tokens, nxt.index, nxt.name, checkpoint,
-                         f"phase {nxt.name} needs another topology (world size {nxt.world_size})")
+        return RunStatus(
+            STATE_RELAUNCH,
+            step,
+            tokens,
+            nxt.index,
+            nxt.name,
+            checkpoint,
+            f"phase {nxt.name} needs another topology (world size {nxt.world_size})",
+        )
     if stopping:
-        return RunStatus(STATE_STOPPED, step, tokens, phase.index, phase.name, checkpoint,
-                         "stopped on request after a checkpoint")
+        return RunStatus(
+            STATE_STOPPED, step, tokens, phase.index, phase.name, checkpoint, "stopped on request after a checkpoint"
+        )
     return None
 
 
@@ -168,13 +188,32 @@ def train(run: ResolvedRun, run_dir: Path, manifest: Path | None = None, world_s
     tokens, step = (latest.tokens, latest.step) if latest else (0, 0)
     phase = phase_at(run, tokens)
     if phase is None:
-        return _early_exit(run_dir, RunStatus(STATE_COMPLETE, step, tokens, len(run.phases) - 1, run.phases[-1].name,
-                                              latest.path, "the run had already finished"))
+        return _early_exit(
+            run_dir,
+            RunStatus(
+                STATE_COMPLETE,
+                step,
+                tokens,
+                len(run.phases) - 1,
+                run.phases[-1].name,
+                latest.path,
+                "the run had already finished",
+            ),
+        )
     launched = os.environ.get("STAGERUN_PHASE_INDEX")  # set in operator pods: the phase the Job was shaped for
     if launched is not None and run.phases[int(launched)].topology != phase.topology:
-        return _early_exit(run_dir, RunStatus(
-            STATE_RELAUNCH, step, tokens, phase.index, phase.name, latest.path if latest else None,
-            f"the newest checkpoint is in phase {phase.name}, which needs another topology than this gang's"))
+        return _early_exit(
+            run_dir,
+            RunStatus(
+                STATE_RELAUNCH,
+                step,
+                tokens,
+                phase.index,
+                phase.name,
+                latest.path if latest else None,
+                f"the newest checkpoint is in phase {phase.name}, which needs another topology than this gang's",
+            ),
+        )
     topo = D.init_topology(phase)
     model = build_model(run.model, run.training, topo, load_init=latest is None)  # a checkpoint supersedes them
     teachers = Teachers(run.model, lambda spec: build_model(spec, run.training, topo, for_training=False))
@@ -204,45 +243,85 @@ def train(run: ResolvedRun, run_dir: Path, manifest: Path | None = None, world_s
             plan = step_plan(run, tokens, step)
             if plan.phase.index != running_phase:
                 running_phase = plan.phase.index
-                progress.write(f"phase {plan.phase.name}: seqLen {plan.seq_len}, batch {plan.batch_tokens:,} tokens, "
-                               f"mix {plan.phase.weights}")
+                progress.write(
+                    f"phase {plan.phase.name}: seqLen {plan.seq_len}, batch {plan.batch_tokens:,} tokens, "
+                    f"mix {plan.phase.weights}"
+                )
             started = time.perf_counter()
             micro_batches = loader.next_step(
-                phase_index=plan.phase.index, weights=plan.phase.weights, seq_len=plan.seq_len,
-                global_sequences=plan.batch_sequences, dp_rank=topo.dp_rank, dp_size=topo.dp_size,
+                phase_index=plan.phase.index,
+                weights=plan.phase.weights,
+                seq_len=plan.seq_len,
+                global_sequences=plan.batch_sequences,
+                dp_rank=topo.dp_rank,
+                dp_size=topo.dp_size,
                 micro_batch_size=plan.phase.micro_batch_size,
             )
             data_seconds = time.perf_counter() - started
             teacher, distill_weight = teachers.for_phase(plan.phase)
-            result = train_step(model, optimizer, micro_batches, lr=plan.lr, topo=topo, training=run.training,
-                                teacher=teacher, distill_weight=distill_weight, vocab_size=run.model.vocab_size)
+            result = train_step(
+                model,
+                optimizer,
+                micro_batches,
+                lr=plan.lr,
+                topo=topo,
+                training=run.training,
+                teacher=teacher,
+                distill_weight=distill_weight,
+                vocab_size=run.model.vocab_size,
+            )
             if not math.isfinite(result.loss):
                 newest = manager.latest()
                 raise FloatingPointError(
                     f"loss is {result.loss} at step {step + 1} (phase {plan.phase.name}); stopping without a "
                     f"checkpoint so the newest good one ({newest.path if newest else 'none'}) stays the newest. "
-                    "Lower lr.peak, lengthen the warmup, or enable spec.training.zLoss / maxZLoss")
+                    "Lower lr.peak, lengthen the warmup, or enable spec.training.zLoss / maxZLoss"
+                )
             step, tokens = step + 1, plan.tokens_after
             seconds = time.perf_counter() - started
             if metrics and step % run.training.log_every_steps == 0:
                 metrics.write(_step_record(step, plan, result, loader, seconds, data_seconds))
-            progress.update(plan.batch_tokens, phase=plan.phase.name, step=step, loss=result.loss,
-                            tokens_per_second=plan.batch_tokens / seconds)
-            exporter.step(plan=plan, step=step, tokens=tokens, result=result, seconds=seconds,
-                          data_seconds=data_seconds, tokens_per_source=dict(loader.tokens_per_source))
+            progress.update(
+                plan.batch_tokens,
+                phase=plan.phase.name,
+                step=step,
+                loss=result.loss,
+                tokens_per_second=plan.batch_tokens / seconds,
+            )
+            exporter.step(
+                plan=plan,
+                step=step,
+                tokens=tokens,
+                result=result,
+                seconds=seconds,
+                data_seconds=data_seconds,
+                tokens_per_source=dict(loader.tokens_per_source),
+            )
 
             stopping = D.any_rank(stop.requested, topo)
             if plan.ends_phase or stopping or checkpoint_due(run.checkpoint.every_tokens, plan.tokens, tokens):
                 meta = {
-                    "step": step, "tokens": tokens, "phase_index": plan.phase.index, "phase": plan.phase.name,
-                    "loader": loader.state_dict(), "rng": _rng_state(), "model": model_fields, "run": run.name,
-                    "worldSize": topo.world_size, "restarts": restarts,
+                    "step": step,
+                    "tokens": tokens,
+                    "phase_index": plan.phase.index,
+                    "phase": plan.phase.name,
+                    "loader": loader.state_dict(),
+                    "rng": _rng_state(),
+                    "model": model_fields,
+                    "run": run.name,
+                    "worldSize": topo.world_size,
+                    "restarts": restarts,
                 }
                 checkpoint = manager.save(step, app_state, meta, phase_boundary=plan.ends_phase).path
                 if topo.is_main:
                     manager.apply_retention()
-                exporter.checkpoint_saved(path=checkpoint, step=step, tokens=tokens,
-                                          seconds=manager.last_save_seconds, size=manager.last_save_bytes)
+                exporter.checkpoint_saved(
+                    path=checkpoint,
+                    step=step,
+                    tokens=tokens,
+                    seconds=manager.last_save_seconds,
+                    size=manager.last_save_bytes,
+                )
                 progress.write(f"checkpoint step {step} ({tokens:,} tokens) committed at {checkpoint}")
             if plan.ends_phase:
                 progress.write(f"phase {plan.phase.name} finished at step {step} ({tokens:,} tokens)")

@@ -76,8 +76,9 @@ ALL_VERBS = ("create", "delete", "deletecollection", "get", "list", "patch", "up
 
 # -- time --------------------------------------------------------------------------------------------------------------
 
+
 def utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def timestamp(when: datetime.datetime | None = None) -> str:
@@ -91,6 +92,7 @@ def parse_timestamp(text: str) -> datetime.datetime:
 
 # -- errors ------------------------------------------------------------------------------------------------------------
 
+
 class ApiError(Exception):
     """An API failure, rendered over HTTP as a ``Status`` object; the sync helpers raise it as is."""
 
@@ -103,18 +105,31 @@ class ApiError(Exception):
         return self.code
 
     def body(self) -> dict:
-        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": self.message,
-                "reason": self.reason, "details": self.details, "code": self.code}
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "details": self.details,
+            "code": self.code,
+        }
 
 
 def not_found(rt: ResourceType, name: str) -> ApiError:
-    return ApiError(404, "NotFound", f'{rt.qualified} "{name}" not found',
-                    {"name": name, "group": rt.group, "kind": rt.plural})
+    return ApiError(
+        404, "NotFound", f'{rt.qualified} "{name}" not found', {"name": name, "group": rt.group, "kind": rt.plural}
+    )
 
 
 def invalid(rt: ResourceType, name: str, field: str, value: Any, detail: str) -> ApiError:
-    return ApiError(422, "Invalid", f'{rt.kind} "{name}" is invalid: {field}: Invalid value: {json.dumps(value)}: '
-                                    f'{detail}', {"name": name, "group": rt.group, "kind": rt.kind})
+    return ApiError(
+        422,
+        "Invalid",
+        f'{rt.kind} "{name}" is invalid: {field}: Invalid value: {json.dumps(value)}: {detail}',
+        {"name": name, "group": rt.group, "kind": rt.kind},
+    )
 
 
 def bad_request(message: str) -> ApiError:
@@ -122,6 +137,7 @@ def bad_request(message: str) -> ApiError:
 
 
 # -- resource types ----------------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class ResourceType:
@@ -160,9 +176,18 @@ class ResourceType:
 
 
 def _builtin(group, version, plural, kind, namespaced=True, status=True, short=(), returns_deleted=False):
-    return ResourceType(group, version, plural, kind, namespaced,
-                        frozenset({"status"} if status else set()) | ({"log"} if plural == "pods" else set()),
-                        kind.lower(), tuple(short), (), returns_deleted)
+    return ResourceType(
+        group,
+        version,
+        plural,
+        kind,
+        namespaced,
+        frozenset({"status"} if status else set()) | ({"log"} if plural == "pods" else set()),
+        kind.lower(),
+        tuple(short),
+        (),
+        returns_deleted,
+    )
 
 
 BUILTIN_TYPES = (
@@ -178,8 +203,14 @@ BUILTIN_TYPES = (
     _builtin("", "v1", "endpoints", "Endpoints", status=False, short=("ep",)),
     _builtin("batch", "v1", "jobs", "Job"),
     _builtin("coordination.k8s.io", "v1", "leases", "Lease", status=False),
-    _builtin("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
-             namespaced=False, short=("crd", "crds")),
+    _builtin(
+        "apiextensions.k8s.io",
+        "v1",
+        "customresourcedefinitions",
+        "CustomResourceDefinition",
+        namespaced=False,
+        short=("crd", "crds"),
+    ),
 )
 
 TRAININGRUN_CRD = {
@@ -189,11 +220,22 @@ TRAININGRUN_CRD = {
     "spec": {
         "group": "stagerun.io",
         "scope": "Namespaced",
-        "names": {"plural": "trainingruns", "singular": "trainingrun", "kind": "TrainingRun",
-                  "listKind": "TrainingRunList", "shortNames": ["tr"]},
-        "versions": [{"name": "v1alpha1", "served": True, "storage": True, "subresources": {"status": {}},
-                      "schema": {"openAPIV3Schema": {"type": "object",
-                                                     "x-kubernetes-preserve-unknown-fields": True}}}],
+        "names": {
+            "plural": "trainingruns",
+            "singular": "trainingrun",
+            "kind": "TrainingRun",
+            "listKind": "TrainingRunList",
+            "shortNames": ["tr"],
+        },
+        "versions": [
+            {
+                "name": "v1alpha1",
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+            }
+        ],
     },
 }
 
@@ -207,10 +249,21 @@ def crd_types(crd: dict) -> list[ResourceType]:
         if not version.get("served", True):
             continue
         subresources = version.get("subresources", spec.get("subresources")) or {}
-        types.append(ResourceType(group, version["name"], plural, kind, spec.get("scope", "Namespaced") == "Namespaced",
-                                  frozenset(k for k in subresources if k in ("status", "scale")),
-                                  names.get("singular") or kind.lower(), tuple(names.get("shortNames") or ()),
-                                  tuple(names.get("categories") or ()), returns_deleted=True, custom=True))
+        types.append(
+            ResourceType(
+                group,
+                version["name"],
+                plural,
+                kind,
+                spec.get("scope", "Namespaced") == "Namespaced",
+                frozenset(k for k in subresources if k in ("status", "scale")),
+                names.get("singular") or kind.lower(),
+                tuple(names.get("shortNames") or ()),
+                tuple(names.get("categories") or ()),
+                returns_deleted=True,
+                custom=True,
+            )
+        )
     return types
 
 
@@ -218,7 +271,8 @@ def crd_types(crd: dict) -> list[ResourceType]:
 
 _REQUIREMENT = re.compile(
     r"^\s*(?P<neg>!)?\s*(?P<key>[A-Za-z0-9][-A-Za-z0-9_./]*)\s*"
-    r"(?:(?P<op>==|!=|=)\s*(?P<value>[-A-Za-z0-9_.]*)|\s+(?P<setop>in|notin)\s*\((?P<values>[^)]*)\))?\s*$")
+    r"(?:(?P<op>==|!=|=)\s*(?P<value>[-A-Za-z0-9_.]*)|\s+(?P<setop>in|notin)\s*\((?P<values>[^)]*)\))?\s*$"
+)
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -257,8 +311,10 @@ class LabelSelector:
                 values = {v.strip() for v in match["values"].split(",") if v.strip()}
                 inside = match["setop"] == "in"
                 self.requirements.append(
-                    lambda labels, k=key, vs=values, inside=inside:
-                    (labels.get(k) in vs) if inside else (labels.get(k) not in vs))
+                    lambda labels, k=key, vs=values, inside=inside: (
+                        (labels.get(k) in vs) if inside else (labels.get(k) not in vs)
+                    )
+                )
             else:
                 self.requirements.append(lambda labels, k=key, neg=neg: (k in labels) != neg)
 
@@ -298,6 +354,7 @@ class FieldSelector:
 
 # -- patches -----------------------------------------------------------------------------------------------------------
 
+
 def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7386 JSON merge patch (lists are replaced, ``null`` removes)."""
     if not isinstance(patch, dict):
@@ -313,10 +370,21 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 # Lists that strategic merge patch merges by a key (patchMergeKey) instead of replacing; "finalizers" is a set.
 _MERGE_KEYS = {
-    "containers": "name", "initContainers": "name", "ephemeralContainers": "name", "env": "name",
-    "volumes": "name", "volumeMounts": "mountPath", "volumeDevices": "devicePath", "conditions": "type",
-    "ownerReferences": "uid", "imagePullSecrets": "name", "hostAliases": "ip", "ports": None,
-    "taints": "key", "addresses": "type", "readinessGates": "conditionType",
+    "containers": "name",
+    "initContainers": "name",
+    "ephemeralContainers": "name",
+    "env": "name",
+    "volumes": "name",
+    "volumeMounts": "mountPath",
+    "volumeDevices": "devicePath",
+    "conditions": "type",
+    "ownerReferences": "uid",
+    "imagePullSecrets": "name",
+    "hostAliases": "ip",
+    "ports": None,
+    "taints": "key",
+    "addresses": "type",
+    "readinessGates": "conditionType",
 }
 
 
@@ -339,8 +407,11 @@ def strategic_merge_patch(target: Any, patch: Any) -> Any:
             result.pop(key, None)
         elif isinstance(value, dict) and value.get("$patch") == "delete":
             result.pop(key, None)
-        elif isinstance(value, list) and isinstance(result.get(key), list) and (key in _MERGE_KEYS
-                                                                                 or key == "finalizers"):
+        elif (
+            isinstance(value, list)
+            and isinstance(result.get(key), list)
+            and (key in _MERGE_KEYS or key == "finalizers")
+        ):
             result[key] = _merge_list(key, result[key], value)
         elif isinstance(value, dict):
             result[key] = strategic_merge_patch(result.get(key), value)
@@ -361,8 +432,9 @@ def _merge_list(field: str, current: list, items: list) -> list:
         return copy.deepcopy(items)
     result = list(current)
     for item in items:
-        position = next((i for i, old in enumerate(result) if isinstance(old, dict) and old.get(key) == item.get(key)),
-                        None)
+        position = next(
+            (i for i, old in enumerate(result) if isinstance(old, dict) and old.get(key) == item.get(key)), None
+        )
         if item.get("$patch") == "delete":
             if position is not None:
                 del result[position]
@@ -388,8 +460,11 @@ def _resolve_parent(doc: Any, tokens: list[str], path: str) -> Any:
         elif isinstance(doc, list) and token.isdigit() and int(token) < len(doc):
             doc = doc[int(token)]
         else:
-            raise ApiError(422, "Invalid", f"the server rejected our request due to an error in our request: "
-                                           f"path {path!r} not found")
+            raise ApiError(
+                422,
+                "Invalid",
+                f"the server rejected our request due to an error in our request: path {path!r} not found",
+            )
     return doc
 
 
@@ -458,8 +533,12 @@ def json_patch(doc: Any, ops: list) -> Any:
             except ApiError:
                 actual = None
             if actual != op.get("value"):
-                raise ApiError(422, "Invalid", f"the server rejected our request due to an error in our request: "
-                                               f"test failed at {path!r}: {actual!r} != {op.get('value')!r}")
+                raise ApiError(
+                    422,
+                    "Invalid",
+                    f"the server rejected our request due to an error in our request: "
+                    f"test failed at {path!r}: {actual!r} != {op.get('value')!r}",
+                )
         else:
             raise ApiError(422, "Invalid", f"unknown JSON patch operation {kind!r}")
     return doc
@@ -479,8 +558,10 @@ def _check_label(name: str, value: str, max_len: int = 63) -> str | None:
     if len(value) > max_len:
         return f"must be no more than {max_len} characters"
     if not DNS_LABEL.match(value):
-        return ("a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must "
-                "start and end with an alphanumeric character")
+        return (
+            "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must "
+            "start and end with an alphanumeric character"
+        )
     return None
 
 
@@ -491,17 +572,32 @@ def _validate_labels(rt: ResourceType, name: str, labels: Any, field: str) -> No
         raise invalid(rt, name, field, labels, "must be a map")
     for key, value in labels.items():
         prefix, _, short = key.rpartition("/")
-        if (prefix and (len(prefix) > 253 or not DNS_SUBDOMAIN.match(prefix))) or not short or len(short) > 63 \
-                or not LABEL_VALUE.match(short):
-            raise invalid(rt, name, field, key, "name part must consist of alphanumeric characters, '-', '_' or '.', "
-                                                "and must start and end with an alphanumeric character")
+        if (
+            (prefix and (len(prefix) > 253 or not DNS_SUBDOMAIN.match(prefix)))
+            or not short
+            or len(short) > 63
+            or not LABEL_VALUE.match(short)
+        ):
+            raise invalid(
+                rt,
+                name,
+                field,
+                key,
+                "name part must consist of alphanumeric characters, '-', '_' or '.', "
+                "and must start and end with an alphanumeric character",
+            )
         if not isinstance(value, str):
             raise invalid(rt, name, field, value, "label values must be strings")
         if len(value) > 63:
             raise invalid(rt, name, field, value, "must be no more than 63 characters")
         if not LABEL_VALUE.match(value):
-            raise invalid(rt, name, field, value, "a valid label must be an empty string or consist of alphanumeric "
-                                                  "characters, '-', '_' or '.'")
+            raise invalid(
+                rt,
+                name,
+                field,
+                value,
+                "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.'",
+            )
 
 
 def _validate_name(rt: ResourceType, name: str) -> None:
@@ -529,6 +625,7 @@ def _random_suffix(length: int = 5) -> str:
 
 # -- the store ---------------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Change:
     rv: int
@@ -549,9 +646,15 @@ class Store:
     (HTTP handlers directly; :class:`Api` helpers hop onto the loop). Stored objects are never mutated in place, so
     the change log and watch events can share them; callers get deep copies."""
 
-    def __init__(self, *, schedule: Callable[[float, Callable[[], None]], None], gc_delay: float = 0.0,
-                 auto_namespaces: bool = True, log_size: int = 100_000,
-                 on_types_changed: Callable[[ResourceType, bool], None] | None = None):
+    def __init__(
+        self,
+        *,
+        schedule: Callable[[float, Callable[[], None]], None],
+        gc_delay: float = 0.0,
+        auto_namespaces: bool = True,
+        log_size: int = 100_000,
+        on_types_changed: Callable[[ResourceType, bool], None] | None = None,
+    ):
         self.schedule = schedule
         self.gc_delay = gc_delay
         self.auto_namespaces = auto_namespaces
@@ -628,8 +731,13 @@ class Store:
     def get(self, rt: ResourceType, namespace: str | None, name: str) -> dict:
         return self._out(rt, self._must(rt, namespace, name))
 
-    def select(self, rt: ResourceType, namespace: str | None = None, label_selector: str | None = None,
-               field_selector: str | None = None) -> list[dict]:
+    def select(
+        self,
+        rt: ResourceType,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> list[dict]:
         """The stored objects (not copies) matching, sorted by namespace and name."""
         labels, fields = LabelSelector(label_selector), FieldSelector(field_selector)
         found = []
@@ -640,20 +748,31 @@ class Store:
                 found.append(obj)
         return found
 
-    def list(self, rt: ResourceType, namespace: str | None = None, label_selector: str | None = None,
-             field_selector: str | None = None, limit: int | None = None, continue_token: str | None = None) -> dict:
+    def list(
+        self,
+        rt: ResourceType,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        limit: int | None = None,
+        continue_token: str | None = None,
+    ) -> dict:
         items = self.select(rt, namespace, label_selector, field_selector)
         start = int(continue_token) if continue_token else 0
         metadata: dict[str, Any] = {"resourceVersion": str(self.rv)}
         if limit:
-            page = items[start:start + limit]
+            page = items[start : start + limit]
             if start + limit < len(items):
                 metadata["continue"] = str(start + limit)
                 metadata["remainingItemCount"] = len(items) - start - limit
         else:
             page = items[start:]
-        return {"apiVersion": rt.api_version, "kind": f"{rt.kind}List", "metadata": metadata,
-                "items": [self._out(rt, obj) for obj in page]}
+        return {
+            "apiVersion": rt.api_version,
+            "kind": f"{rt.kind}List",
+            "metadata": metadata,
+            "items": [self._out(rt, obj) for obj in page],
+        }
 
     @staticmethod
     def _out(rt: ResourceType, obj: dict) -> dict:
@@ -716,8 +835,9 @@ class Store:
         if self.find(ns_type, None, namespace) is not None:
             return
         if not self.auto_namespaces:
-            raise ApiError(404, "NotFound", f'namespaces "{namespace}" not found',
-                           {"name": namespace, "kind": "namespaces"})
+            raise ApiError(
+                404, "NotFound", f'namespaces "{namespace}" not found', {"name": namespace, "kind": "namespaces"}
+            )
         self.create(ns_type, None, {"metadata": {"name": namespace}}, keep_status=False)
 
     def create(self, rt: ResourceType, namespace: str | None, body: dict, *, keep_status: bool = False) -> dict:
@@ -729,8 +849,9 @@ class Store:
             meta = obj["metadata"] = {}
         if rt.namespaced:
             if namespace and meta.get("namespace") and meta["namespace"] != namespace:
-                raise bad_request("the namespace of the provided object does not match the namespace sent on the "
-                                  "request")
+                raise bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request"
+                )
             namespace = namespace or meta.get("namespace") or "default"
             self._ensure_namespace(namespace)
             meta["namespace"] = namespace
@@ -747,8 +868,12 @@ class Store:
         meta["name"] = name
         _validate_name(rt, name)
         if self.find(rt, namespace, name) is not None:
-            raise ApiError(409, "AlreadyExists", f'{rt.qualified} "{name}" already exists',
-                           {"name": name, "group": rt.group, "kind": rt.plural})
+            raise ApiError(
+                409,
+                "AlreadyExists",
+                f'{rt.qualified} "{name}" already exists',
+                {"name": name, "group": rt.group, "kind": rt.plural},
+            )
         for key in ("deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion", "selfLink"):
             meta.pop(key, None)
         meta["uid"] = str(uuid.uuid4())
@@ -765,12 +890,19 @@ class Store:
                 self.register(crd_type)
         return self._out(rt, obj)
 
-    def update(self, rt: ResourceType, namespace: str | None, name: str, compute: Callable[[dict], Any],
-               subresource: str | None = None) -> dict:
+    def update(
+        self,
+        rt: ResourceType,
+        namespace: str | None,
+        name: str,
+        compute: Callable[[dict], Any],
+        subresource: str | None = None,
+    ) -> dict:
         """Write ``compute(copy of the current object)`` (a PUT body, or the patched object)."""
         if subresource not in (None, "status") or (subresource == "status" and not rt.has_status):
-            raise ApiError(404, "NotFound", f"the server could not find the requested resource "
-                                            f"({rt.qualified}/{subresource})")
+            raise ApiError(
+                404, "NotFound", f"the server could not find the requested resource ({rt.qualified}/{subresource})"
+            )
         current = self._must(rt, namespace, name)
         candidate = compute(copy.deepcopy(current))
         if not isinstance(candidate, dict):
@@ -780,12 +912,20 @@ class Store:
         meta = current["metadata"]
         wanted_rv = cmeta.get("resourceVersion")
         if wanted_rv not in (None, "") and str(wanted_rv) != meta["resourceVersion"]:
-            raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {rt.qualified} "{name}": the object has '
-                                            f'been modified; please apply your changes to the latest version and try '
-                                            f'again', {"name": name, "group": rt.group, "kind": rt.plural})
+            raise ApiError(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on {rt.qualified} "{name}": the object has '
+                f"been modified; please apply your changes to the latest version and try "
+                f"again",
+                {"name": name, "group": rt.group, "kind": rt.plural},
+            )
         if cmeta.get("uid") and cmeta["uid"] != meta["uid"]:
-            raise ApiError(409, "Conflict", f"Precondition failed: UID in precondition: {cmeta['uid']}, UID in object "
-                                            f"meta: {meta['uid']}")
+            raise ApiError(
+                409,
+                "Conflict",
+                f"Precondition failed: UID in precondition: {cmeta['uid']}, UID in object meta: {meta['uid']}",
+            )
         if cmeta.get("name") not in (None, name):
             raise bad_request(f"the name of the object ({cmeta['name']}) does not match the name on the URL ({name})")
         if subresource == "status":
@@ -797,8 +937,16 @@ class Store:
         else:
             new = candidate
             new["apiVersion"], new["kind"] = rt.api_version, rt.kind
-            for key in ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp",
-                        "deletionGracePeriodSeconds", "generation", "resourceVersion"):
+            for key in (
+                "name",
+                "namespace",
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+                "resourceVersion",
+            ):
                 if key in meta:
                     cmeta[key] = meta[key]
                 else:
@@ -812,9 +960,13 @@ class Store:
             if meta.get("deletionTimestamp"):
                 added = set(cmeta.get("finalizers") or ()) - set(meta.get("finalizers") or ())
                 if added:
-                    raise ApiError(422, "Invalid", f'{rt.kind} "{name}" is invalid: metadata.finalizers: Forbidden: '
-                                                   f'no new finalizers can be added if the object is being deleted, '
-                                                   f'found new finalizers {sorted(added)}')
+                    raise ApiError(
+                        422,
+                        "Invalid",
+                        f'{rt.kind} "{name}" is invalid: metadata.finalizers: Forbidden: '
+                        f"no new finalizers can be added if the object is being deleted, "
+                        f"found new finalizers {sorted(added)}",
+                    )
             if not cmeta.get("finalizers"):
                 cmeta.pop("finalizers", None)
             self._defaults(rt, new, current)
@@ -831,21 +983,33 @@ class Store:
             return self._out(rt, self._remove(rt, new))
         return self._out(rt, new)
 
-    def replace(self, rt: ResourceType, namespace: str | None, name: str, body: dict,
-                subresource: str | None = None) -> dict:
+    def replace(
+        self, rt: ResourceType, namespace: str | None, name: str, body: dict, subresource: str | None = None
+    ) -> dict:
         if not isinstance(body, dict):
             raise bad_request("the body of a replace must be an object")
         if rt.custom and not (body.get("metadata") or {}).get("resourceVersion"):
             raise invalid(rt, name, "metadata.resourceVersion", 0, "must be specified for an update")
         return self.update(rt, namespace, name, lambda current: copy.deepcopy(body), subresource)
 
-    def patch(self, rt: ResourceType, namespace: str | None, name: str, patch: Any, patch_type: str = "merge",
-              subresource: str | None = None) -> dict:
+    def patch(
+        self,
+        rt: ResourceType,
+        namespace: str | None,
+        name: str,
+        patch: Any,
+        patch_type: str = "merge",
+        subresource: str | None = None,
+    ) -> dict:
         """``patch_type``: merge, json, strategic, apply (or the full content types)."""
         kind = patch_type.split(";")[0].strip().lower()
-        kind = {"application/merge-patch+json": "merge", "application/json-patch+json": "json",
-                "application/strategic-merge-patch+json": "strategic", "application/apply-patch+yaml": "apply",
-                "application/json": "merge"}.get(kind, kind)
+        kind = {
+            "application/merge-patch+json": "merge",
+            "application/json-patch+json": "json",
+            "application/strategic-merge-patch+json": "strategic",
+            "application/apply-patch+yaml": "apply",
+            "application/json": "merge",
+        }.get(kind, kind)
         if kind == "merge":
             if not isinstance(patch, dict):
                 raise bad_request("a merge patch must be an object")
@@ -854,34 +1018,52 @@ class Store:
             return self.update(rt, namespace, name, lambda current: json_patch(current, patch), subresource)
         if kind == "strategic":
             if rt.custom:
-                raise ApiError(415, "UnsupportedMediaType", "strategic merge patch is not supported for custom "
-                                                            "resources: use merge-patch+json or json-patch+json")
+                raise ApiError(
+                    415,
+                    "UnsupportedMediaType",
+                    "strategic merge patch is not supported for custom "
+                    "resources: use merge-patch+json or json-patch+json",
+                )
             if not isinstance(patch, dict):
                 raise bad_request("a strategic merge patch must be an object")
-            return self.update(rt, namespace, name, lambda current: strategic_merge_patch(current, patch),
-                               subresource)
+            return self.update(rt, namespace, name, lambda current: strategic_merge_patch(current, patch), subresource)
         if kind == "apply":  # server-side apply, approximately: a merge patch that creates what is missing
             if self.find(rt, namespace, name) is None and subresource is None:
-                return self.create(rt, namespace, {**patch, "metadata": {**(patch.get("metadata") or {}),
-                                                                         "name": name}})
+                return self.create(
+                    rt, namespace, {**patch, "metadata": {**(patch.get("metadata") or {}), "name": name}}
+                )
             return self.update(rt, namespace, name, lambda current: merge_patch(current, patch), subresource)
         raise ApiError(415, "UnsupportedMediaType", f"the body of the request was in an unknown format: {patch_type}")
 
-    def delete(self, rt: ResourceType, namespace: str | None, name: str, *, grace_period_seconds: int | None = None,
-               propagation_policy: str | None = None, preconditions: dict | None = None) -> tuple[dict, bool]:
+    def delete(
+        self,
+        rt: ResourceType,
+        namespace: str | None,
+        name: str,
+        *,
+        grace_period_seconds: int | None = None,
+        propagation_policy: str | None = None,
+        preconditions: dict | None = None,
+    ) -> tuple[dict, bool]:
         """Returns the object (its last state) and whether it is gone."""
         current = self._must(rt, namespace, name)
         meta = current["metadata"]
         preconditions = preconditions or {}
         if preconditions.get("uid") and preconditions["uid"] != meta["uid"]:
-            raise ApiError(409, "Conflict", f"Precondition failed: UID in precondition: {preconditions['uid']}, "
-                                            f"UID in object meta: {meta['uid']}")
+            raise ApiError(
+                409,
+                "Conflict",
+                f"Precondition failed: UID in precondition: {preconditions['uid']}, UID in object meta: {meta['uid']}",
+            )
         if preconditions.get("resourceVersion") and str(preconditions["resourceVersion"]) != meta["resourceVersion"]:
-            raise ApiError(409, "Conflict", f"Precondition failed: ResourceVersion in precondition: "
-                                            f"{preconditions['resourceVersion']}, ResourceVersion in object meta: "
-                                            f"{meta['resourceVersion']}")
-        policy = propagation_policy or ("Orphan" if rt.gr == ("batch", "jobs") and rt.version == "v1"
-                                        else "Background")
+            raise ApiError(
+                409,
+                "Conflict",
+                f"Precondition failed: ResourceVersion in precondition: "
+                f"{preconditions['resourceVersion']}, ResourceVersion in object meta: "
+                f"{meta['resourceVersion']}",
+            )
+        policy = propagation_policy or ("Orphan" if rt.gr == ("batch", "jobs") and rt.version == "v1" else "Background")
         if policy not in ("Orphan", "Background", "Foreground"):
             raise bad_request(f"invalid propagationPolicy {policy!r}")
         uid = meta["uid"]
@@ -898,8 +1080,11 @@ class Store:
         deleting = bool(meta.get("deletionTimestamp"))
         if rt.graceful:
             spec, status = new.get("spec") or {}, new.get("status") or {}
-            grace = grace_period_seconds if grace_period_seconds is not None else \
-                spec.get("terminationGracePeriodSeconds", 30)
+            grace = (
+                grace_period_seconds
+                if grace_period_seconds is not None
+                else spec.get("terminationGracePeriodSeconds", 30)
+            )
             grace = max(0, int(grace))
             if not spec.get("nodeName") or status.get("phase") in ("Succeeded", "Failed"):
                 grace = 0
@@ -921,15 +1106,25 @@ class Store:
             self.schedule(self.gc_delay, lambda: self._delete_dependents(uid))
         return self._out(rt, new), False
 
-    def delete_collection(self, rt: ResourceType, namespace: str | None, label_selector: str | None = None,
-                          field_selector: str | None = None, **options: Any) -> dict:
+    def delete_collection(
+        self,
+        rt: ResourceType,
+        namespace: str | None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        **options: Any,
+    ) -> dict:
         items = []
         for obj in self.select(rt, namespace, label_selector, field_selector):
             meta = obj["metadata"]
             with contextlib.suppress(ApiError):
                 items.append(self.delete(rt, meta.get("namespace"), meta["name"], **options)[0])
-        return {"apiVersion": rt.api_version, "kind": f"{rt.kind}List", "metadata": {"resourceVersion": str(self.rv)},
-                "items": items}
+        return {
+            "apiVersion": rt.api_version,
+            "kind": f"{rt.kind}List",
+            "metadata": {"resourceVersion": str(self.rv)},
+            "items": items,
+        }
 
     @staticmethod
     def _should_remove(rt: ResourceType, obj: dict) -> bool:
@@ -987,8 +1182,9 @@ class Store:
             meta = obj["metadata"]
             refs = [ref for ref in meta.get("ownerReferences") or () if ref.get("uid") != uid]
             with contextlib.suppress(ApiError):
-                self.update(rt, meta.get("namespace"), meta["name"],
-                            lambda current, refs=refs: self._set_owners(current, refs))
+                self.update(
+                    rt, meta.get("namespace"), meta["name"], lambda current, refs=refs: self._set_owners(current, refs)
+                )
 
     def _collect(self, uid: str) -> None:
         """The owner ``uid`` is gone: delete its dependents (unless orphaned or still owned by a live owner)."""
@@ -1001,8 +1197,12 @@ class Store:
             alive = [ref for ref in others if ref.get("uid") in self.uids]
             with contextlib.suppress(ApiError):
                 if policy == "Orphan" or alive:
-                    self.update(rt, meta.get("namespace"), meta["name"],
-                                lambda current, refs=others: self._set_owners(current, refs))
+                    self.update(
+                        rt,
+                        meta.get("namespace"),
+                        meta["name"],
+                        lambda current, refs=others: self._set_owners(current, refs),
+                    )
                 elif not meta.get("deletionTimestamp"):
                     self.delete(rt, meta.get("namespace"), meta["name"], propagation_policy="Background")
 
@@ -1023,9 +1223,18 @@ class Store:
             return
         if not self.dependents(uid):
             with contextlib.suppress(ApiError):
-                self.update(rt, namespace, name, lambda current: {
-                    **current, "metadata": {**current["metadata"], "finalizers": [
-                        f for f in current["metadata"].get("finalizers") or () if f != FOREGROUND]}})
+                self.update(
+                    rt,
+                    namespace,
+                    name,
+                    lambda current: {
+                        **current,
+                        "metadata": {
+                            **current["metadata"],
+                            "finalizers": [f for f in current["metadata"].get("finalizers") or () if f != FOREGROUND],
+                        },
+                    },
+                )
 
     def _empty_namespace(self, namespace: str) -> None:
         for rt in {t.gr: t for t in self.types.values() if t.namespaced}.values():
@@ -1055,8 +1264,14 @@ class Store:
             if old is None and not spec.get("manualSelector"):
                 uid, name = obj["metadata"]["uid"], obj["metadata"]["name"]
                 labels = template.setdefault("metadata", {}).setdefault("labels", {})
-                labels.update({"batch.kubernetes.io/controller-uid": uid, "batch.kubernetes.io/job-name": name,
-                               "controller-uid": uid, "job-name": name})
+                labels.update(
+                    {
+                        "batch.kubernetes.io/controller-uid": uid,
+                        "batch.kubernetes.io/job-name": name,
+                        "controller-uid": uid,
+                        "job-name": name,
+                    }
+                )
                 spec["selector"] = {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
         elif gr == ("", "services"):
             spec = obj.setdefault("spec", {})
@@ -1085,10 +1300,21 @@ class Store:
             storage = next((v["name"] for v in spec.get("versions") or () if v.get("storage")), None)
             obj["status"] = {
                 "conditions": [
-                    {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "lastTransitionTime": now,
-                     "message": "no conflicts found"},
-                    {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
-                     "lastTransitionTime": now, "message": "the initial names have been accepted"}],
+                    {
+                        "type": "NamesAccepted",
+                        "status": "True",
+                        "reason": "NoConflicts",
+                        "lastTransitionTime": now,
+                        "message": "no conflicts found",
+                    },
+                    {
+                        "type": "Established",
+                        "status": "True",
+                        "reason": "InitialNamesAccepted",
+                        "lastTransitionTime": now,
+                        "message": "the initial names have been accepted",
+                    },
+                ],
                 "acceptedNames": spec.get("names") or {},
                 "storedVersions": [storage] if storage else [],
             }
@@ -1108,22 +1334,37 @@ class Store:
             _validate_pod_spec(rt, name, template.get("spec") or {}, "spec.template.spec")
             policy = (template.get("spec") or {}).get("restartPolicy")
             if policy not in ("Never", "OnFailure"):
-                raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: spec.template.spec.restartPolicy: '
-                                               f'Required value: valid values: "OnFailure", "Never"')
+                raise ApiError(
+                    422,
+                    "Invalid",
+                    f'Job.batch "{name}" is invalid: spec.template.spec.restartPolicy: '
+                    f'Required value: valid values: "OnFailure", "Never"',
+                )
             if spec.get("completionMode") == "Indexed" and spec.get("completions") is None:
-                raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: spec.completions: Required value: '
-                                               f'when completion mode is Indexed')
+                raise ApiError(
+                    422,
+                    "Invalid",
+                    f'Job.batch "{name}" is invalid: spec.completions: Required value: when completion mode is Indexed',
+                )
             if old is not None:
                 ospec = old.get("spec") or {}
                 for field in ("completions", "completionMode", "selector"):
-                    if spec.get(field) != ospec.get(field) and not (field == "completions"
-                                                                   and spec.get("completionMode") == "Indexed"
-                                                                   and spec.get(field) == spec.get("parallelism")):
-                        raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: spec.{field}: Invalid value: '
-                                                       f'field is immutable')
+                    if spec.get(field) != ospec.get(field) and not (
+                        field == "completions"
+                        and spec.get("completionMode") == "Indexed"
+                        and spec.get(field) == spec.get("parallelism")
+                    ):
+                        raise ApiError(
+                            422,
+                            "Invalid",
+                            f'Job.batch "{name}" is invalid: spec.{field}: Invalid value: field is immutable',
+                        )
                 if spec.get("template") != ospec.get("template") and not ospec.get("suspend"):
-                    raise ApiError(422, "Invalid", f'Job.batch "{name}" is invalid: spec.template: Invalid value: '
-                                                   f'field is immutable')
+                    raise ApiError(
+                        422,
+                        "Invalid",
+                        f'Job.batch "{name}" is invalid: spec.template: Invalid value: field is immutable',
+                    )
 
 
 def _pod_spec_defaults(spec: dict) -> None:
@@ -1136,8 +1377,9 @@ def _pod_spec_defaults(spec: dict) -> None:
             container.setdefault("terminationMessagePath", "/dev/termination-log")
             container.setdefault("terminationMessagePolicy", "File")
             image = str(container.get("image", ""))
-            container.setdefault("imagePullPolicy", "Always" if image.endswith(":latest") or ":" not in image
-                                 else "IfNotPresent")
+            container.setdefault(
+                "imagePullPolicy", "Always" if image.endswith(":latest") or ":" not in image else "IfNotPresent"
+            )
 
 
 def _validate_pod_spec(rt: ResourceType, name: str, spec: dict, field: str) -> None:
@@ -1160,7 +1402,11 @@ def _validate_pod_spec(rt: ResourceType, name: str, spec: dict, field: str) -> N
 # -- the HTTP server ---------------------------------------------------------------------------------------------------
 
 _WATCH_TRUE = ("true", "1", "yes")
-_STATUS_KEY = aiohttp.web.RequestKey("kube-emulator-status", int) if hasattr(aiohttp.web, "RequestKey") else "kube-emulator-status"
+_STATUS_KEY = (
+    aiohttp.web.RequestKey("kube-emulator-status", int)
+    if hasattr(aiohttp.web, "RequestKey")
+    else "kube-emulator-status"
+)
 
 
 @attrs.define(kw_only=True)
@@ -1187,8 +1433,14 @@ class KubeEmulator(kmock.KubernetesScaffold):
         key = kmock.resource(rt.group, rt.version, rt.plural)
         if added:
             self.resources[key] = kmock.ResourceInfo(
-                namespaced=rt.namespaced, kind=rt.kind, singular=rt.singular, verbs=set(ALL_VERBS),
-                shortnames=set(rt.short_names), categories=set(rt.categories), subresources=set(rt.subresources))
+                namespaced=rt.namespaced,
+                kind=rt.kind,
+                singular=rt.singular,
+                verbs=set(ALL_VERBS),
+                shortnames=set(rt.short_names),
+                categories=set(rt.categories),
+                subresources=set(rt.subresources),
+            )
         elif key in self.resources:
             del self.resources[key]
 
@@ -1212,8 +1464,14 @@ class KubeEmulator(kmock.KubernetesScaffold):
         if path == "/api/v1/namespaces" or (path.startswith("/api/v1/namespaces/") and path.endswith("/log")):
             body = await raw_request.read()
             try:
-                result = await self._serve(raw_request.method, raw_request.path, dict(raw_request.query),
-                                           {k.lower(): v for k, v in raw_request.headers.items()}, body, raw_request)
+                result = await self._serve(
+                    raw_request.method,
+                    raw_request.path,
+                    dict(raw_request.query),
+                    {k.lower(): v for k, v in raw_request.headers.items()},
+                    body,
+                    raw_request,
+                )
             except ApiError as exc:
                 return aiohttp.web.json_response(exc.body(), status=exc.code)
             if isinstance(result, str):
@@ -1241,9 +1499,14 @@ class KubeEmulator(kmock.KubernetesScaffold):
         return await super()._render_error(exc)
 
     async def _serve_request(self, request: kmock.Request) -> Any:
-        return await self._serve(request.method.value, request.url.path, dict(request.params),
-                                 {k.lower(): v for k, v in request.headers.items()}, request.body,
-                                 getattr(request, "_raw_request", None))
+        return await self._serve(
+            request.method.value,
+            request.url.path,
+            dict(request.params),
+            {k.lower(): v for k, v in request.headers.items()},
+            request.body,
+            getattr(request, "_raw_request", None),
+        )
 
     def _route(self, path: str) -> tuple[ResourceType, str | None, str | None, str | None]:
         parts = [p for p in path.strip("/").split("/")]
@@ -1252,8 +1515,12 @@ class KubeEmulator(kmock.KubernetesScaffold):
         else:
             group, version, rest = parts[1], parts[2], parts[3:]
         namespace = None
-        if rest and rest[0] == "namespaces" and len(rest) >= 3 and not (len(rest) == 3
-                                                                         and rest[2] in ("status", "finalize")):
+        if (
+            rest
+            and rest[0] == "namespaces"
+            and len(rest) >= 3
+            and not (len(rest) == 3 and rest[2] in ("status", "finalize"))
+        ):
             namespace, rest = rest[1], rest[2:]
         plural = rest[0] if rest else None
         name = rest[1] if len(rest) > 1 else None
@@ -1279,8 +1546,14 @@ class KubeEmulator(kmock.KubernetesScaffold):
                 return self._watch(rt, namespace, params, field_selector, raw)
             if name is None:
                 limit = int(params["limit"]) if params.get("limit") else None
-                return store.list(rt, namespace, params.get("labelSelector"), params.get("fieldSelector"), limit,
-                                  params.get("continue"))
+                return store.list(
+                    rt,
+                    namespace,
+                    params.get("labelSelector"),
+                    params.get("fieldSelector"),
+                    limit,
+                    params.get("continue"),
+                )
             if subresource in (None, "status"):
                 return store.get(rt, namespace, name)
             if subresource == "log" and rt.gr == ("", "pods"):
@@ -1317,21 +1590,31 @@ class KubeEmulator(kmock.KubernetesScaffold):
             orphan = options.get("orphanDependents", params.get("orphanDependents"))
             if policy is None and orphan is not None:
                 policy = "Orphan" if str(orphan).lower() == "true" else "Background"
-            kwargs = {"grace_period_seconds": int(grace) if grace is not None else None,
-                      "propagation_policy": policy, "preconditions": options.get("preconditions")}
+            kwargs = {
+                "grace_period_seconds": int(grace) if grace is not None else None,
+                "propagation_policy": policy,
+                "preconditions": options.get("preconditions"),
+            }
             if name is None:
-                return store.delete_collection(rt, namespace, params.get("labelSelector"),
-                                               params.get("fieldSelector"), **kwargs)
+                return store.delete_collection(
+                    rt, namespace, params.get("labelSelector"), params.get("fieldSelector"), **kwargs
+                )
             obj, gone = store.delete(rt, namespace, name, **kwargs)
             if gone and not rt.returns_deleted:
                 meta = obj["metadata"]
-                return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                        "details": {"name": meta["name"], "group": rt.group, "kind": rt.plural, "uid": meta["uid"]}}
+                return {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "metadata": {},
+                    "status": "Success",
+                    "details": {"name": meta["name"], "group": rt.group, "kind": rt.plural, "uid": meta["uid"]},
+                }
             return obj
         raise ApiError(405, "MethodNotAllowed", f"{method} is not supported")
 
-    async def _watch(self, rt: ResourceType, namespace: str | None, params: dict, field_selector: str,
-                     raw: Any) -> AsyncIterator[Any]:
+    async def _watch(
+        self, rt: ResourceType, namespace: str | None, params: dict, field_selector: str, raw: Any
+    ) -> AsyncIterator[Any]:
         store = self.store
         labels, fields = LabelSelector(params.get("labelSelector")), FieldSelector(field_selector)
         since = params.get("resourceVersion") or ""
@@ -1376,10 +1659,17 @@ class KubeEmulator(kmock.KubernetesScaffold):
             for obj in initial:
                 yield {"type": "ADDED", "object": obj}
             if initial_events:
-                yield {"type": "BOOKMARK", "object": {
-                    "apiVersion": rt.api_version, "kind": rt.kind,
-                    "metadata": {"resourceVersion": str(snapshot_rv),
-                                 "annotations": {"k8s.io/initial-events-end": "true"}}}}
+                yield {
+                    "type": "BOOKMARK",
+                    "object": {
+                        "apiVersion": rt.api_version,
+                        "kind": rt.kind,
+                        "metadata": {
+                            "resourceVersion": str(snapshot_rv),
+                            "annotations": {"k8s.io/initial-events-end": "true"},
+                        },
+                    },
+                }
             for change in replay:
                 event = project(change)
                 if event:
@@ -1392,7 +1682,7 @@ class KubeEmulator(kmock.KubernetesScaffold):
                     return
                 try:
                     change = await asyncio.wait_for(watcher.queue.get(), wait)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     transport = getattr(raw, "transport", None) if raw is not None else None
                     if raw is not None and (transport is None or transport.is_closing()):
                         return  # the client went away
@@ -1408,6 +1698,7 @@ class KubeEmulator(kmock.KubernetesScaffold):
 
 # -- the synchronous facade --------------------------------------------------------------------------------------------
 
+
 class Api:
     """The emulated API running in a background thread (its own event loop). Helpers are synchronous and act on the
     store directly (no HTTP, no kmock reactions): the test and the simulated kubelets use them; the operator and the
@@ -1418,8 +1709,15 @@ class Api:
     create at start, ``gc_delay`` (seconds before the garbage collector acts on a removed owner), ``log_size``
     (changes kept for watches that resume from a resourceVersion; older ones get 410 Gone)."""
 
-    def __init__(self, *, crds: Iterable[dict | str | Path] | None = None, auto_namespaces: bool = True,
-                 namespaces: Iterable[str] = ("default",), gc_delay: float = 0.0, log_size: int = 10_000):
+    def __init__(
+        self,
+        *,
+        crds: Iterable[dict | str | Path] | None = None,
+        auto_namespaces: bool = True,
+        namespaces: Iterable[str] = ("default",),
+        gc_delay: float = 0.0,
+        log_size: int = 10_000,
+    ):
         self._crds = crds
         self._auto_namespaces = auto_namespaces
         self._namespaces = tuple(namespaces)
@@ -1448,14 +1746,25 @@ class Api:
             raise RuntimeError("the emulated API failed to start") from self._error
         self._tmpdir = tempfile.mkdtemp(prefix="kube-api-")
         self.kubeconfig_path = Path(self._tmpdir) / "kubeconfig.yaml"
-        self.kubeconfig_path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "preferences": {},
-            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-            "users": [{"name": "emulator", "user": {}}],
-            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "emulator",
-                                                          "namespace": "default"}}],
-            "current-context": "emulator",
-        }, sort_keys=False))
+        self.kubeconfig_path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "preferences": {},
+                    "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+                    "users": [{"name": "emulator", "user": {}}],
+                    "contexts": [
+                        {
+                            "name": "emulator",
+                            "context": {"cluster": "emulator", "user": "emulator", "namespace": "default"},
+                        }
+                    ],
+                    "current-context": "emulator",
+                },
+                sort_keys=False,
+            )
+        )
         for namespace in self._namespaces:
             self.call(self.store._ensure_namespace, namespace)
         crds = self._crds
@@ -1492,9 +1801,13 @@ class Api:
         loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         self.emulator = KubeEmulator()
-        self.store = Store(schedule=lambda delay, fn: loop.call_later(delay, fn), gc_delay=self._gc_delay,
-                           auto_namespaces=self._auto_namespaces, log_size=self._log_size,
-                           on_types_changed=self.emulator.sync_resource)
+        self.store = Store(
+            schedule=lambda delay, fn: loop.call_later(delay, fn),
+            gc_delay=self._gc_delay,
+            auto_namespaces=self._auto_namespaces,
+            log_size=self._log_size,
+            on_types_changed=self.emulator.sync_resource,
+        )
         self.emulator.store = self.store
         async with self.emulator:
             server = RawTestServer(self.emulator, host="127.0.0.1", port=None)
@@ -1548,14 +1861,17 @@ class Api:
 
     def core(self) -> Any:
         from kubernetes import client as k8s
+
         return k8s.CoreV1Api(self.client())
 
     def batch(self) -> Any:
         from kubernetes import client as k8s
+
         return k8s.BatchV1Api(self.client())
 
     def custom(self) -> Any:
         from kubernetes import client as k8s
+
         return k8s.CustomObjectsApi(self.client())
 
     def env(self) -> dict[str, str]:
@@ -1586,9 +1902,19 @@ class Api:
         """kmock's log of the HTTP requests served (kmock.Request objects; not the helpers' calls)."""
         return list(self.emulator)
 
-    def inject_error(self, method: str, resource: str, *, namespace: str | None = None, name: str | None = None,
-                     subresource: str | None | EllipsisType = ..., code: int = 500, reason: str = "InternalError",
-                     message: str = "injected by the test", times: int | None = 1) -> None:
+    def inject_error(
+        self,
+        method: str,
+        resource: str,
+        *,
+        namespace: str | None = None,
+        name: str | None = None,
+        subresource: str | None | EllipsisType = ...,
+        code: int = 500,
+        reason: str = "InternalError",
+        message: str = "injected by the test",
+        times: int | None = 1,
+    ) -> None:
         """Fail the next ``times`` (None: all) HTTP requests ``method`` on ``resource`` (optionally one object /
         subresource; ``subresource=None`` means the main resource only) with ``code``, before the store sees them.
         The helpers here bypass HTTP and are never affected. Built on kmock's reaction DSL; for other faults (delays,
@@ -1603,8 +1929,12 @@ class Api:
                 rtype, ns, nm, sub = self.emulator._route(request.url.path)
             except (ApiError, IndexError):
                 return False
-            return (rtype.gr == rt.gr and (namespace is None or ns == namespace) and (name is None or nm == name)
-                    and (subresource is ... or sub == subresource))
+            return (
+                rtype.gr == rt.gr
+                and (namespace is None or ns == namespace)
+                and (name is None or nm == name)
+                and (subresource is ... or sub == subresource)
+            )
 
         def register() -> None:
             view = self.emulator[matches]
@@ -1640,8 +1970,13 @@ class Api:
                 return None
             raise
 
-    def list(self, resource: str, namespace: str | None = None, label_selector: str | dict | None = None,
-             field_selector: str | None = None) -> list[dict]:
+    def list(
+        self,
+        resource: str,
+        namespace: str | None = None,
+        label_selector: str | dict | None = None,
+        field_selector: str | None = None,
+    ) -> list[dict]:
         """Objects (all namespaces when ``namespace`` is None); a dict label selector means equality on each key."""
         rt = self.resource(resource)
         if isinstance(label_selector, dict):
@@ -1658,8 +1993,16 @@ class Api:
         meta = obj["metadata"]
         return self.call(self.store.replace, rt, meta.get("namespace"), meta["name"], obj, subresource)
 
-    def patch(self, resource: str, namespace: str | None, name: str, patch: Any, *, subresource: str | None = None,
-              patch_type: str = "merge") -> dict:
+    def patch(
+        self,
+        resource: str,
+        namespace: str | None,
+        name: str,
+        patch: Any,
+        *,
+        subresource: str | None = None,
+        patch_type: str = "merge",
+    ) -> dict:
         """Patch (``patch_type``: merge, json, strategic, apply); ``subresource="status"`` writes the status."""
         rt = self.resource(resource)
         return self.call(self.store.patch, rt, namespace, name, patch, patch_type, subresource)
@@ -1667,24 +2010,45 @@ class Api:
     def patch_status(self, resource: str, namespace: str | None, name: str, status: dict) -> dict:
         """Merge ``status`` into the object's status (through the status subresource where there is one)."""
         rt = self.resource(resource)
-        return self.call(self.store.patch, rt, namespace, name, {"status": status}, "merge",
-                         "status" if rt.has_status else None)
+        return self.call(
+            self.store.patch, rt, namespace, name, {"status": status}, "merge", "status" if rt.has_status else None
+        )
 
-    def delete(self, resource: str, namespace: str | None, name: str, *, grace_period_seconds: int | None = None,
-               propagation_policy: str | None = None, missing_ok: bool = False) -> dict | None:
+    def delete(
+        self,
+        resource: str,
+        namespace: str | None,
+        name: str,
+        *,
+        grace_period_seconds: int | None = None,
+        propagation_policy: str | None = None,
+        missing_ok: bool = False,
+    ) -> dict | None:
         """Delete as a DELETE request would; returns the object's last state (None if missing and ``missing_ok``)."""
         rt = self.resource(resource)
         try:
-            obj, _ = self.call(self.store.delete, rt, namespace, name, grace_period_seconds=grace_period_seconds,
-                               propagation_policy=propagation_policy)
+            obj, _ = self.call(
+                self.store.delete,
+                rt,
+                namespace,
+                name,
+                grace_period_seconds=grace_period_seconds,
+                propagation_policy=propagation_policy,
+            )
             return obj
         except ApiError as exc:
             if exc.code == 404 and missing_ok:
                 return None
             raise
 
-    def events(self, namespace: str | None = None, *, name: str | None = None, kind: str | None = None,
-               reason: str | None = None) -> list[dict]:
+    def events(
+        self,
+        namespace: str | None = None,
+        *,
+        name: str | None = None,
+        kind: str | None = None,
+        reason: str | None = None,
+    ) -> list[dict]:
         """Core v1 Events, oldest first, optionally about one object (involvedObject name/kind) or of one reason."""
         found = []
         for event in self.list("events", namespace):
@@ -1694,12 +2058,21 @@ class Api:
             if reason is not None and event.get("reason") != reason:
                 continue
             found.append(event)
-        return sorted(found, key=lambda e: (e.get("lastTimestamp") or e.get("eventTime") or
-                                            e["metadata"]["creationTimestamp"], int(e["metadata"]["resourceVersion"])))
+        return sorted(
+            found,
+            key=lambda e: (
+                e.get("lastTimestamp") or e.get("eventTime") or e["metadata"]["creationTimestamp"],
+                int(e["metadata"]["resourceVersion"]),
+            ),
+        )
 
     @staticmethod
-    def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
-                 message: str | Callable[[], str] | None = None) -> Any:
+    def wait_for(
+        predicate: Callable[[], Any],
+        timeout: float = 10.0,
+        interval: float = 0.05,
+        message: str | Callable[[], str] | None = None,
+    ) -> Any:
         """Poll ``predicate`` until it returns something truthy (which is returned); TimeoutError after ``timeout``.
         ``message`` (a string, or a callable for a late description such as pod logs) goes into the error."""
         deadline = time.monotonic() + timeout

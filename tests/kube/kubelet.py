@@ -91,9 +91,17 @@ class FakeCluster:
     a pod (e.g. the operator polling rank 0) waits for its own timeout: pass e.g. ``"127.10"`` for loopback
     addresses, where connections are refused at once."""
 
-    def __init__(self, api: Api, nodes: Iterable[str] = ("node-1", "node-2"), *, auto_run: bool = True,
-                 interval: float = 0.1, termination_delay: float = 0.2, pod_ip_prefix: str = "10.244",
-                 node_labels: dict[str, str] | None = None):
+    def __init__(
+        self,
+        api: Api,
+        nodes: Iterable[str] = ("node-1", "node-2"),
+        *,
+        auto_run: bool = True,
+        interval: float = 0.1,
+        termination_delay: float = 0.2,
+        pod_ip_prefix: str = "10.244",
+        node_labels: dict[str, str] | None = None,
+    ):
         self.api = api
         self.node_names = tuple(nodes)
         self.auto_run = auto_run
@@ -176,23 +184,47 @@ class FakeCluster:
     def _node(self, name: str, number: int) -> dict:
         now = timestamp()
         return {
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                                                  "kubernetes.io/arch": "amd64", **self.node_labels}},
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": name,
+                "labels": {
+                    "kubernetes.io/hostname": name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    **self.node_labels,
+                },
+            },
             "spec": {},
             "status": {
-                "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                                "message": "kubelet is posting ready status", "lastHeartbeatTime": now,
-                                "lastTransitionTime": now}],
-                "addresses": [{"type": "InternalIP", "address": f"10.0.0.{number}"},
-                              {"type": "Hostname", "address": name}],
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True",
+                        "reason": "KubeletReady",
+                        "message": "kubelet is posting ready status",
+                        "lastHeartbeatTime": now,
+                        "lastTransitionTime": now,
+                    }
+                ],
+                "addresses": [
+                    {"type": "InternalIP", "address": f"10.0.0.{number}"},
+                    {"type": "Hostname", "address": name},
+                ],
                 "capacity": {"cpu": "16", "memory": "64Gi", "pods": "110", "nvidia.com/gpu": "8"},
                 "allocatable": {"cpu": "16", "memory": "64Gi", "pods": "110", "nvidia.com/gpu": "8"},
-                "nodeInfo": {"architecture": "amd64", "bootID": str(uuid.uuid5(uuid.NAMESPACE_DNS, name)),
-                             "containerRuntimeVersion": "containerd://1.7.0", "kernelVersion": "6.1.0",
-                             "kubeProxyVersion": "v1.31.0", "kubeletVersion": "v1.31.0",
-                             "machineID": uuid.uuid5(uuid.NAMESPACE_URL, name).hex, "operatingSystem": "linux",
-                             "osImage": "Fake Linux", "systemUUID": str(uuid.uuid5(uuid.NAMESPACE_OID, name))},
+                "nodeInfo": {
+                    "architecture": "amd64",
+                    "bootID": str(uuid.uuid5(uuid.NAMESPACE_DNS, name)),
+                    "containerRuntimeVersion": "containerd://1.7.0",
+                    "kernelVersion": "6.1.0",
+                    "kubeProxyVersion": "v1.31.0",
+                    "kubeletVersion": "v1.31.0",
+                    "machineID": uuid.uuid5(uuid.NAMESPACE_URL, name).hex,
+                    "operatingSystem": "linux",
+                    "osImage": "Fake Linux",
+                    "systemUUID": str(uuid.uuid5(uuid.NAMESPACE_OID, name)),
+                },
             },
         }
 
@@ -201,28 +233,72 @@ class FakeCluster:
         Its pods are no longer run or finalised (a pod deleted there stays Terminating until force-deleted)."""
         with self._lock:
             now = timestamp()
-            self.api.patch_status("nodes", None, node, {"conditions": [
-                {"type": "Ready", "status": "False", "reason": "KubeletNotReady", "message": "node is not ready",
-                 "lastHeartbeatTime": now, "lastTransitionTime": now}]})
-            self.api.patch("nodes", None, node, {"spec": {"taints": [
-                {"key": "node.kubernetes.io/not-ready", "effect": "NoExecute", "timeAdded": now}]}})
+            self.api.patch_status(
+                "nodes",
+                None,
+                node,
+                {
+                    "conditions": [
+                        {
+                            "type": "Ready",
+                            "status": "False",
+                            "reason": "KubeletNotReady",
+                            "message": "node is not ready",
+                            "lastHeartbeatTime": now,
+                            "lastTransitionTime": now,
+                        }
+                    ]
+                },
+            )
+            self.api.patch(
+                "nodes",
+                None,
+                node,
+                {
+                    "spec": {
+                        "taints": [{"key": "node.kubernetes.io/not-ready", "effect": "NoExecute", "timeAdded": now}]
+                    }
+                },
+            )
             for pod in self.api.list("pods", field_selector=f"spec.nodeName={node}"):
                 status = pod.get("status") or {}
                 if status.get("phase") in TERMINAL:
                     continue
-                conditions = [c if c.get("type") not in ("Ready", "ContainersReady") else
-                              {**c, "status": "False", "lastTransitionTime": now}
-                              for c in status.get("conditions") or ()]
-                self._ignore_gone(self.api.patch_status, "pods", _meta(pod)["namespace"], _meta(pod)["name"],
-                                  {"conditions": conditions})
+                conditions = [
+                    c
+                    if c.get("type") not in ("Ready", "ContainersReady")
+                    else {**c, "status": "False", "lastTransitionTime": now}
+                    for c in status.get("conditions") or ()
+                ]
+                self._ignore_gone(
+                    self.api.patch_status,
+                    "pods",
+                    _meta(pod)["namespace"],
+                    _meta(pod)["name"],
+                    {"conditions": conditions},
+                )
             self._on_node_lost(node)
 
     def node_ready(self, node: str) -> None:
         with self._lock:
             now = timestamp()
-            self.api.patch_status("nodes", None, node, {"conditions": [
-                {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready "
-                 "status", "lastHeartbeatTime": now, "lastTransitionTime": now}]})
+            self.api.patch_status(
+                "nodes",
+                None,
+                node,
+                {
+                    "conditions": [
+                        {
+                            "type": "Ready",
+                            "status": "True",
+                            "reason": "KubeletReady",
+                            "message": "kubelet is posting ready status",
+                            "lastHeartbeatTime": now,
+                            "lastTransitionTime": now,
+                        }
+                    ]
+                },
+            )
             self.api.patch("nodes", None, node, {"spec": {"taints": None}})
 
     def _on_node_lost(self, node: str) -> None:
@@ -234,7 +310,7 @@ class FakeCluster:
         meta, spec, status = _meta(job), job.get("spec") or {}, job.get("status") or {}
         if meta.get("deletionTimestamp"):
             return
-        uid, namespace, name = meta["uid"], meta["namespace"], meta["name"]
+        uid, namespace = meta["uid"], meta["namespace"]
         track = self._jobs.setdefault(uid, _JobTrack())
         owned = [p for p in pods if controller_uid(p) == uid]
         present = {_meta(p)["uid"] for p in owned}
@@ -263,9 +339,16 @@ class FakeCluster:
             old = next((c for c in conditions if c.get("type") == kind), None)
             if old is not None and old.get("status") == value and old.get("reason") == reason:
                 return
-            new = {"type": kind, "status": value, "reason": reason, "message": message, "lastProbeTime": now,
-                   "lastTransitionTime": now if old is None or old.get("status") != value
-                   else old.get("lastTransitionTime", now)}
+            new = {
+                "type": kind,
+                "status": value,
+                "reason": reason,
+                "message": message,
+                "lastProbeTime": now,
+                "lastTransitionTime": now
+                if old is None or old.get("status") != value
+                else old.get("lastTransitionTime", now),
+            }
             if old is None:
                 conditions.append(new)
             else:
@@ -294,33 +377,38 @@ class FakeCluster:
                         self._ignore_gone(self.api.delete, "pods", namespace, _meta(pod)["name"])
                     active = []
                 elif self._job_complete(indexed, completions, succeeded_indexes, len(track.succeeded), active):
-                    set_condition("SuccessCriteriaMet", "True", "CompletionsReached", "Reached expected number of "
-                                                                                      "succeeded pods")
-                    set_condition("Complete", "True", "CompletionsReached", "Reached expected number of succeeded "
-                                                                            "pods")
+                    set_condition(
+                        "SuccessCriteriaMet", "True", "CompletionsReached", "Reached expected number of succeeded pods"
+                    )
+                    set_condition("Complete", "True", "CompletionsReached", "Reached expected number of succeeded pods")
                     new_status["completionTime"] = now
                 else:
                     new_status.setdefault("startTime", now)
                     active += self._create_pods(job, track, active, succeeded_indexes)
-        new_status.update({
-            "active": len(active),
-            "ready": sum(1 for p in active if (_condition(p, "Ready") or {}).get("status") == "True"),
-            "succeeded": len(track.succeeded),
-            "failed": len(track.failed),
-            "terminating": len(terminating),
-            "uncountedTerminatedPods": {},
-        })
+        new_status.update(
+            {
+                "active": len(active),
+                "ready": sum(1 for p in active if (_condition(p, "Ready") or {}).get("status") == "True"),
+                "succeeded": len(track.succeeded),
+                "failed": len(track.failed),
+                "terminating": len(terminating),
+                "uncountedTerminatedPods": {},
+            }
+        )
         if indexed and succeeded_indexes:
             new_status["completedIndexes"] = _compact_ranges(succeeded_indexes)
         if conditions:
             new_status["conditions"] = conditions
         if new_status != status:
-            self.api.replace({**job, "metadata": {k: v for k, v in meta.items() if k != "resourceVersion"},
-                              "status": new_status}, subresource="status")
+            self.api.replace(
+                {**job, "metadata": {k: v for k, v in meta.items() if k != "resourceVersion"}, "status": new_status},
+                subresource="status",
+            )
 
     @staticmethod
-    def _job_complete(indexed: bool, completions: int | None, succeeded_indexes: set[int], succeeded: int,
-                      active: list) -> bool:
+    def _job_complete(
+        indexed: bool, completions: int | None, succeeded_indexes: set[int], succeeded: int, active: list
+    ) -> bool:
         if indexed:
             return completions is not None and succeeded_indexes >= set(range(completions))
         if completions is None:  # work queue: done when one succeeded and none is left running
@@ -328,7 +416,7 @@ class FakeCluster:
         return succeeded >= completions
 
     def _create_pods(self, job: dict, track: _JobTrack, active: list[dict], succeeded_indexes: set[int]) -> list:
-        meta, spec = _meta(job), job.get("spec") or {}
+        spec = job.get("spec") or {}
         parallelism = int(spec.get("parallelism", 1))
         completions = spec.get("completions")
         room = parallelism - len(active)
@@ -362,26 +450,51 @@ class FakeCluster:
         tmeta = template.get("metadata") or {}
         pod_spec = dict(template.get("spec") or {})
         labels = dict(tmeta.get("labels") or {})
-        labels.update({"job-name": meta["name"], "batch.kubernetes.io/job-name": meta["name"],
-                       "controller-uid": meta["uid"], "batch.kubernetes.io/controller-uid": meta["uid"]})
+        labels.update(
+            {
+                "job-name": meta["name"],
+                "batch.kubernetes.io/job-name": meta["name"],
+                "controller-uid": meta["uid"],
+                "batch.kubernetes.io/controller-uid": meta["uid"],
+            }
+        )
         annotations = dict(tmeta.get("annotations") or {})
         if index is not None:
             labels[JOB_INDEX_KEY] = str(index)
             annotations[JOB_INDEX_KEY] = str(index)
             pod_spec.setdefault("hostname", f"{meta['name']}-{index}")
-            index_env = {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
-                "fieldPath": f"metadata.labels['{JOB_INDEX_KEY}']"}}}
+            index_env = {
+                "name": "JOB_COMPLETION_INDEX",
+                "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{JOB_INDEX_KEY}']"}},
+            }
             pod_spec["containers"] = [
-                {**c, "env": [*(c.get("env") or ()), index_env]} if not any(
-                    e.get("name") == "JOB_COMPLETION_INDEX" for e in c.get("env") or ()) else c
-                for c in pod_spec.get("containers") or ()]
-        name = f"{meta['name']}-{index}-{_random_suffix()}" if index is not None else \
-            f"{meta['name']}-{_random_suffix()}"
+                {**c, "env": [*(c.get("env") or ()), index_env]}
+                if not any(e.get("name") == "JOB_COMPLETION_INDEX" for e in c.get("env") or ())
+                else c
+                for c in pod_spec.get("containers") or ()
+            ]
+        name = (
+            f"{meta['name']}-{index}-{_random_suffix()}" if index is not None else f"{meta['name']}-{_random_suffix()}"
+        )
         return {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": meta["namespace"], "labels": labels, "annotations": annotations,
-                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
-                                              "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}]},
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": meta["namespace"],
+                "labels": labels,
+                "annotations": annotations,
+                "ownerReferences": [
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "name": meta["name"],
+                        "uid": meta["uid"],
+                        "controller": True,
+                        "blockOwnerDeletion": True,
+                    }
+                ],
+            },
             "spec": pod_spec,
             "status": {"phase": "Pending", "qosClass": "BestEffort"},
         }
@@ -389,15 +502,32 @@ class FakeCluster:
     def _event(self, obj: dict, kind: str, reason: str, message: str, component: str = "job-controller") -> None:
         meta = _meta(obj)
         now = timestamp()
-        self._ignore_gone(self.api.create, {
-            "apiVersion": "v1", "kind": "Event",
-            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta.get("namespace")
-                         or "default"},
-            "involvedObject": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": meta["name"],
-                               "namespace": meta.get("namespace"), "uid": meta["uid"]},
-            "type": kind, "reason": reason, "message": message, "source": {"component": component},
-            "firstTimestamp": now, "lastTimestamp": now, "count": 1, "reportingComponent": component,
-        })
+        self._ignore_gone(
+            self.api.create,
+            {
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {
+                    "name": f"{meta['name']}.{uuid.uuid4().hex[:16]}",
+                    "namespace": meta.get("namespace") or "default",
+                },
+                "involvedObject": {
+                    "apiVersion": obj.get("apiVersion"),
+                    "kind": obj.get("kind"),
+                    "name": meta["name"],
+                    "namespace": meta.get("namespace"),
+                    "uid": meta["uid"],
+                },
+                "type": kind,
+                "reason": reason,
+                "message": message,
+                "source": {"component": component},
+                "firstTimestamp": now,
+                "lastTimestamp": now,
+                "count": 1,
+                "reportingComponent": component,
+            },
+        )
 
     # scheduler
 
@@ -409,27 +539,54 @@ class FakeCluster:
                 load[node] += 1
         for pod in pods:
             spec, meta = pod.get("spec") or {}, _meta(pod)
-            if spec.get("nodeName") or meta.get("deletionTimestamp") or \
-                    (pod.get("status") or {}).get("phase") in TERMINAL:
+            if (
+                spec.get("nodeName")
+                or meta.get("deletionTimestamp")
+                or (pod.get("status") or {}).get("phase") in TERMINAL
+            ):
                 continue
             selector = spec.get("nodeSelector") or {}
-            candidates = [name for name, node in nodes.items() if is_ready_node(node)
-                          and not any(t.get("effect") in ("NoSchedule", "NoExecute")
-                                      for t in (node.get("spec") or {}).get("taints") or ())
-                          and all(_meta(node).get("labels", {}).get(k) == v for k, v in selector.items())]
+            candidates = [
+                name
+                for name, node in nodes.items()
+                if is_ready_node(node)
+                and not any(
+                    t.get("effect") in ("NoSchedule", "NoExecute") for t in (node.get("spec") or {}).get("taints") or ()
+                )
+                and all(_meta(node).get("labels", {}).get(k) == v for k, v in selector.items())
+            ]
             if not candidates:
                 if meta["uid"] not in self._unschedulable:
                     self._unschedulable.add(meta["uid"])
-                    self._ignore_gone(self.api.patch_status, "pods", meta["namespace"], meta["name"], {"conditions": [
-                        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                         "message": f"0/{len(nodes)} nodes are available", "lastTransitionTime": timestamp()}]})
+                    self._ignore_gone(
+                        self.api.patch_status,
+                        "pods",
+                        meta["namespace"],
+                        meta["name"],
+                        {
+                            "conditions": [
+                                {
+                                    "type": "PodScheduled",
+                                    "status": "False",
+                                    "reason": "Unschedulable",
+                                    "message": f"0/{len(nodes)} nodes are available",
+                                    "lastTransitionTime": timestamp(),
+                                }
+                            ]
+                        },
+                    )
                 continue
             node = min(candidates, key=lambda name: (load[name], self.node_order(name)))
             load[node] += 1
             self._unschedulable.discard(meta["uid"])
             self._ignore_gone(self.api.patch, "pods", meta["namespace"], meta["name"], {"spec": {"nodeName": node}})
-            self._ignore_gone(self.api.patch_status, "pods", meta["namespace"], meta["name"], {"conditions": [
-                {"type": "PodScheduled", "status": "True", "lastTransitionTime": timestamp()}]})
+            self._ignore_gone(
+                self.api.patch_status,
+                "pods",
+                meta["namespace"],
+                meta["name"],
+                {"conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": timestamp()}]},
+            )
 
     def node_order(self, name: str) -> tuple[int, str]:
         return (self.node_names.index(name) if name in self.node_names else len(self.node_names), name)
@@ -448,8 +605,11 @@ class FakeCluster:
                 self._ignore_gone(self._terminate, pod)
                 continue
             phase = (pod.get("status") or {}).get("phase")
-            if phase == "Pending" and meta["uid"] not in self._held and (self.auto_run or
-                                                                         meta["uid"] in self._released):
+            if (
+                phase == "Pending"
+                and meta["uid"] not in self._held
+                and (self.auto_run or meta["uid"] in self._released)
+            ):
                 self._ignore_gone(self._start, pod, node)
             elif phase == "Running":
                 self._ignore_gone(self._sync_running, pod)
@@ -462,8 +622,11 @@ class FakeCluster:
         node = node or (pod.get("spec") or {}).get("nodeName") or ""
         counter = self._ip_counters.setdefault(node, itertools.count(2))
         n = next(counter)
-        return f"{self.pod_ip_prefix}.{self.node_order(node)[0] + 1}.{n}" if n < 255 else \
-            f"{self.pod_ip_prefix}.{self.node_order(node)[0] + 101}.{n % 250 + 2}"
+        return (
+            f"{self.pod_ip_prefix}.{self.node_order(node)[0] + 1}.{n}"
+            if n < 255
+            else f"{self.pod_ip_prefix}.{self.node_order(node)[0] + 101}.{n % 250 + 2}"
+        )
 
     def _start(self, pod: dict, node: dict) -> None:
         """Pending -> Running (FakeCluster: nothing runs)."""
@@ -483,8 +646,12 @@ class FakeCluster:
             return
         status = pod.get("status") or {}
         if status.get("phase") not in TERMINAL:
-            self._write_status(pod, self._terminated_status(pod, {c["name"]: (143, "Error", None) for c in
-                                                                 (pod.get("spec") or {}).get("containers") or ()}))
+            self._write_status(
+                pod,
+                self._terminated_status(
+                    pod, {c["name"]: (143, "Error", None) for c in (pod.get("spec") or {}).get("containers") or ()}
+                ),
+            )
         self._remove_pod(pod)
 
     def _remove_pod(self, pod: dict) -> None:
@@ -499,11 +666,13 @@ class FakeCluster:
     @staticmethod
     def _conditions(ready: bool, reason: str | None = None) -> list[dict]:
         now = timestamp()
-        conditions = [{"type": "PodReadyToStartContainers", "status": "True", "lastTransitionTime": now},
-                      {"type": "Initialized", "status": "True", "lastTransitionTime": now},
-                      {"type": "Ready", "status": "True" if ready else "False", "lastTransitionTime": now},
-                      {"type": "ContainersReady", "status": "True" if ready else "False", "lastTransitionTime": now},
-                      {"type": "PodScheduled", "status": "True", "lastTransitionTime": now}]
+        conditions = [
+            {"type": "PodReadyToStartContainers", "status": "True", "lastTransitionTime": now},
+            {"type": "Initialized", "status": "True", "lastTransitionTime": now},
+            {"type": "Ready", "status": "True" if ready else "False", "lastTransitionTime": now},
+            {"type": "ContainersReady", "status": "True" if ready else "False", "lastTransitionTime": now},
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
+        ]
         if reason:
             for condition in conditions[2:4]:
                 condition["reason"] = reason
@@ -511,17 +680,36 @@ class FakeCluster:
 
     def _running_status(self, pod: dict, node: dict | None, ip: str) -> dict:
         now = timestamp()
-        host_ip = next((a["address"] for a in (node or {}).get("status", {}).get("addresses") or ()
-                        if a.get("type") == "InternalIP"), "10.0.0.1")
+        host_ip = next(
+            (
+                a["address"]
+                for a in (node or {}).get("status", {}).get("addresses") or ()
+                if a.get("type") == "InternalIP"
+            ),
+            "10.0.0.1",
+        )
         return {
-            "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": host_ip, "hostIPs": [{"ip": host_ip}],
+            "phase": "Running",
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "hostIP": host_ip,
+            "hostIPs": [{"ip": host_ip}],
             "startTime": (pod.get("status") or {}).get("startTime") or now,
             "conditions": self._conditions(True),
-            "containerStatuses": [{
-                "name": c["name"], "image": c.get("image", ""), "imageID": f"{c.get('image', '')}@sha256:0",
-                "containerID": f"containerd://{uuid.uuid4().hex}", "ready": True, "started": True, "restartCount": 0,
-                "state": {"running": {"startedAt": now}}, "lastState": {},
-            } for c in (pod.get("spec") or {}).get("containers") or ()],
+            "containerStatuses": [
+                {
+                    "name": c["name"],
+                    "image": c.get("image", ""),
+                    "imageID": f"{c.get('image', '')}@sha256:0",
+                    "containerID": f"containerd://{uuid.uuid4().hex}",
+                    "ready": True,
+                    "started": True,
+                    "restartCount": 0,
+                    "state": {"running": {"startedAt": now}},
+                    "lastState": {},
+                }
+                for c in (pod.get("spec") or {}).get("containers") or ()
+            ],
         }
 
     def _terminated_status(self, pod: dict, results: dict[str, tuple[int, str, str | None]]) -> dict:
@@ -535,18 +723,34 @@ class FakeCluster:
             previous = old.get(name) or {}
             started = ((previous.get("state") or {}).get("running") or {}).get("startedAt") or now
             code, reason, message = results.get(name, (0, "Completed", None))
-            terminated = {"exitCode": code, "reason": reason, "startedAt": started, "finishedAt": now,
-                          "containerID": previous.get("containerID") or f"containerd://{uuid.uuid4().hex}"}
+            terminated = {
+                "exitCode": code,
+                "reason": reason,
+                "startedAt": started,
+                "finishedAt": now,
+                "containerID": previous.get("containerID") or f"containerd://{uuid.uuid4().hex}",
+            }
             if message:
                 terminated["message"] = message
-            statuses.append({"name": name, "image": container.get("image", ""),
-                             "imageID": previous.get("imageID", ""), "containerID": terminated["containerID"],
-                             "ready": False, "started": False, "restartCount": 0,
-                             "state": {"terminated": terminated}, "lastState": {}})
+            statuses.append(
+                {
+                    "name": name,
+                    "image": container.get("image", ""),
+                    "imageID": previous.get("imageID", ""),
+                    "containerID": terminated["containerID"],
+                    "ready": False,
+                    "started": False,
+                    "restartCount": 0,
+                    "state": {"terminated": terminated},
+                    "lastState": {},
+                }
+            )
         succeeded = all(s["state"]["terminated"]["exitCode"] == 0 for s in statuses)
-        return {"phase": "Succeeded" if succeeded else "Failed",
-                "conditions": self._conditions(False, "PodCompleted" if succeeded else "PodFailed"),
-                "containerStatuses": statuses}
+        return {
+            "phase": "Succeeded" if succeeded else "Failed",
+            "conditions": self._conditions(False, "PodCompleted" if succeeded else "PodFailed"),
+            "containerStatuses": statuses,
+        }
 
     # test controls
 
@@ -554,9 +758,14 @@ class FakeCluster:
         """Pods (of a TrainingRun by its ``stagerun.io/run`` label, of a Job by ``job-name``), by job, index, age."""
         selector = ",".join(filter(None, [f"{LABEL_RUN}={run}" if run else "", f"job-name={job}" if job else ""]))
         pods = self.api.list("pods", namespace, selector or None)
-        return sorted(pods, key=lambda p: ((_meta(p).get("labels") or {}).get("job-name", ""),
-                                           pod_index(p) if pod_index(p) is not None else -1,
-                                           int(_meta(p)["resourceVersion"])))
+        return sorted(
+            pods,
+            key=lambda p: (
+                (_meta(p).get("labels") or {}).get("job-name", ""),
+                pod_index(p) if pod_index(p) is not None else -1,
+                int(_meta(p)["resourceVersion"]),
+            ),
+        )
 
     def pod(self, ref: dict | str, namespace: str | None = None) -> dict:
         """The current state of a pod given by name (any namespace unless given) or as an object."""
@@ -567,15 +776,34 @@ class FakeCluster:
             raise LookupError(f"no pod {ref!r}")
         return found[0]
 
-    def wait_for_pods(self, count: int, *, run: str | None = None, job: str | None = None,
-                      phase: str | None = "Running", timeout: float = 10.0) -> list[dict]:
+    def wait_for_pods(
+        self,
+        count: int,
+        *,
+        run: str | None = None,
+        job: str | None = None,
+        phase: str | None = "Running",
+        timeout: float = 10.0,
+    ) -> list[dict]:
         """Wait until ``count`` pods (not being deleted) are in ``phase`` (any phase when None); returns them."""
+
         def ready() -> list[dict] | None:
-            pods = [p for p in self.pods(run, job) if not _meta(p).get("deletionTimestamp")
-                    and (phase is None or (p.get("status") or {}).get("phase") == phase)]
+            pods = [
+                p
+                for p in self.pods(run, job)
+                if not _meta(p).get("deletionTimestamp")
+                and (phase is None or (p.get("status") or {}).get("phase") == phase)
+            ]
             return pods if len(pods) >= count else None
-        return self.api.wait_for(ready, timeout, message=lambda: f"{count} pods {phase}: "
-                                 f"{[(_meta(p)['name'], (p.get('status') or {}).get('phase')) for p in self.pods()]}")
+
+        return self.api.wait_for(
+            ready,
+            timeout,
+            message=lambda: (
+                f"{count} pods {phase}: "
+                f"{[(_meta(p)['name'], (p.get('status') or {}).get('phase')) for p in self.pods()]}"
+            ),
+        )
 
     def set_running(self, pod: dict | str) -> dict:
         """Start a pod held Pending (``auto_run=False`` or ``image_pull_backoff``) now."""
@@ -617,29 +845,49 @@ class FakeCluster:
         with self._lock:
             current = self.pod(pod)
             self._held.add(_meta(current)["uid"])
-            statuses = [{"name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": False,
-                         "started": False, "restartCount": 0, "lastState": {},
-                         "state": {"waiting": {"reason": reason, "message": f'Back-off pulling image '
-                                                                             f'"{c.get("image", "")}"'}}}
-                        for c in (current.get("spec") or {}).get("containers") or ()]
-            self._write_status(current, {"phase": "Pending", "containerStatuses": statuses,
-                                         "conditions": self._conditions(False, "ContainersNotReady")})
+            statuses = [
+                {
+                    "name": c["name"],
+                    "image": c.get("image", ""),
+                    "imageID": "",
+                    "ready": False,
+                    "started": False,
+                    "restartCount": 0,
+                    "lastState": {},
+                    "state": {
+                        "waiting": {"reason": reason, "message": f'Back-off pulling image "{c.get("image", "")}"'}
+                    },
+                }
+                for c in (current.get("spec") or {}).get("containers") or ()
+            ]
+            self._write_status(
+                current,
+                {
+                    "phase": "Pending",
+                    "containerStatuses": statuses,
+                    "conditions": self._conditions(False, "ContainersNotReady"),
+                },
+            )
             return self.pod(current)
 
     def lose_pod(self, pod: dict | str) -> None:
         """The pod vanishes as a lost node's pod does (a force delete): no termination, no final status."""
         with self._lock:
             current = self.pod(pod)
-            self._ignore_gone(self.api.delete, "pods", _meta(current)["namespace"], _meta(current)["name"],
-                              grace_period_seconds=0)
+            self._ignore_gone(
+                self.api.delete, "pods", _meta(current)["namespace"], _meta(current)["name"], grace_period_seconds=0
+            )
 
     def succeed_job(self, job: str, message: str | None = None, namespace: str | None = None) -> None:
         """Every live pod of the Job succeeds; index 0 (or the first pod) carries ``message``."""
         with self._lock:
-            pods = [p for p in self.pods(job=job, namespace=namespace)
-                    if (p.get("status") or {}).get("phase") not in TERMINAL and not _meta(p).get("deletionTimestamp")]
+            pods = [
+                p
+                for p in self.pods(job=job, namespace=namespace)
+                if (p.get("status") or {}).get("phase") not in TERMINAL and not _meta(p).get("deletionTimestamp")
+            ]
             if not pods:
                 raise LookupError(f"job {job!r} has no live pods")
-            first = min(pods, key=lambda p: (pod_index(p) if pod_index(p) is not None else 0))
+            first = min(pods, key=lambda p: pod_index(p) if pod_index(p) is not None else 0)
             for pod in pods:
                 self.succeed(pod, message if pod is first else None)

@@ -58,8 +58,10 @@ COMMANDS: dict[str, list[str]] = {
     "torchrun": [sys.executable, "-m", "torch.distributed.run"],
 }
 MAX_MESSAGE = 4096
-_DNS_NAME = re.compile(r"(?<![A-Za-z0-9.-])[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)+"
-                       r"(?![A-Za-z0-9-])")
+_DNS_NAME = re.compile(
+    r"(?<![A-Za-z0-9.-])[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)+"
+    r"(?![A-Za-z0-9-])"
+)
 _VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 _FIELD_KEY = re.compile(r"^(metadata\.(?:labels|annotations))\['(.+)'\]$")
 
@@ -70,11 +72,13 @@ class PodNotReady(Exception):
 
 def expand(text: str, env: dict[str, str]) -> str:
     """Kubernetes ``$(VAR)`` expansion: known variables are substituted, ``$$`` is a literal ``$``."""
+
     def substitute(match: re.Match) -> str:
         if match.group(0) == "$$":
             return "$"
         name = match.group(1)
         return env[name] if name in env else match.group(0)
+
     return _VAR_REF.sub(substitute, text)
 
 
@@ -115,10 +119,19 @@ class _PodRun:
 class ProcessCluster(FakeCluster):
     """A FakeCluster whose kubelet runs each pod's containers as local processes (see the module docstring)."""
 
-    def __init__(self, api: Api, workdir: str | Path, nodes: Iterable[str] = ("node-1", "node-2"), *,
-                 max_grace: float = 30.0, commands: dict[str, list[str]] | None = None,
-                 extra_env: dict[str, str] | None = None, auto_run: bool = True, interval: float = 0.1,
-                 refresh_volumes: bool = True):
+    def __init__(
+        self,
+        api: Api,
+        workdir: str | Path,
+        nodes: Iterable[str] = ("node-1", "node-2"),
+        *,
+        max_grace: float = 30.0,
+        commands: dict[str, list[str]] | None = None,
+        extra_env: dict[str, str] | None = None,
+        auto_run: bool = True,
+        interval: float = 0.1,
+        refresh_volumes: bool = True,
+    ):
         super().__init__(api, nodes, auto_run=auto_run, interval=interval, pod_ip_prefix="127.1")
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -181,8 +194,9 @@ class ProcessCluster(FakeCluster):
                 table[(run.hostname, run.subdomain)] = run.ip
         return table
 
-    def _rewrite(self, text: str, namespace: str, mounts: list[tuple[str, str]],
-                 dns: dict[tuple[str, str], str]) -> str:
+    def _rewrite(
+        self, text: str, namespace: str, mounts: list[tuple[str, str]], dns: dict[tuple[str, str], str]
+    ) -> str:
         """Paths under mount paths -> local directories; ``host.subdomain[.ns[.svc[.cluster.local]]]`` -> address."""
         if mounts:
             ordered = sorted(mounts, key=lambda m: len(m[0]), reverse=True)
@@ -195,6 +209,7 @@ class ProcessCluster(FakeCluster):
             if labels[2:] not in ([], [namespace], [namespace, "svc"], [namespace, "svc", "cluster", "local"]):
                 return match.group(0)
             return dns.get((labels[0], labels[1]), match.group(0))
+
         return _DNS_NAME.sub(resolve, text) if dns else text
 
     # building a pod's processes
@@ -220,7 +235,7 @@ class ProcessCluster(FakeCluster):
         local.mkdir(parents=True, exist_ok=True)
         wanted: dict[str, str] = {}
         for key, value in (data or {}).items():
-            for target in ([i.get("path", key) for i in items if i.get("key") == key] if items else [key]):
+            for target in [i.get("path", key) for i in items if i.get("key") == key] if items else [key]:
                 wanted[target] = value
         for target, value in wanted.items():
             path = local / target
@@ -246,8 +261,16 @@ class ProcessCluster(FakeCluster):
                 source_name = source.get("name") or source.get("secretName")
                 data, version = self._source(kind, namespace, source_name, bool(source.get("optional")))
                 self._materialize(local, data, source.get("items"))
-                sources.append({"local": local, "kind": kind, "name": source_name, "items": source.get("items"),
-                                "optional": bool(source.get("optional")), "version": version})
+                sources.append(
+                    {
+                        "local": local,
+                        "kind": kind,
+                        "name": source_name,
+                        "items": source.get("items"),
+                        "optional": bool(source.get("optional")),
+                        "version": version,
+                    }
+                )
             elif "persistentVolumeClaim" in volume:
                 continue  # the local directory at the mount path itself (shared by every pod mounting it)
             elif "hostPath" in volume:
@@ -292,13 +315,19 @@ class ProcessCluster(FakeCluster):
                     section = meta.get(keyed.group(1).split(".")[1]) or {}
                     env[name] = str(section.get(keyed.group(2), ""))
                 else:
-                    env[name] = str({
-                        "metadata.name": meta["name"], "metadata.namespace": namespace, "metadata.uid": meta["uid"],
-                        "spec.nodeName": spec.get("nodeName", ""),
-                        "spec.serviceAccountName": spec.get("serviceAccountName", "default"),
-                        "status.podIP": ip, "status.podIPs": ip, "status.hostIP": status.get("hostIP", "127.0.0.1"),
-                        "status.hostIPs": status.get("hostIP", "127.0.0.1"),
-                    }.get(path, ""))
+                    env[name] = str(
+                        {
+                            "metadata.name": meta["name"],
+                            "metadata.namespace": namespace,
+                            "metadata.uid": meta["uid"],
+                            "spec.nodeName": spec.get("nodeName", ""),
+                            "spec.serviceAccountName": spec.get("serviceAccountName", "default"),
+                            "status.podIP": ip,
+                            "status.podIPs": ip,
+                            "status.hostIP": status.get("hostIP", "127.0.0.1"),
+                            "status.hostIPs": status.get("hostIP", "127.0.0.1"),
+                        }.get(path, "")
+                    )
             elif "secretKeyRef" in value_from or "configMapKeyRef" in value_from:
                 kind = "secret" if "secretKeyRef" in value_from else "configMap"
                 ref = value_from["secretKeyRef" if kind == "secret" else "configMapKeyRef"]
@@ -329,39 +358,76 @@ class ProcessCluster(FakeCluster):
                 cname = container["name"]
                 termination_log = root / f"{cname}.termination-log"
                 termination_log.write_text("")
-                mounts = [(m["mountPath"].rstrip("/") or "/", str(volumes[m["name"]] / m.get("subPath", "")))
-                          for m in container.get("volumeMounts") or () if m.get("name") in volumes]
+                mounts = [
+                    (m["mountPath"].rstrip("/") or "/", str(volumes[m["name"]] / m.get("subPath", "")))
+                    for m in container.get("volumeMounts") or ()
+                    if m.get("name") in volumes
+                ]
                 for mount in container.get("volumeMounts") or ():
                     if mount.get("name") not in volumes:  # a PVC: the mount path is a local (test) directory
                         Path(mount["mountPath"]).mkdir(parents=True, exist_ok=True)
                 mounts.append((container.get("terminationMessagePath", "/dev/termination-log"), str(termination_log)))
                 pod_env = self._env(pod, container, ip)
                 pod_env = {k: self._rewrite(v, meta["namespace"], mounts, dns) for k, v in pod_env.items()}
-                env = {k: v for k, v in os.environ.items()
-                       if not k.startswith(("STAGERUN_", "KUBERNETES_")) and k != "KUBECONFIG"}
+                env = {
+                    k: v
+                    for k, v in os.environ.items()
+                    if not k.startswith(("STAGERUN_", "KUBERNETES_")) and k != "KUBECONFIG"
+                }
                 env.update(self.extra_env)
                 env.update({"PYTHONUNBUFFERED": "1", "HOSTNAME": spec.get("hostname") or meta["name"]})
                 env.update(pod_env)
                 env.update({"STAGERUN_NODE_ADDR": ip, "STAGERUN_TERMINATION_LOG": str(termination_log)})
-                argv = [self._rewrite(expand(str(a), pod_env), meta["namespace"], mounts, dns)
-                        for a in list(container.get("command") or ()) + list(container.get("args") or ())]
+                argv = [
+                    self._rewrite(expand(str(a), pod_env), meta["namespace"], mounts, dns)
+                    for a in list(container.get("command") or ()) + list(container.get("args") or ())
+                ]
                 if argv and argv[0] in self.commands:
                     argv = list(self.commands[argv[0]]) + argv[1:]
                 workdir = container.get("workingDir")
                 cwd = self._rewrite(workdir, meta["namespace"], mounts, {}) if workdir else str(root)
                 log_path = self.workdir / (f"{meta['name']}.log" if i == 0 else f"{meta['name']}.{cname}.log")
                 envs[cname], argvs[cname] = env, argv
-                containers.append(_Container(cname, None, termination_log, log_path,
-                                             container.get("terminationMessagePolicy", "File"), cwd))
+                containers.append(
+                    _Container(
+                        cname, None, termination_log, log_path, container.get("terminationMessagePolicy", "File"), cwd
+                    )
+                )
         except PodNotReady as exc:
-            self._write_status(pod, {"phase": "Pending", "containerStatuses": [
-                {"name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": False, "started": False,
-                 "restartCount": 0, "lastState": {}, "state": {"waiting": {"reason": "CreateContainerConfigError",
-                                                                           "message": str(exc)}}}
-                for c in spec.get("containers") or ()]})
+            self._write_status(
+                pod,
+                {
+                    "phase": "Pending",
+                    "containerStatuses": [
+                        {
+                            "name": c["name"],
+                            "image": c.get("image", ""),
+                            "imageID": "",
+                            "ready": False,
+                            "started": False,
+                            "restartCount": 0,
+                            "lastState": {},
+                            "state": {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}},
+                        }
+                        for c in spec.get("containers") or ()
+                    ],
+                },
+            )
             return
-        run = _PodRun(uid, meta["namespace"], meta["name"], _meta(node)["name"], ip, spec.get("hostname"),
-                      spec.get("subdomain"), root, containers, envs, argvs, sources)
+        run = _PodRun(
+            uid,
+            meta["namespace"],
+            meta["name"],
+            _meta(node)["name"],
+            ip,
+            spec.get("hostname"),
+            spec.get("subdomain"),
+            root,
+            containers,
+            envs,
+            argvs,
+            sources,
+        )
         self.runs[uid] = run
         for container in containers:
             argv = argvs[container.name]
@@ -370,8 +436,14 @@ class ProcessCluster(FakeCluster):
                 log.flush()
                 try:
                     container.process = subprocess.Popen(
-                        argv, env=envs[container.name], cwd=container.cwd,
-                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                        argv,
+                        env=envs[container.name],
+                        cwd=container.cwd,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
                 except (OSError, IndexError) as exc:
                     log.write(f"cannot start the container: {exc}\n".encode())
                     container.result = (128, "StartError", f"cannot start the container: {exc}")
@@ -388,8 +460,11 @@ class ProcessCluster(FakeCluster):
             if code is None:
                 continue
             code = code if code >= 0 else 128 - code
-            message = container.termination_log.read_text(errors="replace")[:MAX_MESSAGE] \
-                if container.termination_log.exists() else ""
+            message = (
+                container.termination_log.read_text(errors="replace")[:MAX_MESSAGE]
+                if container.termination_log.exists()
+                else ""
+            )
             if not message and code != 0 and container.policy == "FallbackToLogsOnError":
                 lines = container.log_path.read_text(errors="replace").splitlines()[-80:]
                 message = "\n".join(lines)[-2048:]

@@ -11,16 +11,21 @@ import contextlib
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from kubernetes import client, config, dynamic
 from kubernetes.client.rest import ApiException
 
 KUBECONFIG_ENV = "STAGERUN_TEST_KUBECONFIG"
 KINDS = {
-    "trainingruns": ("stagerun.io/v1alpha1", "TrainingRun"), "jobs": ("batch/v1", "Job"), "pods": ("v1", "Pod"),
-    "services": ("v1", "Service"), "configmaps": ("v1", "ConfigMap"), "events": ("v1", "Event"),
+    "trainingruns": ("stagerun.io/v1alpha1", "TrainingRun"),
+    "jobs": ("batch/v1", "Job"),
+    "pods": ("v1", "Pod"),
+    "services": ("v1", "Service"),
+    "configmaps": ("v1", "ConfigMap"),
+    "events": ("v1", "Event"),
     "nodes": ("v1", "Node"),
 }
 
@@ -57,13 +62,17 @@ class RealApi:
     def list(self, resource: str, namespace: str | None = None, label_selector: Any = None, field_selector=None):
         if isinstance(label_selector, dict):
             label_selector = ",".join(f"{k}={v}" for k, v in label_selector.items())
-        found = self._resource(resource).get(namespace=namespace, label_selector=label_selector,
-                                             field_selector=field_selector)
+        found = self._resource(resource).get(
+            namespace=namespace, label_selector=label_selector, field_selector=field_selector
+        )
         return [item.to_dict() for item in found.items]
 
     def patch(self, resource: str, namespace: str | None, name: str, patch: Any, **_):
-        return self._resource(resource).patch(body=patch, name=name, namespace=namespace,
-                                              content_type="application/merge-patch+json").to_dict()
+        return (
+            self._resource(resource)
+            .patch(body=patch, name=name, namespace=namespace, content_type="application/merge-patch+json")
+            .to_dict()
+        )
 
     def delete(self, resource: str, namespace: str | None, name: str, **_):
         try:

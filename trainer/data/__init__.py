@@ -24,8 +24,16 @@ _EXPORTS = {
     "prepare": ("PreparedData", "is_shard_source", "prepare_data"),
     "readers": ("BadRecords", "DataError", "InputFile", "InputStats", "expand_inputs", "read_records", "read_texts"),
     "shards": ("FORMAT", "TokenShards", "write_shards"),
-    "tokenizer": ("EOS_TOKEN", "PAD_TOKEN", "eos_id", "load_tokenizer", "tokenizer_sha256", "train_from_inputs",
-                  "train_tokenizer", "vocab_size"),
+    "tokenizer": (
+        "EOS_TOKEN",
+        "PAD_TOKEN",
+        "eos_id",
+        "load_tokenizer",
+        "tokenizer_sha256",
+        "train_from_inputs",
+        "train_tokenizer",
+        "vocab_size",
+    ),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -53,5 +61,12 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from .readers import BadRecords, DataError, InputFile, InputStats, expand_inputs, read_records, read_texts
     from .shards import FORMAT, TokenShards, write_shards
     from .tokenizer import (
-        EOS_TOKEN, PAD_TOKEN, eos_id, load_tokenizer, tokenizer_sha256, train_from_inputs, train_tokenizer, vocab_size,
+        EOS_TOKEN,
+        PAD_TOKEN,
+        eos_id,
+        load_tokenizer,
+        tokenizer_sha256,
+        train_from_inputs,
+        train_tokenizer,
+        vocab_size,
     )

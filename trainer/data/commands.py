@@ -24,7 +24,7 @@ def _cpus() -> int:
 
 
 def _count(text: str) -> int:
-    from ..spec.quantities import parse_count
+    from stagerun.core.spec.quantities import parse_count
 
     try:
         value = parse_count(text)
@@ -46,16 +46,28 @@ def _positive(text: str) -> int:
 
 
 def _add_inputs(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", action="append", required=True, metavar="PATH_OR_URL",
-                        help="a file, folder, glob or fsspec URL (s3://, gs://, http(s)://, memory://); repeatable. "
-                             "Quote globs so the shell leaves them alone")
-    parser.add_argument("--format", choices=FORMATS, default="auto",
-                        help="text (a document per file), jsonl (a document per line), parquet (a document per "
-                             "row); auto: by extension (.jsonl/.ndjson/.json, .parquet/.pq, else text)")
+    parser.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="PATH_OR_URL",
+        help="a file, folder, glob or fsspec URL (s3://, gs://, http(s)://, memory://); repeatable. "
+        "Quote globs so the shell leaves them alone",
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="text (a document per file), jsonl (a document per line), parquet (a document per "
+        "row); auto: by extension (.jsonl/.ndjson/.json, .parquet/.pq, else text)",
+    )
     parser.add_argument("--text-field", default="text", help="the JSONL field / Parquet column with the text")
-    parser.add_argument("--skip-bad-records", action="store_true",
-                        help="skip malformed records (and empty or unreadable files) and count them, instead of "
-                             "stopping at the first with an error")
+    parser.add_argument(
+        "--skip-bad-records",
+        action="store_true",
+        help="skip malformed records (and empty or unreadable files) and count them, instead of "
+        "stopping at the first with an error",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -66,23 +78,35 @@ def cmd_tokenizer_train(args) -> int:
 
     try:
         tokenizer, report = train_from_inputs(
-            args.input, args.vocab_size, args.out, fmt=args.format, text_field=args.text_field,
-            max_bytes=args.max_bytes, skip_bad_records=args.skip_bad_records, progress=not args.no_progress,
-            hint=SKIP_HINT)
+            args.input,
+            args.vocab_size,
+            args.out,
+            fmt=args.format,
+            text_field=args.text_field,
+            max_bytes=args.max_bytes,
+            skip_bad_records=args.skip_bad_records,
+            progress=not args.no_progress,
+            hint=SKIP_HINT,
+        )
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     size = vocab_size(tokenizer)
-    print(f"{args.out}: byte-level BPE of {size:,} tokens trained on {report.documents:,} documents "
-          f"({report.bytes / 1e6:,.1f} MB of text)")
+    print(
+        f"{args.out}: byte-level BPE of {size:,} tokens trained on {report.documents:,} documents "
+        f"({report.bytes / 1e6:,.1f} MB of text)"
+    )
     if size < args.vocab_size:
-        print(f"note: --vocab-size asked for {args.vocab_size:,} tokens, but the text only had {size:,} worth "
-              f"learning: train on more (or more varied) text, or raise --max-bytes")
+        print(
+            f"note: --vocab-size asked for {args.vocab_size:,} tokens, but the text only had {size:,} worth "
+            f"learning: train on more (or more varied) text, or raise --max-bytes"
+        )
     stats = report.stats
     if stats.skipped_records or stats.skipped_files:
         first = "; ".join(f"{e['where']}: {e['problem']}" for e in report.skipped[:5])
-        print(f"skipped: {stats.skipped_records:,} malformed records and {stats.skipped_files:,} files (first: "
-              f"{first})")
+        print(
+            f"skipped: {stats.skipped_records:,} malformed records and {stats.skipped_files:,} files (first: {first})"
+        )
     return 0
 
 
@@ -90,12 +114,24 @@ def cmd_tokenize(args) -> int:
     from .readers import DataError
     from .tokenize import tokenize
 
-    log = (lambda message: print(f"tokenize: {message}", file=sys.stderr, flush=True))
+    def log(message: str) -> None:
+        print(f"tokenize: {message}", file=sys.stderr, flush=True)
+
     try:
-        result = tokenize(args.input, args.tokenizer, args.out, fmt=args.format, text_field=args.text_field,
-                          processes=args.processes, threads=args.threads, shard_tokens=args.shard_tokens,
-                          unit_bytes=args.unit_bytes, skip_bad_records=args.skip_bad_records,
-                          progress=not args.no_progress, log=log)
+        result = tokenize(
+            args.input,
+            args.tokenizer,
+            args.out,
+            fmt=args.format,
+            text_field=args.text_field,
+            processes=args.processes,
+            threads=args.threads,
+            shard_tokens=args.shard_tokens,
+            unit_bytes=args.unit_bytes,
+            skip_bad_records=args.skip_bad_records,
+            progress=not args.no_progress,
+            log=log,
+        )
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -108,29 +144,59 @@ def add_data_commands(sub) -> None:
     tokenizer = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on text / JSONL / Parquet")
     actions = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
     train = actions.add_parser(
-        "train", help="train a byte-level BPE (digits split one per token, whitespace runs kept, <|endoftext|> "
-                      "and <|pad|> special tokens) and save it as a tokenizers JSON file")
+        "train",
+        help="train a byte-level BPE (digits split one per token, whitespace runs kept, <|endoftext|> "
+        "and <|pad|> special tokens) and save it as a tokenizers JSON file",
+    )
     _add_inputs(train)
-    train.add_argument("--vocab-size", type=_count, required=True,
-                       help="tokens in the vocabulary, special tokens included (e.g. 100289)")
+    train.add_argument(
+        "--vocab-size",
+        type=_count,
+        required=True,
+        help="tokens in the vocabulary, special tokens included (e.g. 100289)",
+    )
     train.add_argument("--out", required=True, help="where to write the tokenizer JSON (path or fsspec URL)")
-    train.add_argument("--max-bytes", type=_count, default=_count("1G"),
-                       help="train on at most this much text, shared equally between inputs (default 1G)")
+    train.add_argument(
+        "--max-bytes",
+        type=_count,
+        default=_count("1G"),
+        help="train on at most this much text, shared equally between inputs (default 1G)",
+    )
     train.set_defaults(func=cmd_tokenizer_train)
 
-    tok = sub.add_parser("tokenize", help="pretokenize text / JSONL / Parquet into a token shard set "
-                                          "(parallel, resumable)")
+    tok = sub.add_parser(
+        "tokenize", help="pretokenize text / JSONL / Parquet into a token shard set (parallel, resumable)"
+    )
     _add_inputs(tok)
     tok.add_argument("--tokenizer", required=True, help="a tokenizers JSON file (path or fsspec URL)")
-    tok.add_argument("--out", required=True, help="the shard set folder (path or fsspec URL); rerun the same "
-                                                  "command to resume an interrupted run")
-    tok.add_argument("--processes", type=_positive, default=_cpus(),
-                     help=f"worker processes (default: the CPUs, {_cpus()} here); 1 tokenizes in this process")
-    tok.add_argument("--threads", type=_positive, default=None,
-                     help="tokenizer threads per worker process (default: the CPUs divided among the workers)")
-    tok.add_argument("--shard-tokens", type=_count, default="64Mi",
-                     help="close a shard once it holds this many tokens (default 64Mi; documents are never split)")
-    tok.add_argument("--unit-bytes", type=_count, default=None,
-                     help="input bytes per unit of work (default: about 1/256 of the input, a power of two "
-                          "between 1Mi and 256Mi); a rerun must use the same value to resume")
+    tok.add_argument(
+        "--out",
+        required=True,
+        help="the shard set folder (path or fsspec URL); rerun the same command to resume an interrupted run",
+    )
+    tok.add_argument(
+        "--processes",
+        type=_positive,
+        default=_cpus(),
+        help=f"worker processes (default: the CPUs, {_cpus()} here); 1 tokenizes in this process",
+    )
+    tok.add_argument(
+        "--threads",
+        type=_positive,
+        default=None,
+        help="tokenizer threads per worker process (default: the CPUs divided among the workers)",
+    )
+    tok.add_argument(
+        "--shard-tokens",
+        type=_count,
+        default="64Mi",
+        help="close a shard once it holds this many tokens (default 64Mi; documents are never split)",
+    )
+    tok.add_argument(
+        "--unit-bytes",
+        type=_count,
+        default=None,
+        help="input bytes per unit of work (default: about 1/256 of the input, a power of two "
+        "between 1Mi and 256Mi); a rerun must use the same value to resume",
+    )
     tok.set_defaults(func=cmd_tokenize)

@@ -22,8 +22,18 @@ from pathlib import Path
 
 from .readers import COMPRESSION_SUFFIXES, JSONL_SUFFIXES, BadRecords, DataError, expand_inputs, read_texts
 
-__all__ = ["BUILTIN_CODE", "BUILTIN_CORPORA", "BUILTIN_DOCS", "COMPRESSION_SUFFIXES", "JSONL_SUFFIXES",
-           "CorpusStats", "DataError", "corpus_version", "iter_documents", "stdlib_source_files"]
+__all__ = [
+    "BUILTIN_CODE",
+    "BUILTIN_CORPORA",
+    "BUILTIN_DOCS",
+    "COMPRESSION_SUFFIXES",
+    "JSONL_SUFFIXES",
+    "CorpusStats",
+    "DataError",
+    "corpus_version",
+    "iter_documents",
+    "stdlib_source_files",
+]
 
 BUILTIN_DOCS = "builtin:python-docs"
 BUILTIN_CODE = "builtin:python-code"
@@ -81,8 +91,11 @@ def _docstrings(source: str) -> Iterator[str]:
         doc = ast.get_docstring(node, clean=True)
         if doc:
             yield doc
-        children = [c for c in ast.iter_child_nodes(node)
-                    if isinstance(c, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        children = [
+            c
+            for c in ast.iter_child_nodes(node)
+            if isinstance(c, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        ]
         stack.extend(reversed(children))  # reversed: pop() then visits them in source order
 
 

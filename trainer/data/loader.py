@@ -79,8 +79,8 @@ class _SourceStream:
             ends, shift = self._epoch(epoch)
             offsets = np.arange(offset, offset + take, dtype=np.int64)
             docs = np.searchsorted(ends, offsets, side="right")
-            index[done:done + take] = offsets + shift[docs]
-            doc_key[done:done + take] = docs + epoch * self.num_docs
+            index[done : done + take] = offsets + shift[docs]
+            doc_key[done : done + take] = docs + epoch * self.num_docs
             done += take
         doc_ids = np.zeros(count, dtype=np.int64)
         np.cumsum(doc_key[1:] != doc_key[:-1], out=doc_ids[1:])
@@ -102,8 +102,17 @@ class PackedMixLoader:
         self.phase_index: int | None = None
         self.tokens_per_source: dict[str, int] = {name: 0 for name in self.names}
 
-    def next_step(self, *, phase_index: int, weights: dict[str, float], seq_len: int, global_sequences: int,
-                  dp_rank: int, dp_size: int, micro_batch_size: int) -> list[MicroBatch]:
+    def next_step(
+        self,
+        *,
+        phase_index: int,
+        weights: dict[str, float],
+        seq_len: int,
+        global_sequences: int,
+        dp_rank: int,
+        dp_size: int,
+        micro_batch_size: int,
+    ) -> list[MicroBatch]:
         """Advance the global state by one whole global batch; return only this rank's micro-batches.
 
         global_sequences must equal dp_size * micro_batch_size * grad_accum. Rank r gets the contiguous block of
@@ -129,14 +138,18 @@ class PackedMixLoader:
 
     def _check_step(self, seq_len: int, global_sequences: int, dp_rank: int, dp_size: int, micro: int) -> int:
         if seq_len < 1 or global_sequences < 1 or micro < 1 or dp_size < 1:
-            raise ValueError(f"seq_len ({seq_len}), global_sequences ({global_sequences}), micro_batch_size "
-                             f"({micro}) and dp_size ({dp_size}) must all be positive")
+            raise ValueError(
+                f"seq_len ({seq_len}), global_sequences ({global_sequences}), micro_batch_size "
+                f"({micro}) and dp_size ({dp_size}) must all be positive"
+            )
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is not in [0, {dp_size})")
         if global_sequences % (dp_size * micro):
-            raise ValueError(f"a global batch of {global_sequences} sequences does not split into dp_size {dp_size} x "
-                             f"micro_batch_size {micro} x a whole number of accumulation steps: choose a batch size "
-                             f"that is a multiple of {dp_size * micro} sequences")
+            raise ValueError(
+                f"a global batch of {global_sequences} sequences does not split into dp_size {dp_size} x "
+                f"micro_batch_size {micro} x a whole number of accumulation steps: choose a batch size "
+                f"that is a multiple of {dp_size * micro} sequences"
+            )
         return global_sequences // dp_size
 
     def _shares(self, weights: dict[str, float]) -> list[float]:
@@ -174,17 +187,23 @@ class PackedMixLoader:
             doc_ids[row] = docs[:seq_len]
         names = [self.names[source] for source, _ in mine]
         return [
-            MicroBatch(inputs=np.ascontiguousarray(tokens[i:i + micro, :-1]),
-                       targets=np.ascontiguousarray(tokens[i:i + micro, 1:]), doc_ids=doc_ids[i:i + micro],
-                       sources=names[i:i + micro])
+            MicroBatch(
+                inputs=np.ascontiguousarray(tokens[i : i + micro, :-1]),
+                targets=np.ascontiguousarray(tokens[i : i + micro, 1:]),
+                doc_ids=doc_ids[i : i + micro],
+                sources=names[i : i + micro],
+            )
             for i in range(0, len(mine), micro)
         ]
 
     # --- checkpoint state -------------------------------------------------------------------------------------
     def _fingerprints(self) -> dict[str, dict]:
         return {
-            name: {"numTokens": s.shards.num_tokens, "numDocuments": s.shards.num_documents,
-                   "tokenizerSha256": s.shards.tokenizer_sha256}
+            name: {
+                "numTokens": s.shards.num_tokens,
+                "numDocuments": s.shards.num_documents,
+                "tokenizerSha256": s.shards.tokenizer_sha256,
+            }
             for name, s in zip(self.names, self._streams)
         }
 
@@ -204,21 +223,29 @@ class PackedMixLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; the sources and seed must be the ones the state was saved with."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data-loader state version {state.get('version')!r} is not {STATE_VERSION}: resume "
-                             f"with the stagerun version that wrote the checkpoint")
+            raise ValueError(
+                f"data-loader state version {state.get('version')!r} is not {STATE_VERSION}: resume "
+                f"with the stagerun version that wrote the checkpoint"
+            )
         if state["seed"] != self.seed:
-            raise ValueError(f"the checkpoint's data seed is {state['seed']} but this run uses {self.seed}: set "
-                             f"spec.data.seed back to {state['seed']} to resume")
+            raise ValueError(
+                f"the checkpoint's data seed is {state['seed']} but this run uses {self.seed}: set "
+                f"spec.data.seed back to {state['seed']} to resume"
+            )
         saved, current = state["sources"], self._fingerprints()
         if list(saved) != self.names:
-            raise ValueError(f"the checkpoint was taken with data sources {list(saved)} but this run has {self.names}: "
-                             f"resume with the same spec.data.sources (same names, same order)")
+            raise ValueError(
+                f"the checkpoint was taken with data sources {list(saved)} but this run has {self.names}: "
+                f"resume with the same spec.data.sources (same names, same order)"
+            )
         for name in self.names:
             if saved[name] != current[name]:
                 changed = [k for k in current[name] if saved[name].get(k) != current[name][k]]
-                raise ValueError(f"source {name!r} differs from the one the checkpoint was taken with "
-                                 f"({', '.join(changed)}: {saved[name]} then, {current[name]} now): resume with the "
-                                 f"same shard set and tokenizer, or start a new run")
+                raise ValueError(
+                    f"source {name!r} differs from the one the checkpoint was taken with "
+                    f"({', '.join(changed)}: {saved[name]} then, {current[name]} now): resume with the "
+                    f"same shard set and tokenizer, or start a new run"
+                )
         self.phase_index = state["phaseIndex"]
         self.phase_sequences = int(state["phaseSequences"])
         self.cursors = [int(state["cursors"][name]) for name in self.names]

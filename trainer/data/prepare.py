@@ -41,8 +41,9 @@ def is_shard_source(source) -> bool:
     return has_manifest(source.path)
 
 
-def prepare_data(run, run_dir: str | Path, *, progress: bool = True,
-                 max_source_bytes: int | None = None) -> PreparedData:
+def prepare_data(
+    run, run_dir: str | Path, *, progress: bool = True, max_source_bytes: int | None = None
+) -> PreparedData:
     """Make sure the run's tokenizer and every source's shard set exist; returns where they are.
 
     ``max_source_bytes`` caps each text source (smoke runs and tests); it is part of the cache key.
@@ -52,9 +53,11 @@ def prepare_data(run, run_dir: str | Path, *, progress: bool = True,
     tokenizer, tokenizer_path = _tokenizer(run, run_dir, log, max_source_bytes)
     size = vocab_size(tokenizer)
     if run.model.vocab_size is not None and size > run.model.vocab_size:
-        raise DataError(f"{tokenizer_path}: the tokenizer has {size} tokens but spec.model.vocabSize is "
-                        f"{run.model.vocab_size}: set spec.model.vocabSize to at least {size}, or use a tokenizer "
-                        f"with at most {run.model.vocab_size} tokens")
+        raise DataError(
+            f"{tokenizer_path}: the tokenizer has {size} tokens but spec.model.vocabSize is "
+            f"{run.model.vocab_size}: set spec.model.vocabSize to at least {size}, or use a tokenizer "
+            f"with at most {run.model.vocab_size} tokens"
+        )
     sha = tokenizer_sha256(tokenizer)
     shard_dirs = {}
     for name, source in run.sources.items():
@@ -62,8 +65,7 @@ def prepare_data(run, run_dir: str | Path, *, progress: bool = True,
             shard_dirs[name] = _check_shard_source(name, source, sha, log)
         else:
             shard_dirs[name] = _tokenized(name, source, tokenizer, sha, run_dir, log, progress, max_source_bytes)
-    return PreparedData(tokenizer_path=tokenizer_path, shard_dirs=shard_dirs, eos_id=eos_id(tokenizer),
-                        vocab_size=size)
+    return PreparedData(tokenizer_path=tokenizer_path, shard_dirs=shard_dirs, eos_id=eos_id(tokenizer), vocab_size=size)
 
 
 def _tokenizer(run, run_dir: Path, log, max_source_bytes: int | None):
@@ -78,12 +80,16 @@ def _tokenizer(run, run_dir: Path, log, max_source_bytes: int | None):
         tokenizer = load_tokenizer(path)
         note = ""
         if vocab_size(tokenizer) != spec.train.vocab_size:
-            note = (f" (it has {vocab_size(tokenizer)} tokens, the spec now asks for {spec.train.vocab_size}: "
-                    f"start a new run directory to train another)")
+            note = (
+                f" (it has {vocab_size(tokenizer)} tokens, the spec now asks for {spec.train.vocab_size}: "
+                f"start a new run directory to train another)"
+            )
         log(f"tokenizer: reusing {path}{note}")
         return tokenizer, str(path)
-    log(f"tokenizer: training a byte-level BPE of {spec.train.vocab_size} tokens on at most "
-        f"{spec.train.max_bytes:,} bytes of text")
+    log(
+        f"tokenizer: training a byte-level BPE of {spec.train.vocab_size} tokens on at most "
+        f"{spec.train.max_bytes:,} bytes of text"
+    )
     stats = CorpusStats()
     texts = _training_texts(run, spec.train.max_bytes, stats, max_source_bytes)
     tokenizer = train_tokenizer(texts, spec.train.vocab_size, path)
@@ -96,8 +102,10 @@ def _training_texts(run, max_bytes: int, stats: CorpusStats, max_source_bytes: i
     out leaves its share to the others), at most ``max_bytes`` in total (the last document is cut to fit)."""
     sources = [s for s in run.sources.values() if not is_shard_source(s)]
     if not sources:
-        raise DataError("spec.tokenizer.train: every source is a pretokenized shard set, so there is no text to "
-                        "train on: set spec.tokenizer.path to the tokenizer the shard sets were made with")
+        raise DataError(
+            "spec.tokenizer.train: every source is a pretokenized shard set, so there is no text to "
+            "train on: set spec.tokenizer.path to the tokenizer the shard sets were made with"
+        )
     streams = [iter_documents(s, max_bytes=max_source_bytes) for s in sources]
     taken = [0] * len(streams)
     active = list(range(len(streams)))
@@ -109,7 +117,7 @@ def _training_texts(run, max_bytes: int, stats: CorpusStats, max_source_bytes: i
             continue
         data = doc.encode("utf-8")
         if stats.bytes + len(data) > max_bytes:
-            data = data[:max_bytes - stats.bytes]
+            data = data[: max_bytes - stats.bytes]
             doc = data.decode("utf-8", errors="ignore")
         taken[i] += len(data)
         stats.bytes += len(data)
@@ -120,37 +128,55 @@ def _training_texts(run, max_bytes: int, stats: CorpusStats, max_source_bytes: i
 def _check_shard_source(name: str, source, sha: str, log) -> str:
     shards = TokenShards.open(source.path)  # validates the whole set (remote sets land in the local cache)
     if shards.tokenizer_sha256 != sha:
-        raise DataError(f"spec.data.sources.{name}.path: the shard set {source.path} was made with another tokenizer "
-                        f"(tokenizerSha256 {shards.tokenizer_sha256[:12]}..., the run's is {sha[:12]}...): set "
-                        f"spec.tokenizer.path to the tokenizer it was made with, or point the source at the text to "
-                        f"tokenize it again")
+        raise DataError(
+            f"spec.data.sources.{name}.path: the shard set {source.path} was made with another tokenizer "
+            f"(tokenizerSha256 {shards.tokenizer_sha256[:12]}..., the run's is {sha[:12]}...): set "
+            f"spec.tokenizer.path to the tokenizer it was made with, or point the source at the text to "
+            f"tokenize it again"
+        )
     log(f"source {name}: {shards.num_tokens:,} tokens in {shards.num_documents:,} documents ({source.path})")
     return source.path
 
 
-def _tokenized(name: str, source, tokenizer, sha: str, run_dir: Path, log, progress: bool,
-               max_source_bytes: int | None) -> str:
+def _tokenized(
+    name: str, source, tokenizer, sha: str, run_dir: Path, log, progress: bool, max_source_bytes: int | None
+) -> str:
     out = run_dir / DATA_DIR / name
-    identity = {"path": source.path, "format": source.format, "textField": source.text_field,
-                "maxBytes": max_source_bytes, "corpusVersion": corpus_version(source.path)}
+    identity = {
+        "path": source.path,
+        "format": source.format,
+        "textField": source.text_field,
+        "maxBytes": max_source_bytes,
+        "corpusVersion": corpus_version(source.path),
+    }
     if (out / MANIFEST).is_file():
         try:
             manifest = read_manifest(out)
             if manifest.get("source") == identity and manifest["tokenizerSha256"] == sha:
                 shards = TokenShards.open(out)  # full validation: a damaged cache is rebuilt, not trusted
-                log(f"source {name}: reusing {shards.num_tokens:,} tokens in {shards.num_documents:,} documents "
-                    f"at {out}")
+                log(
+                    f"source {name}: reusing {shards.num_tokens:,} tokens in {shards.num_documents:,} documents "
+                    f"at {out}"
+                )
                 return str(out)
             log(f"source {name}: {out} was made from another source or tokenizer: tokenizing again")
         except DataError as exc:
             log(f"source {name}: {out} is damaged ({exc}): tokenizing again")
     stats = CorpusStats()
-    manifest = write_shards(iter_documents(source, max_bytes=max_source_bytes, stats=stats), tokenizer, out,
-                            extra={"source": identity}, progress=progress, desc=f"tokenize {name}")
+    manifest = write_shards(
+        iter_documents(source, max_bytes=max_source_bytes, stats=stats),
+        tokenizer,
+        out,
+        extra={"source": identity},
+        progress=progress,
+        desc=f"tokenize {name}",
+    )
     if manifest["numDocuments"] == 0:
         shutil.rmtree(out, ignore_errors=True)  # an empty set must not be reused as if it were data
         raise DataError(f"spec.data.sources.{name}.path: {source.path} holds no documents: check the path")
     skipped = f"; skipped {stats.skipped_files} unreadable files" if stats.skipped_files else ""
-    log(f"source {name}: {stats.documents:,} documents ({stats.bytes:,} bytes) -> {manifest['numTokens']:,} tokens "
-        f"at {out}{skipped}")
+    log(
+        f"source {name}: {stats.documents:,} documents ({stats.bytes:,} bytes) -> {manifest['numTokens']:,} tokens "
+        f"at {out}{skipped}"
+    )
     return str(out)

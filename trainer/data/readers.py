@@ -88,20 +88,30 @@ class InputStats:
     skipped_records: int = 0  # malformed records skipped (--skip-bad-records)
     skipped_files: int = 0  # whole files skipped: empty, unreadable, or without the text column
 
-    def add(self, other: "InputStats") -> None:
+    def add(self, other: InputStats) -> None:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def to_json(self) -> dict:
-        return {"numDocuments": self.documents, "numTokens": self.tokens, "bytes": self.bytes,
-                "emptyDocuments": self.empty, "skippedRecords": self.skipped_records,
-                "skippedFiles": self.skipped_files}
+        return {
+            "numDocuments": self.documents,
+            "numTokens": self.tokens,
+            "bytes": self.bytes,
+            "emptyDocuments": self.empty,
+            "skippedRecords": self.skipped_records,
+            "skippedFiles": self.skipped_files,
+        }
 
     @classmethod
-    def from_json(cls, data: dict) -> "InputStats":
-        return cls(documents=data["numDocuments"], tokens=data["numTokens"], bytes=data["bytes"],
-                   empty=data["emptyDocuments"], skipped_records=data["skippedRecords"],
-                   skipped_files=data["skippedFiles"])
+    def from_json(cls, data: dict) -> InputStats:
+        return cls(
+            documents=data["numDocuments"],
+            tokens=data["numTokens"],
+            bytes=data["bytes"],
+            empty=data["emptyDocuments"],
+            skipped_records=data["skippedRecords"],
+            skipped_files=data["skippedFiles"],
+        )
 
 
 @dataclass
@@ -127,6 +137,7 @@ class BadRecords:
 
 
 # --- finding the files -------------------------------------------------------------------------------------------
+
 
 def _suffix_format(name: str) -> str:
     stem = name
@@ -169,11 +180,16 @@ def _list(pattern: str, what: str) -> list[tuple[str, dict]]:
     elif fs.isdir(root):
         base = root.rstrip("/")
         if fs.exists(f"{base}/manifest.json"):
-            raise DataError(f"{pattern} is a pretokenized shard set (it has manifest.json), not text: set the "
-                            f"source's format to tokens (or auto), or point it at the text files")
+            raise DataError(
+                f"{pattern} is a pretokenized shard set (it has manifest.json), not text: set the "
+                f"source's format to tokens (or auto), or point it at the text files"
+            )
         found = fs.find(base, detail=True)
-        entries = [(p, info) for p, info in sorted(found.items())
-                   if info.get("type", "file") != "directory" and not _hidden(p[len(base):])]
+        entries = [
+            (p, info)
+            for p, info in sorted(found.items())
+            if info.get("type", "file") != "directory" and not _hidden(p[len(base) :])
+        ]
     else:
         try:
             info = fs.info(root)
@@ -186,8 +202,7 @@ def _list(pattern: str, what: str) -> list[tuple[str, dict]]:
     return [(fs.unstrip_protocol(p) if remote else p, info) for p, info in entries]
 
 
-def expand_inputs(patterns: Sequence[str], fmt: str = "auto", *,
-                  what: str = "the source's path") -> list[InputFile]:
+def expand_inputs(patterns: Sequence[str], fmt: str = "auto", *, what: str = "the source's path") -> list[InputFile]:
     """The files the inputs name (each a file, folder, glob or URL), inputs in order, each one's files sorted.
 
     A folder means every file under it except hidden ones (names starting with "." or "_"). ``what`` names the
@@ -200,15 +215,25 @@ def expand_inputs(patterns: Sequence[str], fmt: str = "auto", *,
     for index, pattern in enumerate(patterns):
         for url, info in _list(str(pattern), what):
             if url in seen:
-                raise DataError(f"{url} is named by two inputs ({seen[url]} and {pattern}): each file may be read "
-                                f"once; narrow one of the inputs")
+                raise DataError(
+                    f"{url} is named by two inputs ({seen[url]} and {pattern}): each file may be read "
+                    f"once; narrow one of the inputs"
+                )
             seen[url] = str(pattern)
             compression = infer_compression(url)
             kind = file_format(url, fmt)
             size = info.get("size")
-            files.append(InputFile(url=url, shown=url, format=kind, size=None if size is None else int(size),
-                                   compression=None if kind == "parquet" else compression,
-                                   fingerprint=_fingerprint(info), input_index=index))
+            files.append(
+                InputFile(
+                    url=url,
+                    shown=url,
+                    format=kind,
+                    size=None if size is None else int(size),
+                    compression=None if kind == "parquet" else compression,
+                    fingerprint=_fingerprint(info),
+                    input_index=index,
+                )
+            )
     return files
 
 
@@ -243,9 +268,17 @@ class _ParquetSource:
 
 # --- reading -----------------------------------------------------------------------------------------------------
 
-def read_texts(file: InputFile, *, text_field: str = "text", bad: BadRecords | None = None,
-               stats: InputStats | None = None, start: int = 0, end: int | None = None,
-               row_groups: tuple[int, int] | None = None) -> Iterator[str]:
+
+def read_texts(
+    file: InputFile,
+    *,
+    text_field: str = "text",
+    bad: BadRecords | None = None,
+    stats: InputStats | None = None,
+    start: int = 0,
+    end: int | None = None,
+    row_groups: tuple[int, int] | None = None,
+) -> Iterator[str]:
     """The documents of one file (or of a byte range / row groups of it), non-empty strings in file order."""
     for _, text in _records(file, text_field, bad or BadRecords(), stats or InputStats(), start, end, row_groups):
         yield text
@@ -257,8 +290,9 @@ class Record:
     where: str  # "file", "file:line" (JSONL) or "file: row N" (Parquet, 0-based)
 
 
-def read_records(file: InputFile, *, text_field: str = "text", bad: BadRecords | None = None,
-                 stats: InputStats | None = None) -> Iterator[Record]:
+def read_records(
+    file: InputFile, *, text_field: str = "text", bad: BadRecords | None = None, stats: InputStats | None = None
+) -> Iterator[Record]:
     """Like ``read_texts`` for a whole file, each document with its provenance."""
     for locator, text in _records(file, text_field, bad or BadRecords(), stats or InputStats(), 0, None, None):
         if locator is None:
@@ -270,11 +304,23 @@ def read_records(file: InputFile, *, text_field: str = "text", bad: BadRecords |
         yield Record(text, where)
 
 
-def _records(file: InputFile, text_field: str, bad: BadRecords, stats: InputStats, start: int, end: int | None,
-             row_groups: tuple[int, int] | None) -> Iterator[tuple[int | None, str]]:
+def _records(
+    file: InputFile,
+    text_field: str,
+    bad: BadRecords,
+    stats: InputStats,
+    start: int,
+    end: int | None,
+    row_groups: tuple[int, int] | None,
+) -> Iterator[tuple[int | None, str]]:
     if file.size == 0 and start == 0:
-        bad(stats, file.shown, "empty file (0 bytes)", "remove it from the inputs, or replace it with the complete "
-            "file (an interrupted download?)", whole_file=True)
+        bad(
+            stats,
+            file.shown,
+            "empty file (0 bytes)",
+            "remove it from the inputs, or replace it with the complete file (an interrupted download?)",
+            whole_file=True,
+        )
         return
     if file.format == "jsonl":
         yield from _jsonl(file, text_field, bad, stats, start, end)
@@ -289,15 +335,18 @@ def _text(file: InputFile, bad: BadRecords, stats: InputStats) -> Iterator[tuple
         data = handle.read()
     stats.bytes += file.size if file.size is not None else len(data)
     if not data:
-        bad(stats, file.shown, "empty file (nothing after decompressing)", "remove it from the inputs",
-            whole_file=True)
+        bad(stats, file.shown, "empty file (nothing after decompressing)", "remove it from the inputs", whole_file=True)
         return
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        bad(stats, file.shown, f"not UTF-8 text (invalid byte at offset {exc.start}, line {line})",
-            "convert the file to UTF-8 or remove it from the source")
+        bad(
+            stats,
+            file.shown,
+            f"not UTF-8 text (invalid byte at offset {exc.start}, line {line})",
+            "convert the file to UTF-8 or remove it from the source",
+        )
         return
     stats.documents += 1
     yield None, text
@@ -355,8 +404,9 @@ def _lines(handle, start: int, end: int | None, numbers: _LineNumbers | None = N
         yield carry
 
 
-def _jsonl(file: InputFile, text_field: str, bad: BadRecords, stats: InputStats, start: int,
-           end: int | None) -> Iterator[tuple[int, str]]:
+def _jsonl(
+    file: InputFile, text_field: str, bad: BadRecords, stats: InputStats, start: int, end: int | None
+) -> Iterator[tuple[int, str]]:
     lines = _LineNumbers(file, start)
     compressed = file.compression is not None
     with _open(file) as handle:
@@ -368,12 +418,20 @@ def _jsonl(file: InputFile, text_field: str, bad: BadRecords, stats: InputStats,
             try:
                 record = json.loads(line)
             except UnicodeDecodeError as exc:
-                bad(stats, lines.where(lineno), f"not UTF-8 text (invalid byte at column {exc.start + 1})",
-                    "convert the file to UTF-8, or fix or remove the line")
+                bad(
+                    stats,
+                    lines.where(lineno),
+                    f"not UTF-8 text (invalid byte at column {exc.start + 1})",
+                    "convert the file to UTF-8, or fix or remove the line",
+                )
                 continue
             except json.JSONDecodeError as exc:
-                bad(stats, lines.where(lineno), f"not valid JSON at column {exc.colno} ({exc.msg})",
-                    "fix or remove the line (JSONL holds one JSON object per line)")
+                bad(
+                    stats,
+                    lines.where(lineno),
+                    f"not valid JSON at column {exc.colno} ({exc.msg})",
+                    "fix or remove the line (JSONL holds one JSON object per line)",
+                )
                 continue
             if not isinstance(record, dict) or text_field not in record:
                 keys = f" (it has {', '.join(map(repr, list(record)[:8]))})" if isinstance(record, dict) else ""
@@ -381,8 +439,12 @@ def _jsonl(file: InputFile, text_field: str, bad: BadRecords, stats: InputStats,
                 continue
             text = record[text_field]
             if not isinstance(text, str):
-                bad(stats, lines.where(lineno), f"field {text_field!r} is {type(text).__name__}, not a string",
-                    NO_TEXT_FIELD_FIX)
+                bad(
+                    stats,
+                    lines.where(lineno),
+                    f"field {text_field!r} is {type(text).__name__}, not a string",
+                    NO_TEXT_FIELD_FIX,
+                )
                 continue
             if not text:
                 stats.empty += 1
@@ -407,8 +469,9 @@ def parquet_row_groups(file: InputFile) -> list[tuple[int, int]]:
         try:
             metadata = pq.ParquetFile(handle).metadata
         except (pa.ArrowInvalid, OSError) as exc:
-            raise DataError(f"{file.shown}: not a Parquet file ({exc}): remove it from the inputs or set "
-                            f"--format") from None
+            raise DataError(
+                f"{file.shown}: not a Parquet file ({exc}): remove it from the inputs or set --format"
+            ) from None
         groups = []
         for i in range(metadata.num_row_groups):
             group = metadata.row_group(i)
@@ -416,8 +479,9 @@ def parquet_row_groups(file: InputFile) -> list[tuple[int, int]]:
     return groups
 
 
-def _parquet(file: InputFile, text_field: str, bad: BadRecords, stats: InputStats,
-             row_groups: tuple[int, int] | None) -> Iterator[tuple[int, str]]:
+def _parquet(
+    file: InputFile, text_field: str, bad: BadRecords, stats: InputStats, row_groups: tuple[int, int] | None
+) -> Iterator[tuple[int, str]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -426,8 +490,13 @@ def _parquet(file: InputFile, text_field: str, bad: BadRecords, stats: InputStat
             parquet = pq.ParquetFile(handle)
         except (pa.ArrowInvalid, OSError) as exc:
             stats.bytes += (file.size or 0) if row_groups is None or row_groups[0] == 0 else 0
-            bad(stats, file.shown, f"not a Parquet file ({exc})", "remove it from the inputs, or replace it with "
-                "the complete file", whole_file=True)
+            bad(
+                stats,
+                file.shown,
+                f"not a Parquet file ({exc})",
+                "remove it from the inputs, or replace it with the complete file",
+                whole_file=True,
+            )
             return
         schema = parquet.schema_arrow
         metadata = parquet.metadata
@@ -442,36 +511,49 @@ def _parquet(file: InputFile, text_field: str, bad: BadRecords, stats: InputStat
         if schema.get_field_index(text_field) < 0:
             stats.bytes += sum(share[first:last])
             columns = ", ".join(repr(n) for n in schema.names[:12])
-            bad(stats, file.shown, f"no column {text_field!r} (it has {columns})", NO_TEXT_FIELD_FIX,
-                whole_file=True)
+            bad(stats, file.shown, f"no column {text_field!r} (it has {columns})", NO_TEXT_FIELD_FIX, whole_file=True)
             return
         kind = schema.field(text_field).type
         if pa.types.is_dictionary(kind):
             kind = kind.value_type
-        is_text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or \
-            (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(kind))
+        is_text = (
+            pa.types.is_string(kind)
+            or pa.types.is_large_string(kind)
+            or (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(kind))
+        )
         is_binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
         if not (is_text or is_binary):
             stats.bytes += sum(share[first:last])
-            bad(stats, file.shown, f"column {text_field!r} holds {kind}, not strings", NO_TEXT_FIELD_FIX,
-                whole_file=True)
+            bad(
+                stats,
+                file.shown,
+                f"column {text_field!r} holds {kind}, not strings",
+                NO_TEXT_FIELD_FIX,
+                whole_file=True,
+            )
             return
         row = sum(metadata.row_group(g).num_rows for g in range(first))
         for group in range(first, last):
-            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group],
-                                              columns=[text_field]):
+            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group], columns=[text_field]):
                 for value in batch.column(0).to_pylist():
                     if value is None:
-                        bad(stats, f"{file.shown}: row {row}", f"{text_field!r} is null",
-                            "fill in the text or drop the row")
+                        bad(
+                            stats,
+                            f"{file.shown}: row {row}",
+                            f"{text_field!r} is null",
+                            "fill in the text or drop the row",
+                        )
                     else:
                         if is_binary:
                             try:
                                 value = value.decode("utf-8")
                             except UnicodeDecodeError as exc:
-                                bad(stats, f"{file.shown}: row {row}",
+                                bad(
+                                    stats,
+                                    f"{file.shown}: row {row}",
                                     f"not UTF-8 text (invalid byte at offset {exc.start})",
-                                    "convert the column to UTF-8 or drop the row")
+                                    "convert the column to UTF-8 or drop the row",
+                                )
                                 row += 1
                                 continue
                         if value:

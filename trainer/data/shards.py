@@ -89,8 +89,9 @@ def with_eos(ids: list[list[int]], eos: int, dtype: np.dtype) -> tuple[np.ndarra
 class _ShardWriter:
     """Appends documents (each followed by EOS) to numbered shards, closing a shard once it is full."""
 
-    def __init__(self, folder: Path, dtype: np.dtype, eos: int, shard_tokens: int, prefix: str = "shard-",
-                 digits: int = 5):
+    def __init__(
+        self, folder: Path, dtype: np.dtype, eos: int, shard_tokens: int, prefix: str = "shard-", digits: int = 5
+    ):
         self.folder, self.dtype, self.eos, self.shard_tokens = folder, dtype, eos, shard_tokens
         self.prefix, self.digits = prefix, digits
         self.shards: list[dict] = []
@@ -112,11 +113,12 @@ class _ShardWriter:
                 self._handle = open(self.folder / self.shards[-1]["tokens"], "wb")
             base = int(ends[first - 1]) if first else 0
             # The shard takes documents up to and including the one that fills it to shard_tokens.
-            last = min(int(np.searchsorted(ends, base + self.shard_tokens - self._filled, side="left")),
-                       len(lengths) - 1)
+            last = min(
+                int(np.searchsorted(ends, base + self.shard_tokens - self._filled, side="left")), len(lengths) - 1
+            )
             stop = int(ends[last])
             self._handle.write(np.ascontiguousarray(tokens[base:stop], dtype=self.dtype).tobytes())
-            self._ends.append(ends[first:last + 1] - base + self._filled)
+            self._ends.append(ends[first : last + 1] - base + self._filled)
             self._filled += stop - base
             first = last + 1
             if self._filled >= self.shard_tokens:
@@ -137,13 +139,25 @@ class _ShardWriter:
 def manifest_head(tokenizer) -> dict:
     """The format v1 fields that follow from the tokenizer alone."""
     size = vocab_size(tokenizer)
-    return {"format": FORMAT, "dtype": dtype_for_vocab(size), "eosId": eos_id(tokenizer), "vocabSize": size,
-            "tokenizerSha256": tokenizer_sha256(tokenizer)}
+    return {
+        "format": FORMAT,
+        "dtype": dtype_for_vocab(size),
+        "eosId": eos_id(tokenizer),
+        "vocabSize": size,
+        "tokenizerSha256": tokenizer_sha256(tokenizer),
+    }
 
 
-def write_shards(docs: Iterable[str], tokenizer, out_dir: str | os.PathLike, *,
-                 shard_tokens: int = DEFAULT_SHARD_TOKENS, extra: dict | None = None,
-                 progress: bool = True, desc: str = "tokenize") -> dict:
+def write_shards(
+    docs: Iterable[str],
+    tokenizer,
+    out_dir: str | os.PathLike,
+    *,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    extra: dict | None = None,
+    progress: bool = True,
+    desc: str = "tokenize",
+) -> dict:
     """Tokenize ``docs`` into a shard set at ``out_dir`` (local folder or fsspec URL); returns the manifest.
 
     A shard is closed once it holds at least ``shard_tokens`` tokens (so documents are never split).
@@ -173,9 +187,12 @@ def write_shards(docs: Iterable[str], tokenizer, out_dir: str | os.PathLike, *,
         for batch in batches(docs):
             bar.update(writer.add_batch(*with_eos(encode_ids(tokenizer, batch), eos, writer.dtype)))
         writer.close()
-        manifest.update(numTokens=sum(s["numTokens"] for s in writer.shards),
-                        numDocuments=sum(s["numDocuments"] for s in writer.shards), shards=writer.shards,
-                        **(extra or {}))
+        manifest.update(
+            numTokens=sum(s["numTokens"] for s in writer.shards),
+            numDocuments=sum(s["numDocuments"] for s in writer.shards),
+            shards=writer.shards,
+            **(extra or {}),
+        )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")  # last: only now is the set complete
         if remote:
             _upload(tmp, str(out_dir), manifest)
@@ -231,7 +248,7 @@ class TokenShards:
         self._shard_starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> "TokenShards":
+    def open(cls, path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> TokenShards:
         """Open and validate a shard set; an fsspec URL is first copied to a local cache folder."""
         source = str(path)
         local = _fetch(source, cache_dir) if is_url(source) else Path(source.removeprefix("file://"))
@@ -259,7 +276,7 @@ class TokenShards:
         while start < stop:
             base = int(self._shard_starts[first])
             end = min(stop, int(self._shard_starts[first + 1]))
-            parts.append(self._tokens[first][start - base:end - base])
+            parts.append(self._tokens[first][start - base : end - base])
             start, first = end, first + 1
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
@@ -281,8 +298,10 @@ def read_manifest(folder: Path, *, shown: str | None = None) -> dict:
     where = f"{shown or folder}/{MANIFEST}"
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise DataError(f"{where} not found: {shown or folder} is not a complete shard set (a set whose writing was "
-                        f"interrupted has no manifest); point the source at a folder written by stagerun, or {REMAKE}")
+        raise DataError(
+            f"{where} not found: {shown or folder} is not a complete shard set (a set whose writing was "
+            f"interrupted has no manifest); point the source at a folder written by stagerun, or {REMAKE}"
+        )
     try:
         manifest = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -290,8 +309,10 @@ def read_manifest(folder: Path, *, shown: str | None = None) -> dict:
     if not isinstance(manifest, dict):
         raise DataError(f"{where}: expected a JSON object: {REMAKE}")
     if manifest.get("format") != FORMAT:
-        raise DataError(f"{where}: format is {manifest.get('format')!r}, expected {FORMAT!r}: this reader only "
-                        f"knows {FORMAT}; {REMAKE}")
+        raise DataError(
+            f"{where}: format is {manifest.get('format')!r}, expected {FORMAT!r}: this reader only "
+            f"knows {FORMAT}; {REMAKE}"
+        )
     if manifest.get("dtype") not in DTYPES:
         raise DataError(f"{where}: dtype {manifest.get('dtype')!r} is not one of {', '.join(DTYPES)}: {REMAKE}")
     for key in ("eosId", "vocabSize", "numTokens", "numDocuments"):
@@ -323,25 +344,33 @@ def _open_shard(folder: Path, shown: str, manifest: dict, i: int, shard: dict) -
     dtype = DTYPES[manifest["dtype"]]
     tokens_path, index_path = folder / shard["tokens"], folder / shard["index"]
     n_tokens, n_docs = shard["numTokens"], shard["numDocuments"]
-    for path, expected, what in ((tokens_path, n_tokens * dtype.itemsize, f"{n_tokens} {manifest['dtype']} tokens"),
-                                 (index_path, n_docs * 8, f"{n_docs} int64 document ends")):
+    for path, expected, what in (
+        (tokens_path, n_tokens * dtype.itemsize, f"{n_tokens} {manifest['dtype']} tokens"),
+        (index_path, n_docs * 8, f"{n_docs} int64 document ends"),
+    ):
         if not path.is_file():
             raise DataError(f"{shown}/{path.name}: missing (listed in {MANIFEST} shards[{i}]): {REMAKE}")
         actual = path.stat().st_size
         if actual != expected:
-            raise DataError(f"{shown}/{path.name}: {actual} bytes, expected {expected} ({what}, as {MANIFEST} "
-                            f"shards[{i}] says); the file is truncated or from another set: {REMAKE}")
+            raise DataError(
+                f"{shown}/{path.name}: {actual} bytes, expected {expected} ({what}, as {MANIFEST} "
+                f"shards[{i}] says); the file is truncated or from another set: {REMAKE}"
+            )
     tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.zeros(0, dtype)
     ends = np.fromfile(index_path, dtype="<i8")
     if n_docs:
         steps = np.diff(ends, prepend=0)
         bad = np.flatnonzero(steps <= 0)
         if len(bad):
-            raise DataError(f"{shown}/{index_path.name}: document end offsets must increase, entry {int(bad[0])} is "
-                            f"{int(ends[bad[0]])} after {int(ends[bad[0] - 1]) if bad[0] else 0}: {REMAKE}")
+            raise DataError(
+                f"{shown}/{index_path.name}: document end offsets must increase, entry {int(bad[0])} is "
+                f"{int(ends[bad[0]])} after {int(ends[bad[0] - 1]) if bad[0] else 0}: {REMAKE}"
+            )
         if ends[-1] != n_tokens:
-            raise DataError(f"{shown}/{index_path.name}: the last document ends at {int(ends[-1])}, but the shard "
-                            f"holds {n_tokens} tokens: {REMAKE}")
+            raise DataError(
+                f"{shown}/{index_path.name}: the last document ends at {int(ends[-1])}, but the shard "
+                f"holds {n_tokens} tokens: {REMAKE}"
+            )
     elif n_tokens:
         raise DataError(f"{shown}/{index_path.name}: {n_tokens} tokens but no documents: {REMAKE}")
     return tokens, ends
@@ -354,8 +383,10 @@ def _fetch(url: str, cache_dir: str | os.PathLike | None) -> Path:
     try:
         manifest_bytes = fs.cat_file(f"{root}/{MANIFEST}")
     except FileNotFoundError:
-        raise DataError(f"{url}/{MANIFEST} not found: {url} is not a complete shard set; point the source at a "
-                        f"folder written by stagerun, or {REMAKE}") from None
+        raise DataError(
+            f"{url}/{MANIFEST} not found: {url} is not a complete shard set; point the source at a "
+            f"folder written by stagerun, or {REMAKE}"
+        ) from None
     try:
         manifest = json.loads(manifest_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -37,10 +37,8 @@ from queue import Empty, Full, Queue
 import fsspec
 from tqdm import tqdm
 
-from .readers import BadRecords, DataError, InputFile, InputStats, expand_inputs, is_url, parquet_row_groups, \
-    read_texts
-from .shards import DEFAULT_SHARD_TOKENS, DTYPES, MANIFEST, _ShardWriter, batches, encode_ids, manifest_head, \
-    with_eos
+from .readers import BadRecords, DataError, InputFile, InputStats, expand_inputs, is_url, parquet_row_groups, read_texts
+from .shards import DEFAULT_SHARD_TOKENS, DTYPES, MANIFEST, _ShardWriter, batches, encode_ids, manifest_head, with_eos
 from .tokenizer import load_tokenizer
 
 WORK_DIR = ".stagerun-tokenize"
@@ -69,8 +67,16 @@ class Piece:
 
     def identity(self) -> list:
         f = self.file
-        return [f.url, f.format, f.compression, f.size, f.fingerprint, self.start, self.end,
-                list(self.row_groups) if self.row_groups else None]
+        return [
+            f.url,
+            f.format,
+            f.compression,
+            f.size,
+            f.fingerprint,
+            self.start,
+            self.end,
+            list(self.row_groups) if self.row_groups else None,
+        ]
 
 
 @dataclass(frozen=True)
@@ -121,27 +127,34 @@ class TokenizeResult:
 
     def report(self) -> str:
         info = self.manifest["tokenize"]
-        lines = [f"{self.out}: {self.manifest['numDocuments']:,} documents, {self.manifest['numTokens']:,} tokens "
-                 f"({self.manifest['dtype']}) in {len(self.manifest['shards'])} shards from {len(info['inputs'])} "
-                 f"input(s)"]
+        lines = [
+            f"{self.out}: {self.manifest['numDocuments']:,} documents, {self.manifest['numTokens']:,} tokens "
+            f"({self.manifest['dtype']}) in {len(self.manifest['shards'])} shards from {len(info['inputs'])} "
+            f"input(s)"
+        ]
         if self.reused_units:
             lines.append(f"resumed: {self.reused_units} of {self.units} units were already done")
         if self.units > self.reused_units:
-            lines.append(f"throughput: {self.tokens_per_second / 1e6:,.2f}M tokens/s, {self.mb_per_second:,.1f} MB/s "
-                         f"({self.tokens:,} tokens from {self.bytes / 1e6:,.1f} MB in {self.seconds:,.1f} s, "
-                         f"{self.processes} process{'es' if self.processes != 1 else ''})")
+            lines.append(
+                f"throughput: {self.tokens_per_second / 1e6:,.2f}M tokens/s, {self.mb_per_second:,.1f} MB/s "
+                f"({self.tokens:,} tokens from {self.bytes / 1e6:,.1f} MB in {self.seconds:,.1f} s, "
+                f"{self.processes} process{'es' if self.processes != 1 else ''})"
+            )
         bad = info["skippedRecords"] + info["skippedFiles"]
         if bad:
             shown = "; ".join(f"{e['where']}: {e['problem']}" for e in info["skipped"][:5])
             more = f" (first {min(5, len(info['skipped']))}: {shown})" if shown else ""
-            lines.append(f"skipped: {info['skippedRecords']:,} malformed records and {info['skippedFiles']:,} files"
-                         f"{more}; all listed by count in {MANIFEST} under tokenize.inputs")
+            lines.append(
+                f"skipped: {info['skippedRecords']:,} malformed records and {info['skippedFiles']:,} files"
+                f"{more}; all listed by count in {MANIFEST} under tokenize.inputs"
+            )
         if info["emptyDocuments"]:
             lines.append(f"empty texts (no document made): {info['emptyDocuments']:,}")
         return "\n".join(lines)
 
 
 # --- planning ----------------------------------------------------------------------------------------------------
+
 
 def auto_unit_bytes(total_bytes: int) -> int:
     """About UNITS_PER_RUN units, rounded down to a power of two (so a small change of the inputs keeps it)."""
@@ -169,11 +182,16 @@ def _pieces(file: InputFile, unit_bytes: int) -> list[Piece]:
     return [Piece(file, size)]
 
 
-def plan_units(files: Sequence[InputFile], *, unit_bytes: int, tokenizer_sha: str, text_field: str,
-               shard_tokens: int) -> list[Unit]:
+def plan_units(
+    files: Sequence[InputFile], *, unit_bytes: int, tokenizer_sha: str, text_field: str, shard_tokens: int
+) -> list[Unit]:
     """The units of work, in document order: small files packed together, big ones split."""
-    common = {"v": UNIT_KEY_VERSION, "tokenizerSha256": tokenizer_sha, "textField": text_field,
-              "shardTokens": shard_tokens}
+    common = {
+        "v": UNIT_KEY_VERSION,
+        "tokenizerSha256": tokenizer_sha,
+        "textField": text_field,
+        "shardTokens": shard_tokens,
+    }
     units: list[Unit] = []
     current: list[Piece] = []
 
@@ -203,6 +221,7 @@ def plan_sha(units: Sequence[Unit], inputs: Sequence[str]) -> str:
 
 
 # --- the output folder -------------------------------------------------------------------------------------------
+
 
 class _Output:
     """The output folder, local or behind fsspec; units are committed into it one by one."""
@@ -252,8 +271,11 @@ class _Output:
                 entries = self.fs.ls(self.root, detail=True)
             except FileNotFoundError:
                 return {}
-            return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries
-                    if e.get("type", "file") == "file"}
+            return {
+                e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+                for e in entries
+                if e.get("type", "file") == "file"
+            }
         if not self.local.is_dir():
             return {}
         return {p.name: p.stat().st_size for p in self.local.iterdir() if p.is_file()}
@@ -350,8 +372,10 @@ def _committed(output: _Output, units: Sequence[Unit], itemsize: int) -> dict[st
         if marker is None:
             continue
         try:
-            intact = all(sizes.get(s["tokens"]) == s["numTokens"] * itemsize and
-                         sizes.get(s["index"]) == s["numDocuments"] * 8 for s in marker["shards"])
+            intact = all(
+                sizes.get(s["tokens"]) == s["numTokens"] * itemsize and sizes.get(s["index"]) == s["numDocuments"] * 8
+                for s in marker["shards"]
+            )
         except (KeyError, TypeError):
             intact = False
         if intact:
@@ -387,8 +411,9 @@ def _pool_unit(unit: Unit, job: _Job) -> dict:
     return run_unit(unit, job, _WORKER["tokenizer"], progress)
 
 
-def _unit_batches(unit: Unit, job: _Job, bad: BadRecords,
-                  stats: dict[int, InputStats]) -> Iterator[tuple[list[str], list[int]]]:
+def _unit_batches(
+    unit: Unit, job: _Job, bad: BadRecords, stats: dict[int, InputStats]
+) -> Iterator[tuple[list[str], list[int]]]:
     """The unit's documents in order, in batches, each with the input index of every document."""
     owners: list[int] = []
 
@@ -396,8 +421,15 @@ def _unit_batches(unit: Unit, job: _Job, bad: BadRecords,
         for piece in unit.pieces:
             index = piece.file.input_index
             piece_stats = stats.setdefault(index, InputStats())
-            for text in read_texts(piece.file, text_field=job.text_field, bad=bad, stats=piece_stats,
-                                   start=piece.start, end=piece.end, row_groups=piece.row_groups):
+            for text in read_texts(
+                piece.file,
+                text_field=job.text_field,
+                bad=bad,
+                stats=piece_stats,
+                start=piece.start,
+                end=piece.end,
+                row_groups=piece.row_groups,
+            ):
                 owners.append(index)
                 yield text
 
@@ -482,11 +514,16 @@ def run_unit(unit: Unit, job: _Job, tokenizer, progress: Callable[[int, int], No
         raise
     if progress is not None:
         progress(sum(s.bytes for s in stats.values()) - reported, 0)
-    return {"key": unit.key, "shards": writer.shards,
-            "inputs": {str(i): s.to_json() for i, s in sorted(stats.items())}, "skipped": bad.examples}
+    return {
+        "key": unit.key,
+        "shards": writer.shards,
+        "inputs": {str(i): s.to_json() for i, s in sorted(stats.items())},
+        "skipped": bad.examples,
+    }
 
 
 # --- the run -----------------------------------------------------------------------------------------------------
+
 
 def _cpus() -> int:
     try:
@@ -495,11 +532,21 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def tokenize(inputs: Sequence[str], tokenizer, out: str | os.PathLike, *, fmt: str = "auto",
-             text_field: str = "text", processes: int = 1, threads: int | None = None,
-             shard_tokens: int = DEFAULT_SHARD_TOKENS, unit_bytes: int | None = None,
-             skip_bad_records: bool = False, progress: bool = True,
-             log: Callable[[str], None] | None = None) -> TokenizeResult:
+def tokenize(
+    inputs: Sequence[str],
+    tokenizer,
+    out: str | os.PathLike,
+    *,
+    fmt: str = "auto",
+    text_field: str = "text",
+    processes: int = 1,
+    threads: int | None = None,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    unit_bytes: int | None = None,
+    skip_bad_records: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> TokenizeResult:
     """Tokenize ``inputs`` (paths, folders, globs, fsspec URLs) into a shard set at ``out``; resumable.
 
     ``tokenizer``: a path/URL of a tokenizers JSON file, or a Tokenizer. ``processes``: worker processes (1: this
@@ -520,8 +567,13 @@ def tokenize(inputs: Sequence[str], tokenizer, out: str | os.PathLike, *, fmt: s
     files = expand_inputs(inputs, fmt, what="--input")
     total_bytes = sum(f.size or 0 for f in files)
     unit_bytes = unit_bytes or auto_unit_bytes(total_bytes)
-    units = plan_units(files, unit_bytes=unit_bytes, tokenizer_sha=head["tokenizerSha256"], text_field=text_field,
-                       shard_tokens=shard_tokens)
+    units = plan_units(
+        files,
+        unit_bytes=unit_bytes,
+        tokenizer_sha=head["tokenizerSha256"],
+        text_field=text_field,
+        shard_tokens=shard_tokens,
+    )
     sha = plan_sha(units, inputs)
     output = _Output(str(out))
 
@@ -530,8 +582,10 @@ def tokenize(inputs: Sequence[str], tokenizer, out: str | os.PathLike, *, fmt: s
         if existing.get("tokenize", {}).get("planSha256") == sha:
             log(f"{out} is already complete for these inputs and settings: nothing to do")
             return TokenizeResult(existing, str(out), len(units), len(units), 0.0, 0, 0, 0, 0)
-        raise DataError(f"{out} already holds a complete shard set made from other inputs or settings: choose "
-                        f"another --out, or delete it first")
+        raise DataError(
+            f"{out} already holds a complete shard set made from other inputs or settings: choose "
+            f"another --out, or delete it first"
+        )
 
     itemsize = DTYPES[head["dtype"]].itemsize
     done = _committed(output, units, itemsize)
@@ -541,14 +595,30 @@ def tokenize(inputs: Sequence[str], tokenizer, out: str | os.PathLike, *, fmt: s
         log(f"{(local_only or [output.url])[0]} lives in this process's memory: tokenizing in 1 process")
         processes = 1
     processes = max(1, min(processes, len(pending)))
-    log(f"{len(files)} files, {total_bytes / 1e6:,.1f} MB in {len(units)} units of about {unit_bytes / 2**20:g} MiB"
-        + (f" ({len(done)} already done)" if done else "") + f"; {processes} process{'es' if processes > 1 else ''}")
+    log(
+        f"{len(files)} files, {total_bytes / 1e6:,.1f} MB in {len(units)} units of about {unit_bytes / 2**20:g} MiB"
+        + (f" ({len(done)} already done)" if done else "")
+        + f"; {processes} process{'es' if processes > 1 else ''}"
+    )
     staging = output.staging()
-    job = _Job(text_field=text_field, shard_tokens=shard_tokens, dtype=head["dtype"], eos=head["eosId"],
-               skip_bad_records=skip_bad_records, staging=staging)
+    job = _Job(
+        text_field=text_field,
+        shard_tokens=shard_tokens,
+        dtype=head["dtype"],
+        eos=head["eosId"],
+        skip_bad_records=skip_bad_records,
+        staging=staging,
+    )
     work_bytes = sum(u.bytes for u in pending)
-    bar = tqdm(total=work_bytes, desc="tokenize", unit="B", unit_scale=True, disable=not progress,
-               mininterval=0.5, smoothing=0.1)
+    bar = tqdm(
+        total=work_bytes,
+        desc="tokenize",
+        unit="B",
+        unit_scale=True,
+        disable=not progress,
+        mininterval=0.5,
+        smoothing=0.1,
+    )
     start_work = time.perf_counter()
     try:
         if processes == 1:
@@ -561,21 +631,31 @@ def tokenize(inputs: Sequence[str], tokenizer, out: str | os.PathLike, *, fmt: s
             shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - start_work
 
-    manifest = _assemble(head, units, done, files, inputs, fmt, text_field, unit_bytes, shard_tokens, sha,
-                         tokenizer_source)
+    manifest = _assemble(
+        head, units, done, files, inputs, fmt, text_field, unit_bytes, shard_tokens, sha, tokenizer_source
+    )
     if manifest["numDocuments"] == 0:
-        raise DataError(f"the inputs hold no documents ({manifest['tokenize']['skippedRecords']:,} malformed records "
-                        f"and {manifest['tokenize']['skippedFiles']:,} files skipped, "
-                        f"{manifest['tokenize']['emptyDocuments']:,} empty texts): check --input, --format and "
-                        f"--text-field")
+        raise DataError(
+            f"the inputs hold no documents ({manifest['tokenize']['skippedRecords']:,} malformed records "
+            f"and {manifest['tokenize']['skippedFiles']:,} files skipped, "
+            f"{manifest['tokenize']['emptyDocuments']:,} empty texts): check --input, --format and "
+            f"--text-field"
+        )
     keep = {name for s in manifest["shards"] for name in (s["tokens"], s["index"])}
     output.finish(manifest, keep)
     work = [done[u.key] for u in pending]
     return TokenizeResult(
-        manifest=manifest, out=str(out), units=len(units), reused_units=len(units) - len(pending), seconds=seconds,
-        bytes=sum(u.bytes for u in pending), tokens=sum(s["numTokens"] for m in work for s in m["shards"]),
-        documents=sum(s["numDocuments"] for m in work for s in m["shards"]), processes=processes,
-        skipped_examples=manifest["tokenize"]["skipped"])
+        manifest=manifest,
+        out=str(out),
+        units=len(units),
+        reused_units=len(units) - len(pending),
+        seconds=seconds,
+        bytes=sum(u.bytes for u in pending),
+        tokens=sum(s["numTokens"] for m in work for s in m["shards"]),
+        documents=sum(s["numDocuments"] for m in work for s in m["shards"]),
+        processes=processes,
+        skipped_examples=manifest["tokenize"]["skipped"],
+    )
 
 
 def _run_here(pending, job, tokenizer, output, done, bar, threads) -> None:
@@ -635,9 +715,19 @@ def _run_pool(pending, job, tokenizer, output, done, bar, processes, threads) ->
         pool.join()
 
 
-def _assemble(head: dict, units: Sequence[Unit], done: dict[str, dict], files: Sequence[InputFile],
-              inputs: Sequence[str], fmt: str, text_field: str, unit_bytes: int, shard_tokens: int, sha: str,
-              tokenizer_source: str | None) -> dict:
+def _assemble(
+    head: dict,
+    units: Sequence[Unit],
+    done: dict[str, dict],
+    files: Sequence[InputFile],
+    inputs: Sequence[str],
+    fmt: str,
+    text_field: str,
+    unit_bytes: int,
+    shard_tokens: int,
+    sha: str,
+    tokenizer_source: str | None,
+) -> dict:
     per_input = [InputStats() for _ in inputs]
     shards: list[dict] = []
     skipped: list[dict] = []
@@ -646,7 +736,7 @@ def _assemble(head: dict, units: Sequence[Unit], done: dict[str, dict], files: S
         shards.extend(marker["shards"])
         for index, data in marker["inputs"].items():
             per_input[int(index)].add(InputStats.from_json(data))
-        skipped.extend(marker.get("skipped", [])[:100 - len(skipped)])
+        skipped.extend(marker.get("skipped", [])[: 100 - len(skipped)])
     total = InputStats()
     for stats in per_input:
         total.add(stats)
@@ -654,15 +744,30 @@ def _assemble(head: dict, units: Sequence[Unit], done: dict[str, dict], files: S
     for f in files:
         file_counts[f.input_index] += 1
     info = {
-        "inputs": [{"input": str(pattern), "files": file_counts[i], **per_input[i].to_json()}
-                   for i, pattern in enumerate(inputs)],
-        "format": fmt, "textField": text_field, "tokenizer": tokenizer_source, "unitBytes": unit_bytes,
-        "shardTokens": shard_tokens, "units": len(units), "planSha256": sha,
-        "bytes": total.bytes, "emptyDocuments": total.empty, "skippedRecords": total.skipped_records,
-        "skippedFiles": total.skipped_files, "skipped": skipped,
+        "inputs": [
+            {"input": str(pattern), "files": file_counts[i], **per_input[i].to_json()}
+            for i, pattern in enumerate(inputs)
+        ],
+        "format": fmt,
+        "textField": text_field,
+        "tokenizer": tokenizer_source,
+        "unitBytes": unit_bytes,
+        "shardTokens": shard_tokens,
+        "units": len(units),
+        "planSha256": sha,
+        "bytes": total.bytes,
+        "emptyDocuments": total.empty,
+        "skippedRecords": total.skipped_records,
+        "skippedFiles": total.skipped_files,
+        "skipped": skipped,
     }
-    return {**head, "numTokens": sum(s["numTokens"] for s in shards),
-            "numDocuments": sum(s["numDocuments"] for s in shards), "shards": shards, "tokenize": info}
+    return {
+        **head,
+        "numTokens": sum(s["numTokens"] for s in shards),
+        "numDocuments": sum(s["numDocuments"] for s in shards),
+        "shards": shards,
+        "tokenize": info,
+    }
 
 
 __all__ = ["Piece", "TokenizeResult", "Unit", "auto_unit_bytes", "plan_units", "run_unit", "tokenize"]

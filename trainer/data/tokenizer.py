@@ -32,10 +32,12 @@ MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 def new_tokenizer() -> Tokenizer:
     """An untrained byte-level BPE with this project's pre-tokenizer and decoder."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 
@@ -43,8 +45,10 @@ def new_tokenizer() -> Tokenizer:
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike | None = None) -> Tokenizer:
     """Train a byte-level BPE of ``vocab_size`` tokens (special tokens included) on ``texts``; save to out_path."""
     if vocab_size < MIN_VOCAB:
-        raise DataError(f"vocab size {vocab_size} is too small for a byte-level BPE: use at least {MIN_VOCAB} "
-                        f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+        raise DataError(
+            f"vocab size {vocab_size} is too small for a byte-level BPE: use at least {MIN_VOCAB} "
+            f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
+        )
     tokenizer = new_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -85,8 +89,10 @@ def load_tokenizer(path_or_url: str | os.PathLike) -> Tokenizer:
     try:
         return Tokenizer.from_str(text)
     except Exception as exc:  # tokenizers raises a bare Exception for malformed JSON
-        raise DataError(f"{where}: not a tokenizers JSON file ({exc}): point spec.tokenizer.path at a file saved "
-                        f"by tokenizers (tokenizer.json)") from None
+        raise DataError(
+            f"{where}: not a tokenizers JSON file ({exc}): point spec.tokenizer.path at a file saved "
+            f"by tokenizers (tokenizer.json)"
+        ) from None
 
 
 def eos_id(tokenizer: Tokenizer) -> int:
@@ -95,8 +101,10 @@ def eos_id(tokenizer: Tokenizer) -> int:
         token_id = tokenizer.token_to_id(token)
         if token_id is not None:
             return token_id
-    raise DataError(f"the tokenizer has no end-of-document token (looked for {', '.join(KNOWN_EOS_TOKENS)}): add "
-                    f"{EOS_TOKEN} as a special token, or train one with spec.tokenizer.train")
+    raise DataError(
+        f"the tokenizer has no end-of-document token (looked for {', '.join(KNOWN_EOS_TOKENS)}): add "
+        f"{EOS_TOKEN} as a special token, or train one with spec.tokenizer.train"
+    )
 
 
 def vocab_size(tokenizer: Tokenizer) -> int:
@@ -123,9 +131,18 @@ class TrainReport:
     skipped: list[dict] = field(default_factory=list)  # the first skipped records (where, problem)
 
 
-def train_from_inputs(inputs: Sequence[str], vocab_size: int, out_path: str | os.PathLike, *, fmt: str = "auto",
-                      text_field: str = "text", max_bytes: int | None = None, skip_bad_records: bool = False,
-                      progress: bool = True, hint: str = "") -> tuple[Tokenizer, TrainReport]:
+def train_from_inputs(
+    inputs: Sequence[str],
+    vocab_size: int,
+    out_path: str | os.PathLike,
+    *,
+    fmt: str = "auto",
+    text_field: str = "text",
+    max_bytes: int | None = None,
+    skip_bad_records: bool = False,
+    progress: bool = True,
+    hint: str = "",
+) -> tuple[Tokenizer, TrainReport]:
     """Train a tokenizer on the documents of ``inputs`` (paths, globs, fsspec URLs), at most ``max_bytes`` of text.
 
     With several inputs, documents are interleaved so each input gets an equal share of the bytes (an input that
@@ -139,8 +156,14 @@ def train_from_inputs(inputs: Sequence[str], vocab_size: int, out_path: str | os
         mine = [f for f in files if f.input_index == index]
         streams.append(_documents_of(mine, text_field, bad, report.stats))
     total = sum(f.size or 0 for f in files)
-    bar = tqdm(total=min(total, max_bytes) if max_bytes else total, desc="train tokenizer", unit="B",
-               unit_scale=True, disable=not progress, mininterval=0.5)
+    bar = tqdm(
+        total=min(total, max_bytes) if max_bytes else total,
+        desc="train tokenizer",
+        unit="B",
+        unit_scale=True,
+        disable=not progress,
+        mininterval=0.5,
+    )
 
     def texts() -> Iterator[str]:
         taken = [0] * len(streams)
@@ -153,7 +176,7 @@ def train_from_inputs(inputs: Sequence[str], vocab_size: int, out_path: str | os
                 continue
             data = doc.encode("utf-8")
             if max_bytes is not None and report.bytes + len(data) > max_bytes:
-                data = data[:max_bytes - report.bytes]
+                data = data[: max_bytes - report.bytes]
                 doc = data.decode("utf-8", errors="ignore")
             taken[i] += len(data)
             report.bytes += len(data)

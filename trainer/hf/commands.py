@@ -17,17 +17,26 @@ def add_export_command(subparsers) -> argparse.ArgumentParser:
         "rmsnorm models become LlamaForCausalLM, layernorm models StableLmForCausalLM; ALiBi models and rmsnorm "
         "with partial rotary are refused (see docs/huggingface.md).",
     )
-    parser.add_argument("source", metavar="RUN_OR_CHECKPOINT",
-                        help="a run dir (runs/<name>), a checkpoint root (spec.checkpoint.path), or a step-XXXXXXXX "
-                        "folder; local path or fsspec URL")
+    parser.add_argument(
+        "source",
+        metavar="RUN_OR_CHECKPOINT",
+        help="a run dir (runs/<name>), a checkpoint root (spec.checkpoint.path), or a step-XXXXXXXX "
+        "folder; local path or fsspec URL",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output folder (created; must be empty)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
-                        help="dtype of the written weights (default fp32: the checkpoint's master weights, exact)")
-    parser.add_argument("--manifest", type=Path,
-                        help="the run's manifest, for checkpoints whose meta.json does not record the model")
+    parser.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="dtype of the written weights (default fp32: the checkpoint's master weights, exact)",
+    )
+    parser.add_argument(
+        "--manifest", type=Path, help="the run's manifest, for checkpoints whose meta.json does not record the model"
+    )
     parser.add_argument("--tokenizer", help="tokenizer.json to ship (default: the run's, found beside the checkpoint)")
-    parser.add_argument("--max-shard-size", default="5GB",
-                        help="split model.safetensors into shards of at most this size (default 5GB)")
+    parser.add_argument(
+        "--max-shard-size", default="5GB", help="split model.safetensors into shards of at most this size (default 5GB)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=cmd_export)
@@ -39,15 +48,22 @@ def cmd_export(args) -> int:
 
     try:
         result = export_checkpoint(
-            args.source, args.out, dtype=args.dtype, manifest=args.manifest, tokenizer=args.tokenizer,
-            max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+            args.source,
+            args.out,
+            dtype=args.dtype,
+            manifest=args.manifest,
+            tokenizer=args.tokenizer,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
             progress=False if args.no_progress else None,
         )
     except (ValueError, FileNotFoundError) as exc:  # ExportError, UnsupportedArchitecture, a bad tokenizer file
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"exported {result.checkpoint} ({', '.join(result.notes)}) as {result.architecture}: "
-          f"{result.parameters:,} parameters, {_human(result.bytes)} -> {result.out}")
+    print(
+        f"exported {result.checkpoint} ({', '.join(result.notes)}) as {result.architecture}: "
+        f"{result.parameters:,} parameters, {_human(result.bytes)} -> {result.out}"
+    )
     print(f"  files: {', '.join(result.files)}")
     print(f"  tokenizer: {result.tokenizer or 'none'}")
     print(f"  load with: AutoModelForCausalLM.from_pretrained({str(result.out)!r})")

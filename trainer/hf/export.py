@@ -20,19 +20,31 @@ import json
 import logging
 import re
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 
+from stagerun.core.spec.model import ModelSpec
+
 from .. import storage
-from ..spec.model import ModelSpec
 from .mapping import ZEROS, Entry, export_tensor, hf_architecture, hf_config, hf_entries
 
 __all__ = [
-    "DEFAULT_MAX_SHARD_SIZE", "DTYPES", "ExportError", "ExportResult", "CheckpointSource", "StateDictSource",
-    "export_checkpoint", "export_model", "export_weights", "parse_size", "resolve_checkpoint", "spec_from_meta",
+    "DEFAULT_MAX_SHARD_SIZE",
+    "DTYPES",
+    "ExportError",
+    "ExportResult",
+    "CheckpointSource",
+    "StateDictSource",
+    "export_checkpoint",
+    "export_model",
+    "export_weights",
+    "parse_size",
+    "resolve_checkpoint",
+    "spec_from_meta",
 ]
 
 log = logging.getLogger(__name__)
@@ -83,6 +95,7 @@ def parse_size(value: str | int) -> int:
 
 # ---------------------------------------------------------------------------------------------------- sources
 
+
 class StateDictSource:
     """stagerun tensors from a state dict or a live model (FSDP/TP DTensors are gathered: call it on every rank)."""
 
@@ -131,11 +144,13 @@ class CheckpointSource:
         self.keys: dict[str, str] = {}  # canonical parameter name -> the key DCP stored it under
         for key, item in metadata.state_dict_metadata.items():
             if key.startswith(APP_STATE_PREFIX) and isinstance(item, TensorStorageMetadata):
-                name = canonical_name(key[len(APP_STATE_PREFIX):])
+                name = canonical_name(key[len(APP_STATE_PREFIX) :])
                 self.meta[name], self.keys[name] = item, key
         if not self.meta:
-            raise ExportError(f"checkpoint {url} holds no model tensors under {APP_STATE_PREFIX!r}: is it a stagerun "
-                              "training checkpoint?")
+            raise ExportError(
+                f"checkpoint {url} holds no model tensors under {APP_STATE_PREFIX!r}: is it a stagerun "
+                "training checkpoint?"
+            )
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.size) for k, v in self.meta.items()}
@@ -157,6 +172,7 @@ class CheckpointSource:
 
 # ---------------------------------------------------------------------------------------------------- weights
 
+
 def _check_source(spec: ModelSpec, entries: list[Entry], source) -> None:
     shapes = source.shapes()
     expected = {e.src: e.shape for e in entries if e.src is not None}
@@ -171,8 +187,10 @@ def _check_source(spec: ModelSpec, entries: list[Entry], source) -> None:
     if problems:
         where = source.url or "the state dict"
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise ExportError(f"{where} does not hold the model that spec.model describes: {shown}. Export with the "
-                          "manifest the checkpoint was trained with (--manifest), or the checkpoint's own meta.json")
+        raise ExportError(
+            f"{where} does not hold the model that spec.model describes: {shown}. Export with the "
+            "manifest the checkpoint was trained with (--manifest), or the checkpoint's own meta.json"
+        )
 
 
 def _plan_shards(entries: list[Entry], element_size: int, max_shard_size: int) -> list[list[Entry]]:
@@ -195,8 +213,15 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def export_weights(spec: ModelSpec, source, out: Path, *, dtype: torch.dtype = torch.float32,
-                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, progress: bool | None = None) -> list[str]:
+def export_weights(
+    spec: ModelSpec,
+    source,
+    out: Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool | None = None,
+) -> list[str]:
     """Write the safetensors file(s) (and the index when sharded) of ``spec``'s export into ``out``.
 
     ``source`` gives stagerun tensors by name (:class:`CheckpointSource`, :class:`StateDictSource`). Returns the
@@ -209,12 +234,21 @@ def export_weights(spec: ModelSpec, source, out: Path, *, dtype: torch.dtype = t
     _check_source(spec, entries, source)
     element_size = torch.empty((), dtype=dtype).element_size()
     shards = _plan_shards(entries, element_size, parse_size(max_shard_size))
-    names = ([WEIGHTS] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        [WEIGHTS]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     shard_of = {e.hf: i for i, shard in enumerate(shards) for e in shard}
     total = sum(element_size * _numel(e.shape) for e in entries)
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="export",
-               disable=(None if progress is None else not progress))
+    bar = tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="export",
+        disable=(None if progress is None else not progress),
+    )
     pending: dict[int, dict[str, torch.Tensor]] = {}
     units: dict[str, list[Entry]] = {}
     for entry in entries:
@@ -241,6 +275,7 @@ def export_weights(spec: ModelSpec, source, out: Path, *, dtype: torch.dtype = t
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
 
+
 @dataclass(frozen=True)
 class _TokenizerFiles:
     text: str  # tokenizer.json
@@ -257,13 +292,16 @@ def _read_tokenizer(tokenizer_path: str, spec: ModelSpec) -> _TokenizerFiles:
     tokenizer = load_tokenizer(tokenizer_path)
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     if max(vocab.values(), default=-1) >= spec.padded_vocab:
-        raise ExportError(f"{tokenizer_path}: the tokenizer has ids up to {max(vocab.values())} but the model has "
-                          f"{spec.padded_vocab} embedding rows: it is not this model's tokenizer (pass --tokenizer)")
+        raise ExportError(
+            f"{tokenizer_path}: the tokenizer has ids up to {max(vocab.values())} but the model has "
+            f"{spec.padded_vocab} embedding rows: it is not this model's tokenizer (pass --tokenizer)"
+        )
     eos = next((t for t in EOS_CANDIDATES if t in vocab), None)
     pad = PAD_TOKEN if PAD_TOKEN in vocab else None
     unused = sorted(set(range(spec.padded_vocab)) - set(vocab.values()))
-    return _TokenizerFiles(tokenizer.to_str(), eos, pad, vocab.get(eos) if eos else None,
-                           vocab.get(pad) if pad else None, unused)
+    return _TokenizerFiles(
+        tokenizer.to_str(), eos, pad, vocab.get(eos) if eos else None, vocab.get(pad) if pad else None, unused
+    )
 
 
 def _write_tokenizer(tok: _TokenizerFiles, spec: ModelSpec, out: Path) -> list[str]:
@@ -287,33 +325,65 @@ def _write_tokenizer(tok: _TokenizerFiles, spec: ModelSpec, out: Path) -> list[s
 
 # ---------------------------------------------------------------------------------------------------- folders
 
-_OURS = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
-                   r"model\.safetensors\.index\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json)$")
+_OURS = re.compile(
+    r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
+    r"model\.safetensors\.index\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json)$"
+)
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     existing = [p.name for p in out.iterdir()]
     if existing and not overwrite:
-        raise ExportError(f"{out} is not empty ({', '.join(sorted(existing)[:5])}); choose another --out, or pass "
-                          "--overwrite to replace an earlier export there")
+        raise ExportError(
+            f"{out} is not empty ({', '.join(sorted(existing)[:5])}); choose another --out, or pass "
+            "--overwrite to replace an earlier export there"
+        )
     for name in existing:  # --overwrite: stale shards of an earlier export must not stay beside the new ones
         if _OURS.match(name):
             (out / name).unlink()
 
 
-def export_model(model_or_state, spec: ModelSpec, out: str | Path, *, tokenizer: str | None = None,
-                 dtype: str = "fp32", max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
-                 progress: bool | None = None) -> ExportResult:
+def export_model(
+    model_or_state,
+    spec: ModelSpec,
+    out: str | Path,
+    *,
+    tokenizer: str | None = None,
+    dtype: str = "fp32",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> ExportResult:
     """Export an in-memory stagerun model (or its state dict) of the resolved ``spec``."""
-    source = model_or_state if hasattr(model_or_state, "load") and hasattr(model_or_state, "shapes") else \
-        StateDictSource(model_or_state)
-    return _export(spec, source, Path(out), tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size,
-                   overwrite=overwrite, progress=progress)
+    source = (
+        model_or_state
+        if hasattr(model_or_state, "load") and hasattr(model_or_state, "shapes")
+        else StateDictSource(model_or_state)
+    )
+    return _export(
+        spec,
+        source,
+        Path(out),
+        tokenizer=tokenizer,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        progress=progress,
+    )
 
 
-def _export(spec: ModelSpec, source, out: Path, *, tokenizer: str | None, dtype: str, max_shard_size,
-            overwrite: bool, progress: bool | None) -> ExportResult:
+def _export(
+    spec: ModelSpec,
+    source,
+    out: Path,
+    *,
+    tokenizer: str | None,
+    dtype: str,
+    max_shard_size,
+    overwrite: bool,
+    progress: bool | None,
+) -> ExportResult:
     # Everything that can refuse the export does so before anything is written.
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
@@ -333,8 +403,9 @@ def _export(spec: ModelSpec, source, out: Path, *, tokenizer: str | None, dtype:
         notes.append("no tokenizer given: only the model files were written")
     eos_id, pad_id = (tok.eos_id, tok.pad_id) if tok else (None, None)
     # No BOS token exists: documents are packed with EOS between them, so EOS is also what starts a document.
-    config = hf_config(spec, eos_token_id=eos_id, bos_token_id=eos_id, pad_token_id=pad_id,
-                       dtype=_DTYPE_NAMES[torch_dtype])
+    config = hf_config(
+        spec, eos_token_id=eos_id, bos_token_id=eos_id, pad_token_id=pad_id, dtype=_DTYPE_NAMES[torch_dtype]
+    )
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation: dict[str, Any] = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
     if tok is not None and tok.unused_ids:
@@ -345,14 +416,23 @@ def _export(spec: ModelSpec, source, out: Path, *, tokenizer: str | None, dtype:
     files += export_weights(spec, source, out, dtype=torch_dtype, max_shard_size=max_shard_size, progress=progress)
     parameters = sum(_numel(e.shape) for e in entries)
     if spec.norm_head:
-        notes.append("NormHead baked into lm_head.weight" +
-                     (" (untied from the embedding)" if spec.tied_embeddings else ""))
-    return ExportResult(out=out, architecture=arch, files=files, parameters=parameters,
-                        bytes=parameters * torch.empty((), dtype=torch_dtype).element_size(),
-                        checkpoint=source.url, tokenizer=tokenizer, notes=notes)
+        notes.append(
+            "NormHead baked into lm_head.weight" + (" (untied from the embedding)" if spec.tied_embeddings else "")
+        )
+    return ExportResult(
+        out=out,
+        architecture=arch,
+        files=files,
+        parameters=parameters,
+        bytes=parameters * torch.empty((), dtype=torch_dtype).element_size(),
+        checkpoint=source.url,
+        tokenizer=tokenizer,
+        notes=notes,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
+
 
 @dataclass(frozen=True)
 class ResolvedCheckpoint:
@@ -369,23 +449,29 @@ def resolve_checkpoint(target: str) -> ResolvedCheckpoint:
 
     fs, path = storage.resolve(target)
     if not fs.exists(path):
-        raise ExportError(f"{target} does not exist: give a run dir (runs/<name>), a checkpoint root, or a "
-                          "step-XXXXXXXX checkpoint folder")
+        raise ExportError(
+            f"{target} does not exist: give a run dir (runs/<name>), a checkpoint root, or a "
+            "step-XXXXXXXX checkpoint folder"
+        )
     name = path.rstrip("/").rsplit("/", 1)[-1]
     run_dir = None
     if re.fullmatch(r"step-\d+", name):
         folder, root = path, path.rstrip("/").rsplit("/", 1)[0]
         if not fs.exists(storage.join(folder, MARKER)):
-            raise ExportError(f"{target} has no {MARKER} marker: it is not a committed checkpoint (a save that "
-                              "crashed?); export another step-XXXXXXXX folder")
+            raise ExportError(
+                f"{target} has no {MARKER} marker: it is not a committed checkpoint (a save that "
+                "crashed?); export another step-XXXXXXXX folder"
+            )
         step = int(name.split("-")[1])
     else:
         run_dir = path if fs.isdir(storage.join(path, "checkpoints")) else None
         root = storage.join(path, "checkpoints") if run_dir else path
         latest = CheckpointManager(storage.to_url(fs, root), keep=1).latest()
         if latest is None:
-            raise ExportError(f"no committed checkpoint under {storage.to_url(fs, root)}; train (stagerun run) until "
-                              "one is saved, or point at a step-XXXXXXXX folder")
+            raise ExportError(
+                f"no committed checkpoint under {storage.to_url(fs, root)}; train (stagerun run) until "
+                "one is saved, or point at a step-XXXXXXXX folder"
+            )
         folder, step = storage.resolve(latest.path)[1], latest.step
     parent = root.rstrip("/").rsplit("/", 1)[0] if "/" in root.strip("/") else None
     # Most specific first: the run dir's own tokenizer (prepared.json says which file the run used), the copy
@@ -410,8 +496,8 @@ def resolve_checkpoint(target: str) -> ResolvedCheckpoint:
 
 def spec_from_meta(model: dict[str, Any], where: str) -> ModelSpec:
     """The resolved ModelSpec from the manifest form stored in meta.json (``init`` is not part of it)."""
-    from ..spec.fields import Reader, SpecError
-    from ..spec.presets import resolve_model
+    from stagerun.core.spec.fields import Reader, SpecError
+    from stagerun.core.spec.presets import resolve_model
 
     reader = Reader()
     spec = reader.read(ModelSpec, {k: v for k, v in model.items() if k != "init"}, "model")
@@ -421,7 +507,7 @@ def spec_from_meta(model: dict[str, Any], where: str) -> ModelSpec:
 
 
 def _manifest_model(manifest: str | Path) -> ModelSpec:
-    from ..spec import load_run
+    from stagerun.core.spec import load_run
 
     return load_run(manifest).model.replace(init=None)
 
@@ -434,15 +520,23 @@ def _find_tokenizer(candidates: Iterable[str]) -> str | None:
     return None
 
 
-def export_checkpoint(target: str, out: str | Path, *, dtype: str = "fp32", manifest: str | Path | None = None,
-                      tokenizer: str | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                      overwrite: bool = False, progress: bool | None = None,
-                      require_tokenizer: bool = True) -> ExportResult:
+def export_checkpoint(
+    target: str,
+    out: str | Path,
+    *,
+    dtype: str = "fp32",
+    manifest: str | Path | None = None,
+    tokenizer: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    require_tokenizer: bool = True,
+) -> ExportResult:
     """Export the newest committed checkpoint of a run dir or checkpoint root, or one ``step-XXXXXXXX`` folder.
 
     The architecture comes from the checkpoint's meta.json, or from ``manifest`` (which must then agree with it).
     """
-    from ..spec import to_manifest
+    from stagerun.core.spec import to_manifest
 
     checkpoint = resolve_checkpoint(target)
     saved = checkpoint.meta.get("model")
@@ -453,22 +547,36 @@ def export_checkpoint(target: str, out: str | Path, *, dtype: str = "fp32", mani
             ours = to_manifest(spec)
             changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k) and k != "preset")
             if changed:
-                raise ExportError(f"{manifest} describes another model than checkpoint {checkpoint.url} was trained "
-                                  f"with (spec.model fields differ: {', '.join(changed)}); drop --manifest to use "
-                                  "the checkpoint's own meta.json")
+                raise ExportError(
+                    f"{manifest} describes another model than checkpoint {checkpoint.url} was trained "
+                    f"with (spec.model fields differ: {', '.join(changed)}); drop --manifest to use "
+                    "the checkpoint's own meta.json"
+                )
     elif saved:
         spec = spec_from_meta(saved, f"{checkpoint.url}/meta.json")
     else:
-        raise ExportError(f"{checkpoint.url}/meta.json does not record the model; pass the run's manifest with "
-                          "--manifest")
+        raise ExportError(
+            f"{checkpoint.url}/meta.json does not record the model; pass the run's manifest with --manifest"
+        )
     hf_architecture(spec)  # refuse before reading any tensor
     if tokenizer is None:
         tokenizer = _find_tokenizer(checkpoint.tokenizer_candidates)
         if tokenizer is None and require_tokenizer:
-            raise ExportError("no tokenizer.json found (looked at " + ", ".join(checkpoint.tokenizer_candidates) +
-                              "); pass the run's tokenizer with --tokenizer")
+            raise ExportError(
+                "no tokenizer.json found (looked at "
+                + ", ".join(checkpoint.tokenizer_candidates)
+                + "); pass the run's tokenizer with --tokenizer"
+            )
     source = CheckpointSource(checkpoint.url)
-    result = _export(spec, source, Path(out), tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size,
-                     overwrite=overwrite, progress=progress)
+    result = _export(
+        spec,
+        source,
+        Path(out),
+        tokenizer=tokenizer,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        progress=progress,
+    )
     result.notes.insert(0, f"step {checkpoint.step}")
     return result

@@ -27,16 +27,25 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from stagerun.core.spec.fields import Problem
+
 from .. import storage
-from ..spec.fields import Problem
 from .mapping import (
-    INIT_PATH, NORMHEAD, ZEROS, Entry, HFMismatchError, check_hf_config, field, hf_entries, hf_tied,
+    INIT_PATH,
+    NORMHEAD,
+    ZEROS,
+    Entry,
+    HFMismatchError,
+    check_hf_config,
+    field,
+    hf_entries,
+    hf_tied,
     hf_vocab_size,
 )
 
@@ -58,8 +67,10 @@ def read_config(path: str) -> dict:
     try:
         return storage.read_json(fs, storage.join(root, CONFIG))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} has no {CONFIG}: {INIT_PATH} must be a Hugging Face model folder "
-                                "(config.json and model.safetensors)") from None
+        raise FileNotFoundError(
+            f"{path} has no {CONFIG}: {INIT_PATH} must be a Hugging Face model folder "
+            "(config.json and model.safetensors)"
+        ) from None
 
 
 def check_hf_folder(spec, path: str) -> dict:
@@ -85,8 +96,10 @@ class SafetensorsFolder:
         elif (folder / WEIGHTS).exists():
             files, weight_map = [WEIGHTS], None
         else:
-            raise FileNotFoundError(f"{folder} has neither {WEIGHTS} nor {INDEX} (pytorch_model.bin is not read: "
-                                    "convert it with transformers' save_pretrained(safe_serialization=True))")
+            raise FileNotFoundError(
+                f"{folder} has neither {WEIGHTS} nor {INDEX} (pytorch_model.bin is not read: "
+                "convert it with transformers' save_pretrained(safe_serialization=True))"
+            )
         self._handles = {name: safe_open(str(folder / name), framework="pt") for name in files}
         self.where = {}
         for name, handle in self._handles.items():
@@ -122,17 +135,33 @@ def hf_tensors(spec, config: dict, weights: SafetensorsFolder) -> Iterator[tuple
     source = f"{INIT_PATH} weights"
     missing = [e.hf for e in entries if e.hf not in weights]
     if missing:
-        raise HFMismatchError([Problem(INIT_PATH, f"the safetensors lack {', '.join(missing[:5])}"
-                                       + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""),
-                                       "the folder does not hold the model its config.json describes")], source)
+        raise HFMismatchError(
+            [
+                Problem(
+                    INIT_PATH,
+                    f"the safetensors lack {', '.join(missing[:5])}"
+                    + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""),
+                    "the folder does not hold the model its config.json describes",
+                )
+            ],
+            source,
+        )
     wanted = {e.hf for e in entries}
     if hf_tied(config):
         wanted.add("lm_head.weight")  # a tied model may still store it; it is the embedding
     extra = [n for n in weights.names() if n not in wanted and not n.endswith(_IGNORED_SUFFIXES)]
     if extra:
-        raise HFMismatchError([Problem(INIT_PATH, f"the safetensors hold tensors this spec has no place for: "
-                                       f"{', '.join(sorted(extra)[:5])}" + (" ..." if len(extra) > 5 else ""),
-                                       "check spec.model against the model's config.json")], source)
+        raise HFMismatchError(
+            [
+                Problem(
+                    INIT_PATH,
+                    f"the safetensors hold tensors this spec has no place for: "
+                    f"{', '.join(sorted(extra)[:5])}" + (" ..." if len(extra) > 5 else ""),
+                    "check spec.model against the model's config.json",
+                )
+            ],
+            source,
+        )
     embedding = None
     for entry in entries:
         tensor = weights.get(entry.hf)
@@ -140,18 +169,35 @@ def hf_tensors(spec, config: dict, weights: SafetensorsFolder) -> Iterator[tuple
         if entry.src in _VOCAB_ROWS or entry.hf == "lm_head.weight":
             shape = (hf_vocab, *shape[1:])
         if tuple(tensor.shape) != shape:
-            raise HFMismatchError([Problem(INIT_PATH, f"{entry.hf} has shape {list(tensor.shape)}, expected "
-                                           f"{list(shape)} from config.json", "the folder's files are inconsistent")],
-                                  source)
+            raise HFMismatchError(
+                [
+                    Problem(
+                        INIT_PATH,
+                        f"{entry.hf} has shape {list(tensor.shape)}, expected {list(shape)} from config.json",
+                        "the folder's files are inconsistent",
+                    )
+                ],
+                source,
+            )
         if entry.kind == ZEROS:
             if torch.count_nonzero(tensor):
-                raise HFMismatchError([Problem(
-                    field(entry.field),
-                    f"{entry.hf} is not zero, and stagerun's model has no such parameter"
-                    + (" (set normBias: true to load LayerNorm biases)" if entry.field == "norm_bias" else
-                       " (stagerun has no output-projection bias)"),
-                    "set normBias: true" if entry.field == "norm_bias" else "load a model without an o_proj bias",
-                )], source)
+                raise HFMismatchError(
+                    [
+                        Problem(
+                            field(entry.field),
+                            f"{entry.hf} is not zero, and stagerun's model has no such parameter"
+                            + (
+                                " (set normBias: true to load LayerNorm biases)"
+                                if entry.field == "norm_bias"
+                                else " (stagerun has no output-projection bias)"
+                            ),
+                            "set normBias: true"
+                            if entry.field == "norm_bias"
+                            else "load a model without an o_proj bias",
+                        )
+                    ],
+                    source,
+                )
             continue
         tensor = tensor.to(torch.float32)
         if entry.src in _VOCAB_ROWS and hf_vocab < spec.padded_vocab:
@@ -162,21 +208,35 @@ def hf_tensors(spec, config: dict, weights: SafetensorsFolder) -> Iterator[tuple
             # A tied NormHead model, exported untied: the head must be the normalised embedding.
             expected = F.normalize(embedding, dim=-1)
             if not torch.allclose(expected, tensor, rtol=1e-2, atol=1e-2 * float(expected.abs().max())):
-                raise HFMismatchError([Problem(field("tied_embeddings"), "true here, but lm_head.weight is not the "
-                                               "row-normalised embedding (the model is not a tied NormHead export)",
-                                               "set tiedEmbeddings: false")], source)
+                raise HFMismatchError(
+                    [
+                        Problem(
+                            field("tied_embeddings"),
+                            "true here, but lm_head.weight is not the "
+                            "row-normalised embedding (the model is not a tied NormHead export)",
+                            "set tiedEmbeddings: false",
+                        )
+                    ],
+                    source,
+                )
             continue
         if entry.kind == NORMHEAD:
             norms = tensor.norm(dim=-1)
             live = norms > 0
             if live.any() and not torch.allclose(norms[live], torch.ones_like(norms[live]), atol=1e-2):
-                log.warning("%s: lm_head rows are not unit-norm; NormHead (spec.model.normHead) normalises them in "
-                            "forward, so the loaded model's logits differ from the Hugging Face model's", source)
+                log.warning(
+                    "%s: lm_head rows are not unit-norm; NormHead (spec.model.normHead) normalises them in "
+                    "forward, so the loaded model's logits differ from the Hugging Face model's",
+                    source,
+                )
         if entry.src == "tok_embeddings.weight":
             embedding = tensor
             if spec.norm_head and spec.tied_embeddings and hf_tied(config):
-                log.warning("%s: a tied model loaded into a tied NormHead spec: stagerun normalises the head rows in "
-                            "forward, the Hugging Face model does not, so their logits differ", source)
+                log.warning(
+                    "%s: a tied model loaded into a tied NormHead spec: stagerun normalises the head rows in "
+                    "forward, the Hugging Face model does not, so their logits differ",
+                    source,
+                )
         yield entry.src, tensor
 
 

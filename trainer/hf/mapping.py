@@ -25,12 +25,24 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..spec.fields import Problem, SpecError, camel
+from stagerun.core.spec.fields import Problem, SpecError, camel
 
 __all__ = [
-    "LLAMA", "STABLELM", "Entry", "HFMismatchError", "UnsupportedArchitecture", "check_hf_config",
-    "export_problems", "field", "hf_architecture", "hf_config", "hf_entries", "hf_rope_theta",
-    "hf_rotary_factor", "hf_tied", "hf_vocab_size",
+    "LLAMA",
+    "STABLELM",
+    "Entry",
+    "HFMismatchError",
+    "UnsupportedArchitecture",
+    "check_hf_config",
+    "export_problems",
+    "field",
+    "hf_architecture",
+    "hf_config",
+    "hf_entries",
+    "hf_rope_theta",
+    "hf_rotary_factor",
+    "hf_tied",
+    "hf_vocab_size",
 ]
 
 LLAMA = "LlamaForCausalLM"
@@ -40,11 +52,22 @@ ARCHITECTURES = {model_type: arch for arch, model_type in MODEL_TYPES.items()}
 
 # Defaults of the transformers config classes for keys a config.json may omit (the same in 4.x and 5.x).
 _DEFAULTS = {
-    "llama": {"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
-              "hidden_act": "silu"},
-    "stablelm": {"layer_norm_eps": 1e-5, "tie_word_embeddings": False, "use_qkv_bias": False,
-                 "qk_layernorm": False, "use_parallel_residual": False, "hidden_act": "silu",
-                 "partial_rotary_factor": 0.25},
+    "llama": {
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "hidden_act": "silu",
+    },
+    "stablelm": {
+        "layer_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "use_qkv_bias": False,
+        "qk_layernorm": False,
+        "use_parallel_residual": False,
+        "hidden_act": "silu",
+        "partial_rotary_factor": 0.25,
+    },
 }
 
 INIT_PATH = "spec.model.init.path"
@@ -65,24 +88,30 @@ def field(name: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------- export side
 
+
 def export_problems(spec) -> list[Problem]:
     """Why ``spec`` (a resolved ModelSpec) has no native transformers equivalent; [] when it has one."""
     problems = []
     if spec.position != "rope":
-        problems.append(Problem(
-            field("position"),
-            f"{spec.position}: no transformers architecture combines ALiBi with a SwiGLU MLP and "
-            f"{'RMSNorm' if spec.norm == 'rmsnorm' else 'LayerNorm'} (BLOOM's ALiBi model has a GELU MLP with biases; "
-            "Baichuan 2 13B needs trust_remote_code), so the export would not compute the same function",
-            "export models with position: rope; an ALiBi model can still be trained and evaluated with stagerun",
-        ))
+        problems.append(
+            Problem(
+                field("position"),
+                f"{spec.position}: no transformers architecture combines ALiBi with a SwiGLU MLP and "
+                f"{'RMSNorm' if spec.norm == 'rmsnorm' else 'LayerNorm'} "
+                "(BLOOM's ALiBi model has a GELU MLP with biases; "
+                "Baichuan 2 13B needs trust_remote_code), so the export would not compute the same function",
+                "export models with position: rope; an ALiBi model can still be trained and evaluated with stagerun",
+            )
+        )
     elif spec.norm == "rmsnorm" and spec.rotary_dims != spec.head_dim:
-        problems.append(Problem(
-            field("rotary_fraction"),
-            f"{spec.rotary_fraction}: LlamaForCausalLM rotates every head dim, and StableLmForCausalLM (the "
-            "partial-rotary architecture) uses LayerNorm, not RMSNorm",
-            "use rotaryFraction: 1 with rmsnorm, or norm: layernorm for partial rotary",
-        ))
+        problems.append(
+            Problem(
+                field("rotary_fraction"),
+                f"{spec.rotary_fraction}: LlamaForCausalLM rotates every head dim, and StableLmForCausalLM (the "
+                "partial-rotary architecture) uses LayerNorm, not RMSNorm",
+                "use rotaryFraction: 1 with rmsnorm, or norm: layernorm for partial rotary",
+            )
+        )
     return problems
 
 
@@ -107,8 +136,14 @@ def exports_tied(spec) -> bool:
     return bool(spec.tied_embeddings and not spec.norm_head)
 
 
-def hf_config(spec, *, eos_token_id: int | None = None, bos_token_id: int | None = None,
-              pad_token_id: int | None = None, dtype: str = "float32") -> dict[str, Any]:
+def hf_config(
+    spec,
+    *,
+    eos_token_id: int | None = None,
+    bos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    dtype: str = "float32",
+) -> dict[str, Any]:
     """The config.json dict of the export of ``spec``; readable by transformers 4.x (legacy top-level
     ``rope_theta`` / ``partial_rotary_factor``) and 5.x (``rope_parameters``)."""
     arch = hf_architecture(spec)
@@ -137,24 +172,28 @@ def hf_config(spec, *, eos_token_id: int | None = None, bos_token_id: int | None
         "torch_dtype": dtype,  # the key transformers < 4.56 reads
     }
     if arch == LLAMA:
-        config.update({
-            "rms_norm_eps": spec.norm_eps,
-            "attention_bias": bool(spec.qkv_bias),  # + an all-zero o_proj bias, see hf_entries
-            "mlp_bias": False,
-            "head_dim": spec.head_dim,
-            "pretraining_tp": 1,
-        })
+        config.update(
+            {
+                "rms_norm_eps": spec.norm_eps,
+                "attention_bias": bool(spec.qkv_bias),  # + an all-zero o_proj bias, see hf_entries
+                "mlp_bias": False,
+                "head_dim": spec.head_dim,
+                "pretraining_tp": 1,
+            }
+        )
     else:
         factor = _rotary_factor(spec)
         rope_parameters["partial_rotary_factor"] = factor
-        config.update({
-            "layer_norm_eps": spec.norm_eps,
-            "use_qkv_bias": bool(spec.qkv_bias),
-            "qk_layernorm": False,
-            "use_parallel_residual": False,
-            "hidden_dropout": 0.0,
-            "partial_rotary_factor": factor,
-        })
+        config.update(
+            {
+                "layer_norm_eps": spec.norm_eps,
+                "use_qkv_bias": bool(spec.qkv_bias),
+                "qk_layernorm": False,
+                "use_parallel_residual": False,
+                "hidden_dropout": 0.0,
+                "partial_rotary_factor": factor,
+            }
+        )
     config["rope_parameters"] = rope_parameters
     return config
 
@@ -203,8 +242,9 @@ def hf_entries(spec) -> list[Entry]:
             entries.append(Entry(f"{hf}.self_attn.{proj}.weight", f"{st}.attention.{src}.weight", (rows, d), unit=unit))
             if spec.qkv_bias:
                 entries.append(Entry(f"{hf}.self_attn.{proj}.bias", f"{st}.attention.{src}.bias", (rows,), unit=unit))
-        entries.append(Entry(f"{hf}.self_attn.o_proj.weight", f"{st}.attention.wo.weight", (d, spec.heads * hd),
-                             unit=unit))
+        entries.append(
+            Entry(f"{hf}.self_attn.o_proj.weight", f"{st}.attention.wo.weight", (d, spec.heads * hd), unit=unit)
+        )
         if arch == LLAMA and spec.qkv_bias:  # Llama's attention_bias covers o_proj too
             entries.append(Entry(f"{hf}.self_attn.o_proj.bias", None, (d,), ZEROS, unit, "qkv_bias"))
         entries += norm(f"{hf}.post_attention_layernorm", f"{st}.ffn_norm", unit)
@@ -241,6 +281,7 @@ def export_tensor(entry: Entry, source):
 
 
 # ---------------------------------------------------------------------------------------------------- import side
+
 
 def _get(config: dict, key: str, model_type: str) -> Any:
     value = config.get(key)
@@ -294,21 +335,36 @@ def check_hf_config(spec, config: dict) -> list[Problem]:
     model_type = hf_model_type(config)
     if model_type is None:
         found = config.get("model_type") or config.get("architectures")
-        return [Problem(INIT_PATH, f"config.json is a {found!r} model; stagerun reads Hugging Face llama "
-                        "(LlamaForCausalLM) and stablelm (StableLmForCausalLM) models",
-                        "point spec.model.init.path at a Llama- or StableLM-architecture folder")]
+        return [
+            Problem(
+                INIT_PATH,
+                f"config.json is a {found!r} model; stagerun reads Hugging Face llama "
+                "(LlamaForCausalLM) and stablelm (StableLmForCausalLM) models",
+                "point spec.model.init.path at a Llama- or StableLM-architecture folder",
+            )
+        ]
 
     def differ(name: str, ours: Any, key: str, theirs: Any, fix_value: Any = None) -> None:
         fix_value = theirs if fix_value is None else fix_value
-        problems.append(Problem(field(name), f"{ours!r} here, but config.json has {key}: {theirs!r}",
-                                f"set {camel(name)}: {fix_value!r} to load these weights"))
+        problems.append(
+            Problem(
+                field(name),
+                f"{ours!r} here, but config.json has {key}: {theirs!r}",
+                f"set {camel(name)}: {fix_value!r} to load these weights",
+            )
+        )
 
     wanted_norm = "rmsnorm" if model_type == "llama" else "layernorm"
     if spec.norm != wanted_norm:
         differ("norm", spec.norm, "model_type", model_type, wanted_norm)
     if spec.position != "rope":
-        problems.append(Problem(field("position"), f"{spec.position!r} here, but {model_type} models use RoPE",
-                                "set position: rope to load these weights"))
+        problems.append(
+            Problem(
+                field("position"),
+                f"{spec.position!r} here, but {model_type} models use RoPE",
+                "set position: rope to load these weights",
+            )
+        )
     for name, key in (("dim", "hidden_size"), ("layers", "num_hidden_layers"), ("heads", "num_attention_heads")):
         if config.get(key) != getattr(spec, name):
             differ(name, getattr(spec, name), key, config.get(key))
@@ -317,25 +373,44 @@ def check_hf_config(spec, config: dict) -> list[Problem]:
         differ("kv_heads", spec.kv_heads, "num_key_value_heads", kv_heads)
     head_dim = config.get("head_dim")
     if head_dim is not None and config.get("hidden_size") == spec.dim and head_dim != spec.head_dim:
-        problems.append(Problem(field("dim"), f"head dim dim/heads = {spec.head_dim} here, but config.json has "
-                                f"head_dim: {head_dim}", "stagerun needs head_dim = hidden_size / num_attention_heads"))
+        problems.append(
+            Problem(
+                field("dim"),
+                f"head dim dim/heads = {spec.head_dim} here, but config.json has head_dim: {head_dim}",
+                "stagerun needs head_dim = hidden_size / num_attention_heads",
+            )
+        )
     if config.get("intermediate_size") != spec.ffn_width:
         differ("ffn_hidden", spec.ffn_width, "intermediate_size", config.get("intermediate_size"))
     vocab = config.get("vocab_size")
     if not isinstance(vocab, int) or vocab > spec.padded_vocab:
-        problems.append(Problem(field("vocab_size"), f"{spec.vocab_size} (padded to {spec.padded_vocab} rows) here, "
-                                f"but config.json has vocab_size: {vocab}",
-                                f"set vocabSize: {vocab} (and use the model's tokenizer)"))
+        problems.append(
+            Problem(
+                field("vocab_size"),
+                f"{spec.vocab_size} (padded to {spec.padded_vocab} rows) here, but config.json has vocab_size: {vocab}",
+                f"set vocabSize: {vocab} (and use the model's tokenizer)",
+            )
+        )
     elif vocab < spec.vocab_size:
-        problems.append(Problem(field("vocab_size"), f"{spec.vocab_size} here, but config.json has vocab_size: "
-                                f"{vocab}: token ids {vocab}..{spec.vocab_size - 1} would have no trained embedding",
-                                f"set vocabSize: {vocab} (and use the model's tokenizer)"))
+        problems.append(
+            Problem(
+                field("vocab_size"),
+                f"{spec.vocab_size} here, but config.json has vocab_size: "
+                f"{vocab}: token ids {vocab}..{spec.vocab_size - 1} would have no trained embedding",
+                f"set vocabSize: {vocab} (and use the model's tokenizer)",
+            )
+        )
     rope = _rope(config)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in (None, "default"):
-        problems.append(Problem(INIT_PATH, f"config.json scales RoPE (rope_type {rope_type!r}); stagerun implements "
-                                "plain RoPE only, so the loaded model would compute another function",
-                                "load a model without rope scaling"))
+        problems.append(
+            Problem(
+                INIT_PATH,
+                f"config.json scales RoPE (rope_type {rope_type!r}); stagerun implements "
+                "plain RoPE only, so the loaded model would compute another function",
+                "load a model without rope scaling",
+            )
+        )
     theta = hf_rope_theta(config)
     if not math.isclose(theta, spec.rope_theta, rel_tol=1e-9):
         differ("rope_theta", spec.rope_theta, "rope_theta", theta)
@@ -346,8 +421,13 @@ def check_hf_config(spec, config: dict) -> list[Problem]:
             differ("rotary_fraction", spec.rotary_fraction, "partial_rotary_factor", factor, hf_dims / spec.head_dim)
         for key in ("qk_layernorm", "use_parallel_residual"):
             if _get(config, key, model_type):
-                problems.append(Problem(INIT_PATH, f"config.json sets {key}: true, which stagerun's blocks do not have",
-                                        "load a model without it"))
+                problems.append(
+                    Problem(
+                        INIT_PATH,
+                        f"config.json sets {key}: true, which stagerun's blocks do not have",
+                        "load a model without it",
+                    )
+                )
         bias = bool(_get(config, "use_qkv_bias", model_type))
         if bias != spec.qkv_bias:
             differ("qkv_bias", spec.qkv_bias, "use_qkv_bias", bias)
@@ -357,8 +437,13 @@ def check_hf_config(spec, config: dict) -> list[Problem]:
         if spec.rotary_dims != spec.head_dim:
             differ("rotary_fraction", spec.rotary_fraction, "model_type", "llama (rotates every head dim)", 1.0)
         if _get(config, "mlp_bias", model_type):
-            problems.append(Problem(INIT_PATH, "config.json sets mlp_bias: true; stagerun's SwiGLU has no biases",
-                                    "load a model without MLP biases"))
+            problems.append(
+                Problem(
+                    INIT_PATH,
+                    "config.json sets mlp_bias: true; stagerun's SwiGLU has no biases",
+                    "load a model without MLP biases",
+                )
+            )
         bias = bool(_get(config, "attention_bias", model_type))
         if bias != spec.qkv_bias:  # attention_bias also adds o_proj.bias, which must then be zero (checked on load)
             differ("qkv_bias", spec.qkv_bias, "attention_bias", bias)
@@ -368,8 +453,13 @@ def check_hf_config(spec, config: dict) -> list[Problem]:
         differ("norm_eps", spec.norm_eps, eps_key, eps)
     act = _get(config, "hidden_act", model_type)
     if act != "silu":
-        problems.append(Problem(INIT_PATH, f"config.json has hidden_act: {act!r}; stagerun's MLP is SwiGLU (silu)",
-                                "load a model with hidden_act: silu"))
+        problems.append(
+            Problem(
+                INIT_PATH,
+                f"config.json has hidden_act: {act!r}; stagerun's MLP is SwiGLU (silu)",
+                "load a model with hidden_act: silu",
+            )
+        )
     tied = hf_tied(config)
     # An untied export of a tied NormHead model is accepted: load_hf_weights checks that its head is the
     # normalised embedding.

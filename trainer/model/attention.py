@@ -49,7 +49,7 @@ class DocumentMask:
             self._dense = document_causal_mask(self.doc_ids)
         return self._dense
 
-    def block(self) -> "BlockMask":
+    def block(self) -> BlockMask:
         if self._block is None:
             self._block = document_block_mask(self.doc_ids)
         return self._block
@@ -77,7 +77,7 @@ def _flex_functions(device: torch.device):
     return _compiled["flex"], _compiled["mask"]
 
 
-def document_block_mask(doc_ids: torch.Tensor) -> "BlockMask":
+def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
     batch, seq_len = doc_ids.shape
 
     def document_causal(b, h, q_idx, kv_idx):
@@ -91,7 +91,7 @@ def flex_document_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    block_mask: "BlockMask",
+    block_mask: BlockMask,
     slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Intra-document causal attention with FlexAttention. q [B, H, T, D], k/v [B, H_kv, T, D] -> [B, H, T, D]."""

@@ -63,7 +63,7 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder-only LM built from a *resolved* ModelSpec (``stagerun.trainer.spec.presets.resolve_model``)."""
+    """Decoder-only LM built from a *resolved* ModelSpec (``stagerun.core.spec.presets.resolve_model``)."""
 
     def __init__(self, spec):
         super().__init__()

@@ -116,8 +116,10 @@ def grad_accumulation(sequences: int, dp_size: int, micro_batch_size: int) -> in
     """Micro-batches per rank per step; raises ValueError when the batch does not split evenly."""
     per_pass = dp_size * micro_batch_size
     if sequences % per_pass:
-        raise ValueError(f"{sequences} sequences per step do not split into {dp_size} data-parallel ranks x "
-                         f"micro-batches of {micro_batch_size}")
+        raise ValueError(
+            f"{sequences} sequences per step do not split into {dp_size} data-parallel ranks x "
+            f"micro-batches of {micro_batch_size}"
+        )
     return sequences // per_pass
 
 
@@ -126,7 +128,7 @@ def segments(run: ResolvedRun) -> list[Segment]:
     result: list[Segment] = []
     tokens, step = 0, 0
     for phase in run.phases:
-        for j, (offset, size) in enumerate(phase.ramp):
+        for j, (_offset, size) in enumerate(phase.ramp):
             seg_end = phase.start_tokens + (phase.ramp[j + 1][0] if j + 1 < len(phase.ramp) else phase.tokens)
             if tokens >= seg_end:
                 continue

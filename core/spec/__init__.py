@@ -1,7 +1,7 @@
 """The TrainingRun spec: read a manifest, check it, resolve it. Pure Python (no torch), shared with the operator.
 
-    run = load_run("examples/quickstart.yaml")          # ResolvedRun, or SpecError listing every problem
-    problems = validate_manifest(raw_dict, world_size=2)  # [] when valid
+run = load_run("examples/quickstart.yaml")          # ResolvedRun, or SpecError listing every problem
+problems = validate_manifest(raw_dict, world_size=2)  # [] when valid
 """
 
 from __future__ import annotations
@@ -28,9 +28,27 @@ from .validate import (
 )
 
 __all__ = [
-    "API_VERSION", "KIND", "PRESETS", "ModelSpec", "Problem", "ResolvedLR", "ResolvedPhase", "ResolvedRun",
-    "SpecError", "TrainingRun", "data_parallel_degree", "explicit_fields", "format_count", "kubernetes_problems", "load_run",
-    "parse_count", "parse_float", "read_manifest", "resolve_run", "to_manifest", "validate_manifest",
+    "API_VERSION",
+    "KIND",
+    "PRESETS",
+    "ModelSpec",
+    "Problem",
+    "ResolvedLR",
+    "ResolvedPhase",
+    "ResolvedRun",
+    "SpecError",
+    "TrainingRun",
+    "data_parallel_degree",
+    "explicit_fields",
+    "format_count",
+    "kubernetes_problems",
+    "load_run",
+    "parse_count",
+    "parse_float",
+    "read_manifest",
+    "resolve_run",
+    "to_manifest",
+    "validate_manifest",
 ]
 
 
@@ -76,9 +94,16 @@ def resolve_run(raw: dict[str, Any], *, world_size: int | None = None, source: s
         raise SpecError(problems or [Problem("spec.phases", "no phase could be resolved")], source)
     spec = run.spec
     return ResolvedRun(
-        name=run.metadata.name, namespace=run.metadata.namespace, model=model, tokenizer=spec.tokenizer,
-        sources=dict(spec.data.sources), data_seed=spec.data.seed, phases=phases, checkpoint=spec.checkpoint,
-        training=spec.training, manifest=run,
+        name=run.metadata.name,
+        namespace=run.metadata.namespace,
+        model=model,
+        tokenizer=spec.tokenizer,
+        sources=dict(spec.data.sources),
+        data_seed=spec.data.seed,
+        phases=phases,
+        checkpoint=spec.checkpoint,
+        training=spec.training,
+        manifest=run,
     )
 
 

@@ -52,8 +52,12 @@ class SourceSpec:
         doc="where the data is: a pretokenized shard set (folder with manifest.json), text or JSONL files "
         "(local path, glob or fsspec URL), or a generated corpus 'builtin:python-docs' / 'builtin:python-code'"
     )
-    weight: float = spec_field(doc="sampling weight in phases that set no weights; all sources' weights sum to 1", minimum=0)
-    format: Literal["auto", "tokens", "text", "jsonl"] = spec_field("auto", doc="how to read path; auto decides by content")
+    weight: float = spec_field(
+        doc="sampling weight in phases that set no weights; all sources' weights sum to 1", minimum=0
+    )
+    format: Literal["auto", "tokens", "text", "jsonl"] = spec_field(
+        "auto", doc="how to read path; auto decides by content"
+    )
     text_field: str = spec_field("text", doc="the JSONL field that holds the document text")
 
 
@@ -65,13 +69,17 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class RampPoint:
-    tokens: int = spec_field(doc="tokens since the phase started at which this size takes effect", kind=COUNT, minimum=0)
+    tokens: int = spec_field(
+        doc="tokens since the phase started at which this size takes effect", kind=COUNT, minimum=0
+    )
     size: int = spec_field(doc="global batch size in tokens", kind=COUNT, minimum=1)
 
 
 @dataclass(frozen=True)
 class BatchSpec:
-    size: int | None = spec_field(None, doc="global batch size in tokens (constant through the phase)", kind=COUNT, minimum=1)
+    size: int | None = spec_field(
+        None, doc="global batch size in tokens (constant through the phase)", kind=COUNT, minimum=1
+    )
     ramp: tuple[RampPoint, ...] | None = spec_field(
         None, doc="batch-size ramp: sizes in tokens taking effect at token counts since the phase start (Llama 3)"
     )
@@ -88,8 +96,10 @@ class LRSpec:
     to: float | None = spec_field(None, doc="LR at the end of the phase (linear, cosine, wsd); default 0", minimum=0)
     warmup_tokens: int = spec_field(0, doc="linear warmup from 0 to peak over this many tokens", kind=COUNT, minimum=0)
     decay_fraction: float | None = spec_field(
-        None, doc="wsd only: the last fraction of the phase in which the LR decays to `to` (Index-1.9B)",
-        minimum=0, maximum=1,
+        None,
+        doc="wsd only: the last fraction of the phase in which the LR decays to `to` (Index-1.9B)",
+        minimum=0,
+        maximum=1,
     )
     decay_shape: Literal["linear", "cosine"] = spec_field("linear", doc="wsd only: shape of the decay")
 
@@ -108,8 +118,10 @@ class TeacherSpec:
 class DistillSpec:
     teacher: TeacherSpec = spec_field(doc="the model whose predictions the student learns from")
     weight: float = spec_field(
-        0.9, doc="target = weight x one-hot(teacher top-1) + (1 - weight) x one-hot(label) (AFM: 0.9)",
-        minimum=0, maximum=1,
+        0.9,
+        doc="target = weight x one-hot(teacher top-1) + (1 - weight) x one-hot(label) (AFM: 0.9)",
+        minimum=0,
+        maximum=1,
     )
 
 
@@ -208,11 +220,16 @@ class TrainingSpec:
 
 @dataclass(frozen=True)
 class MetricsSpec:
-    all_ranks: bool = spec_field(False, doc="every rank serves its own /metrics (port 8090 + local rank); default: "
-                                 "rank 0 serves the training metrics, each node's local rank 0 its GPU telemetry")
+    all_ranks: bool = spec_field(
+        False,
+        doc="every rank serves its own /metrics (port 8090 + local rank); default: "
+        "rank 0 serves the training metrics, each node's local rank 0 its GPU telemetry",
+    )
     peak_tflops: float | None = spec_field(
-        None, doc="peak dense TFLOP/s of one device for MFU; unset: looked up from the GPU model (none on CPU)",
-        minimum=0, exclusive_minimum=True,
+        None,
+        doc="peak dense TFLOP/s of one device for MFU; unset: looked up from the GPU model (none on CPU)",
+        minimum=0,
+        exclusive_minimum=True,
     )
 
 
@@ -243,8 +260,10 @@ class RunSpec:
     suspend: bool = spec_field(False, doc="true: checkpoint, stop the pods and free the GPUs; false: resume")
     max_restarts: int = spec_field(10, doc="relaunches after failures before the run is Failed", minimum=0)
     hang_timeout: int = spec_field(
-        1800, doc="restart the gang when no step completes for this long (a hung collective, a stuck read)",
-        kind=DURATION, minimum=60,
+        1800,
+        doc="restart the gang when no step completes for this long (a hung collective, a stuck read)",
+        kind=DURATION,
+        minimum=60,
     )
 
 

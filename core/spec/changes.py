@@ -11,14 +11,18 @@ from .resolve import ResolvedRun
 
 def immutable_changes(accepted: ResolvedRun, new: ResolvedRun, current_phase: int) -> list[str]:
     """Field paths whose change a run in ``current_phase`` cannot take."""
-    changed = [path for path, a, b in (
-        ("spec.model", accepted.model, new.model),
-        ("spec.tokenizer", accepted.tokenizer, new.tokenizer),
-        ("spec.data.sources", accepted.sources, new.sources),
-        ("spec.data.seed", accepted.data_seed, new.data_seed),
-        ("spec.training", accepted.training, new.training),
-        ("spec.checkpoint.path", accepted.checkpoint.path, new.checkpoint.path),
-    ) if a != b]
+    changed = [
+        path
+        for path, a, b in (
+            ("spec.model", accepted.model, new.model),
+            ("spec.tokenizer", accepted.tokenizer, new.tokenizer),
+            ("spec.data.sources", accepted.sources, new.sources),
+            ("spec.data.seed", accepted.data_seed, new.data_seed),
+            ("spec.training", accepted.training, new.training),
+            ("spec.checkpoint.path", accepted.checkpoint.path, new.checkpoint.path),
+        )
+        if a != b
+    ]
     for index in range(current_phase + 1):
         if index >= len(new.phases):
             changed.append(f"spec.phases[{index}] (removed)")

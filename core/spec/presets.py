@@ -30,7 +30,13 @@ MODEL_DEFAULTS = dict(
 PRESETS: dict[str, dict] = {
     # For tests and the CPU quickstart: builds in milliseconds.
     "tiny": dict(
-        vocab_size=512, dim=64, layers=2, heads=4, kv_heads=2, ffn_hidden=192, max_seq_len=1024,
+        vocab_size=512,
+        dim=64,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        ffn_hidden=192,
+        max_seq_len=1024,
         tied_embeddings=True,
     ),
     # StableLM 2 1.6B technical report (Bellagente et al., 2024), Table 1 and §2, and the model card: 24 layers,
@@ -38,34 +44,71 @@ PRESETS: dict[str, dict] = {
     # with learned bias terms as opposed to RMSNorm"; Hugging Face's StableLmForCausalLM has the biases too), bias
     # on q/k/v only, vocab 100289 padded to 100352, untied, 4096 context.
     "stablelm2-1.6b": dict(
-        vocab_size=100289, dim=2048, layers=24, heads=32, kv_heads=32, ffn_hidden=5632, max_seq_len=4096,
-        norm="layernorm", norm_bias=True, qkv_bias=True, rotary_fraction=0.25, rope_theta=10000.0,
+        vocab_size=100289,
+        dim=2048,
+        layers=24,
+        heads=32,
+        kv_heads=32,
+        ffn_hidden=5632,
+        max_seq_len=4096,
+        norm="layernorm",
+        norm_bias=True,
+        qkv_bias=True,
+        rotary_fraction=0.25,
+        rope_theta=10000.0,
     ),
     # Index-1.9B technical report (bilibili, 2024) and its config.json: 36 layers, d=2048, 16 heads, SwiGLU 5888,
     # RMSNorm (eps 1e-6), NormHead, untied, vocab 65029 (padded here to 65088), 4096 context; 1.9B
     # non-embedding parameters.
     "index-1.9b": dict(
-        vocab_size=65029, dim=2048, layers=36, heads=16, kv_heads=16, ffn_hidden=5888, max_seq_len=4096,
-        norm_head=True, norm_eps=1e-6,
+        vocab_size=65029,
+        dim=2048,
+        layers=36,
+        heads=16,
+        kv_heads=16,
+        ffn_hidden=5888,
+        max_seq_len=4096,
+        norm_head=True,
+        norm_eps=1e-6,
     ),
     # The Llama 3 Herd of Models (Dubey et al., 2024), Table 3: 32 layers, d=4096, FFN 14336, 32 heads, 8 KV
     # heads, vocab 128256 (padded 128256 is already a multiple of 64), RoPE theta 500000; 8K pretraining context.
     "llama3-8b": dict(
-        vocab_size=128256, dim=4096, layers=32, heads=32, kv_heads=8, ffn_hidden=14336, max_seq_len=131072,
+        vocab_size=128256,
+        dim=4096,
+        layers=32,
+        heads=32,
+        kv_heads=8,
+        ffn_hidden=14336,
+        max_seq_len=131072,
         rope_theta=500000.0,
     ),
     # Baichuan 2 (Yang et al., 2023), Table 2 and §2.4: 7B has 32 layers, d=4096, 32 heads, FFN 11008, RoPE,
     # RMSNorm, NormHead, vocab 125696, 4096 context. (13B uses ALiBi: set position: alibi.)
     "baichuan2-7b": dict(
-        vocab_size=125696, dim=4096, layers=32, heads=32, kv_heads=32, ffn_hidden=11008, max_seq_len=4096,
-        norm_head=True, norm_eps=1e-6,
+        vocab_size=125696,
+        dim=4096,
+        layers=32,
+        heads=32,
+        kv_heads=32,
+        ffn_hidden=11008,
+        max_seq_len=4096,
+        norm_head=True,
+        norm_eps=1e-6,
     ),
     # Apple Intelligence Foundation Language Models (Gunter et al., 2024), §2: AFM-on-device has d=3072, head
     # dim 128, 24 query / 8 KV heads, 26 layers, shared input/output embedding, 49K vocab; 2.58B non-embedding
     # and 0.15B embedding parameters. FFN width is not stated: 8/3 x d = 8192 is assumed.
     "afm-3b": dict(
-        vocab_size=49152, dim=3072, layers=26, heads=24, kv_heads=8, ffn_hidden=8192, max_seq_len=32768,
-        tied_embeddings=True, rope_theta=500000.0,
+        vocab_size=49152,
+        dim=3072,
+        layers=26,
+        heads=24,
+        kv_heads=8,
+        ffn_hidden=8192,
+        max_seq_len=32768,
+        tied_embeddings=True,
+        rope_theta=500000.0,
     ),
 }
 

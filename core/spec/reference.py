@@ -1,6 +1,6 @@
 """Generates docs/manifest-reference.md from the spec classes, so the field reference can never drift from the code.
 
-    python -m stagerun.trainer.spec.reference > docs/manifest-reference.md
+    python -m stagerun.core.spec.reference > docs/manifest-reference.md
 (tests/test_docs.py fails when the committed file is stale.)
 """
 
@@ -15,7 +15,7 @@ from .run import TrainingRun
 
 HEADER = """# TrainingRun field reference
 
-Generated from the spec classes by `python -m stagerun.trainer.spec.reference` — do not edit by hand.
+Generated from the spec classes by `python -m stagerun.core.spec.reference` — do not edit by hand.
 Counts accept suffixes: K, M, B (or G), T are powers of 1000; Ki, Mi, Gi, Ti powers of 1024 (`4Mi` = 4,194,304).
 Phase fields left unset inherit from the previous phase (see [manifest.md](manifest.md)).
 """
@@ -75,7 +75,8 @@ def render() -> str:
             if f.name.startswith("_"):
                 continue
             meta = f.metadata
-            lines.append(f"| `{camel(f.name)}` | {_type_text(hints[f.name], meta)} | {_default_text(f)} | {meta.get('doc', '')} |")
+            cells = (f"`{camel(f.name)}`", _type_text(hints[f.name], meta), _default_text(f), meta.get("doc", ""))
+            lines.append(f"| {' | '.join(cells)} |")
             queue.extend(_nested(hints[f.name]))
         sections.append("\n".join(lines))
     return HEADER + "\n" + "\n\n".join(sections) + "\n"

@@ -17,7 +17,9 @@ SUPPORTED_CONTEXT_PARALLEL = 1
 
 def check_run(run: TrainingRun, problems: list[Problem]) -> None:
     if run.api_version != API_VERSION:
-        problems.append(Problem("apiVersion", f"must be {API_VERSION}, got {run.api_version!r}", f"apiVersion: {API_VERSION}"))
+        problems.append(
+            Problem("apiVersion", f"must be {API_VERSION}, got {run.api_version!r}", f"apiVersion: {API_VERSION}")
+        )
     if run.kind != KIND:
         problems.append(Problem("kind", f"must be {KIND}, got {run.kind!r}", f"kind: {KIND}"))
     _check_label(run.metadata.name, "metadata.name", problems)
@@ -32,8 +34,13 @@ def check_run(run: TrainingRun, problems: list[Problem]) -> None:
     if spec.checkpoint.path is not None:
         _check_url(spec.checkpoint.path, "spec.checkpoint.path", problems)
     if spec.checkpoint.volume_claim is not None and not (spec.checkpoint.path or "").startswith("/"):
-        problems.append(Problem("spec.checkpoint.path", "with volumeClaim the path is where the volume is mounted: it "
-                                "must be an absolute path", "e.g. path: /checkpoints"))
+        problems.append(
+            Problem(
+                "spec.checkpoint.path",
+                "with volumeClaim the path is where the volume is mounted: it must be an absolute path",
+                "e.g. path: /checkpoints",
+            )
+        )
     for index, phase in enumerate(spec.phases):
         if phase.resources is not None:
             _check_resources(phase.resources, f"spec.phases[{index}].resources", problems)
@@ -42,15 +49,22 @@ def check_run(run: TrainingRun, problems: list[Problem]) -> None:
 def check_model_fields(model: ModelSpec, problems: list[Problem]) -> bool:
     """Problems a resolved model cannot be built with; False when the model is unusable."""
     if model.preset is not None and model.preset not in PRESETS:
-        problems.append(Problem("spec.model.preset", f"unknown preset {model.preset!r}", f"use one of {', '.join(PRESETS)}"))
+        problems.append(
+            Problem("spec.model.preset", f"unknown preset {model.preset!r}", f"use one of {', '.join(PRESETS)}")
+        )
         return False
     if model.preset is None:
         missing = [name for name in REQUIRED_WITHOUT_PRESET if getattr(model, name) is None]
         for name in missing:
             from .fields import camel
 
-            problems.append(Problem(f"spec.model.{camel(name)}", "required when no preset is given",
-                                    f"set it, or choose a preset ({', '.join(PRESETS)})"))
+            problems.append(
+                Problem(
+                    f"spec.model.{camel(name)}",
+                    "required when no preset is given",
+                    f"set it, or choose a preset ({', '.join(PRESETS)})",
+                )
+            )
         if missing:
             return False
     return True
@@ -60,24 +74,47 @@ def check_model(model: ModelSpec, raw: ModelSpec, problems: list[Problem]) -> No
     """Consistency of a resolved model; ``raw`` is the manifest's block (to tell what the user set)."""
     path = "spec.model"
     if model.dim % model.heads:
-        problems.append(Problem(f"{path}.dim", f"{model.dim} is not divisible by heads ({model.heads})",
-                                "choose dim = heads x head dim"))
+        problems.append(
+            Problem(
+                f"{path}.dim", f"{model.dim} is not divisible by heads ({model.heads})", "choose dim = heads x head dim"
+            )
+        )
         return
     if model.heads % model.kv_heads:
-        problems.append(Problem(f"{path}.kvHeads", f"heads ({model.heads}) is not a multiple of kvHeads ({model.kv_heads})",
-                                "grouped-query attention needs heads = kvHeads x group size"))
+        problems.append(
+            Problem(
+                f"{path}.kvHeads",
+                f"heads ({model.heads}) is not a multiple of kvHeads ({model.kv_heads})",
+                "grouped-query attention needs heads = kvHeads x group size",
+            )
+        )
     if model.head_dim % 2:
         problems.append(Problem(f"{path}.dim", f"head dim {model.head_dim} is odd", "use an even dim / heads"))
     if model.position == "alibi" and "rotary_fraction" in explicit_fields(raw):
-        problems.append(Problem(f"{path}.rotaryFraction", "has no meaning with position: alibi",
-                                "drop rotaryFraction, or use position: rope"))
+        problems.append(
+            Problem(
+                f"{path}.rotaryFraction",
+                "has no meaning with position: alibi",
+                "drop rotaryFraction, or use position: rope",
+            )
+        )
     if model.position == "rope" and model.rotary_dims % 2:
-        problems.append(Problem(f"{path}.rotaryFraction", f"rotates {model.head_dim * model.rotary_fraction:g} of "
-                                f"{model.head_dim} head dims; RoPE needs an even whole number",
-                                "choose a fraction that gives an even count of dims"))
+        problems.append(
+            Problem(
+                f"{path}.rotaryFraction",
+                f"rotates {model.head_dim * model.rotary_fraction:g} of "
+                f"{model.head_dim} head dims; RoPE needs an even whole number",
+                "choose a fraction that gives an even count of dims",
+            )
+        )
     if model.position == "rope" and abs(model.rotary_dims - model.head_dim * model.rotary_fraction) > 1e-9:
-        problems.append(Problem(f"{path}.rotaryFraction", f"{model.rotary_fraction} of {model.head_dim} head dims is not a "
-                                "whole number", "choose a fraction that gives an even count of dims"))
+        problems.append(
+            Problem(
+                f"{path}.rotaryFraction",
+                f"{model.rotary_fraction} of {model.head_dim} head dims is not a whole number",
+                "choose a fraction that gives an even count of dims",
+            )
+        )
     if model.max_seq_len % 8:
         problems.append(Problem(f"{path}.maxSeqLen", f"must be a multiple of 8, got {model.max_seq_len}"))
     if model.norm == "rmsnorm" and "norm_bias" in explicit_fields(raw) and model.norm_bias:
@@ -90,15 +127,25 @@ def _check_url(url: str, path: str, problems: list[Problem]) -> None:
 
     scheme = url.split("://", 1)[0] if "://" in url else "file"
     if scheme not in fsspec.available_protocols():
-        problems.append(Problem(path, f"unknown storage scheme {scheme!r} in {url!r}",
-                                "use a local path or an fsspec URL such as s3://bucket/dir, gs://bucket/dir"))
+        problems.append(
+            Problem(
+                path,
+                f"unknown storage scheme {scheme!r} in {url!r}",
+                "use a local path or an fsspec URL such as s3://bucket/dir, gs://bucket/dir",
+            )
+        )
 
 
 def _check_label(name: str, path: str, problems: list[Problem]) -> None:
     if len(name) > 63 or not DNS_LABEL.match(name):
         fixed = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63] or "run"
-        problems.append(Problem(path, f"{name!r} is not a DNS-1123 label (lowercase letters, digits and '-', at most 63)",
-                                f"e.g. {fixed!r}"))
+        problems.append(
+            Problem(
+                path,
+                f"{name!r} is not a DNS-1123 label (lowercase letters, digits and '-', at most 63)",
+                f"e.g. {fixed!r}",
+            )
+        )
 
 
 def _check_sources(run: TrainingRun, problems: list[Problem]) -> None:
@@ -112,52 +159,92 @@ def _check_sources(run: TrainingRun, problems: list[Problem]) -> None:
         if not source.path.strip():
             problems.append(Problem(f"{path}.path", "is empty", "give a folder, file, glob or URL"))
         if source.path.startswith("builtin:") and source.path not in BUILTIN_CORPORA:
-            problems.append(Problem(f"{path}.path", f"unknown generated corpus {source.path!r}",
-                                    f"use one of {', '.join(BUILTIN_CORPORA)}"))
+            problems.append(
+                Problem(
+                    f"{path}.path",
+                    f"unknown generated corpus {source.path!r}",
+                    f"use one of {', '.join(BUILTIN_CORPORA)}",
+                )
+            )
     check_weights_sum({name: s.weight for name, s in sources.items()}, "spec.data.sources[*].weight", problems)
 
 
 def _check_tokenizer(run: TrainingRun, problems: list[Problem]) -> None:
     tokenizer = run.spec.tokenizer
     if (tokenizer.path is None) == (tokenizer.train is None):
-        problems.append(Problem("spec.tokenizer", "set exactly one of path and train",
-                                "path: a tokenizers JSON file, or train: {vocabSize: N}"))
+        problems.append(
+            Problem(
+                "spec.tokenizer",
+                "set exactly one of path and train",
+                "path: a tokenizers JSON file, or train: {vocabSize: N}",
+            )
+        )
 
 
 def _check_resources(resources, path: str, problems: list[Problem]) -> None:
     explicit = explicit_fields(resources)
-    if resources.gpus_per_node > 0 and resources.processes_per_node not in (None, resources.gpus_per_node) \
-            and "processes_per_node" in explicit:
-        problems.append(Problem(f"{path}.processesPerNode", f"{resources.processes_per_node} differs from gpusPerNode "
-                                f"({resources.gpus_per_node}); each GPU needs one process",
-                                "drop processesPerNode on GPU nodes"))
+    if (
+        resources.gpus_per_node > 0
+        and resources.processes_per_node not in (None, resources.gpus_per_node)
+        and "processes_per_node" in explicit
+    ):
+        problems.append(
+            Problem(
+                f"{path}.processesPerNode",
+                f"{resources.processes_per_node} differs from gpusPerNode "
+                f"({resources.gpus_per_node}); each GPU needs one process",
+                "drop processesPerNode on GPU nodes",
+            )
+        )
 
 
 def check_tokenizer_vocab(run: TrainingRun, model: ModelSpec, problems: list[Problem]) -> None:
     train = run.spec.tokenizer.train
     if train is not None and train.vocab_size > model.vocab_size:
-        problems.append(Problem("spec.tokenizer.train.vocabSize", f"{train.vocab_size} exceeds the model's vocabSize "
-                                f"{model.vocab_size}", f"lower it, or set spec.model.vocabSize: {train.vocab_size}"))
+        problems.append(
+            Problem(
+                "spec.tokenizer.train.vocabSize",
+                f"{train.vocab_size} exceeds the model's vocabSize {model.vocab_size}",
+                f"lower it, or set spec.model.vocabSize: {train.vocab_size}",
+            )
+        )
 
 
-def data_parallel_degree(phase: ResolvedPhase, problems: list[Problem] | None = None,
-                         path: str = "spec.parallelism") -> int | None:
+def data_parallel_degree(
+    phase: ResolvedPhase, problems: list[Problem] | None = None, path: str = "spec.parallelism"
+) -> int | None:
     """Ranks that split the batch (FSDP shards x HSDP replicas) for this phase's world size."""
     par, world = phase.parallelism, phase.world_size
     report = problems.append if problems is not None else (lambda p: None)
     if par.context_parallel != SUPPORTED_CONTEXT_PARALLEL:
-        report(Problem(f"{path}.contextParallel", "context parallelism is not supported yet",
-                       "set contextParallel: 1 (use a smaller micro-batch for long sequences)"))
+        report(
+            Problem(
+                f"{path}.contextParallel",
+                "context parallelism is not supported yet",
+                "set contextParallel: 1 (use a smaller micro-batch for long sequences)",
+            )
+        )
         return None
     model_parallel = par.tensor_parallel * par.context_parallel * par.data_parallel_replicate
     if world % model_parallel:
-        report(Problem(f"{path}.tensorParallel", f"world size {world} is not divisible by tensorParallel x "
-                       f"dataParallelReplicate = {model_parallel}", "choose degrees that divide the number of processes"))
+        report(
+            Problem(
+                f"{path}.tensorParallel",
+                f"world size {world} is not divisible by tensorParallel x dataParallelReplicate = {model_parallel}",
+                "choose degrees that divide the number of processes",
+            )
+        )
         return None
     fsdp = par.fsdp if par.fsdp != -1 else world // model_parallel
     if fsdp == 0 or fsdp * model_parallel != world:
-        report(Problem(f"{path}.fsdp", f"fsdp {par.fsdp} x tensorParallel {par.tensor_parallel} x dataParallelReplicate "
-                       f"{par.data_parallel_replicate} != world size {world}", "set fsdp: -1 to use every remaining rank"))
+        report(
+            Problem(
+                f"{path}.fsdp",
+                f"fsdp {par.fsdp} x tensorParallel {par.tensor_parallel} x dataParallelReplicate "
+                f"{par.data_parallel_replicate} != world size {world}",
+                "set fsdp: -1 to use every remaining rank",
+            )
+        )
         return None
     return fsdp * par.data_parallel_replicate
 
@@ -168,8 +255,13 @@ def check_phase_topology(phase: ResolvedPhase, raw_phase, model: ModelSpec, prob
     base = f"spec.phases[{phase.index}]"
     par_path = f"{base}.parallelism" if raw_phase.parallelism is not None else "spec.parallelism"
     if tp > 1 and (model.heads % tp or model.kv_heads % tp):
-        problems.append(Problem(f"{par_path}.tensorParallel", f"{tp} does not divide heads ({model.heads}) and "
-                                f"kvHeads ({model.kv_heads})", "choose a degree that divides both"))
+        problems.append(
+            Problem(
+                f"{par_path}.tensorParallel",
+                f"{tp} does not divide heads ({model.heads}) and kvHeads ({model.kv_heads})",
+                "choose a degree that divides both",
+            )
+        )
     dp = data_parallel_degree(phase, problems, par_path)
     if dp is None:
         return
@@ -178,12 +270,14 @@ def check_phase_topology(phase: ResolvedPhase, raw_phase, model: ModelSpec, prob
         sequences = size // phase.seq_len
         if sequences % per_step:
             good = per_step * phase.seq_len
-            problems.append(Problem(
-                f"{base}.batch" + (f".ramp[{j}].size" if len(phase.ramp) > 1 else ""),
-                f"{sequences} sequences of {phase.seq_len} per step do not split into data-parallel ranks ({dp}) x "
-                f"microBatchSize ({phase.micro_batch_size}) = {per_step}",
-                f"make the batch a multiple of {good} tokens ({per_step} sequences), or change microBatchSize",
-            ))
+            problems.append(
+                Problem(
+                    f"{base}.batch" + (f".ramp[{j}].size" if len(phase.ramp) > 1 else ""),
+                    f"{sequences} sequences of {phase.seq_len} per step do not split into data-parallel ranks ({dp}) x "
+                    f"microBatchSize ({phase.micro_batch_size}) = {per_step}",
+                    f"make the batch a multiple of {good} tokens ({per_step} sequences), or change microBatchSize",
+                )
+            )
 
 
 def kubernetes_problems(run: TrainingRun) -> list[Problem]:
@@ -191,14 +285,27 @@ def kubernetes_problems(run: TrainingRun) -> list[Problem]:
     problems = []
     spec = run.spec
     if not spec.image:
-        problems.append(Problem("spec.image", "is required on Kubernetes", "set the trainer image, e.g. "
-                                "ghcr.io/example/stagerun:0.1"))
+        problems.append(
+            Problem(
+                "spec.image", "is required on Kubernetes", "set the trainer image, e.g. ghcr.io/example/stagerun:0.1"
+            )
+        )
     if not spec.checkpoint.path:
-        problems.append(Problem("spec.checkpoint.path", "is required on Kubernetes: pods are replaced on every restart, "
-                                "so checkpoints must live in shared storage", "an s3://, gs:// URL, or a path with "
-                                "volumeClaim"))
+        problems.append(
+            Problem(
+                "spec.checkpoint.path",
+                "is required on Kubernetes: pods are replaced on every restart, "
+                "so checkpoints must live in shared storage",
+                "an s3://, gs:// URL, or a path with volumeClaim",
+            )
+        )
     elif "://" not in spec.checkpoint.path and spec.checkpoint.volume_claim is None:
-        problems.append(Problem("spec.checkpoint.path", f"{spec.checkpoint.path!r} is a local path but no volumeClaim "
-                                "is mounted there: every restarted pod would start from scratch",
-                                "set spec.checkpoint.volumeClaim, or use an object-store URL"))
+        problems.append(
+            Problem(
+                "spec.checkpoint.path",
+                f"{spec.checkpoint.path!r} is a local path but no volumeClaim "
+                "is mounted there: every restarted pod would start from scratch",
+                "set spec.checkpoint.volumeClaim, or use an object-store URL",
+            )
+        )
     return problems

@@ -21,8 +21,9 @@ class ModelInitSpec:
 @dataclass(frozen=True)
 class ModelSpec:
     preset: str | None = spec_field(
-        None, doc="a named architecture (tiny, stablelm2-1.6b, index-1.9b, llama3-8b, baichuan2-7b, afm-3b); "
-        "fields set beside it override the preset's values"
+        None,
+        doc="a named architecture (tiny, stablelm2-1.6b, index-1.9b, llama3-8b, baichuan2-7b, afm-3b); "
+        "fields set beside it override the preset's values",
     )
     vocab_size: int | None = spec_field(None, doc="tokenizer vocabulary size (before padding)", minimum=1)
     pad_vocab_multiple: int | None = spec_field(
@@ -31,14 +32,18 @@ class ModelSpec:
     dim: int | None = spec_field(None, doc="model (residual stream) width", minimum=8)
     layers: int | None = spec_field(None, doc="number of transformer blocks", minimum=1)
     heads: int | None = spec_field(None, doc="attention (query) heads", minimum=1)
-    kv_heads: int | None = spec_field(None, doc="key/value heads: fewer than heads is grouped-query attention", minimum=1)
+    kv_heads: int | None = spec_field(
+        None, doc="key/value heads: fewer than heads is grouped-query attention", minimum=1
+    )
     ffn_hidden: int | None = spec_field(
         None, doc="SwiGLU hidden width; when unset: ffnMultiplier x 8/3 x dim rounded up to ffnMultipleOf", minimum=1
     )
     ffn_multiplier: float | None = spec_field(
         None, doc="scale on the 8/3 x dim SwiGLU width (Llama 3 8B: 1.3)", minimum=0, exclusive_minimum=True
     )
-    ffn_multiple_of: int | None = spec_field(None, doc="round the SwiGLU width up to this multiple (Baichuan 2: 128)", minimum=1)
+    ffn_multiple_of: int | None = spec_field(
+        None, doc="round the SwiGLU width up to this multiple (Baichuan 2: 128)", minimum=1
+    )
     norm: Literal["rmsnorm", "layernorm"] | None = spec_field(None, doc="normalisation layer")
     norm_eps: float | None = spec_field(None, doc="epsilon of the norm layers", minimum=0, exclusive_minimum=True)
     norm_bias: bool | None = spec_field(None, doc="learned bias in LayerNorm (rmsnorm has none)")
@@ -46,8 +51,11 @@ class ModelSpec:
     position: Literal["rope", "alibi"] | None = spec_field(None, doc="position encoding: rotary (RoPE) or ALiBi biases")
     rope_theta: float | None = spec_field(None, doc="RoPE base (Llama 3: 500000)", minimum=0, exclusive_minimum=True)
     rotary_fraction: float | None = spec_field(
-        None, doc="fraction of each head's dims that RoPE rotates (StableLM 2: 0.25)", minimum=0,
-        exclusive_minimum=True, maximum=1,
+        None,
+        doc="fraction of each head's dims that RoPE rotates (StableLM 2: 0.25)",
+        minimum=0,
+        exclusive_minimum=True,
+        maximum=1,
     )
     norm_head: bool | None = spec_field(None, doc="NormHead: normalise the LM-head rows (Baichuan 2, Index-1.9B)")
     tied_embeddings: bool | None = spec_field(None, doc="share the input embedding with the LM head")
@@ -99,5 +107,5 @@ class ModelSpec:
         attention = 12 * self.layers * self.dim * seq_len // 2  # causal: half the score matrix
         return 6 * matmul_params + attention
 
-    def replace(self, **changes) -> "ModelSpec":
+    def replace(self, **changes) -> ModelSpec:
         return dataclasses.replace(self, **changes)

@@ -99,8 +99,15 @@ def plot_schedule(run: ResolvedRun, out_path: str) -> None:
         for phase in run.phases:
             ax.axvline(phase.start_tokens, color="grey", linestyle=":", linewidth=1)
     for phase in run.phases:
-        axes[0].annotate(phase.name, (phase.start_tokens, 1.0), xycoords=("data", "axes fraction"),
-                         xytext=(3, -12), textcoords="offset points", fontsize=8, color="dimgrey")
+        axes[0].annotate(
+            phase.name,
+            (phase.start_tokens, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -12),
+            textcoords="offset points",
+            fontsize=8,
+            color="dimgrey",
+        )
     axes[-1].set_xlabel("tokens")
     fig.suptitle(f"{run.name}: schedule ({format_count(run.total_tokens)} tokens)")
     fig.tight_layout()

@@ -16,7 +16,17 @@ from dataclasses import dataclass
 from .fields import Problem, explicit_fields
 from .model import ModelSpec
 from .quantities import format_count
-from .run import CheckpointSpec, DistillSpec, ParallelismSpec, PhaseSpec, ResourcesSpec, SourceSpec, TokenizerSpec, TrainingRun, TrainingSpec
+from .run import (
+    CheckpointSpec,
+    DistillSpec,
+    ParallelismSpec,
+    PhaseSpec,
+    ResourcesSpec,
+    SourceSpec,
+    TokenizerSpec,
+    TrainingRun,
+    TrainingSpec,
+)
 
 WEIGHT_TOLERANCE = 1e-6
 
@@ -90,7 +100,9 @@ def resolve_phases(run: TrainingRun, model: ModelSpec, problems: list[Problem], 
         if failed and prev is None:
             break  # every later phase inherits from the broken first one: their problems would only echo it
         if phase.name in names:
-            problems.append(Problem(f"{path}.name", f"duplicate phase name {phase.name!r}", "give each phase a unique name"))
+            problems.append(
+                Problem(f"{path}.name", f"duplicate phase name {phase.name!r}", "give each phase a unique name")
+            )
         names.add(phase.name)
         ok = True
 
@@ -99,16 +111,22 @@ def resolve_phases(run: TrainingRun, model: ModelSpec, problems: list[Problem], 
             problems.append(Problem(f"{path}.seqLen", "the first phase must set seqLen", "add e.g. seqLen: 4096"))
             ok = False
         elif phase.seq_len is not None and seq_len % 8:
-            problems.append(Problem(
-                f"{path}.seqLen", f"must be a positive multiple of 8, got {seq_len}",
-                f"use {seq_len - seq_len % 8 or 8} or {seq_len + 8 - seq_len % 8}",
-            ))
+            problems.append(
+                Problem(
+                    f"{path}.seqLen",
+                    f"must be a positive multiple of 8, got {seq_len}",
+                    f"use {seq_len - seq_len % 8 or 8} or {seq_len + 8 - seq_len % 8}",
+                )
+            )
             ok = False
         elif seq_len > model.max_seq_len:
-            problems.append(Problem(
-                f"{path}.seqLen", f"{seq_len} is longer than the model's maxSeqLen {model.max_seq_len}",
-                f"lower seqLen or raise spec.model.maxSeqLen to at least {seq_len}",
-            ))
+            problems.append(
+                Problem(
+                    f"{path}.seqLen",
+                    f"{seq_len} is longer than the model's maxSeqLen {model.max_seq_len}",
+                    f"lower seqLen or raise spec.model.maxSeqLen to at least {seq_len}",
+                )
+            )
             ok = False
 
         ramp = _resolve_ramp(phase, prev, path, problems)
@@ -128,9 +146,19 @@ def resolve_phases(run: TrainingRun, model: ModelSpec, problems: list[Problem], 
         world = world_override or resources.world_size
         if ok:
             current = ResolvedPhase(
-                index=index, name=phase.name, start_tokens=start, tokens=phase.tokens, seq_len=seq_len, ramp=ramp,
-                micro_batch_size=micro, lr=lr, weights=weights, parallelism=parallelism, resources=resources,
-                world_size=world, distill=phase.distill,
+                index=index,
+                name=phase.name,
+                start_tokens=start,
+                tokens=phase.tokens,
+                seq_len=seq_len,
+                ramp=ramp,
+                micro_batch_size=micro,
+                lr=lr,
+                weights=weights,
+                parallelism=parallelism,
+                resources=resources,
+                world_size=world,
+                distill=phase.distill,
             )
             if phase.distill is not None:
                 ok = _check_teacher(phase.distill, model, path, problems)
@@ -151,14 +179,23 @@ def _check_teacher(distill: DistillSpec, student: ModelSpec, path: str, problems
 
     raw = distill.teacher.model
     if raw is not None and raw.preset is not None and raw.preset not in PRESETS:
-        problems.append(Problem(f"{path}.distill.teacher.model.preset", f"unknown preset {raw.preset!r}",
-                                f"use one of {', '.join(PRESETS)}"))
+        problems.append(
+            Problem(
+                f"{path}.distill.teacher.model.preset",
+                f"unknown preset {raw.preset!r}",
+                f"use one of {', '.join(PRESETS)}",
+            )
+        )
         return False
     teacher = resolve_model(raw) if raw is not None else student
     if teacher.vocab_size is None or teacher.padded_vocab != student.padded_vocab:
-        problems.append(Problem(f"{path}.distill.teacher.model.vocabSize", f"the teacher's vocabulary "
-                                f"({teacher.vocab_size}) differs from the student's ({student.vocab_size})",
-                                "distillation compares predictions token by token: use the student's vocabSize"))
+        problems.append(
+            Problem(
+                f"{path}.distill.teacher.model.vocabSize",
+                f"the teacher's vocabulary ({teacher.vocab_size}) differs from the student's ({student.vocab_size})",
+                "distillation compares predictions token by token: use the student's vocabSize",
+            )
+        )
         return False
     return True
 
@@ -174,10 +211,13 @@ def _resolve_ramp(phase: PhaseSpec, prev: ResolvedPhase | None, path: str, probl
     batch = phase.batch
     if batch is None or (batch.size is None and batch.ramp is None):
         if prev is None:
-            problems.append(Problem(
-                f"{path}.batch", "the first phase must set batch.size or batch.ramp",
-                "add e.g. batch: {size: 4Mi} (tokens per optimizer step)",
-            ))
+            problems.append(
+                Problem(
+                    f"{path}.batch",
+                    "the first phase must set batch.size or batch.ramp",
+                    "add e.g. batch: {size: 4Mi} (tokens per optimizer step)",
+                )
+            )
             return None
         return ((0, prev.ramp[-1][1]),)
     if batch.size is not None and batch.ramp is not None:
@@ -200,23 +240,44 @@ def _check_ramp(ramp, phase: PhaseSpec, seq_len: int, path: str, problems: list[
     else:
         where = lambda i, f: f"{path}.batch" + ("" if inherited else ".size")  # noqa: E731
     if ramp[0][0] != 0:
-        problems.append(Problem(where(0, "tokens"), f"the first ramp point must be at tokens 0, got {ramp[0][0]}",
-                                "start the ramp with {tokens: 0, size: ...}"))
+        problems.append(
+            Problem(
+                where(0, "tokens"),
+                f"the first ramp point must be at tokens 0, got {ramp[0][0]}",
+                "start the ramp with {tokens: 0, size: ...}",
+            )
+        )
         ok = False
     for i in range(1, len(ramp)):
         if ramp[i][0] <= ramp[i - 1][0]:
-            problems.append(Problem(where(i, "tokens"), f"ramp points must be in increasing token order, "
-                                    f"{format_count(ramp[i][0])} follows {format_count(ramp[i - 1][0])}", "sort the ramp by tokens"))
+            problems.append(
+                Problem(
+                    where(i, "tokens"),
+                    f"ramp points must be in increasing token order, "
+                    f"{format_count(ramp[i][0])} follows {format_count(ramp[i - 1][0])}",
+                    "sort the ramp by tokens",
+                )
+            )
             ok = False
         if ramp[i][1] <= ramp[i - 1][1]:
-            problems.append(Problem(where(i, "size"), f"a batch ramp must increase, {format_count(ramp[i][1])} follows "
-                                    f"{format_count(ramp[i - 1][1])}", "make each size larger than the one before"))
+            problems.append(
+                Problem(
+                    where(i, "size"),
+                    f"a batch ramp must increase, {format_count(ramp[i][1])} follows {format_count(ramp[i - 1][1])}",
+                    "make each size larger than the one before",
+                )
+            )
             ok = False
     for i, (tokens, size) in enumerate(ramp):
         if tokens >= phase.tokens:
-            problems.append(Problem(where(i, "tokens"), f"{format_count(tokens)} is not inside the phase's budget of "
-                                    f"{format_count(phase.tokens)} tokens, so this size would never be used",
-                                    "ramp tokens count from the phase start; lower it or drop the point"))
+            problems.append(
+                Problem(
+                    where(i, "tokens"),
+                    f"{format_count(tokens)} is not inside the phase's budget of "
+                    f"{format_count(phase.tokens)} tokens, so this size would never be used",
+                    "ramp tokens count from the phase start; lower it or drop the point",
+                )
+            )
             ok = False
         if size % seq_len:
             hint, fix = "", ""
@@ -227,15 +288,25 @@ def _check_ramp(ramp, phase: PhaseSpec, seq_len: int, path: str, problems: list[
                     fix = f"did you mean {binary[0]} ({binary[1]} tokens)? otherwise "
             lower, upper = size - size % seq_len, size + seq_len - size % seq_len
             origin = " (inherited from the previous phase)" if inherited else ""
-            problems.append(Problem(where(i, "size"), f"batch of {size} tokens{origin} is not a whole number of "
-                                    f"sequences of seqLen {seq_len}{hint}", f"{fix}use {lower or upper} or {upper} tokens"))
+            problems.append(
+                Problem(
+                    where(i, "size"),
+                    f"batch of {size} tokens{origin} is not a whole number of sequences of seqLen {seq_len}{hint}",
+                    f"{fix}use {lower or upper} or {upper} tokens",
+                )
+            )
             ok = False
     return ok
 
 
 def _binary_reading(size: int) -> tuple[str, int] | None:
     """'8K' read as '8Ki': the size a user most likely meant when a decimal size does not fit."""
-    for suffix, decimal, binary in (("Ti", 10**12, 2**40), ("Gi", 10**9, 2**30), ("Mi", 10**6, 2**20), ("Ki", 10**3, 2**10)):
+    for suffix, decimal, binary in (
+        ("Ti", 10**12, 2**40),
+        ("Gi", 10**9, 2**30),
+        ("Mi", 10**6, 2**20),
+        ("Ki", 10**3, 2**10),
+    ):
         if size % decimal == 0:
             return f"{size // decimal}{suffix}", size // decimal * binary
     return None
@@ -245,7 +316,13 @@ def _resolve_lr(phase: PhaseSpec, prev: ResolvedPhase | None, path: str, problem
     lr = phase.lr
     if lr is None:
         if prev is None:
-            problems.append(Problem(f"{path}.lr", "the first phase must set lr", "add e.g. lr: {peak: 3e-4, warmupTokens: 100M, schedule: cosine}"))
+            problems.append(
+                Problem(
+                    f"{path}.lr",
+                    "the first phase must set lr",
+                    "add e.g. lr: {peak: 3e-4, warmupTokens: 100M, schedule: cosine}",
+                )
+            )
             return None
         return ResolvedLR("constant", prev.lr.end, prev.lr.end, 0, 0.0, "linear")
     peak = lr.peak if lr.peak is not None else (prev.lr.end if prev else None)
@@ -254,29 +331,54 @@ def _resolve_lr(phase: PhaseSpec, prev: ResolvedPhase | None, path: str, problem
         problems.append(Problem(f"{path}.lr.peak", "the first phase must set lr.peak", "add e.g. peak: 3e-4"))
         return None
     if peak <= 0:
-        problems.append(Problem(f"{path}.lr.peak", "the previous phase ended at LR 0, so this phase has no LR to start from",
-                                "set lr.peak explicitly"))
+        problems.append(
+            Problem(
+                f"{path}.lr.peak",
+                "the previous phase ended at LR 0, so this phase has no LR to start from",
+                "set lr.peak explicitly",
+            )
+        )
         return None
     if lr.schedule == "constant":
         if lr.to is not None and lr.to != peak:
-            problems.append(Problem(f"{path}.lr.to", "a constant schedule has no end LR different from peak",
-                                    "drop `to`, or choose schedule linear, cosine or wsd"))
+            problems.append(
+                Problem(
+                    f"{path}.lr.to",
+                    "a constant schedule has no end LR different from peak",
+                    "drop `to`, or choose schedule linear, cosine or wsd",
+                )
+            )
             ok = False
         end = peak
     else:
         end = lr.to if lr.to is not None else 0.0
         if end > peak:
-            problems.append(Problem(f"{path}.lr.to", f"end LR {end} is above the peak {peak}", "decay schedules go down: lower `to`"))
+            problems.append(
+                Problem(
+                    f"{path}.lr.to", f"end LR {end} is above the peak {peak}", "decay schedules go down: lower `to`"
+                )
+            )
             ok = False
     if lr.warmup_tokens >= phase.tokens:
-        problems.append(Problem(f"{path}.lr.warmupTokens", f"warmup of {format_count(lr.warmup_tokens)} tokens does not end "
-                                f"inside the phase ({format_count(phase.tokens)} tokens)", "shorten the warmup"))
+        problems.append(
+            Problem(
+                f"{path}.lr.warmupTokens",
+                f"warmup of {format_count(lr.warmup_tokens)} tokens does not end "
+                f"inside the phase ({format_count(phase.tokens)} tokens)",
+                "shorten the warmup",
+            )
+        )
         ok = False
     decay_fraction = 0.0
     if lr.schedule == "wsd":
         if lr.decay_fraction is None:
-            problems.append(Problem(f"{path}.lr.decayFraction", "required with schedule wsd",
-                                    "e.g. decayFraction: 0.1 decays over the last 10 % of the phase; 0 stays at peak"))
+            problems.append(
+                Problem(
+                    f"{path}.lr.decayFraction",
+                    "required with schedule wsd",
+                    "e.g. decayFraction: 0.1 decays over the last 10 % of the phase; 0 stays at peak",
+                )
+            )
             ok = False
         else:
             decay_fraction = lr.decay_fraction
@@ -284,12 +386,22 @@ def _resolve_lr(phase: PhaseSpec, prev: ResolvedPhase | None, path: str, problem
                 end = peak
             decay_tokens = int(phase.tokens * decay_fraction)
             if phase.tokens - decay_tokens < lr.warmup_tokens:
-                problems.append(Problem(f"{path}.lr.decayFraction", "the decay would start before the warmup ends",
-                                        "lower decayFraction or warmupTokens"))
+                problems.append(
+                    Problem(
+                        f"{path}.lr.decayFraction",
+                        "the decay would start before the warmup ends",
+                        "lower decayFraction or warmupTokens",
+                    )
+                )
                 ok = False
     elif lr.decay_fraction is not None:
-        problems.append(Problem(f"{path}.lr.decayFraction", f"only applies to schedule wsd, not {lr.schedule}",
-                                "drop decayFraction, or use schedule: wsd"))
+        problems.append(
+            Problem(
+                f"{path}.lr.decayFraction",
+                f"only applies to schedule wsd, not {lr.schedule}",
+                "drop decayFraction, or use schedule: wsd",
+            )
+        )
         ok = False
     if not ok:
         return None
@@ -303,8 +415,13 @@ def _resolve_weights(phase, prev, default_weights, sources, path, problems):
     ok = True
     for name, weight in weights.items():
         if name not in sources:
-            problems.append(Problem(f"{path}.data.weights.{name}", "names no source in spec.data.sources",
-                                    f"use one of {', '.join(sources)}"))
+            problems.append(
+                Problem(
+                    f"{path}.data.weights.{name}",
+                    "names no source in spec.data.sources",
+                    f"use one of {', '.join(sources)}",
+                )
+            )
             ok = False
         elif weight < 0:
             problems.append(Problem(f"{path}.data.weights.{name}", f"must be at least 0, got {weight}"))
@@ -323,6 +440,8 @@ def check_weights_sum(weights: dict[str, float], path: str, problems: list[Probl
         return False
     if abs(total - 1.0) > WEIGHT_TOLERANCE:
         normalised = ", ".join(f"{k}: {v / total:.4g}" for k, v in weights.items())
-        problems.append(Problem(path, f"weights sum to {total:.6g}, not 1", f"normalised, they would be {{{normalised}}}"))
+        problems.append(
+            Problem(path, f"weights sum to {total:.6g}, not 1", f"normalised, they would be {{{normalised}}}")
+        )
         return False
     return True

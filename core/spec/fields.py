@@ -137,7 +137,9 @@ class Reader:
         for key, f in fields.items():
             if key not in raw or raw[key] is None:
                 if is_required(f):
-                    self.problem(f"{path}.{key}", "required field is missing", f"add {key}: {f.metadata.get('doc', '')}")
+                    self.problem(
+                        f"{path}.{key}", "required field is missing", f"add {key}: {f.metadata.get('doc', '')}"
+                    )
                     ok = False
                 continue
             value = self.value(hints[f.name], raw[key], f"{path}.{key}", f.metadata)
