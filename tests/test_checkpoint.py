@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from stagerun.trainer import storage
+from stagerun.core import storage
 from stagerun.trainer.checkpoint import (
     CRASH_ENV,
     MARKER,

@@ -44,7 +44,7 @@ try:  # some torch releases re-export these, others keep them in the private mod
 except ImportError:  # pragma: no cover - depends on the torch version
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
-from . import storage
+from stagerun.core import storage
 
 __all__ = ["CheckpointInfo", "CheckpointManager", "ModelOptimizerState", "MARKER", "META", "CRASH_ENV"]
 

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
+from stagerun.core import storage
 from stagerun.core.spec.model import ModelSpec
 
-from .. import storage
 from .mapping import ZEROS, Entry, export_tensor, hf_architecture, hf_config, hf_entries
 
 __all__ = [

@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from stagerun.core import storage
 from stagerun.core.spec.fields import Problem
 
-from .. import storage
 from .mapping import (
     INIT_PATH,
     NORMHEAD,
