@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .layout import split_batch
 from .spec.resolve import ResolvedPhase, ResolvedRun
 
 
@@ -113,14 +114,8 @@ def step_plan(run: ResolvedRun, tokens: int, step: int) -> StepPlan | None:
 
 
 def grad_accumulation(sequences: int, dp_size: int, micro_batch_size: int) -> int:
-    """Micro-batches per rank per step; raises ValueError when the batch does not split evenly."""
-    per_pass = dp_size * micro_batch_size
-    if sequences % per_pass:
-        raise ValueError(
-            f"{sequences} sequences per step do not split into {dp_size} data-parallel ranks x "
-            f"micro-batches of {micro_batch_size}"
-        )
-    return sequences // per_pass
+    """Micro-batches per rank per step; raises ValueError (a BatchSplitError) when the batch does not split evenly."""
+    return split_batch(sequences, dp_size, micro_batch_size).grad_accum
 
 
 def segments(run: ResolvedRun) -> list[Segment]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from .plan import Segment, grad_accumulation, lr_at, segments, total_steps
-from .spec import data_parallel_degree, format_count
+from .layout import BatchSplitError, split_batch
+from .plan import Segment, lr_at, segments, total_steps
+from .spec import format_count, quantities
 from .spec.resolve import ResolvedRun
+from .spec.validate import phase_layout
 
 COLUMNS = ("phase", "budget", "steps", "batch tok", "batch seq", "micro x accum", "seqLen", "LR start -> end", "world")
 
@@ -16,14 +18,15 @@ def schedule_rows(run: ResolvedRun, throughput: float | None = None) -> list[tup
     for seg in segments(run):
         phase = seg.phase
         first_of_phase, previous_phase = phase is not previous_phase, phase
-        dp = data_parallel_degree(phase) or 1
+        layout = phase_layout(phase)
+        dp = layout.dp if layout is not None else 1
         seqs = seg.batch_tokens // phase.seq_len
         try:
-            split = f"{phase.micro_batch_size} x {grad_accumulation(seqs, dp, phase.micro_batch_size)}"
-        except ValueError:
+            split = f"{phase.micro_batch_size} x {split_batch(seqs, dp, phase.micro_batch_size).grad_accum}"
+        except BatchSplitError:
             split = "does not split"
         lr_text = f"{lr_at(phase, seg.start_tokens):.3g} -> {lr_at(phase, seg.end_tokens):.3g}"
-        row = (
+        row: tuple[str, ...] = (
             phase.name if first_of_phase else "",
             format_count(phase.tokens) if first_of_phase else "",
             f"{seg.steps:,}",
@@ -41,13 +44,7 @@ def schedule_rows(run: ResolvedRun, throughput: float | None = None) -> list[tup
 
 
 def format_duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f}s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
+    return quantities.format_duration(seconds, style="approx")  # ETAs: one rounded unit
 
 
 def render_table(run: ResolvedRun, throughput: float | None = None) -> str:
@@ -70,7 +67,10 @@ def render_table(run: ResolvedRun, throughput: float | None = None) -> str:
 def curve_points(run: ResolvedRun, samples: int = 2000) -> dict[str, list[float]]:
     """LR, batch tokens and seq len sampled along the token axis (used by the plot and its test)."""
     total = run.total_tokens
-    tokens, lrs, batches, seq_lens = [], [], [], []
+    tokens: list[float] = []
+    lrs: list[float] = []
+    batches: list[float] = []
+    seq_lens: list[float] = []
     segs: list[Segment] = segments(run)
     for i in range(samples + 1):
         t = total * i / samples

@@ -20,9 +20,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import types
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar, Union, cast, get_args, get_origin, get_type_hints
 
 
 class PodEnv(StrEnum):
@@ -42,6 +43,11 @@ class PodEnv(StrEnum):
     TERMINATION_LOG = "STAGERUN_TERMINATION_LOG"  # overrides /dev/termination-log (same)
     SHUTDOWN_SECONDS = "STAGERUN_SHUTDOWN_SECONDS"  # how long torchrun waits for workers after SIGTERM
     MAX_SOURCE_BYTES = "STAGERUN_MAX_SOURCE_BYTES"  # smoke runs: tokenize a sample of each source
+    # Set by Kubernetes, not by stagerun: the Job controller (index 0 holds global rank 0) and the downward API.
+    JOB_COMPLETION_INDEX = "JOB_COMPLETION_INDEX"
+    POD_IP = "POD_IP"
+    POD_NAME = "POD_NAME"
+    POD_NAMESPACE = "POD_NAMESPACE"
 
 
 class GangState(StrEnum):
@@ -57,10 +63,13 @@ class GangState(StrEnum):
 
 
 class FailureReason(StrEnum):
-    """Reasons of a permanent failure reported by ``stagerun launch`` (retrying cannot help)."""
+    """Reasons of a failure reported by ``stagerun launch`` before training starts."""
 
-    INVALID_SPEC = "InvalidSpec"
-    DATA_PREPARATION_FAILED = "DataPreparationFailed"
+    INVALID_SPEC = "InvalidSpec"  # permanent: the manifest or the pod's environment is wrong
+    DATA_PREPARATION_FAILED = "DataPreparationFailed"  # permanent: the data itself is unusable (DataError)
+    # Transient: storage or network trouble (a timeout, a reset connection, a 5xx) or an unforeseen error while
+    # preparing data; the operator restarts the gang with backoff, within spec.maxRestarts.
+    DATA_PREPARATION_ERROR = "DataPreparationError"
 
 
 T = TypeVar("T")
@@ -89,19 +98,47 @@ def to_json_dict(message: Any, *, drop_none: bool = True) -> dict[str, Any]:
     return out
 
 
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether a decoded JSON value fits a field's annotation (shallow: a dict's items are not looked at)."""
+    origin = get_origin(hint)
+    if origin is Union or origin is types.UnionType:
+        return any(_conforms(value, arg) for arg in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:  # JSON has one number type: 1700000000 is a fine timestamp
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is not None:
+        return isinstance(value, origin)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
 def from_json_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """The dataclass ``cls`` from its wire dict; unknown keys are ignored, missing ones take their defaults."""
+    """The dataclass ``cls`` from its wire dict; unknown keys are ignored, missing ones take their defaults.
+
+    Raises ValueError when ``data`` is not an object, lacks a required key or holds a value of the wrong type, so a
+    reader has one exception to catch and never acts on a half-understood message.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
     kwargs: dict[str, Any] = {}
-    hints = {f.name: f for f in dataclasses.fields(cast(Any, cls))}
-    for name, f in hints.items():
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cast(Any, cls)):
         key = _key(f)
         if key not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{cls.__name__}: {key} is missing")
             continue
         value = data[key]
         nested = f.metadata.get("nested")
         if nested is not None and isinstance(value, dict):
             value = from_json_dict(nested, value)
-        kwargs[name] = value
+        if not _conforms(value, hints[f.name]):
+            raise ValueError(f"{cls.__name__}: {key} is {value!r}, expected {hints[f.name]}")
+        kwargs[f.name] = value
     return cls(**kwargs)
 
 
@@ -151,8 +188,9 @@ class TerminationMessage:
     exit_code: int | None = field(default=None, metadata=_json_key("exitCode"))
     text: str | None = None  # a termination message that was not JSON (not written by stagerun launch)
 
-    # What survives when the whole message would not fit the limit.
-    ESSENTIAL = ("state", "reason", "permanent", "step", "tokens", "phaseIndex")
+    # What the operator decides on: kept when even the message without its free text would not fit the limit.
+    ESSENTIAL = ("state", "reason", "permanent", "step", "tokens", "phaseIndex", "exitCode")
+    FREE_TEXT = ("message", "text")  # shortened first when the message is too long
 
     @classmethod
     def from_status(cls, status: RunStatus) -> TerminationMessage:
@@ -167,25 +205,59 @@ class TerminationMessage:
         )
 
     @classmethod
-    def failure(cls, reason: FailureReason, message: str) -> TerminationMessage:
-        return cls(state=GangState.FAILED, reason=str(reason), permanent=True, message=message[:3000])
+    def failure(cls, reason: FailureReason, message: str, *, permanent: bool = True) -> TerminationMessage:
+        return cls(state=GangState.FAILED, reason=str(reason), permanent=permanent, message=message)
 
     def to_json(self) -> str:
+        """Compact JSON of at most ``TERMINATION_LIMIT`` bytes (Kubernetes cuts longer ones, and cut JSON is
+        unreadable): the free text is shortened first, then everything but ``ESSENTIAL`` is dropped."""
         data = to_json_dict(self)
-        text = json.dumps(data, separators=(",", ":"))
-        if len(text.encode()) > TERMINATION_LIMIT:
-            text = json.dumps({k: data[k] for k in self.ESSENTIAL if k in data}, separators=(",", ":"))
-        return text
+        text = _compact(data)
+        if _size(text) <= TERMINATION_LIMIT:
+            return text
+        free = {key: data.pop(key) for key in self.FREE_TEXT if key in data}
+        if _size(_compact(data)) > TERMINATION_LIMIT:
+            data = {key: data[key] for key in self.ESSENTIAL if key in data}
+        if "message" in free:
+            data["message"] = _longest_fitting(data, "message", free["message"])
+        return _compact(data)
 
     @classmethod
     def from_json(cls, text: str) -> TerminationMessage:
+        """Never raises: a message that is not one of ours comes back as ``text`` with an empty state."""
         try:
-            data = json.loads(text)
+            return from_json_dict(cls, json.loads(text))
         except ValueError:
-            data = None
-        if not isinstance(data, dict):
             return cls(state="", text=text)
-        return from_json_dict(cls, data)
+
+
+def _compact(data: dict[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"))
+
+
+def _size(text: str) -> int:
+    return len(text.encode())
+
+
+def _longest_fitting(data: dict[str, Any], key: str, value: str, marker: str = "...") -> str:
+    """The longest prefix of ``value`` (marked as cut) that keeps ``data`` within the limit once set as ``key``.
+
+    Searched rather than computed: JSON escapes (quotes, non-ASCII as \\uXXXX) make bytes per character vary.
+    """
+
+    def fits(candidate: str) -> bool:
+        return _size(_compact({**data, key: candidate})) <= TERMINATION_LIMIT
+
+    if fits(value):
+        return value
+    low, high = 0, len(value)  # fits(value[:low] + marker) holds for low = 0 as long as the rest fits at all
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(value[:middle] + marker):
+            low = middle
+        else:
+            high = middle - 1
+    return value[:low] + marker
 
 
 @dataclass

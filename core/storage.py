@@ -18,6 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 __all__ = [
     "resolve",
+    "is_url",
     "is_local",
     "join",
     "to_url",
@@ -29,10 +30,18 @@ __all__ = [
 ]
 
 
-def resolve(url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
+def resolve(
+    url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> tuple[AbstractFileSystem, str]:
     """Return ``(filesystem, path without protocol)`` for a local path or any fsspec URL."""
     fs, path = url_to_fs(os.fspath(url), **(storage_options or {}))
     return fs, path.rstrip("/") or "/"
+
+
+def is_url(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names a remote (or in-memory) fsspec location rather than a local file; ``file://`` is local."""
+    text = os.fspath(path)
+    return "://" in text and not text.startswith("file://")
 
 
 def is_local(fs: AbstractFileSystem) -> bool:

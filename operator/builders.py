@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from stagerun.core.protocol import PodEnv
 from stagerun.core.spec import ResolvedPhase, ResolvedRun, to_manifest
 
 from . import naming
@@ -52,7 +53,7 @@ def build_attempt(run: ResolvedRun, *, namespace: str, uid: str, attempt: int, p
 
     Create them in this order: the Job's pods mount the ConfigMap and resolve each other through the Service.
     """
-    kwargs = dict(namespace=namespace, uid=uid, attempt=attempt, phase_index=phase_index)
+    kwargs: dict[str, Any] = dict(namespace=namespace, uid=uid, attempt=attempt, phase_index=phase_index)
     return [build_configmap(run, **kwargs), build_service(run, **kwargs), build_job(run, **kwargs)]
 
 
@@ -255,25 +256,26 @@ def _container(run: ResolvedRun, phase: ResolvedPhase, *, name: str, uid: str, a
 def _env(phase: ResolvedPhase, *, name: str, uid: str, attempt: int) -> list[dict]:
     """The contract with ``stagerun launch``: where the manifest is, the gang's shape, and how to rendezvous."""
     values = {
-        "STAGERUN_MANIFEST": f"{naming.MANIFEST_DIR}/{naming.MANIFEST_FILE}",
-        "STAGERUN_RUN_DIR": naming.RUN_DIR,
-        "STAGERUN_ATTEMPT": str(attempt),
-        "STAGERUN_PHASE_INDEX": str(phase.index),
-        "STAGERUN_NNODES": str(phase.resources.nodes),
-        "STAGERUN_NPROC_PER_NODE": str(phase.resources.procs_per_node),
-        "STAGERUN_SERVICE": name,
-        "STAGERUN_RDZV_ENDPOINT": f"{name}-0.{name}:{naming.RDZV_PORT}",
+        PodEnv.MANIFEST: f"{naming.MANIFEST_DIR}/{naming.MANIFEST_FILE}",
+        PodEnv.RUN_DIR: naming.RUN_DIR,
+        PodEnv.ATTEMPT: str(attempt),
+        PodEnv.PHASE_INDEX: str(phase.index),
+        PodEnv.NNODES: str(phase.resources.nodes),
+        PodEnv.NPROC_PER_NODE: str(phase.resources.procs_per_node),
+        PodEnv.SERVICE: name,
+        PodEnv.RDZV_ENDPOINT: f"{name}-0.{name}:{naming.RDZV_PORT}",
         # Unique per attempt: a pod left over from an earlier attempt can never join this rendezvous.
-        "STAGERUN_RDZV_ID": f"{uid}-{attempt}",
-        "STAGERUN_STATUS_PORT": str(naming.STATUS_PORT),
+        PodEnv.RDZV_ID: f"{uid}-{attempt}",
+        PodEnv.STATUS_PORT: str(naming.STATUS_PORT),
     }
-    env = [{"name": key, "value": value} for key, value in values.items()]
+    # Names as plain str: a StrEnum member would not survive yaml.safe_dump (the golden files).
+    env: list[dict] = [{"name": key.value, "value": value} for key, value in values.items()]
     for key, path in (
-        ("POD_IP", "status.podIP"),
-        ("POD_NAME", "metadata.name"),
-        ("POD_NAMESPACE", "metadata.namespace"),
+        (PodEnv.POD_IP, "status.podIP"),
+        (PodEnv.POD_NAME, "metadata.name"),
+        (PodEnv.POD_NAMESPACE, "metadata.namespace"),
     ):
-        env.append({"name": key, "valueFrom": {"fieldRef": {"fieldPath": path}}})
+        env.append({"name": key.value, "valueFrom": {"fieldRef": {"fieldPath": path}}})
     return env
 
 
@@ -305,7 +307,7 @@ def _volumes(run: ResolvedRun, phase: ResolvedPhase, name: str) -> list[dict]:
 
 
 def _volume_mounts(run: ResolvedRun) -> list[dict]:
-    mounts = [
+    mounts: list[dict] = [
         {"name": "manifest", "mountPath": naming.MANIFEST_DIR, "readOnly": True},
         {"name": "shm", "mountPath": SHM_DIR},
         {"name": "work", "mountPath": WORK_DIR},

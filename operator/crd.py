@@ -123,7 +123,7 @@ def _type_schema(tp: Any, meta: dict, where: str, *, merged: bool = False) -> di
     """The schema of a value of type ``tp``; ``meta`` (the field's metadata) constrains its scalars, as in Reader."""
     tp = _strip_optional(tp)
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return object_schema(tp, merged=merged)
     if origin is Literal:
         allowed = list(typing.get_args(tp))
@@ -154,7 +154,8 @@ def _type_schema(tp: Any, meta: dict, where: str, *, merged: bool = False) -> di
 
 def _dataclasses_of(cls: type) -> set[type]:
     hints = typing.get_type_hints(cls)
-    return {tp for f in dataclasses.fields(cls) if dataclasses.is_dataclass(tp := _strip_optional(hints[f.name]))}
+    inner = (_strip_optional(hints[f.name]) for f in dataclasses.fields(cls))
+    return {tp for tp in inner if isinstance(tp, type) and dataclasses.is_dataclass(tp)}
 
 
 # Blocks a phase may override field by field (parallelism, resources): a field the phase leaves unset keeps the
@@ -176,12 +177,12 @@ def object_schema(cls: type, *, merged: bool = False) -> dict:
         key = camel(f.name)
         tp = hints[f.name]
         inner_merged = cls is PhaseSpec and _strip_optional(tp) in MERGED_IN_PHASES
-        schema = _type_schema(tp, meta, f"{cls.__name__}.{key}", merged=inner_merged)
+        field_schema = _type_schema(tp, meta, f"{cls.__name__}.{key}", merged=inner_merged)
         default = None if merged or f.default is dataclasses.MISSING else f.default
         description = _describe(meta.get("doc", ""), meta, default)
         if inner_merged:
             description += " Fields left unset keep the previous phase's values."
-        properties[key] = {"description": description, **schema} if description else schema
+        properties[key] = {"description": description, **field_schema} if description else field_schema
         if is_required(f):
             required.append(key)
     schema: dict[str, Any] = {"type": "object", "properties": properties}

@@ -8,22 +8,25 @@ event all converge on the same state.
 
 from __future__ import annotations
 
-import json
+import http.client
 import logging
 import os
 import threading
 import time
 import urllib.request
 from collections import defaultdict
+from typing import Any
 
 import kopf
 
+from stagerun.core.protocol import Progress
 from stagerun.core.spec.changes import immutable_changes
 
 from . import builders, kube, metrics, naming
 from .observe import Observation, job_view, not_ready_nodes, pod_view
 from .spec_changes import manifest_of, parse
-from .state import FAILED, PENDING, TERMINAL, DeleteAttempt, ForceDeletePod, Launch, Settings, reconcile, set_condition
+from .state import DeleteAttempt, ForceDeletePod, Launch, Settings, reconcile
+from .status import FAILED, PENDING, TERMINAL, set_condition
 
 log = logging.getLogger("stagerun.operator")
 RESOURCE = (naming.GROUP, naming.VERSION, naming.PLURAL)
@@ -49,12 +52,13 @@ def clock() -> float:
     return time.time()
 
 
-def fetch_progress(pod_ip: str, port: int) -> dict | None:
-    """Rank 0's /progress (trainer/status_server.py); None when it does not answer (yet)."""
+def fetch_progress(pod_ip: str, port: int) -> Progress | None:
+    """Rank 0's /progress (trainer/status_server.py); None when it does not answer (yet) or answers nonsense."""
+    url = f"http://{pod_ip}:{port}{Progress.PATH}"
     try:
-        with urllib.request.urlopen(f"http://{pod_ip}:{port}/progress", timeout=PROGRESS_TIMEOUT_SECONDS) as reply:
-            return json.loads(reply.read())
-    except (OSError, ValueError):
+        with urllib.request.urlopen(url, timeout=PROGRESS_TIMEOUT_SECONDS) as reply:
+            return Progress.from_json(reply.read())
+    except (OSError, http.client.HTTPException, ValueError):  # ValueError: not JSON, or not shaped as a Progress
         return None
 
 
@@ -197,8 +201,8 @@ def _reconcile(body: dict) -> None:
         _accept(namespace, name, run, body, status)
     decision = reconcile(run, status, observe(namespace, name, status), settings_from_env())
     new_status = decision.status
-    accepted = (True, "Accepted", "the manifest is running") if refusal is None else (False, *refusal)
-    new_status["conditions"] = set_condition(new_status["conditions"], "SpecAccepted", *accepted, now)
+    ok, reason, text = (True, "Accepted", "the manifest is running") if refusal is None else (False, *refusal)
+    new_status["conditions"] = set_condition(new_status["conditions"], "SpecAccepted", ok, reason, text, now)
     if refusal is not None and old.get("conditions") != new_status["conditions"]:
         kopf.warn(body, reason=refusal[0], message=refusal[1])
     for action in decision.actions:
@@ -247,7 +251,7 @@ def _apply(action, run, namespace: str, name: str, uid: str) -> None:
 def merge_patch_diff(old: dict, new: dict) -> dict:
     """The JSON merge patch (RFC 7386) turning ``old`` into ``new``: removed keys become None, nested mappings are
     diffed recursively (a plain ``{}`` would merge into the old mapping instead of replacing it)."""
-    patch = {}
+    patch: dict[str, Any] = {}
     for key in set(old) | set(new):
         before, after = old.get(key), new.get(key)
         if before == after:

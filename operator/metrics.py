@@ -10,7 +10,7 @@ import threading
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
-from .state import FAILED, PENDING, RESTARTING, RUNNING, SUCCEEDED, SUSPENDED, SUSPENDING
+from .status import FAILED, PENDING, RESTARTING, RUNNING, SUCCEEDED, SUSPENDED, SUSPENDING
 
 STATES = (PENDING, RUNNING, RESTARTING, SUSPENDING, SUSPENDED, SUCCEEDED, FAILED)
 REGISTRY = CollectorRegistry(auto_describe=True)

@@ -1,14 +1,18 @@
 """What the operator sees of one attempt, reduced to plain values the state machine can decide on.
 
 These views are built from raw API objects (dicts) by the handlers and from literals by the unit tests, so the
-state machine never touches the Kubernetes API.
+state machine never touches the Kubernetes API. The trainer's messages in them (a pod's termination message, rank 0's
+/progress) are the typed ones of ``stagerun.core.protocol``; given in their JSON form (a dict, as tests write them),
+they are parsed on construction.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
+
+from stagerun.core.protocol import Progress, TerminationMessage, from_json_dict
 
 from . import naming
 
@@ -33,7 +37,11 @@ class PodView:
     waiting_reason: str | None = None
     exit_code: int | None = None  # set once the trainer container terminated
     terminated_reason: str | None = None  # Completed, Error, OOMKilled, ...
-    message: dict = field(default_factory=dict)  # the termination message (JSON written by `stagerun launch`)
+    message: TerminationMessage | None = None  # the termination message (written by `stagerun launch`)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.message, Mapping):
+            object.__setattr__(self, "message", from_json_dict(TerminationMessage, dict(self.message)))
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,11 @@ class Observation:
     now: float
     job: JobView | None = None
     pods: tuple[PodView, ...] = ()
-    progress: dict | None = None  # rank 0's /progress answer, when reachable
+    progress: Progress | None = None  # rank 0's /progress answer, when reachable
+
+    def __post_init__(self) -> None:
+        if isinstance(self.progress, Mapping):
+            object.__setattr__(self, "progress", from_json_dict(Progress, dict(self.progress)))
 
 
 def timestamp(text: str | None) -> float | None:
@@ -71,12 +83,8 @@ def pod_view(pod: dict, not_ready_nodes: dict[str, float] | None) -> PodView:
         if container.get("name") == naming.CONTAINER:
             state = container.get("state", {}) or {}
             waiting, terminated = state.get("waiting"), state.get("terminated")
-    message = {}
-    if terminated and terminated.get("message"):
-        try:
-            message = json.loads(terminated["message"])
-        except ValueError:
-            message = {"text": terminated["message"]}
+    text = (terminated or {}).get("message")
+    message = TerminationMessage.from_json(text) if text else None
     node = spec.get("nodeName")
     not_ready_since = (not_ready_nodes or {}).get(node) if node else None
     return PodView(

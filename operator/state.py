@@ -15,24 +15,24 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
+from stagerun.core.protocol import FailureReason, GangState, TerminationMessage
 from stagerun.core.spec import ResolvedRun, format_count
 from stagerun.core.spec.quantities import format_duration
 
-from .observe import PERMANENT_WAITING, Observation, timestamp
-
-PENDING, RUNNING, RESTARTING, SUSPENDING, SUSPENDED, SUCCEEDED, FAILED = (
-    "Pending",
-    "Running",
-    "Restarting",
-    "Suspending",
-    "Suspended",
-    "Succeeded",
-    "Failed",
+from .observe import PERMANENT_WAITING, Observation, PodView, timestamp
+from .status import (
+    FAILED,
+    PENDING,
+    RESTARTING,
+    RUNNING,
+    SUCCEEDED,
+    SUSPENDED,
+    SUSPENDING,
+    TERMINAL,
+    conditions_for,
+    iso,
 )
-TERMINAL = (SUCCEEDED, FAILED)
-CONDITION_TYPES = ("Ready", "Progressing", "Suspended", "Failed", "Succeeded")
 
 
 @dataclass(frozen=True)
@@ -80,10 +80,6 @@ class Failure:
     reason: str
     message: str
     permanent: bool = False
-
-
-def iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def backoff_seconds(restarts: int, settings: Settings) -> float:
@@ -173,46 +169,45 @@ class _Machine:
     # -- observation -------------------------------------------------------------------------------------------
     def fold_progress(self) -> None:
         progress = self.obs.progress
-        if progress:
+        if progress is not None:
             self.s["progressSeen"] = True  # the gang's heartbeat is reachable: hang detection can trust it
-        if not progress or progress.get("step") is None:
+        if progress is None or progress.step is None:
             return
-        previous_phase = self.s.get("phaseIndex")
-        loss, tps = progress.get("loss"), progress.get("tokensPerSecond")
+        previous_phase = self.s["phaseIndex"]
+        loss, tps = progress.loss, progress.tokens_per_second
         self.s.update(
-            step=progress["step"],
-            tokensSeen=progress.get("tokens", 0),
+            step=progress.step,
+            tokensSeen=progress.tokens if progress.tokens is not None else 0,
             loss=round(loss, 4) if loss is not None else None,  # rounded: kubectl prints them raw
             tokensPerSecond=round(tps) if tps is not None else None,
         )
-        if progress.get("lastStepAt"):
-            self.s["lastStepTime"] = iso(progress["lastStepAt"])
-        if progress.get("tokensPerSource"):
-            self.s["tokensPerSource"] = dict(progress["tokensPerSource"])
-        index = progress.get("phaseIndex")
+        if progress.last_step_at:
+            self.s["lastStepTime"] = iso(progress.last_step_at)
+        if progress.tokens_per_source:
+            self.s["tokensPerSource"] = dict(progress.tokens_per_source)
+        index = progress.phase_index
         if index is not None and index != previous_phase and 0 <= index < len(self.run.phases):
             self.event("Normal", "PhaseFinished", f"phase {self.run.phases[previous_phase].name} finished")
             self.event("Normal", "PhaseStarted", f"phase {self.run.phases[index].name} started in the same gang")
             self.s.update(phaseIndex=index, phase=self.run.phases[index].name)
-        checkpoint = progress.get("lastCheckpoint")
-        if checkpoint and checkpoint.get("step") != (self.s.get("lastCheckpoint") or {}).get("step"):
+        checkpoint = progress.last_checkpoint
+        if checkpoint is not None and checkpoint.step != (self.s.get("lastCheckpoint") or {}).get("step"):
             self.s["lastCheckpoint"] = {
-                "path": checkpoint["path"],
-                "step": checkpoint["step"],
-                "tokens": checkpoint["tokens"],
-                "time": iso(checkpoint["time"]),
+                "path": checkpoint.path,
+                "step": checkpoint.step,
+                "tokens": checkpoint.tokens,
+                "time": iso(checkpoint.time),
             }
             self.event(
                 "Normal",
                 "CheckpointCommitted",
-                f"checkpoint step {checkpoint['step']} "
-                f"({format_count(checkpoint['tokens'])} tokens) at {checkpoint['path']}",
+                f"checkpoint step {checkpoint.step} ({format_count(checkpoint.tokens)} tokens) at {checkpoint.path}",
             )
         tps = self.s.get("tokensPerSecond")
         if tps:
             self.s["eta"] = format_duration(max(self.run.total_tokens - self.s.get("tokensSeen", 0), 0) / tps)
 
-    def assess_attempt(self) -> tuple[str, dict] | Failure | None:
+    def assess_attempt(self) -> tuple[str, TerminationMessage] | Failure | None:
         """("finished", termination message) when the gang ended by itself, a Failure, or None while healthy."""
         obs, attempt = self.obs, self.s["attempt"]
         if obs.job is None:
@@ -251,13 +246,13 @@ class _Machine:
             return Failure("JobFailed", f"the Job of attempt {attempt} failed ({obs.job.failed_condition})")
         if obs.job.complete:
             zero = current.get("0")
-            if zero is None or not zero.message.get("state"):
+            if zero is None or zero.message is None or not zero.message.state:
                 return Failure(
                     "UnknownOutcome", f"the Job of attempt {attempt} completed but pod 0 left no termination message"
                 )
             return ("finished", zero.message)
         started = timestamp(self.s.get("launchedAt")) or obs.now
-        last_step = (obs.progress or {}).get("lastStepAt") or 0
+        last_step = (obs.progress.last_step_at if obs.progress is not None else None) or 0
         quiet = obs.now - max(started, last_step)
         if quiet > self.spec.hang_timeout and not self.s.get("progressSeen"):
             # Never heard from rank 0 (an operator outside the cluster cannot reach pod IPs): silence proves nothing,
@@ -281,11 +276,11 @@ class _Machine:
             )
         return None
 
-    def pod_failure(self, pod) -> Failure:
+    def pod_failure(self, pod: PodView) -> Failure:
         message = pod.message
-        if message.get("permanent"):
+        if message is not None and message.permanent:
             return Failure(
-                message.get("reason", "InvalidSpec"), f"pod {pod.name}: {message.get('message', '')}", permanent=True
+                message.reason or FailureReason.INVALID_SPEC, f"pod {pod.name}: {message.message or ''}", permanent=True
             )
         if pod.terminated_reason == "OOMKilled" and self.s.get("step") is None:
             return Failure(
@@ -294,6 +289,8 @@ class _Machine:
                 f"{pod.exit_code}); lower microBatchSize, raise spec.resources.memory, or use more GPUs",
                 permanent=True,
             )
+        if message is not None and message.reason:  # `stagerun launch` said why, and that retrying may help
+            return Failure(message.reason, f"pod {pod.name} exited with code {pod.exit_code}: {message.message or ''}")
         return Failure("PodFailed", f"pod {pod.name} exited with code {pod.exit_code} ({pod.terminated_reason})")
 
     def force_delete_stuck_pods(self) -> None:
@@ -356,99 +353,42 @@ class _Machine:
             return
         _, message = outcome
         self.fold_final(message)
-        if message["state"] == "complete":
+        if message.state == GangState.COMPLETE:
             self.actions.append(DeleteAttempt(self.s["attempt"], self.settings.failure_grace_seconds))
             self.finish(
                 SUCCEEDED,
                 "Succeeded",
-                f"all {len(self.run.phases)} phases done: step {message.get('step')}, "
-                f"{format_count(message.get('tokens') or 0)} tokens",
+                f"all {len(self.run.phases)} phases done: step {message.step}, "
+                f"{format_count(message.tokens or 0)} tokens",
             )
-        elif message["state"] == "relaunch":
+        elif message.state == GangState.RELAUNCH:
+            if message.phase_index is None or not 0 <= message.phase_index < len(self.run.phases):
+                self.fail_or_restart(
+                    Failure("UnknownOutcome", f"pod 0 asked for a relaunch into phase index {message.phase_index}")
+                )
+                return
             finished = self.run.phases[self.s["phaseIndex"]].name
             self.actions.append(DeleteAttempt(self.s["attempt"], self.settings.failure_grace_seconds))
             self.event(
                 "Normal",
                 "PhaseFinished",
-                f"phase {finished} finished at step {message.get('step')}; the next phase needs another topology",
+                f"phase {finished} finished at step {message.step}; the next phase needs another topology",
             )
-            self.launch(int(message["phaseIndex"]), "PhaseStarted", "relaunching for the next phase")
+            self.launch(message.phase_index, "PhaseStarted", "relaunching for the next phase")
         else:  # stopped without a suspend request: a preemption (node drain, SIGTERM from outside)
             self.fail_or_restart(Failure("Preempted", "the trainer was stopped from outside and checkpointed"))
 
-    def fold_final(self, message: dict) -> None:
-        if message.get("step") is not None:
-            self.s.update(step=message["step"], tokensSeen=message.get("tokens", self.s.get("tokensSeen")))
-        if message.get("checkpoint"):
+    def fold_final(self, message: TerminationMessage) -> None:
+        if message.step is not None:
+            tokens = message.tokens if message.tokens is not None else self.s.get("tokensSeen")
+            self.s.update(step=message.step, tokensSeen=tokens)
+        if message.checkpoint:
             self.s["lastCheckpoint"] = {
-                "path": message["checkpoint"],
-                "step": message.get("step"),
-                "tokens": message.get("tokens"),
+                "path": message.checkpoint,
+                "step": message.step,
+                "tokens": message.tokens,
                 "time": iso(self.obs.now),
             }
-
-
-def set_condition(conditions: list[dict], kind: str, status: bool, reason: str, message: str, now: float) -> list:
-    """Kubernetes-style condition list; lastTransitionTime changes only when the status flips."""
-    value = "True" if status else "False"
-    out, found = [], False
-    for condition in conditions:
-        if condition.get("type") == kind:
-            found = True
-            since = condition.get("lastTransitionTime") if condition.get("status") == value else iso(now)
-            condition = {
-                "type": kind,
-                "status": value,
-                "reason": reason,
-                "message": message,
-                "lastTransitionTime": since,
-            }
-        out.append(condition)
-    if not found:
-        out.append(
-            {"type": kind, "status": value, "reason": reason, "message": message, "lastTransitionTime": iso(now)}
-        )
-    return out
-
-
-def conditions_for(status: dict, obs: Observation, now: float) -> list[dict]:
-    state = status["state"]
-    failure = status.get("lastFailure") or {}
-    pods_running = bool(obs.pods) and all(p.phase == "Running" for p in obs.pods)
-    table = {
-        "Ready": (
-            state == RUNNING and pods_running,
-            "PodsRunning" if state == RUNNING and pods_running else state,
-            "every pod of the gang is running" if state == RUNNING and pods_running else f"run is {state}",
-        ),
-        "Progressing": (
-            state in (PENDING, RUNNING, RESTARTING),
-            state,
-            status.get("message", "")
-            if state in TERMINAL
-            else f"attempt {status.get('attempt', 0)}, phase {status.get('phase', '')}",
-        ),
-        "Suspended": (
-            state in (SUSPENDING, SUSPENDED),
-            "SuspendRequested" if state in (SUSPENDING, SUSPENDED) else "NotSuspended",
-            "spec.suspend is true" if state in (SUSPENDING, SUSPENDED) else "",
-        ),
-        "Failed": (
-            state == FAILED,
-            status.get("failureReason", failure.get("reason", "")) if state == FAILED else "NotFailed",
-            status.get("message", "") if state == FAILED else "",
-        ),
-        "Succeeded": (
-            state == SUCCEEDED,
-            "AllPhasesDone" if state == SUCCEEDED else "NotFinished",
-            status.get("message", "") if state == SUCCEEDED else "",
-        ),
-    }
-    conditions = list(status.get("conditions", []))
-    for kind in CONDITION_TYPES:
-        value, reason, message = table[kind]
-        conditions = set_condition(conditions, kind, value, reason or kind, message, now)
-    return conditions
 
 
 def reconcile(run: ResolvedRun, status: dict, obs: Observation, settings: Settings = Settings()) -> Decision:

@@ -17,6 +17,7 @@ import gc
 import json
 import os
 
+import faults  # this folder is the script's, so it is on sys.path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -79,6 +80,7 @@ def main() -> None:
     model, opt = build(world)
     app_state = {"app": ModelOptimizerState(model, opt)}
     mgr = CheckpointManager(args.dir, keep=100)
+    mgr.before_commit.extend(faults.checkpoint_hooks())  # STAGERUN_TEST_CRASH_BEFORE_COMMIT, where a test sets it
     save_at = {int(s) for s in args.save_at.split(",") if s}
 
     start = 0

@@ -19,10 +19,10 @@ import fsspec
 import pytest
 import torch
 import torch.nn as nn
+from faults import CRASH_ENV
 
 from stagerun.core import storage
 from stagerun.trainer.checkpoint import (
-    CRASH_ENV,
     MARKER,
     META,
     CheckpointInfo,

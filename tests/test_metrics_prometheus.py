@@ -17,12 +17,12 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import faults
 import pytest
 import yaml
 from conftest import ROOT, run_tiny, tiny_run, write_manifest
 
 from stagerun.trainer.metrics import GPU_GAUGES, SOURCE_GAUGE, STEP_GAUGES
-from stagerun.trainer.train import KILL_AFTER_STEP_ENV
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(
@@ -122,7 +122,7 @@ def test_prometheus_scrapes_every_documented_metric_and_every_dashboard_query_ha
         manifest["spec"]["phases"][0]["tokens"] = "96Ki"
         path = write_manifest(tmp_path / "tiny.yaml", manifest)
         env = {"PYTHONPATH": str(NVML_STUB)}
-        killed = run_tiny(path, run_dir, "--metrics-port", str(trainer_port), env={**env, KILL_AFTER_STEP_ENV: "20"})
+        killed = run_tiny(path, run_dir, "--metrics-port", str(trainer_port), env=faults.env(env, kill_after_step=20))
         assert killed.returncode != 0
         resumed = run_tiny(path, run_dir, "--metrics-port", str(trainer_port), env=env)  # restarts and load metrics
         assert resumed.returncode == 0, resumed.stdout[-3000:]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import time
 
@@ -339,3 +340,21 @@ def test_editing_the_running_phase_is_refused_and_a_later_phase_accepted(monkeyp
         )
         data = h.api.get("configmaps", h.ns, "quickstart-a1")["data"]["trainingrun.yaml"]
         assert yaml.safe_load(data)["spec"]["phases"][2]["tokens"] == 128_000  # the running gang sees the edit
+
+
+def test_fetch_progress_is_none_for_an_unreachable_or_malformed_endpoint(monkeypatch):
+    from stagerun.operator import handlers
+
+    answers = {"good": b'{"state": "running", "step": 3, "lastStepAt": 5}', "bad": b'{"step": "x"}', "html": b"<html>"}
+
+    def urlopen(url, timeout):
+        host = url.split("//")[1].split(":")[0]
+        if host not in answers:
+            raise ConnectionRefusedError(111, "Connection refused")
+        assert url.endswith(":8090/progress")
+        return contextlib.nullcontext(io.BytesIO(answers[host]))
+
+    monkeypatch.setattr(handlers.urllib.request, "urlopen", urlopen)
+    good = handlers.fetch_progress("good", 8090)
+    assert good is not None and (good.step, good.last_step_at) == (3, 5)
+    assert [handlers.fetch_progress(host, 8090) for host in ("bad", "html", "down")] == [None, None, None]

@@ -325,3 +325,22 @@ def test_condition_transition_time_only_moves_when_status_flips():
 
 def test_pending_state_default_is_explicit():
     assert reconcile(RUN, {"state": PENDING}, Observation(now=NOW), SETTINGS).status["attempt"] == 1
+
+
+def test_a_transient_failure_reported_by_launch_restarts_with_its_reason():
+    message = {
+        "state": "failed",
+        "reason": "DataPreparationError",
+        "permanent": False,
+        "message": "ConnectionResetError: [Errno 104] Connection reset by peer",
+    }
+    d = reconcile(RUN, running_status(), obs(pods=[pod(phase="Failed", exit_code=1, message=message)]), SETTINGS)
+    assert d.status["state"] == RESTARTING and d.status["lastFailure"]["reason"] == "DataPreparationError"
+    assert "Connection reset by peer" in d.status["lastFailure"]["message"]
+
+
+def test_a_relaunch_message_without_a_usable_phase_index_restarts_instead_of_crashing():
+    for message in ({"state": "relaunch", "step": 42}, {"state": "relaunch", "step": 42, "phaseIndex": 9}):
+        done = pod(phase="Succeeded", exit_code=0, message=message)
+        d = reconcile(RUN, running_status(), obs(pods=[done], job_view=job(complete=True, succeeded=1)), SETTINGS)
+        assert d.status["state"] == RESTARTING and d.status["lastFailure"]["reason"] == "UnknownOutcome"

@@ -12,13 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import faults
 import pytest
 import torch
 from conftest import SAMPLE_BYTES, run_tiny, stagerun, tiny_run, write_manifest
 
-from stagerun.trainer.checkpoint import CRASH_ENV, CheckpointManager
+from stagerun.trainer.checkpoint import CheckpointManager
 from stagerun.trainer.telemetry import read_metrics, read_status
-from stagerun.trainer.train import KILL_AFTER_STEP_ENV
 
 # The tiny run: 8 steps of 1Ki and 8 of 2Ki tokens (core), 4 of 2Ki (long), 2 of 2Ki (anneal). With a checkpoint
 # every 4Ki tokens, saves happen after steps 4, 8, 10, 12, 14, 16, 18, 20 and 22; phases end at 16, 20 and 22.
@@ -112,7 +112,7 @@ def test_fsdp_two_ranks_match_a_single_process(straight, run_dir, tmp_path):
 
 def test_resume_after_a_killed_worker_is_bitwise_identical(straight, run_dir, tmp_path):
     manifest = write_manifest(tmp_path / "tiny.yaml", tiny_run())
-    killed = run_tiny(manifest, run_dir, env={KILL_AFTER_STEP_ENV: "13"})
+    killed = run_tiny(manifest, run_dir, env=faults.env(kill_after_step=13))
     assert killed.returncode != 0 and "run the same command again to resume from step 12" in killed.stdout
     resumed = run_tiny(manifest, run_dir)
     completed(resumed)
@@ -128,7 +128,7 @@ def test_resume_after_a_killed_worker_is_bitwise_identical(straight, run_dir, tm
 
 def test_resume_on_a_different_world_size_continues_on_the_same_tokens(straight, run_dir, tmp_path):
     manifest = write_manifest(tmp_path / "tiny.yaml", tiny_run())
-    killed = run_tiny(manifest, run_dir, env={KILL_AFTER_STEP_ENV: "9"})
+    killed = run_tiny(manifest, run_dir, env=faults.env(kill_after_step=9))
     assert killed.returncode != 0
     completed(run_tiny(manifest, run_dir, "--nproc", "1"))  # 2 -> 1: DCP reshards model and optimizer
     metrics = read_metrics(run_dir / "metrics.jsonl")
@@ -140,7 +140,9 @@ def test_resume_on_a_different_world_size_continues_on_the_same_tokens(straight,
 
 def test_crash_during_save_resumes_from_the_previous_checkpoint(straight, run_dir, tmp_path):
     manifest = write_manifest(tmp_path / "tiny.yaml", tiny_run())
-    crashed = run_tiny(manifest, run_dir, env={CRASH_ENV: "12"})  # dies after writing step 12's data, before its marker
+    crashed = run_tiny(
+        manifest, run_dir, env=faults.env(crash_before_commit=12)
+    )  # dies after writing step 12's data, before its marker
     assert crashed.returncode != 0
     manager = CheckpointManager(str(run_dir / "checkpoints"), keep=2)
     assert (run_dir / "checkpoints" / "step-00000012").is_dir()  # the half-written checkpoint is there...

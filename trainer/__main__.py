@@ -1,6 +1,7 @@
 """Worker entrypoint, started by torchrun on every rank: ``python -m stagerun.trainer --manifest FILE --run-dir DIR``.
 
 Users run ``stagerun run FILE`` instead, which prepares the data and starts torchrun with the right arguments.
+Extra callbacks (custom logging, the tests' faults) come from ``STAGERUN_CALLBACKS`` (see trainer.py).
 """
 
 from __future__ import annotations

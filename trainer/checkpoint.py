@@ -1,4 +1,4 @@
-"""Checkpoints: torch.distributed.checkpoint (DCP) through fsspec, committed atomically (DESIGN.md §7).
+"""Checkpoints: torch.distributed.checkpoint (DCP) through fsspec, committed atomically (docs/architecture.md).
 
 Layout under the manager's URL (local path, PVC, ``memory://``, ``s3://``, ``gs://``)::
 
@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -39,22 +38,16 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-try:  # some torch releases re-export these, others keep them in the private module only (2.13 does)
-    from torch.distributed.checkpoint import FsspecReader, FsspecWriter  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the torch version
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
-
 from stagerun.core import storage
 
-__all__ = ["CheckpointInfo", "CheckpointManager", "ModelOptimizerState", "MARKER", "META", "CRASH_ENV"]
+from .compat import FsspecReader, FsspecWriter
+
+__all__ = ["CheckpointInfo", "CheckpointManager", "ModelOptimizerState", "MARKER", "META"]
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMMITTED"
 META = "meta.json"
-# Test-only fault injection: when set to a step number (or "all"), save() of that step SIGKILLs every rank after
-# dcp.save and meta.json, just before the commit marker, to reproduce "pod died mid-save". Never set it in production.
-CRASH_ENV = "STAGERUN_TEST_CRASH_BEFORE_COMMIT"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _T = TypeVar("_T")
 
@@ -118,14 +111,6 @@ def _single_process_ok() -> Iterator[None]:
         yield
 
 
-def _crash_if_requested(step: int) -> None:
-    if os.environ.get(CRASH_ENV) in ("all", str(step)):
-        log.warning(
-            "%s: killing rank %d before step %d's commit marker (test-only fault injection)", CRASH_ENV, _rank(), step
-        )
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 # ---------------------------------------------------------------------------------------------------- state
 
 
@@ -171,6 +156,9 @@ class CheckpointManager:
         self.last_save_seconds: float | None = None
         self.last_save_bytes: int | None = None  # the whole folder (all ranks' shards), measured by rank 0
         self.last_load_seconds: float | None = None
+        # Called as hook(step) on every rank once its part of a save is written, before the commit marker (rank 0:
+        # after meta.json too). Tests install faults here to reproduce "a pod died mid-save".
+        self.before_commit: list[Callable[[int], None]] = []
 
     def _folder(self, step: int) -> str:
         return storage.join(self.root, f"step-{step:08d}")
@@ -267,7 +255,7 @@ class CheckpointManager:
 
         def commit() -> tuple[dict[str, Any], int]:
             self.fs.pipe_file(storage.join(folder, META), meta_bytes)
-            _crash_if_requested(step)
+            self._before_commit(step)
             nbytes = storage.folder_bytes(self.fs, folder)
             marker = {
                 "step": step,
@@ -282,12 +270,16 @@ class CheckpointManager:
             return marker, nbytes
 
         if _rank() != 0:
-            _crash_if_requested(step)
+            self._before_commit(step)
         marker, nbytes = _on_rank0(commit)
         self.last_save_seconds = time.perf_counter() - start
         self.last_save_bytes = nbytes
         log.info("checkpoint %s committed: %.1f MB in %.2f s", url, nbytes / 1e6, self.last_save_seconds)
         return self._info(folder, step, marker)
+
+    def _before_commit(self, step: int) -> None:
+        for hook in self.before_commit:
+            hook(step)
 
     # ---- load
 

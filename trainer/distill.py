@@ -45,7 +45,8 @@ class Teachers:
 
     def __init__(self, student: ModelSpec, build_model) -> None:
         self.student, self._build = student, build_model
-        self._key, self._model = None, None
+        self._key: tuple[str, ModelSpec] | None = None
+        self._model: torch.nn.Module | None = None
 
     def for_phase(self, phase: ResolvedPhase):
         """(teacher model, weight) for a distilling phase, else (None, 0.0)."""

@@ -1,8 +1,12 @@
-"""Process layout: process group, DeviceMesh, and how the model is split across it (TP, FSDP2, AC, compile).
+"""Process layout: process group, DeviceMesh, its named sub-meshes and reductions, and how the model is split
+across it (TP, FSDP2, AC, compile).
 
-Mesh axes are (dp_replicate, dp_shard, tp): FSDP2 shards over dp_shard (HSDP when dp_replicate > 1), tensor
-parallelism splits heads and MLP columns over tp. The model is built on the meta device, split, then
-materialised and initialised shard by shard (see model.init_weights), so no rank ever holds the whole model.
+The degrees and every rank's coordinates come from stagerun.core.layout.ParallelLayout; here they become a mesh
+over (dp_replicate, dp_shard, cp, tp) with the flattened sub-meshes ``batch`` (dp_replicate x dp_shard: ranks that
+read different sequences) and ``loss`` (dp x cp: ranks that split the global batch's tokens, where token counts and
+loss sums are reduced). FSDP2 shards over dp_shard (HSDP when dp_replicate > 1), tensor parallelism splits heads
+and MLP columns over tp; cp is 1 until context parallelism exists. The model is built on the meta device, split,
+then materialised and initialised shard by shard (see model.init_weights), so no rank ever holds the whole model.
 """
 
 from __future__ import annotations
@@ -10,40 +14,99 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from stagerun.core.spec import ResolvedPhase, data_parallel_degree
+from stagerun.core.layout import MESH_DIMS, LayoutError, ParallelLayout, RankCoordinates
+from stagerun.core.spec import ResolvedPhase
+from stagerun.core.spec.model import resolved_value
+
+from .compat import flatten_mesh
+from .model import Transformer
 
 
-@dataclass
+@dataclass(frozen=True)
 class Topology:
-    """Where this process sits: its rank, device, mesh, and its slice of the data-parallel dimension."""
+    """Where this process sits in the phase's layout: rank, device, the mesh and its named sub-meshes."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: DeviceMesh
-    dp_rank: int
-    dp_size: int
-    tp_size: int
+    layout: ParallelLayout
+    mesh: DeviceMesh  # (dp_replicate, dp_shard, cp, tp)
+    batch_mesh: DeviceMesh  # dp_replicate x dp_shard, flattened
+    loss_mesh: DeviceMesh  # dp_replicate x dp_shard x cp, flattened
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @property
-    def dp_mesh(self) -> DeviceMesh:
-        replicate = self.mesh["dp_replicate"].size()
-        return self.mesh["dp_replicate", "dp_shard"] if replicate > 1 else self.mesh["dp_shard"]
+    def coordinates(self) -> RankCoordinates:
+        return self.layout.coordinates(self.rank)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coordinates.dp
+
+    @property
+    def dp_size(self) -> int:
+        return self.layout.dp
+
+    @property
+    def tp_size(self) -> int:
+        return self.layout.tp
+
+    @property
+    def tp_mesh(self) -> DeviceMesh:
+        return self.mesh["tp"]
+
+    @property
+    def cp_mesh(self) -> DeviceMesh:
+        return self.mesh["cp"]
+
+    @property
+    def fsdp_mesh(self) -> DeviceMesh:
+        """2-D for HSDP (replicate over dim 0, shard over dim 1), else the dp_shard dim alone. With cp > 1 this
+        would become dp_shard x cp: context-parallel peers hold the same parameters."""
+        if self.layout.dp_replicate > 1:
+            return self.mesh["dp_replicate", "dp_shard"]
+        return self.mesh["dp_shard"]
+
+    def sum_over_loss(self, values: list[float]) -> list[float]:
+        """Sum scalars (token counts, loss sums, the batch checksum) over the ``loss`` group, the ranks that split
+        the global batch's tokens. TP peers hold identical copies and each sums within its own group, so no copy
+        is counted twice."""
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.layout.loss > 1:
+            dist.all_reduce(tensor, group=self.loss_mesh.get_group())
+        return tensor.tolist()
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank. A stop request is agreed by the whole world, not
+        one sub-mesh, or some ranks would leave the step loop while their peers wait in a collective."""
+        if self.world_size == 1:
+            return flag
+        tensor = torch.tensor([1 if flag else 0], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
 
 
 def global_rank() -> int:
     return int(os.environ.get("RANK", 0))
+
+
+def build_mesh(layout: ParallelLayout, device_type: str) -> tuple[DeviceMesh, DeviceMesh, DeviceMesh]:
+    """The layout's mesh and its flattened ``batch`` and ``loss`` sub-meshes (collective: every rank calls it)."""
+    mesh = init_device_mesh(device_type, layout.shape, mesh_dim_names=MESH_DIMS)
+    batch = flatten_mesh(mesh["dp_replicate", "dp_shard"], "batch")
+    loss = flatten_mesh(mesh["dp_replicate", "dp_shard", "cp"], "loss")
+    return mesh, batch, loss
 
 
 def init_topology(phase: ResolvedPhase, *, timeout_minutes: float = 30.0) -> Topology:
@@ -55,6 +118,13 @@ def init_topology(phase: ResolvedPhase, *, timeout_minutes: float = 30.0) -> Top
             f"phase {phase.name!r} is planned for {phase.world_size} processes but {world} were started; "
             "launch with the phase's world size (stagerun run --nproc N overrides it for local runs)"
         )
+    # Validation rejects both cases earlier; kept as guards for direct callers.
+    try:
+        layout = ParallelLayout.of_phase(phase)
+    except LayoutError as exc:
+        raise RuntimeError(f"phase {phase.name!r}: {exc}") from None
+    if layout.cp > 1:
+        raise RuntimeError(f"phase {phase.name!r}: context parallelism is not supported yet (contextParallel: 1)")
     use_gpu = phase.resources.gpus_per_node > 0
     if use_gpu and not torch.cuda.is_available():
         raise RuntimeError("spec.resources.gpusPerNode > 0 but no CUDA device is visible; set gpusPerNode: 0 for CPU")
@@ -69,25 +139,19 @@ def init_topology(phase: ResolvedPhase, *, timeout_minutes: float = 30.0) -> Top
             timeout=datetime.timedelta(minutes=timeout_minutes),
             device_id=device if use_gpu else None,
         )
-    par = phase.parallelism
-    dp_size = data_parallel_degree(phase)
-    if dp_size is None:  # validation rejects this earlier; kept as a guard for direct callers
-        raise RuntimeError(f"phase {phase.name!r}: parallelism does not fit world size {world}")
-    replicate = par.data_parallel_replicate
-    mesh = init_device_mesh(
-        device.type,
-        (replicate, dp_size // replicate, par.tensor_parallel),
-        mesh_dim_names=("dp_replicate", "dp_shard", "tp"),
-    )
-    dp_rank = mesh["dp_replicate"].get_local_rank() * (dp_size // replicate) + mesh["dp_shard"].get_local_rank()
-    return Topology(rank, world, local_rank, device, mesh, dp_rank, dp_size, par.tensor_parallel)
+    mesh, batch, loss = build_mesh(layout, device.type)
+    coords = layout.coordinates(rank)
+    # The loader picks this rank's sequences from the pure arithmetic: it must agree with torch's mesh.
+    if tuple(mesh.get_coordinate() or ()) != (coords.dp_replicate, coords.dp_shard, coords.cp, coords.tp):
+        raise RuntimeError(f"rank {rank}: DeviceMesh coordinates {mesh.get_coordinate()} disagree with {coords}")
+    return Topology(rank, world, local_rank, device, layout, mesh, batch, loss)
 
 
-def apply_tensor_parallel(model: nn.Module, topo: Topology) -> None:
+def apply_tensor_parallel(model: Transformer, topo: Topology) -> None:
     """Megatron-style split of every block: q/k/v and w1/w3 column-wise, wo and w2 row-wise."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    tp_mesh = topo.mesh["tp"]
+    tp_mesh = topo.tp_mesh
     tp_rank = tp_mesh.get_local_rank()
     plan = {
         "attention.wq": ColwiseParallel(),
@@ -98,12 +162,13 @@ def apply_tensor_parallel(model: nn.Module, topo: Topology) -> None:
         "feed_forward.w3": ColwiseParallel(),
         "feed_forward.w2": RowwiseParallel(),
     }
-    for block in model.layers:
+    heads = resolved_value(model.spec.heads, "heads")
+    for block in model.blocks():
         parallelize_module(block, tp_mesh, plan)
-        block.attention.head_offset = tp_rank * model.spec.heads // topo.tp_size  # picks this rank's ALiBi slopes
+        block.attention.head_offset = tp_rank * heads // topo.tp_size  # picks this rank's ALiBi slopes
 
 
-def apply_fsdp(model: nn.Module, topo: Topology, param_dtype: torch.dtype | None) -> None:
+def apply_fsdp(model: Transformer, topo: Topology, param_dtype: torch.dtype | None) -> None:
     """FSDP2 over the data-parallel mesh: one unit per block, the rest (embeddings, final norm, head) in the root.
 
     Gradients are summed, not averaged, across ranks: the loop divides each micro-batch loss by the global token
@@ -112,7 +177,7 @@ def apply_fsdp(model: nn.Module, topo: Topology, param_dtype: torch.dtype | None
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
     from torchtitan.distributed.fsdp import disable_fsdp_gradient_division
 
-    kwargs = {"mesh": topo.dp_mesh}
+    kwargs: dict[str, Any] = {"mesh": topo.fsdp_mesh}
     if param_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     last = len(model.layers) - 1
@@ -127,34 +192,25 @@ def apply_fsdp(model: nn.Module, topo: Topology, param_dtype: torch.dtype | None
             module.set_force_sum_reduction_for_comms(True)
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+def apply_activation_checkpointing(model: Transformer) -> None:
+    from .compat import checkpoint_wrapper
 
     for index, block in enumerate(model.layers):
         model.layers[index] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: Transformer) -> None:
     """Compile block by block (as torchtitan does): the blocks are identical, so one compilation is reused."""
     for index, block in enumerate(model.layers):
-        model.layers[index] = torch.compile(block, fullgraph=False)
+        model.layers[index] = cast(nn.Module, torch.compile(block, fullgraph=False))
 
 
 def all_reduce_sum(values: list[float], topo: Topology) -> list[float]:
-    """Sum scalars over the data-parallel ranks (TP ranks hold identical copies, so divide their multiplicity)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=topo.device)
-    if topo.world_size > 1:
-        dist.all_reduce(tensor)
-    return (tensor / topo.tp_size).tolist()
+    return topo.sum_over_loss(values)
 
 
 def any_rank(flag: bool, topo: Topology) -> bool:
-    """True on every rank when ``flag`` is true on any rank (a stop request must be agreed by the whole gang)."""
-    if topo.world_size == 1:
-        return flag
-    tensor = torch.tensor([1 if flag else 0], device=topo.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
+    return topo.any_rank(flag)
 
 
 def shutdown() -> None:

@@ -4,7 +4,7 @@ Which process serves what (port ``STAGERUN_STATUS_PORT``, set in operator pods o
 - global rank 0: /progress and /metrics with the training metrics (and its node's GPU telemetry);
 - every other node's local rank 0: /metrics with that node's GPU telemetry;
 - with ``spec.metrics.allRanks``: every rank, on port + local rank, with its own view of the training metrics.
-Other processes serve nothing; the loop then talks to a ``NullExporter``.
+Other processes serve nothing (their exporter is a no-op callback).
 """
 
 from __future__ import annotations
@@ -12,17 +12,16 @@ from __future__ import annotations
 import os
 import time
 
+from stagerun.core.protocol import CheckpointRef, GangState, PodEnv, Progress
 from stagerun.core.spec import ResolvedRun
 
-
-class NullExporter:
-    def step(self, **_) -> None: ...
-    def checkpoint_saved(self, **_) -> None: ...
-    def resumed(self, **_) -> None: ...
-    def close(self) -> None: ...
+from .checkpoint import CheckpointInfo
+from .trainer import Callback, StepRecord
 
 
-class Exporter(NullExporter):
+class Exporter(Callback):
+    """Publishes each step on /progress (a ``Progress``) and, where ``training``, as Prometheus metrics."""
+
     def __init__(
         self,
         run: ResolvedRun,
@@ -33,7 +32,7 @@ class Exporter(NullExporter):
         port: int,
         training: bool,
         progress: bool,
-    ):
+    ) -> None:
         from .metrics import GpuTelemetry, TrainerMetrics, peak_flops_for
         from .status_server import StatusServer
 
@@ -46,71 +45,68 @@ class Exporter(NullExporter):
         self.run, self.training = run, training
         self.metrics = TrainerMetrics(
             run.name,
-            run.namespace or os.environ.get("POD_NAMESPACE", ""),
+            run.namespace or os.environ.get(PodEnv.POD_NAMESPACE, ""),
             rank,
             peak_flops_per_device=peak,
             world_size=world_size,
             gpus=gpus,
         )
-        host = os.environ.get("POD_IP") or ("0.0.0.0" if os.environ.get("POD_NAME") else "127.0.0.1")
+        host = os.environ.get(PodEnv.POD_IP) or ("0.0.0.0" if os.environ.get(PodEnv.POD_NAME) else "127.0.0.1")
+        self.progress = Progress(run=run.name, total_tokens=run.total_tokens)
         self.server = StatusServer(host, port, registry=self.metrics.registry, serves_progress=progress)
-        self.server.update(run=run.name, totalTokens=run.total_tokens)
+        self.server.publish(self.progress)
 
-    def step(
-        self, *, plan, step: int, tokens: int, result, seconds: float, data_seconds: float, tokens_per_source: dict
-    ) -> None:
-        phase = plan.phase
-        self.server.update(
-            state="running",
-            step=step,
-            tokens=tokens,
-            phase=phase.name,
-            phaseIndex=phase.index,
-            loss=result.loss,
-            lastStepAt=time.time(),
-            tokensPerSecond=plan.batch_tokens / seconds,
-            tokensPerSource=dict(tokens_per_source),
-        )
+    def on_resume(self, checkpoint: CheckpointInfo, restarts: int, load_seconds: float) -> None:
         if self.training:
-            self.metrics.step(
-                phase=phase.name,
-                phase_index=phase.index,
-                step=step,
-                tokens=tokens,
-                loss=result.loss,
-                z_loss=result.z_loss,
-                max_z_loss=result.max_z_loss,
-                distill_loss=result.distill_loss,
-                grad_norm=result.grad_norm,
-                lr=plan.lr,
-                batch_tokens=plan.batch_tokens,
-                seq_len=phase.seq_len,
-                step_seconds=seconds,
-                data_seconds=data_seconds,
-                flops_per_token=self.run.model.flops_per_token(phase.seq_len),
-                tokens_per_source=tokens_per_source,
+            self.metrics.set(
+                restarts=restarts, checkpoint_load_seconds=load_seconds, checkpoint_load_bytes=checkpoint.size_bytes
             )
 
-    def checkpoint_saved(self, *, path: str, step: int, tokens: int, seconds: float | None, size: int | None) -> None:
-        self.server.update(lastCheckpoint={"path": path, "step": step, "tokens": tokens, "time": time.time()})
+    def on_step(self, record: StepRecord) -> None:
+        progress = self.progress
+        progress.state, progress.last_step_at = GangState.RUNNING, time.time()
+        progress.step, progress.tokens, progress.loss = record.step, record.tokens, record.loss
+        progress.phase, progress.phase_index = record.phase, record.phase_index
+        progress.tokens_per_second, progress.tokens_per_source = record.tokens_per_second, record.tokens_per_source
+        self.server.publish(progress)
         if self.training:
-            self.metrics.checkpoint_saved(seconds, size)
+            self.metrics.step(
+                phase=record.phase,
+                phase_index=record.phase_index,
+                step=record.step,
+                tokens=record.tokens,
+                loss=record.loss,
+                z_loss=record.z_loss,
+                max_z_loss=record.max_z_loss,
+                distill_loss=record.distill_loss,
+                grad_norm=record.grad_norm,
+                lr=record.lr,
+                batch_tokens=record.batch_tokens,
+                seq_len=record.seq_len,
+                step_seconds=record.step_seconds,
+                data_seconds=record.data_seconds,
+                flops_per_token=self.run.model.flops_per_token(record.seq_len),
+                tokens_per_source=record.tokens_per_source,
+            )
 
-    def resumed(self, *, restarts: int, load_seconds: float | None, load_bytes: int | None) -> None:
+    def on_checkpoint(self, checkpoint: CheckpointInfo, save_seconds: float | None) -> None:
+        self.progress.last_checkpoint = CheckpointRef(checkpoint.path, checkpoint.step, checkpoint.tokens, time.time())
+        self.server.publish(self.progress)
         if self.training:
-            self.metrics.set(restarts=restarts, checkpoint_load_seconds=load_seconds, checkpoint_load_bytes=load_bytes)
+            self.metrics.checkpoint_saved(save_seconds, checkpoint.size_bytes)
 
     def close(self) -> None:
         self.server.close()
 
 
-def start_exporter(run: ResolvedRun, rank: int, local_rank: int, world_size: int, device_type: str):
-    port = os.environ.get("STAGERUN_STATUS_PORT")
+def start_exporter(run: ResolvedRun, rank: int, local_rank: int, world_size: int, device_type: str) -> Callback:
+    """The exporter this process runs, or a callback that does nothing where it serves nothing."""
+    port = os.environ.get(PodEnv.STATUS_PORT)
     if not port:
-        return NullExporter()
+        return Callback()
     all_ranks = run.manifest.spec.metrics.all_ranks
     if all_ranks:
         return Exporter(run, rank, local_rank, world_size, device_type, int(port) + local_rank, True, rank == 0)
     if rank == 0 or local_rank == 0:
         return Exporter(run, rank, local_rank, world_size, device_type, int(port), rank == 0, rank == 0)
-    return NullExporter()
+    return Callback()

@@ -29,7 +29,8 @@ class LossTerms(NamedTuple):
     ce_sum: torch.Tensor  # float32 scalar: cross-entropy of the labels summed over non-ignored tokens
     z_sum: torch.Tensor  # float32 scalar: z-loss, weight applied (exactly 0 when the weight is 0)
     max_z_sum: torch.Tensor  # float32 scalar: max-z loss, weight applied (exactly 0 when the weight is 0)
-    count: torch.Tensor  # int64 scalar: non-ignored target tokens
+    # A field may shadow tuple.count at run time; mypy rejects it, and the name is what callers and tests use.
+    count: torch.Tensor  # type: ignore[assignment]  # int64 scalar: non-ignored target tokens
     total: torch.Tensor  # the objective: divide by the global count, then backward
     distill_sum: torch.Tensor | None = None  # float32 scalar: cross-entropy of the teacher's top-1 (when distilling)
 

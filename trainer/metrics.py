@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
@@ -77,7 +78,9 @@ class GpuTelemetry:
     """The node's GPUs through NVML; ``available`` is False (and nothing is reported) without a driver."""
 
     def __init__(self) -> None:
-        self.available, self._nvml, self._handles = False, None, []
+        self.available = False
+        self._nvml: Any = None  # the pynvml module, once NVML answered
+        self._handles: list[Any] = []
         try:
             import pynvml
 
@@ -140,7 +143,7 @@ class TrainerMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
-    def set(self, **values: float) -> None:
+    def set(self, **values: float | None) -> None:
         with self._lock:
             self.values.update({f"stagerun_{k}": float(v) for k, v in values.items() if v is not None})
 

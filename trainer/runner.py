@@ -7,7 +7,6 @@ needs another topology it starts a new gang; when it was stopped (Ctrl-C, SIGTER
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,9 +15,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from stagerun.core.plan import phase_at
+from stagerun.core.protocol import GangState, PodEnv, PreparedData, RunStatus
 from stagerun.core.spec import ResolvedRun
 
-from .telemetry import STATE_COMPLETE, STATE_RELAUNCH, STATE_STOPPED, read_status
+from .telemetry import read_status
 
 EXIT_STOPPED = 130  # the shell convention for "interrupted": rerun the command to resume
 
@@ -33,13 +33,13 @@ def prepare(run: ResolvedRun, run_dir: Path, max_source_bytes: int | None = None
 
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare_data(run, run_dir, max_source_bytes=max_source_bytes)
-    record = {
-        "tokenizerPath": str(prepared.tokenizer_path),
-        "shardDirs": {k: str(v) for k, v in prepared.shard_dirs.items()},
-        "eosId": prepared.eos_id,
-        "vocabSize": prepared.vocab_size,
-    }
-    (run_dir / "prepared.json").write_text(json.dumps(record, indent=2))
+    record = PreparedData(
+        tokenizer_path=str(prepared.tokenizer_path),
+        shard_dirs={k: str(v) for k, v in prepared.shard_dirs.items()},
+        eos_id=prepared.eos_id,
+        vocab_size=prepared.vocab_size,
+    )
+    (run_dir / PreparedData.FILE).write_text(record.to_json())
 
 
 def torchrun_command(
@@ -67,7 +67,7 @@ def torchrun_command(
 def worker_env(run: ResolvedRun, nproc: int, metrics_port: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
     if metrics_port:
-        env["STAGERUN_STATUS_PORT"] = str(metrics_port)  # rank 0 serves /metrics and /progress on 127.0.0.1
+        env[PodEnv.STATUS_PORT.value] = str(metrics_port)  # rank 0 serves /metrics and /progress on 127.0.0.1
     if "OMP_NUM_THREADS" not in env:
         # Share the cores between CPU workers instead of letting each one spawn a thread per core.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
@@ -100,18 +100,19 @@ def run_local(
         tokens = latest.tokens if latest else 0
         phase = phase_at(run, tokens)
         if phase is None:
-            print(f"{run.name}: complete ({tokens:,} tokens); final checkpoint {latest.path}")
+            final = latest.path if latest else "none"  # only a run without phases is complete at 0 tokens
+            print(f"{run.name}: complete ({tokens:,} tokens); final checkpoint {final}")
             return 0
         world = nproc or phase.world_size
         where = f"resuming from {latest.path} (step {latest.step})" if latest else "starting from scratch"
         print(f"{run.name}: phase {phase.name}, {world} worker process(es), {where}", flush=True)
-        status_file = run_dir / "status.json"
+        status_file = run_dir / RunStatus.FILE
         status_file.unlink(missing_ok=True)
         code = _run_gang(
             torchrun_command(manifest, run_dir, world, nproc, max_restarts), worker_env(run, world, metrics_port)
         )
         status = read_status(run_dir)
-        stopped = status is not None and status.state == STATE_STOPPED  # torchrun exits non-zero on Ctrl-C
+        stopped = status is not None and status.state == GangState.STOPPED  # torchrun exits non-zero on Ctrl-C
         if status is None or (code != 0 and not stopped):
             newest = manager.latest()
             resume = f"step {newest.step}" if newest else "the start (no checkpoint was committed)"
@@ -120,16 +121,16 @@ def run_local(
                 file=sys.stderr,
             )
             return code or 1
-        if status.state == STATE_RELAUNCH:
+        if status.state == GangState.RELAUNCH:
             print(f"{run.name}: {status.message}; starting the next gang", flush=True)
             continue
-        if status.state == STATE_STOPPED:
+        if status.state == GangState.STOPPED:
             print(
                 f"{run.name}: stopped at step {status.step} with checkpoint {status.checkpoint}; "
                 "run the same command again to resume"
             )
             return EXIT_STOPPED
-        if status.state == STATE_COMPLETE:
+        if status.state == GangState.COMPLETE:
             print(
                 f"{run.name}: complete at step {status.step} ({status.tokens:,} tokens); "
                 f"metrics in {run_dir / 'metrics.jsonl'}"

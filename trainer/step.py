@@ -12,7 +12,7 @@ from torch.distributed.tensor import DTensor
 from stagerun.core.spec.run import TrainingSpec
 
 from .distill import teacher_targets
-from .distributed import Topology, all_reduce_sum
+from .distributed import Topology
 from .losses import compute_losses
 
 IGNORE_INDEX = -100
@@ -40,7 +40,8 @@ def batch_checksum(micro_batches) -> float:
 
 def build_optimizer(model: torch.nn.Module, training: TrainingSpec, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (norm weights and biases are not decayed)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
@@ -69,7 +70,7 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
             groups.setdefault(key, []).append(param)
     squares = []
     for params in groups.values():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], 2.0)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()  # reduces the partial norm over that mesh's ranks
         squares.append(norm.float() ** 2)
@@ -95,14 +96,17 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     local_tokens = sum(int((mb.targets != IGNORE_INDEX).sum()) for mb in micro_batches)
-    (global_tokens,) = all_reduce_sum([local_tokens], topo)
+    (global_tokens,) = topo.sum_over_loss([local_tokens])
     checksum = batch_checksum(micro_batches)
     sums = torch.zeros(4, dtype=torch.float64, device=topo.device)
     for mb in micro_batches:
         inputs = torch.from_numpy(mb.inputs).to(topo.device, non_blocking=True)
         targets = torch.from_numpy(mb.targets).to(topo.device, non_blocking=True)
         doc_ids = torch.from_numpy(mb.doc_ids).to(topo.device, non_blocking=True) if training.doc_masking else None
-        teacher_tokens = teacher_targets(teacher, inputs, doc_ids, vocab_size) if teacher is not None else None
+        teacher_tokens = None
+        if teacher is not None:
+            assert vocab_size is not None, "distillation needs the student's vocab_size"
+            teacher_tokens = teacher_targets(teacher, inputs, doc_ids, vocab_size)
         logits = model(inputs, doc_ids)
         terms = compute_losses(
             logits,
@@ -116,16 +120,16 @@ def train_step(
         # Dividing by the *global* token count (and summing gradients across ranks) gives the exact mean
         # over the global batch, however it is split into ranks and micro-batches.
         (terms.total / global_tokens).backward()
-        distill = terms.distill_sum if terms.distill_sum is not None else torch.zeros_like(terms.ce_sum)
+        distill_sum = terms.distill_sum if terms.distill_sum is not None else torch.zeros_like(terms.ce_sum)
         sums += torch.stack(
-            [terms.ce_sum.detach(), terms.z_sum.detach(), terms.max_z_sum.detach(), distill.detach()]
+            [terms.ce_sum.detach(), terms.z_sum.detach(), terms.max_z_sum.detach(), distill_sum.detach()]
         ).double()
         del logits, terms
     max_norm = training.grad_clip if training.grad_clip > 0 else math.inf
     grad_norm = clip_grad_norm(model.parameters(), max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    ce, z, max_z, distill, checksum = all_reduce_sum(sums.tolist() + [checksum], topo)
+    ce, z, max_z, distill, checksum = topo.sum_over_loss(sums.tolist() + [checksum])
     return StepResult(
         ce / global_tokens,
         z / global_tokens,

@@ -1,4 +1,4 @@
-"""What rank 0 tells the outside world: a progress bar, a JSONL metrics log, and the run-status file.
+"""What rank 0 leaves in the run dir: the JSONL metrics log and the run-status file (the progress bar is a callback).
 
 The status file (``<run dir>/status.json``) is how a worker gang tells its launcher why it stopped: the local
 runner (and later the operator's pod entrypoint) reads it to decide between "done", "relaunch for the next
@@ -9,42 +9,44 @@ exit code alone cannot carry that.
 from __future__ import annotations
 
 import json
-import os
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-STATE_COMPLETE = "complete"  # every phase's budget is spent; the final checkpoint is committed
-STATE_RELAUNCH = "relaunch"  # a phase ended and the next one needs another topology; checkpoint committed
-STATE_STOPPED = "stopped"  # SIGTERM/SIGINT: checkpoint committed, resume with the same command
-STATE_RUNNING = "running"
+from fsspec.implementations.local import LocalFileSystem
 
+from stagerun.core.protocol import GangState, RunStatus
+from stagerun.core.storage import write_bytes_atomic
 
-@dataclass
-class RunStatus:
-    state: str
-    step: int
-    tokens: int
-    phase_index: int
-    phase: str
-    checkpoint: str | None
-    message: str = ""
-    updated_at: float = 0.0
+__all__ = [
+    "STATE_COMPLETE",
+    "STATE_RELAUNCH",
+    "STATE_STOPPED",
+    "STATE_RUNNING",
+    "RunStatus",
+    "write_status",
+    "read_status",
+    "MetricsLog",
+    "read_metrics",
+]
+
+# The protocol's names (core/protocol.py), kept here for the launchers that read status.json.
+STATE_COMPLETE = GangState.COMPLETE
+STATE_RELAUNCH = GangState.RELAUNCH
+STATE_STOPPED = GangState.STOPPED
+STATE_RUNNING = GangState.RUNNING
 
 
 def write_status(run_dir: Path, status: RunStatus) -> None:
     status.updated_at = time.time()
-    path = Path(run_dir) / "status.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(status), indent=2))
-    os.replace(tmp, path)  # readers never see a half-written file
+    # Atomic: the launcher may read it the moment the gang exits, and never sees half a file.
+    write_bytes_atomic(LocalFileSystem(), str(Path(run_dir) / RunStatus.FILE), status.to_json().encode())
 
 
 def read_status(run_dir: Path) -> RunStatus | None:
-    path = Path(run_dir) / "status.json"
+    path = Path(run_dir) / RunStatus.FILE
     if not path.exists():
         return None
-    return RunStatus(**json.loads(path.read_text()))
+    return RunStatus.from_json(path.read_text())
 
 
 class MetricsLog:
@@ -74,36 +76,3 @@ def read_metrics(path: Path) -> list[dict]:
             record = json.loads(line)
             by_step[record["step"]] = record
     return [by_step[s] for s in sorted(by_step)]
-
-
-class Progress:
-    """A tqdm bar over the run's tokens with phase, step, loss and throughput; silent on other ranks."""
-
-    def __init__(self, total_tokens: int, initial_tokens: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=total_tokens,
-                initial=initial_tokens,
-                unit="tok",
-                unit_scale=True,
-                dynamic_ncols=True,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} tok [{elapsed}<{remaining}{postfix}]",
-            )
-
-    def update(self, tokens: int, *, phase: str, step: int, loss: float, tokens_per_second: float) -> None:
-        if self.bar is None:
-            return
-        self.bar.set_description_str(f"{phase} step {step}", refresh=False)
-        self.bar.set_postfix_str(f"loss {loss:.3f}, {tokens_per_second:,.0f} tok/s", refresh=False)
-        self.bar.update(tokens)
-
-    def write(self, message: str) -> None:
-        if self.bar is not None:
-            self.bar.write(message)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -20,7 +20,6 @@ from typing import Any, Literal
 from .quantities import QuantityError, parse_count, parse_duration, parse_float
 
 COUNT = "count"  # an integer that may be written with a suffix: 2T, 252M, 4Mi
-NUMBER = "number"  # a float that may be written as a string: "3e-4"
 DURATION = "duration"  # whole seconds, written as 900 or "15m", "1h30m"
 
 
@@ -86,19 +85,6 @@ def is_required(f: dataclasses.Field) -> bool:
     return f.default is MISSING and f.default_factory is MISSING
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    if origin in (list, tuple):
-        return "a list"
-    if origin is dict:
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
-
-
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -158,7 +144,7 @@ class Reader:
         metadata = metadata or {}
         tp, _ = _strip_optional(tp)
         origin = typing.get_origin(tp)
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             result = self.read(tp, raw, path)
             return _INVALID if result is None else result
         if origin is Literal:
@@ -181,13 +167,13 @@ class Reader:
                 self.problem(path, f"expected a mapping, got {_describe(raw)}")
                 return _INVALID
             _, item_tp = typing.get_args(tp)
-            items = {}
+            mapping = {}
             for key, item in raw.items():
                 if not isinstance(key, str):
                     self.problem(f"{path}.{key}", f"keys must be strings, got {_describe(key)}")
                     return _INVALID
-                items[key] = self.value(item_tp, item, f"{path}.{key}", metadata)
-            return _INVALID if any(i is _INVALID for i in items.values()) else items
+                mapping[key] = self.value(item_tp, item, f"{path}.{key}", metadata)
+            return _INVALID if any(i is _INVALID for i in mapping.values()) else mapping
         return self.scalar(tp, raw, path, metadata)
 
     def scalar(self, tp: Any, raw: Any, path: str, metadata: Any) -> Any:

@@ -1,4 +1,5 @@
-"""The model architecture block of a TrainingRun (``spec.model``): every option of DESIGN.md §3 is a field.
+"""The model architecture block of a TrainingRun (``spec.model``): every architecture option is a field
+(docs/manifest-reference.md lists them).
 
 Pure Python: the operator and ``stagerun plan`` use it (parameter counts, FLOPs per token) without torch.
 """
@@ -7,9 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 from .fields import COUNT, spec_field
+
+_T = TypeVar("_T")
+
+
+def resolved_value(value: _T | None, name: str) -> _T:
+    # Derived quantities need the resolved spec, where the preset and the defaults have filled in every field.
+    if value is None:
+        raise ValueError(f"spec.model.{name} is unset: resolve the spec first (presets.resolve_model)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -68,34 +78,39 @@ class ModelSpec:
     # -- derived quantities (valid on a resolved spec, see presets.resolve_model) --------------------------------
     @property
     def head_dim(self) -> int:
-        return self.dim // self.heads
+        return resolved_value(self.dim, "dim") // resolved_value(self.heads, "heads")
 
     @property
     def padded_vocab(self) -> int:
-        multiple = self.pad_vocab_multiple
-        return -(-self.vocab_size // multiple) * multiple
+        multiple = resolved_value(self.pad_vocab_multiple, "padVocabMultiple")
+        return -(-resolved_value(self.vocab_size, "vocabSize") // multiple) * multiple
 
     @property
     def ffn_width(self) -> int:
         if self.ffn_hidden:
             return self.ffn_hidden
-        raw = int(self.ffn_multiplier * 8 * self.dim / 3)
-        return -(-raw // self.ffn_multiple_of) * self.ffn_multiple_of
+        multiple = resolved_value(self.ffn_multiple_of, "ffnMultipleOf")
+        raw = int(resolved_value(self.ffn_multiplier, "ffnMultiplier") * 8 * resolved_value(self.dim, "dim") / 3)
+        return -(-raw // multiple) * multiple
 
     @property
     def rotary_dims(self) -> int:
         """How many leading dims of each head RoPE rotates (even; 0 with ALiBi)."""
         if self.position != "rope":
             return 0
-        return int(round(self.head_dim * self.rotary_fraction))
+        return int(round(self.head_dim * resolved_value(self.rotary_fraction, "rotaryFraction")))
 
     def parameter_count(self, *, include_embedding: bool = True) -> int:
         """Exact number of trainable parameters of the model this spec builds."""
-        d, kv_dim, hidden = self.dim, self.kv_heads * self.head_dim, self.ffn_width
+        d, kv_dim, hidden = (
+            resolved_value(self.dim, "dim"),
+            resolved_value(self.kv_heads, "kvHeads") * self.head_dim,
+            self.ffn_width,
+        )
         norm_params = d * (2 if self.norm == "layernorm" and self.norm_bias else 1)
         attention = d * d + 2 * d * kv_dim + d * d + (d + 2 * kv_dim if self.qkv_bias else 0)
         block = attention + 3 * d * hidden + 2 * norm_params
-        body = self.layers * block + norm_params
+        body = resolved_value(self.layers, "layers") * block + norm_params
         if not include_embedding:
             return body
         embedding = self.padded_vocab * d
@@ -103,8 +118,9 @@ class ModelSpec:
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token (forward + backward = 3 x forward): 6N plus attention (PaLM appendix B)."""
-        matmul_params = self.parameter_count() - self.padded_vocab * self.dim * (0 if self.tied_embeddings else 1)
-        attention = 12 * self.layers * self.dim * seq_len // 2  # causal: half the score matrix
+        d = resolved_value(self.dim, "dim")
+        matmul_params = self.parameter_count() - self.padded_vocab * d * (0 if self.tied_embeddings else 1)
+        attention = 12 * resolved_value(self.layers, "layers") * d * seq_len // 2  # causal: half the score matrix
         return 6 * matmul_params + attention
 
     def replace(self, **changes) -> ModelSpec:

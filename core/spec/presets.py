@@ -7,6 +7,7 @@ one and checks its parameter count against the figure its report gives (the figu
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from .model import ModelSpec
 
@@ -118,7 +119,7 @@ def resolve_model(spec: ModelSpec) -> ModelSpec:
 
     Raises KeyError for an unknown preset (validation reports it before this is called).
     """
-    base = dict(MODEL_DEFAULTS)
+    base: dict[str, Any] = dict(MODEL_DEFAULTS)
     if spec.preset is not None:
         base.update(PRESETS[spec.preset])
     explicit = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if getattr(spec, f.name) is not None}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from decimal import Decimal, InvalidOperation
+from typing import Literal
 
 _SUFFIXES = {
     "": 1,
@@ -119,8 +120,21 @@ def parse_duration(value: object) -> int:
     raise QuantityError(f"cannot read {value!r} as a duration; write e.g. '90s', '15m', '1h30m' or seconds as a number")
 
 
-def format_duration(seconds: int) -> str:
-    """900 -> '15m', 5400 -> '1h30m', 45 -> '45s'."""
+def format_duration(seconds: float, style: Literal["exact", "approx"] = "exact") -> str:
+    """A duration for people, in one of two styles.
+
+    ``exact`` (settings and the operator's events; ``parse_duration`` reads it back), whole seconds:
+    900 -> '15m', 5400 -> '1h30m', 45 -> '45s'. ``approx`` (the ETAs of ``stagerun plan``, where more digits would
+    only be noise), one unit: 45 -> '45s', 900 -> '15m', 7200 -> '2.0h', 259200 -> '3.0d'.
+    """
+    if style == "approx":
+        if seconds < 90:
+            return f"{seconds:.0f}s"
+        if seconds < 5400:
+            return f"{seconds / 60:.0f}m"
+        if seconds < 2 * 86400:
+            return f"{seconds / 3600:.1f}h"
+        return f"{seconds / 86400:.1f}d"
     hours, rest = divmod(int(seconds), 3600)
     minutes, secs = divmod(rest, 60)
     text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs else "")

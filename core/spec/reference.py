@@ -22,11 +22,11 @@ Phase fields left unset inherit from the previous phase (see [manifest.md](manif
 
 
 def _type_text(tp, meta) -> str:
-    tp, optional = _unwrap(tp)
+    tp, _ = _unwrap(tp)
     origin = typing.get_origin(tp)
     if origin is typing.Literal:
         return " \\| ".join(f"`{a}`" for a in typing.get_args(tp))
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return f"[{tp.__name__}](#{tp.__name__.lower()})"
     if origin in (list, tuple):
         return f"list of {_type_text(typing.get_args(tp)[0], meta)}"
@@ -47,7 +47,7 @@ def _unwrap(tp):
 
 def _nested(tp) -> list[type]:
     tp, _ = _unwrap(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return [tp]
     return [t for arg in typing.get_args(tp) for t in _nested(arg)]
 
@@ -63,7 +63,9 @@ def _default_text(f: dataclasses.Field) -> str:
 
 
 def render() -> str:
-    sections, queue, seen = [], [TrainingRun], set()
+    sections: list[str] = []
+    queue: list[type] = [TrainingRun]
+    seen: set[type] = set()
     while queue:
         cls = queue.pop(0)
         if cls in seen:

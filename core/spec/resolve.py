@@ -5,7 +5,8 @@ Inheritance rules (documented in docs/manifest.md):
   ended" (batch: the last size the previous phase used).
 - lr unset: constant at the LR the previous phase ended with. lr.peak unset: that same LR.
 The first phase must set seqLen, batch and lr.peak. Cross-field problems are reported with the manifest path of the
-field that causes them; nothing is coerced.
+field that causes them; nothing is coerced. The batch ramp (:mod:`.ramp`) and the LR schedule (:mod:`.lr_schedule`)
+are resolved in their own modules.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import dataclasses
 from dataclasses import dataclass
 
 from .fields import Problem, explicit_fields
+from .lr_schedule import ResolvedLR, resolve_lr
 from .model import ModelSpec
-from .quantities import format_count
+from .ramp import check_ramp, resolve_ramp
 from .run import (
     CheckpointSpec,
     DistillSpec,
     ParallelismSpec,
-    PhaseSpec,
     ResourcesSpec,
     SourceSpec,
     TokenizerSpec,
@@ -28,17 +29,16 @@ from .run import (
     TrainingSpec,
 )
 
+__all__ = [
+    "WEIGHT_TOLERANCE",
+    "ResolvedLR",
+    "ResolvedPhase",
+    "ResolvedRun",
+    "check_weights_sum",
+    "resolve_phases",
+]
+
 WEIGHT_TOLERANCE = 1e-6
-
-
-@dataclass(frozen=True)
-class ResolvedLR:
-    schedule: str
-    peak: float
-    end: float
-    warmup_tokens: int
-    decay_fraction: float
-    decay_shape: str
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def resolve_phases(run: TrainingRun, model: ModelSpec, problems: list[Problem], 
                 )
             )
             ok = False
-        elif seq_len > model.max_seq_len:
+        elif model.max_seq_len is not None and seq_len > model.max_seq_len:
             problems.append(
                 Problem(
                     f"{path}.seqLen",
@@ -129,13 +129,13 @@ def resolve_phases(run: TrainingRun, model: ModelSpec, problems: list[Problem], 
             )
             ok = False
 
-        ramp = _resolve_ramp(phase, prev, path, problems)
+        ramp = resolve_ramp(phase, prev, path, problems)
         ok = ok and ramp is not None
         if ramp is not None and seq_len is not None:
-            ok = _check_ramp(ramp, phase, seq_len, path, problems) and ok
+            ok = check_ramp(ramp, phase, seq_len, path, problems) and ok
 
         micro = phase.micro_batch_size or (prev.micro_batch_size if prev else 1)
-        lr = _resolve_lr(phase, prev, path, problems)
+        lr = resolve_lr(phase, prev, path, problems)
         ok = ok and lr is not None
 
         weights = _resolve_weights(phase, prev, default_weights, sources, path, problems)
@@ -144,7 +144,7 @@ def resolve_phases(run: TrainingRun, model: ModelSpec, problems: list[Problem], 
         parallelism = _merge(prev.parallelism if prev else spec.parallelism, phase.parallelism)
         resources = _merge(prev.resources if prev else spec.resources, phase.resources)
         world = world_override or resources.world_size
-        if ok:
+        if ok and seq_len is not None:  # ok implies seq_len; the test tells the type checker
             current = ResolvedPhase(
                 index=index,
                 name=phase.name,
@@ -205,207 +205,6 @@ def _merge(base, override):
     if override is None:
         return base
     return dataclasses.replace(base, **{name: getattr(override, name) for name in explicit_fields(override)})
-
-
-def _resolve_ramp(phase: PhaseSpec, prev: ResolvedPhase | None, path: str, problems: list[Problem]):
-    batch = phase.batch
-    if batch is None or (batch.size is None and batch.ramp is None):
-        if prev is None:
-            problems.append(
-                Problem(
-                    f"{path}.batch",
-                    "the first phase must set batch.size or batch.ramp",
-                    "add e.g. batch: {size: 4Mi} (tokens per optimizer step)",
-                )
-            )
-            return None
-        return ((0, prev.ramp[-1][1]),)
-    if batch.size is not None and batch.ramp is not None:
-        problems.append(Problem(f"{path}.batch", "set either size or ramp, not both", "keep one of them"))
-        return None
-    if batch.size is not None:
-        return ((0, batch.size),)
-    if not batch.ramp:
-        problems.append(Problem(f"{path}.batch.ramp", "is empty", "list at least one {tokens, size} point"))
-        return None
-    return tuple((point.tokens, point.size) for point in batch.ramp)
-
-
-def _check_ramp(ramp, phase: PhaseSpec, seq_len: int, path: str, problems: list[Problem]) -> bool:
-    ok = True
-    is_ramp = phase.batch is not None and phase.batch.ramp is not None
-    inherited = phase.batch is None or (phase.batch.size is None and phase.batch.ramp is None)
-    if is_ramp:
-        where = lambda i, f: f"{path}.batch.ramp[{i}].{f}"  # noqa: E731
-    else:
-        where = lambda i, f: f"{path}.batch" + ("" if inherited else ".size")  # noqa: E731
-    if ramp[0][0] != 0:
-        problems.append(
-            Problem(
-                where(0, "tokens"),
-                f"the first ramp point must be at tokens 0, got {ramp[0][0]}",
-                "start the ramp with {tokens: 0, size: ...}",
-            )
-        )
-        ok = False
-    for i in range(1, len(ramp)):
-        if ramp[i][0] <= ramp[i - 1][0]:
-            problems.append(
-                Problem(
-                    where(i, "tokens"),
-                    f"ramp points must be in increasing token order, "
-                    f"{format_count(ramp[i][0])} follows {format_count(ramp[i - 1][0])}",
-                    "sort the ramp by tokens",
-                )
-            )
-            ok = False
-        if ramp[i][1] <= ramp[i - 1][1]:
-            problems.append(
-                Problem(
-                    where(i, "size"),
-                    f"a batch ramp must increase, {format_count(ramp[i][1])} follows {format_count(ramp[i - 1][1])}",
-                    "make each size larger than the one before",
-                )
-            )
-            ok = False
-    for i, (tokens, size) in enumerate(ramp):
-        if tokens >= phase.tokens:
-            problems.append(
-                Problem(
-                    where(i, "tokens"),
-                    f"{format_count(tokens)} is not inside the phase's budget of "
-                    f"{format_count(phase.tokens)} tokens, so this size would never be used",
-                    "ramp tokens count from the phase start; lower it or drop the point",
-                )
-            )
-            ok = False
-        if size % seq_len:
-            hint, fix = "", ""
-            if size % 1000 == 0:
-                hint = "; note K/M/B/T are powers of 1000 while Ki/Mi/Gi/Ti are powers of 1024"
-                binary = _binary_reading(size)
-                if binary and binary[1] % seq_len == 0:
-                    fix = f"did you mean {binary[0]} ({binary[1]} tokens)? otherwise "
-            lower, upper = size - size % seq_len, size + seq_len - size % seq_len
-            origin = " (inherited from the previous phase)" if inherited else ""
-            problems.append(
-                Problem(
-                    where(i, "size"),
-                    f"batch of {size} tokens{origin} is not a whole number of sequences of seqLen {seq_len}{hint}",
-                    f"{fix}use {lower or upper} or {upper} tokens",
-                )
-            )
-            ok = False
-    return ok
-
-
-def _binary_reading(size: int) -> tuple[str, int] | None:
-    """'8K' read as '8Ki': the size a user most likely meant when a decimal size does not fit."""
-    for suffix, decimal, binary in (
-        ("Ti", 10**12, 2**40),
-        ("Gi", 10**9, 2**30),
-        ("Mi", 10**6, 2**20),
-        ("Ki", 10**3, 2**10),
-    ):
-        if size % decimal == 0:
-            return f"{size // decimal}{suffix}", size // decimal * binary
-    return None
-
-
-def _resolve_lr(phase: PhaseSpec, prev: ResolvedPhase | None, path: str, problems: list[Problem]):
-    lr = phase.lr
-    if lr is None:
-        if prev is None:
-            problems.append(
-                Problem(
-                    f"{path}.lr",
-                    "the first phase must set lr",
-                    "add e.g. lr: {peak: 3e-4, warmupTokens: 100M, schedule: cosine}",
-                )
-            )
-            return None
-        return ResolvedLR("constant", prev.lr.end, prev.lr.end, 0, 0.0, "linear")
-    peak = lr.peak if lr.peak is not None else (prev.lr.end if prev else None)
-    ok = True
-    if peak is None:
-        problems.append(Problem(f"{path}.lr.peak", "the first phase must set lr.peak", "add e.g. peak: 3e-4"))
-        return None
-    if peak <= 0:
-        problems.append(
-            Problem(
-                f"{path}.lr.peak",
-                "the previous phase ended at LR 0, so this phase has no LR to start from",
-                "set lr.peak explicitly",
-            )
-        )
-        return None
-    if lr.schedule == "constant":
-        if lr.to is not None and lr.to != peak:
-            problems.append(
-                Problem(
-                    f"{path}.lr.to",
-                    "a constant schedule has no end LR different from peak",
-                    "drop `to`, or choose schedule linear, cosine or wsd",
-                )
-            )
-            ok = False
-        end = peak
-    else:
-        end = lr.to if lr.to is not None else 0.0
-        if end > peak:
-            problems.append(
-                Problem(
-                    f"{path}.lr.to", f"end LR {end} is above the peak {peak}", "decay schedules go down: lower `to`"
-                )
-            )
-            ok = False
-    if lr.warmup_tokens >= phase.tokens:
-        problems.append(
-            Problem(
-                f"{path}.lr.warmupTokens",
-                f"warmup of {format_count(lr.warmup_tokens)} tokens does not end "
-                f"inside the phase ({format_count(phase.tokens)} tokens)",
-                "shorten the warmup",
-            )
-        )
-        ok = False
-    decay_fraction = 0.0
-    if lr.schedule == "wsd":
-        if lr.decay_fraction is None:
-            problems.append(
-                Problem(
-                    f"{path}.lr.decayFraction",
-                    "required with schedule wsd",
-                    "e.g. decayFraction: 0.1 decays over the last 10 % of the phase; 0 stays at peak",
-                )
-            )
-            ok = False
-        else:
-            decay_fraction = lr.decay_fraction
-            if decay_fraction == 0:
-                end = peak
-            decay_tokens = int(phase.tokens * decay_fraction)
-            if phase.tokens - decay_tokens < lr.warmup_tokens:
-                problems.append(
-                    Problem(
-                        f"{path}.lr.decayFraction",
-                        "the decay would start before the warmup ends",
-                        "lower decayFraction or warmupTokens",
-                    )
-                )
-                ok = False
-    elif lr.decay_fraction is not None:
-        problems.append(
-            Problem(
-                f"{path}.lr.decayFraction",
-                f"only applies to schedule wsd, not {lr.schedule}",
-                "drop decayFraction, or use schedule: wsd",
-            )
-        )
-        ok = False
-    if not ok:
-        return None
-    return ResolvedLR(lr.schedule, peak, end, lr.warmup_tokens, decay_fraction, lr.decay_shape)
 
 
 def _resolve_weights(phase, prev, default_weights, sources, path, problems):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
+from ..layout import BatchSplitError, LayoutError, ParallelLayout
 from .fields import Problem, explicit_fields
-from .model import ModelSpec
+from .model import ModelSpec, resolved_value
 from .presets import PRESETS, REQUIRED_WITHOUT_PRESET
 from .resolve import ResolvedPhase, check_weights_sum
 from .run import API_VERSION, KIND, TrainingRun
@@ -73,18 +74,19 @@ def check_model_fields(model: ModelSpec, problems: list[Problem]) -> bool:
 def check_model(model: ModelSpec, raw: ModelSpec, problems: list[Problem]) -> None:
     """Consistency of a resolved model; ``raw`` is the manifest's block (to tell what the user set)."""
     path = "spec.model"
-    if model.dim % model.heads:
+    dim, heads = resolved_value(model.dim, "dim"), resolved_value(model.heads, "heads")
+    kv_heads, max_seq_len = resolved_value(model.kv_heads, "kvHeads"), resolved_value(model.max_seq_len, "maxSeqLen")
+    rotary_fraction = resolved_value(model.rotary_fraction, "rotaryFraction")
+    if dim % heads:
         problems.append(
-            Problem(
-                f"{path}.dim", f"{model.dim} is not divisible by heads ({model.heads})", "choose dim = heads x head dim"
-            )
+            Problem(f"{path}.dim", f"{dim} is not divisible by heads ({heads})", "choose dim = heads x head dim")
         )
         return
-    if model.heads % model.kv_heads:
+    if heads % kv_heads:
         problems.append(
             Problem(
                 f"{path}.kvHeads",
-                f"heads ({model.heads}) is not a multiple of kvHeads ({model.kv_heads})",
+                f"heads ({heads}) is not a multiple of kvHeads ({kv_heads})",
                 "grouped-query attention needs heads = kvHeads x group size",
             )
         )
@@ -102,21 +104,21 @@ def check_model(model: ModelSpec, raw: ModelSpec, problems: list[Problem]) -> No
         problems.append(
             Problem(
                 f"{path}.rotaryFraction",
-                f"rotates {model.head_dim * model.rotary_fraction:g} of "
+                f"rotates {model.head_dim * rotary_fraction:g} of "
                 f"{model.head_dim} head dims; RoPE needs an even whole number",
                 "choose a fraction that gives an even count of dims",
             )
         )
-    if model.position == "rope" and abs(model.rotary_dims - model.head_dim * model.rotary_fraction) > 1e-9:
+    if model.position == "rope" and abs(model.rotary_dims - model.head_dim * rotary_fraction) > 1e-9:
         problems.append(
             Problem(
                 f"{path}.rotaryFraction",
-                f"{model.rotary_fraction} of {model.head_dim} head dims is not a whole number",
+                f"{rotary_fraction} of {model.head_dim} head dims is not a whole number",
                 "choose a fraction that gives an even count of dims",
             )
         )
-    if model.max_seq_len % 8:
-        problems.append(Problem(f"{path}.maxSeqLen", f"must be a multiple of 8, got {model.max_seq_len}"))
+    if max_seq_len % 8:
+        problems.append(Problem(f"{path}.maxSeqLen", f"must be a multiple of 8, got {max_seq_len}"))
     if model.norm == "rmsnorm" and "norm_bias" in explicit_fields(raw) and model.norm_bias:
         problems.append(Problem(f"{path}.normBias", "rmsnorm has no bias", "drop normBias, or use norm: layernorm"))
 
@@ -200,7 +202,7 @@ def _check_resources(resources, path: str, problems: list[Problem]) -> None:
 
 def check_tokenizer_vocab(run: TrainingRun, model: ModelSpec, problems: list[Problem]) -> None:
     train = run.spec.tokenizer.train
-    if train is not None and train.vocab_size > model.vocab_size:
+    if train is not None and train.vocab_size > resolved_value(model.vocab_size, "vocabSize"):
         problems.append(
             Problem(
                 "spec.tokenizer.train.vocabSize",
@@ -210,13 +212,12 @@ def check_tokenizer_vocab(run: TrainingRun, model: ModelSpec, problems: list[Pro
         )
 
 
-def data_parallel_degree(
+def phase_layout(
     phase: ResolvedPhase, problems: list[Problem] | None = None, path: str = "spec.parallelism"
-) -> int | None:
-    """Ranks that split the batch (FSDP shards x HSDP replicas) for this phase's world size."""
-    par, world = phase.parallelism, phase.world_size
+) -> ParallelLayout | None:
+    """The phase's parallel layout on its world size; None (and a problem reported) when the degrees do not fit."""
     report = problems.append if problems is not None else (lambda p: None)
-    if par.context_parallel != SUPPORTED_CONTEXT_PARALLEL:
+    if phase.parallelism.context_parallel != SUPPORTED_CONTEXT_PARALLEL:
         report(
             Problem(
                 f"{path}.contextParallel",
@@ -225,28 +226,19 @@ def data_parallel_degree(
             )
         )
         return None
-    model_parallel = par.tensor_parallel * par.context_parallel * par.data_parallel_replicate
-    if world % model_parallel:
-        report(
-            Problem(
-                f"{path}.tensorParallel",
-                f"world size {world} is not divisible by tensorParallel x dataParallelReplicate = {model_parallel}",
-                "choose degrees that divide the number of processes",
-            )
-        )
+    try:
+        return ParallelLayout.of_phase(phase)
+    except LayoutError as exc:
+        report(Problem(f"{path}.{exc.field}", exc.message, exc.fix))
         return None
-    fsdp = par.fsdp if par.fsdp != -1 else world // model_parallel
-    if fsdp == 0 or fsdp * model_parallel != world:
-        report(
-            Problem(
-                f"{path}.fsdp",
-                f"fsdp {par.fsdp} x tensorParallel {par.tensor_parallel} x dataParallelReplicate "
-                f"{par.data_parallel_replicate} != world size {world}",
-                "set fsdp: -1 to use every remaining rank",
-            )
-        )
-        return None
-    return fsdp * par.data_parallel_replicate
+
+
+def data_parallel_degree(
+    phase: ResolvedPhase, problems: list[Problem] | None = None, path: str = "spec.parallelism"
+) -> int | None:
+    """Ranks that split the batch (FSDP shards x HSDP replicas) for this phase's world size."""
+    layout = phase_layout(phase, problems, path)
+    return layout.dp if layout is not None else None
 
 
 def check_phase_topology(phase: ResolvedPhase, raw_phase, model: ModelSpec, problems: list[Problem]) -> None:
@@ -254,7 +246,7 @@ def check_phase_topology(phase: ResolvedPhase, raw_phase, model: ModelSpec, prob
     tp = phase.parallelism.tensor_parallel
     base = f"spec.phases[{phase.index}]"
     par_path = f"{base}.parallelism" if raw_phase.parallelism is not None else "spec.parallelism"
-    if tp > 1 and (model.heads % tp or model.kv_heads % tp):
+    if tp > 1 and (resolved_value(model.heads, "heads") % tp or resolved_value(model.kv_heads, "kvHeads") % tp):
         problems.append(
             Problem(
                 f"{par_path}.tensorParallel",
@@ -262,20 +254,18 @@ def check_phase_topology(phase: ResolvedPhase, raw_phase, model: ModelSpec, prob
                 "choose a degree that divides both",
             )
         )
-    dp = data_parallel_degree(phase, problems, par_path)
-    if dp is None:
+    layout = phase_layout(phase, problems, par_path)
+    if layout is None:
         return
-    per_step = dp * phase.micro_batch_size
     for j, (_, size) in enumerate(phase.ramp):
-        sequences = size // phase.seq_len
-        if sequences % per_step:
-            good = per_step * phase.seq_len
+        try:
+            layout.split(size // phase.seq_len, phase.micro_batch_size)
+        except BatchSplitError as exc:
             problems.append(
                 Problem(
                     f"{base}.batch" + (f".ramp[{j}].size" if len(phase.ramp) > 1 else ""),
-                    f"{sequences} sequences of {phase.seq_len} per step do not split into data-parallel ranks ({dp}) x "
-                    f"microBatchSize ({phase.micro_batch_size}) = {per_step}",
-                    f"make the batch a multiple of {good} tokens ({per_step} sequences), or change microBatchSize",
+                    exc.reason(phase.seq_len),
+                    exc.fix(phase.seq_len),
                 )
             )
 

@@ -14,6 +14,7 @@ numpy only: nothing here imports torch, so the data tools run anywhere.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING
 
 # Names load on first use (PEP 562): the `stagerun` command registers the data subcommands in every invocation,
@@ -47,6 +48,14 @@ def __getattr__(name: str):
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's cpuset, taskset), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def __dir__() -> list[str]:

@@ -9,18 +9,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+
+from . import usable_cpus
 
 # readers.FORMATS, repeated so that building the parser imports nothing heavy (a test checks they agree).
 FORMATS = ("auto", "text", "jsonl", "parquet")
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def _count(text: str) -> int:
@@ -177,8 +171,8 @@ def add_data_commands(sub) -> None:
     tok.add_argument(
         "--processes",
         type=_positive,
-        default=_cpus(),
-        help=f"worker processes (default: the CPUs, {_cpus()} here); 1 tokenizes in this process",
+        default=usable_cpus(),
+        help=f"worker processes (default: the CPUs, {usable_cpus()} here); 1 tokenizes in this process",
     )
     tok.add_argument(
         "--threads",

@@ -85,7 +85,7 @@ def _read_utf8(path: Path, stats: CorpusStats) -> str | None:
 def _docstrings(source: str) -> Iterator[str]:
     """Module, class and function docstrings in source order (the file is parsed, never imported)."""
     tree = ast.parse(source)
-    stack: list[ast.AST] = [tree]
+    stack: list[ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef] = [tree]
     while stack:
         node = stack.pop()
         doc = ast.get_docstring(node, clean=True)

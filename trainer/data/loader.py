@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stagerun.core.layout import split_batch
+
 from .shards import TokenShards
 
 STATE_VERSION = 1
@@ -115,9 +117,11 @@ class PackedMixLoader:
     ) -> list[MicroBatch]:
         """Advance the global state by one whole global batch; return only this rank's micro-batches.
 
-        global_sequences must equal dp_size * micro_batch_size * grad_accum. Rank r gets the contiguous block of
-        sequences [r * per_rank, (r + 1) * per_rank) of the global batch, split into grad_accum micro-batches of
-        micro_batch_size, in order. Only this rank's tokens are read; the other sequences only move cursors.
+        global_sequences must split into dp_size x micro_batch_size x grad_accum (stagerun.core.layout.split_batch);
+        dp_rank and dp_size are the rank's ``dp`` coordinate and degree in its ParallelLayout. Rank r gets the
+        contiguous block of sequences [r * per_rank, (r + 1) * per_rank) of the global batch, split into grad_accum
+        micro-batches of micro_batch_size, in order. Only this rank's tokens are read; the other sequences only move
+        cursors.
         """
         per_rank = self._check_step(seq_len, global_sequences, dp_rank, dp_size, micro_batch_size)
         shares = self._shares(weights)
@@ -144,13 +148,7 @@ class PackedMixLoader:
             )
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is not in [0, {dp_size})")
-        if global_sequences % (dp_size * micro):
-            raise ValueError(
-                f"a global batch of {global_sequences} sequences does not split into dp_size {dp_size} x "
-                f"micro_batch_size {micro} x a whole number of accumulation steps: choose a batch size "
-                f"that is a multiple of {dp_size * micro} sequences"
-            )
-        return global_sequences // dp_size
+        return split_batch(global_sequences, dp_size, micro).per_rank
 
     def _shares(self, weights: dict[str, float]) -> list[float]:
         unknown = sorted(set(weights) - set(self.names))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .corpora import BUILTIN_CORPORA, CorpusStats, DataError, corpus_version, iter_documents
 from .shards import MANIFEST, TokenShards, has_manifest, read_manifest, write_shards
-from .tokenizer import eos_id, load_tokenizer, tokenizer_sha256, train_tokenizer, vocab_size
+from .tokenizer import eos_id, interleave_by_bytes, load_tokenizer, tokenizer_sha256, train_tokenizer, vocab_size
 
 TOKENIZER_FILE = "tokenizer.json"
 DATA_DIR = "data"
@@ -107,20 +107,8 @@ def _training_texts(run, max_bytes: int, stats: CorpusStats, max_source_bytes: i
             "train on: set spec.tokenizer.path to the tokenizer the shard sets were made with"
         )
     streams = [iter_documents(s, max_bytes=max_source_bytes) for s in sources]
-    taken = [0] * len(streams)
-    active = list(range(len(streams)))
-    while active and stats.bytes < max_bytes:
-        i = min(active, key=lambda j: (taken[j], j))
-        doc = next(streams[i], None)
-        if doc is None:
-            active.remove(i)
-            continue
-        data = doc.encode("utf-8")
-        if stats.bytes + len(data) > max_bytes:
-            data = data[: max_bytes - stats.bytes]
-            doc = data.decode("utf-8", errors="ignore")
-        taken[i] += len(data)
-        stats.bytes += len(data)
+    for doc, size in interleave_by_bytes(streams, max_bytes):
+        stats.bytes += size
         stats.documents += 1
         yield doc
 

@@ -15,91 +15,34 @@ last, after every unit is committed: until then the folder has no ``manifest.jso
 
 Documents keep the input order (units in order, each unit's documents in order), so the same inputs give the same
 shard set whatever the number of processes.
+
+The parts: planning the units (:mod:`.tokenize_units`), the work of one unit (:mod:`.tokenize_worker`) and the
+output folder units are committed into (:mod:`.tokenize_output`); this module runs them and writes the manifest.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import multiprocessing as mp
 import os
-import re
 import shutil
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from queue import Empty, Full, Queue
 
-import fsspec
 from tqdm import tqdm
 
-from .readers import BadRecords, DataError, InputFile, InputStats, expand_inputs, is_url, parquet_row_groups, read_texts
-from .shards import DEFAULT_SHARD_TOKENS, DTYPES, MANIFEST, _ShardWriter, batches, encode_ids, manifest_head, with_eos
+from . import usable_cpus
+from .readers import DataError, InputFile, InputStats, expand_inputs
+from .shards import DEFAULT_SHARD_TOKENS, DTYPES, MANIFEST, manifest_head
+from .tokenize_output import PROCESS_LOCAL_PROTOCOLS, OutputFolder, committed_units, protocol_of
+from .tokenize_units import Piece, Unit, auto_unit_bytes, plan_sha, plan_units
+from .tokenize_worker import SKIP_HINT, Job, init_worker, pool_unit, run_unit
 from .tokenizer import load_tokenizer
 
-WORK_DIR = ".stagerun-tokenize"
-UNITS_DIR = f"{WORK_DIR}/units"
-STAGING_DIR = f"{WORK_DIR}/staging"
-UNIT_KEY_VERSION = 1
-MIN_UNIT_BYTES = 2**20
-MAX_UNIT_BYTES = 256 * 2**20
-UNITS_PER_RUN = 256  # auto unit size: about this many units, a power of two between the bounds
-SHARD_NAME = re.compile(r"^shard-[0-9a-f]{16}-\d{3}\.(bin|idx)$")
-# Filesystems whose contents live in one process: workers in other processes cannot see them.
-PROCESS_LOCAL_PROTOCOLS = frozenset({"memory"})
-SKIP_HINT = "; or rerun with --skip-bad-records to skip (and count) malformed records"
+__all__ = ["SKIP_HINT", "Piece", "TokenizeResult", "Unit", "auto_unit_bytes", "plan_units", "run_unit", "tokenize"]
+
 POLL_SECONDS = 0.1
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Part of one input file: all of it, a byte range of lines (JSONL) or a range of row groups (Parquet)."""
-
-    file: InputFile
-    bytes: int
-    start: int = 0
-    end: int | None = None
-    row_groups: tuple[int, int] | None = None
-
-    def identity(self) -> list:
-        f = self.file
-        return [
-            f.url,
-            f.format,
-            f.compression,
-            f.size,
-            f.fingerprint,
-            self.start,
-            self.end,
-            list(self.row_groups) if self.row_groups else None,
-        ]
-
-
-@dataclass(frozen=True)
-class Unit:
-    key: str
-    pieces: tuple[Piece, ...]
-    bytes: int
-
-    @property
-    def prefix(self) -> str:
-        return f"shard-{self.key[:16]}-"
-
-
-@dataclass(frozen=True)
-class _Job:
-    """What every unit of one run shares (sent to the workers)."""
-
-    text_field: str
-    shard_tokens: int
-    dtype: str
-    eos: int
-    skip_bad_records: bool
-    staging: str  # local folder where units write their files before they are committed
 
 
 @dataclass
@@ -153,389 +96,13 @@ class TokenizeResult:
         return "\n".join(lines)
 
 
-# --- planning ----------------------------------------------------------------------------------------------------
-
-
-def auto_unit_bytes(total_bytes: int) -> int:
-    """About UNITS_PER_RUN units, rounded down to a power of two (so a small change of the inputs keeps it)."""
-    target = max(1, total_bytes // UNITS_PER_RUN)
-    return int(min(MAX_UNIT_BYTES, max(MIN_UNIT_BYTES, 2 ** int(math.log2(target)))))
-
-
-def _pieces(file: InputFile, unit_bytes: int) -> list[Piece]:
-    size = file.size or 0
-    if file.splittable and size >= 2 * unit_bytes:
-        count = size // unit_bytes  # pieces of at least unit_bytes: each is a unit of its own
-        edges = [size * i // count for i in range(count + 1)]
-        return [Piece(file, b - a, start=a, end=b) for a, b in zip(edges, edges[1:])]
-    if file.format == "parquet" and size >= 2 * unit_bytes and not file.streaming:
-        groups = parquet_row_groups(file)
-        pieces, first, run = [], 0, 0
-        for i, (_, group_bytes) in enumerate(groups):
-            run += group_bytes
-            if run >= unit_bytes or i == len(groups) - 1:
-                pieces.append(Piece(file, run, row_groups=(first, i + 1)))
-                first, run = i + 1, 0
-        if pieces:
-            scale = size / max(1, sum(p.bytes for p in pieces))
-            return [Piece(p.file, int(p.bytes * scale), row_groups=p.row_groups) for p in pieces]
-    return [Piece(file, size)]
-
-
-def plan_units(
-    files: Sequence[InputFile], *, unit_bytes: int, tokenizer_sha: str, text_field: str, shard_tokens: int
-) -> list[Unit]:
-    """The units of work, in document order: small files packed together, big ones split."""
-    common = {
-        "v": UNIT_KEY_VERSION,
-        "tokenizerSha256": tokenizer_sha,
-        "textField": text_field,
-        "shardTokens": shard_tokens,
-    }
-    units: list[Unit] = []
-    current: list[Piece] = []
-
-    def flush() -> None:
-        if current:
-            identity = json.dumps({**common, "pieces": [p.identity() for p in current]}, sort_keys=True)
-            key = hashlib.sha256(identity.encode()).hexdigest()
-            units.append(Unit(key, tuple(current), sum(p.bytes for p in current)))
-            current.clear()
-
-    for file in files:
-        for piece in _pieces(file, unit_bytes):
-            if piece.bytes >= unit_bytes:
-                flush()
-                current.append(piece)
-                flush()
-            else:
-                current.append(piece)
-                if sum(p.bytes for p in current) >= unit_bytes:
-                    flush()
-    flush()
-    return units
-
-
-def plan_sha(units: Sequence[Unit], inputs: Sequence[str]) -> str:
-    return hashlib.sha256(json.dumps([list(map(str, inputs)), [u.key for u in units]]).encode()).hexdigest()
-
-
-# --- the output folder -------------------------------------------------------------------------------------------
-
-
-class _Output:
-    """The output folder, local or behind fsspec; units are committed into it one by one."""
-
-    def __init__(self, url: str):
-        self.url = str(url)
-        self.remote = is_url(self.url)
-        if self.remote:
-            self.fs, root = fsspec.core.url_to_fs(self.url)
-            self.root = root.rstrip("/")
-            self.local = None
-        else:
-            self.fs, self.root = None, None
-            self.local = Path(self.url.removeprefix("file://"))
-
-    @property
-    def process_local(self) -> bool:
-        return self.remote and _protocol(self.url) in PROCESS_LOCAL_PROTOCOLS
-
-    def _refresh(self) -> None:
-        if self.remote:
-            self.fs.invalidate_cache()  # other processes wrote here: never trust a cached listing
-
-    def read_manifest(self) -> dict | None:
-        if self.remote:
-            self._refresh()
-            try:
-                raw = self.fs.cat_file(f"{self.root}/{MANIFEST}")
-            except FileNotFoundError:
-                return None
-        else:
-            path = self.local / MANIFEST
-            if not path.is_file():
-                return None
-            raw = path.read_bytes()
-        try:
-            manifest = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return {}
-        return manifest if isinstance(manifest, dict) else {}
-
-    def sizes(self) -> dict[str, int]:
-        """Size of every file directly in the folder, by name."""
-        if self.remote:
-            self._refresh()
-            try:
-                entries = self.fs.ls(self.root, detail=True)
-            except FileNotFoundError:
-                return {}
-            return {
-                e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
-                for e in entries
-                if e.get("type", "file") == "file"
-            }
-        if not self.local.is_dir():
-            return {}
-        return {p.name: p.stat().st_size for p in self.local.iterdir() if p.is_file()}
-
-    def markers(self) -> dict[str, dict]:
-        """The committed units' markers, by unit key."""
-        found: dict[str, dict] = {}
-        if self.remote:
-            self._refresh()
-            try:
-                names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(f"{self.root}/{UNITS_DIR}", detail=False)]
-            except FileNotFoundError:
-                names = []
-            read = lambda name: self.fs.cat_file(f"{self.root}/{UNITS_DIR}/{name}")  # noqa: E731
-        else:
-            folder = self.local / UNITS_DIR
-            names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
-            read = lambda name: (folder / name).read_bytes()  # noqa: E731
-        for name in names:
-            if not name.endswith(".json"):
-                continue
-            try:
-                marker = json.loads(read(name))
-            except (OSError, ValueError):
-                continue  # unreadable: the unit is simply done again
-            if isinstance(marker, dict) and marker.get("key") == name[:-5]:
-                found[marker["key"]] = marker
-        return found
-
-    def staging(self) -> str:
-        """A local folder for units' files before they are committed (inside the output when it is local, so the
-        commit is a rename on one filesystem)."""
-        if self.remote:
-            return tempfile.mkdtemp(prefix="stagerun-tokenize-")
-        folder = self.local / STAGING_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        return str(folder)
-
-    def commit(self, staged: Path, marker: dict) -> None:
-        """Move a finished unit's files into place, then write its marker (the unit counts as done only now)."""
-        data = (json.dumps(marker, indent=1) + "\n").encode()
-        names = [name for shard in marker["shards"] for name in (shard["tokens"], shard["index"])]
-        if self.remote:
-            self.fs.makedirs(f"{self.root}/{UNITS_DIR}", exist_ok=True)
-            for name in names:
-                self.fs.put_file(str(staged / name), f"{self.root}/{name}")
-            self.fs.pipe_file(f"{self.root}/{UNITS_DIR}/{marker['key']}.json", data)
-        else:
-            (self.local / UNITS_DIR).mkdir(parents=True, exist_ok=True)
-            for name in names:
-                os.replace(staged / name, self.local / name)
-            _write_atomic(self.local / UNITS_DIR / f"{marker['key']}.json", data)
-        shutil.rmtree(staged, ignore_errors=True)
-
-    def finish(self, manifest: dict, keep: set[str]) -> None:
-        """Delete shard files no unit of this plan owns, write the manifest (last), drop the work folder."""
-        stale = [name for name in self.sizes() if SHARD_NAME.match(name) and name not in keep]
-        data = (json.dumps(manifest, indent=1) + "\n").encode()
-        if self.remote:
-            for name in stale:
-                self.fs.rm_file(f"{self.root}/{name}")
-            self.fs.pipe_file(f"{self.root}/{MANIFEST}", data)
-            try:
-                self.fs.rm(f"{self.root}/{WORK_DIR}", recursive=True)
-            except FileNotFoundError:
-                pass
-            self._refresh()
-        else:
-            for name in stale:
-                (self.local / name).unlink(missing_ok=True)
-            _write_atomic(self.local / MANIFEST, data)
-            shutil.rmtree(self.local / WORK_DIR, ignore_errors=True)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _protocol(url: str) -> str:
-    return url.split("://", 1)[0] if "://" in url else "file"
-
-
-def _committed(output: _Output, units: Sequence[Unit], itemsize: int) -> dict[str, dict]:
-    """Markers of this plan's units whose files are all there with the sizes the marker states."""
-    markers = output.markers()
-    if not markers:
-        return {}
-    sizes = output.sizes()
-    done = {}
-    for unit in units:
-        marker = markers.get(unit.key)
-        if marker is None:
-            continue
-        try:
-            intact = all(
-                sizes.get(s["tokens"]) == s["numTokens"] * itemsize and sizes.get(s["index"]) == s["numDocuments"] * 8
-                for s in marker["shards"]
-            )
-        except (KeyError, TypeError):
-            intact = False
-        if intact:
-            done[unit.key] = marker
-    return done
-
-
-# --- the work of one unit (in a worker process, or in this one) --------------------------------------------------
-
-_WORKER: dict = {}
-
-
-def _init_worker(tokenizer_json: str, counters, threads: int | None) -> None:
-    if threads:
-        # Before the tokenizer's first batch: its (rayon) thread pool reads this once, when it starts.
-        os.environ["RAYON_NUM_THREADS"] = str(threads)
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_str(tokenizer_json)
-    tokenizer.encode_special_tokens = True  # text that contains "<|endoftext|>" stays text
-    _WORKER.update(tokenizer=tokenizer, counters=counters)
-
-
-def _pool_unit(unit: Unit, job: _Job) -> dict:
-    counters = _WORKER["counters"]
-
-    def progress(read: int, tokens: int) -> None:
-        with counters[0].get_lock():
-            counters[0].value += read
-        with counters[1].get_lock():
-            counters[1].value += tokens
-
-    return run_unit(unit, job, _WORKER["tokenizer"], progress)
-
-
-def _unit_batches(
-    unit: Unit, job: _Job, bad: BadRecords, stats: dict[int, InputStats]
-) -> Iterator[tuple[list[str], list[int]]]:
-    """The unit's documents in order, in batches, each with the input index of every document."""
-    owners: list[int] = []
-
-    def documents() -> Iterator[str]:
-        for piece in unit.pieces:
-            index = piece.file.input_index
-            piece_stats = stats.setdefault(index, InputStats())
-            for text in read_texts(
-                piece.file,
-                text_field=job.text_field,
-                bad=bad,
-                stats=piece_stats,
-                start=piece.start,
-                end=piece.end,
-                row_groups=piece.row_groups,
-            ):
-                owners.append(index)
-                yield text
-
-    for batch in batches(documents()):
-        # batches() hands a batch over as soon as it holds its last document: owners are exactly this batch's.
-        mine = owners[:]
-        owners.clear()
-        yield batch, mine
-
-
-_DONE = object()
-
-
-def _prefetched(items: Iterator, depth: int = 2) -> Iterator:
-    """``items`` produced by a background thread, up to ``depth`` ahead: reading and parsing the next batch (Python)
-    overlaps encoding this one (Rust, without the GIL). An error in the thread is raised here."""
-    queue: Queue = Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        queue.put((item, None), timeout=0.1)
-                        break
-                    except Full:
-                        continue
-                if stop.is_set():
-                    return
-            queue.put((_DONE, None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            queue.put((_DONE, exc))
-
-    thread = threading.Thread(target=produce, name="stagerun-tokenize-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = queue.get()
-            if item is _DONE:
-                if error is not None:
-                    raise error
-                return
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # let the producer see the stop (it may be blocked on a full queue)
-            try:
-                queue.get_nowait()
-            except Empty:
-                pass
-            thread.join(timeout=0.05)
-
-
-def run_unit(unit: Unit, job: _Job, tokenizer, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Tokenize one unit into shard files in ``job.staging/<key>``; returns its marker (not yet committed)."""
-    staged = Path(job.staging) / unit.key
-    shutil.rmtree(staged, ignore_errors=True)  # what an interrupted attempt left
-    staged.mkdir(parents=True)
-    dtype = DTYPES[job.dtype]
-    writer = _ShardWriter(staged, dtype, job.eos, job.shard_tokens, prefix=unit.prefix, digits=3)
-    bad = BadRecords(skip=job.skip_bad_records, hint=SKIP_HINT)
-    stats: dict[int, InputStats] = {}
-    reported = 0
-    try:
-        for batch, owners in _prefetched(_unit_batches(unit, job, bad, stats)):
-            tokens, lengths = with_eos(encode_ids(tokenizer, batch), job.eos, dtype)
-            count = writer.add_batch(tokens, lengths)
-            if owners[0] == owners[-1]:
-                stats[owners[0]].tokens += count
-            else:
-                for owner, length in zip(owners, lengths.tolist()):
-                    stats[owner].tokens += length
-            if progress is not None:
-                read = sum(s.bytes for s in list(stats.values()))
-                progress(read - reported, count)
-                reported = read
-        writer.close()
-    except BaseException:
-        writer.close()
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-    if progress is not None:
-        progress(sum(s.bytes for s in stats.values()) - reported, 0)
-    return {
-        "key": unit.key,
-        "shards": writer.shards,
-        "inputs": {str(i): s.to_json() for i, s in sorted(stats.items())},
-        "skipped": bad.examples,
-    }
-
-
 # --- the run -----------------------------------------------------------------------------------------------------
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def tokenize(
     inputs: Sequence[str],
     tokenizer,
-    out: str | os.PathLike,
+    out: str | os.PathLike[str],
     *,
     fmt: str = "auto",
     text_field: str = "text",
@@ -575,7 +142,7 @@ def tokenize(
         shard_tokens=shard_tokens,
     )
     sha = plan_sha(units, inputs)
-    output = _Output(str(out))
+    output = OutputFolder(str(out))
 
     existing = output.read_manifest()
     if existing is not None:
@@ -588,9 +155,9 @@ def tokenize(
         )
 
     itemsize = DTYPES[head["dtype"]].itemsize
-    done = _committed(output, units, itemsize)
+    done = committed_units(output, units, itemsize)
     pending = [u for u in units if u.key not in done]
-    local_only = [f.shown for f in files if _protocol(f.url) in PROCESS_LOCAL_PROTOCOLS]
+    local_only = [f.shown for f in files if protocol_of(f.url) in PROCESS_LOCAL_PROTOCOLS]
     if processes > 1 and (local_only or output.process_local):
         log(f"{(local_only or [output.url])[0]} lives in this process's memory: tokenizing in 1 process")
         processes = 1
@@ -601,7 +168,7 @@ def tokenize(
         + f"; {processes} process{'es' if processes > 1 else ''}"
     )
     staging = output.staging()
-    job = _Job(
+    job = Job(
         text_field=text_field,
         shard_tokens=shard_tokens,
         dtype=head["dtype"],
@@ -684,10 +251,10 @@ def _run_here(pending, job, tokenizer, output, done, bar, threads) -> None:
 def _run_pool(pending, job, tokenizer, output, done, bar, processes, threads) -> None:
     ctx = mp.get_context("spawn")
     counters = (ctx.Value("q", 0), ctx.Value("q", 0))
-    threads = threads or max(1, _cpus() // processes)
-    pool = ctx.Pool(processes, initializer=_init_worker, initargs=(tokenizer.to_str(), counters, threads))
+    threads = threads or max(1, usable_cpus() // processes)
+    pool = ctx.Pool(processes, initializer=init_worker, initargs=(tokenizer.to_str(), counters, threads))
     try:
-        running = {unit.key: (unit, pool.apply_async(_pool_unit, (unit, job))) for unit in pending}
+        running = {unit.key: (unit, pool.apply_async(pool_unit, (unit, job))) for unit in pending}
         shown = 0
         while running:
             failure = None
@@ -768,6 +335,3 @@ def _assemble(
         "shards": shards,
         "tokenize": info,
     }
-
-
-__all__ = ["Piece", "TokenizeResult", "Unit", "auto_unit_bytes", "plan_units", "run_unit", "tokenize"]

@@ -13,11 +13,12 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import fsspec
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
+
+from stagerun.core import storage
 
 from .readers import BadRecords, DataError, InputStats, expand_inputs, read_texts
 
@@ -42,7 +43,7 @@ def new_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike | None = None) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike[str] | None = None) -> Tokenizer:
     """Train a byte-level BPE of ``vocab_size`` tokens (special tokens included) on ``texts``; save to out_path."""
     if vocab_size < MIN_VOCAB:
         raise DataError(
@@ -63,28 +64,23 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.Pa
     return tokenizer
 
 
-def save_tokenizer(tokenizer: Tokenizer, out_path: str | os.PathLike) -> None:
-    """Write the tokenizer JSON; a local file is replaced atomically so a crash never leaves half a file."""
-    text = tokenizer.to_str()
-    out = str(out_path)
-    if "://" in out and not out.startswith("file://"):
-        with fsspec.open(out, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        return
-    path = Path(out.removeprefix("file://"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def save_tokenizer(tokenizer: Tokenizer, out_path: str | os.PathLike[str]) -> None:
+    """Write the tokenizer JSON (local path or fsspec URL) so that a crash never leaves half a file."""
+    fs, path = storage.resolve(out_path)
+    if storage.is_local(fs):
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+    storage.write_bytes_atomic(fs, path, tokenizer.to_str().encode("utf-8"))
 
 
-def load_tokenizer(path_or_url: str | os.PathLike) -> Tokenizer:
+def load_tokenizer(path_or_url: str | os.PathLike[str]) -> Tokenizer:
     """A tokenizer from a ``tokenizers`` JSON file (local path or fsspec URL)."""
     where = str(path_or_url)
     try:
         with fsspec.open(where, "r", encoding="utf-8") as handle:
             text = handle.read()
-    except (OSError, UnicodeDecodeError) as exc:
+    except (FileNotFoundError, IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        # The user's input is wrong: retrying cannot help. Other OSErrors (a timeout, a reset connection, an S3
+        # 5xx) propagate as they are, so `stagerun launch` reports them as transient and the gang is retried.
         raise DataError(f"{where}: cannot read the tokenizer file ({exc}): check spec.tokenizer.path") from None
     try:
         return Tokenizer.from_str(text)
@@ -121,6 +117,31 @@ def tokenizer_sha256(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def interleave_by_bytes(streams: Sequence[Iterator[str]], max_bytes: int | None) -> Iterator[tuple[str, int]]:
+    """Documents of every stream, each with its UTF-8 size, interleaved so each stream gets an equal share of the
+    bytes (one that runs out leaves its share to the others), at most ``max_bytes`` in all (None: no limit).
+
+    Equal shares by bytes rather than by documents, so that a source of short documents is not drowned by one of
+    long ones; the last document is cut to fit ``max_bytes``.
+    """
+    taken = [0] * len(streams)
+    total = 0
+    active = list(range(len(streams)))
+    while active and (max_bytes is None or total < max_bytes):
+        i = min(active, key=lambda j: (taken[j], j))
+        doc = next(streams[i], None)
+        if doc is None:
+            active.remove(i)
+            continue
+        data = doc.encode("utf-8")
+        if max_bytes is not None and total + len(data) > max_bytes:
+            data = data[: max_bytes - total]
+            doc = data.decode("utf-8", errors="ignore")
+        taken[i] += len(data)
+        total += len(data)
+        yield doc, len(data)
+
+
 @dataclass
 class TrainReport:
     """What ``train_from_inputs`` read."""
@@ -134,7 +155,7 @@ class TrainReport:
 def train_from_inputs(
     inputs: Sequence[str],
     vocab_size: int,
-    out_path: str | os.PathLike,
+    out_path: str | os.PathLike[str],
     *,
     fmt: str = "auto",
     text_field: str = "text",
@@ -166,22 +187,10 @@ def train_from_inputs(
     )
 
     def texts() -> Iterator[str]:
-        taken = [0] * len(streams)
-        active = list(range(len(streams)))
-        while active and (max_bytes is None or report.bytes < max_bytes):
-            i = min(active, key=lambda j: (taken[j], j))
-            doc = next(streams[i], None)
-            if doc is None:
-                active.remove(i)
-                continue
-            data = doc.encode("utf-8")
-            if max_bytes is not None and report.bytes + len(data) > max_bytes:
-                data = data[: max_bytes - report.bytes]
-                doc = data.decode("utf-8", errors="ignore")
-            taken[i] += len(data)
-            report.bytes += len(data)
+        for doc, size in interleave_by_bytes(streams, max_bytes):
+            report.bytes += size
             report.documents += 1
-            bar.update(len(data))
+            bar.update(size)
             yield doc
 
     try:

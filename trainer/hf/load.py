@@ -162,7 +162,7 @@ def hf_tensors(spec, config: dict, weights: SafetensorsFolder) -> Iterator[tuple
             ],
             source,
         )
-    embedding = None
+    embedding: torch.Tensor | None = None
     for entry in entries:
         tensor = weights.get(entry.hf)
         shape = entry.shape
@@ -184,7 +184,7 @@ def hf_tensors(spec, config: dict, weights: SafetensorsFolder) -> Iterator[tuple
                 raise HFMismatchError(
                     [
                         Problem(
-                            field(entry.field),
+                            field(entry.field) if entry.field else INIT_PATH,
                             f"{entry.hf} is not zero, and stagerun's model has no such parameter"
                             + (
                                 " (set normBias: true to load LayerNorm biases)"
@@ -206,6 +206,7 @@ def hf_tensors(spec, config: dict, weights: SafetensorsFolder) -> Iterator[tuple
             tensor = padded
         if entry.kind == NORMHEAD and entry.src == "tok_embeddings.weight":
             # A tied NormHead model, exported untied: the head must be the normalised embedding.
+            assert embedding is not None, "hf_entries lists the embedding before the head"
             expected = F.normalize(embedding, dim=-1)
             if not torch.allclose(expected, tensor, rtol=1e-2, atol=1e-2 * float(expected.abs().max())):
                 raise HFMismatchError(
@@ -237,6 +238,7 @@ def hf_tensors(spec, config: dict, weights: SafetensorsFolder) -> Iterator[tuple
                     "forward, the Hugging Face model does not, so their logits differ",
                     source,
                 )
+        assert entry.src is not None, "only ZEROS entries have no source, and they are skipped above"
         yield entry.src, tensor
 
 

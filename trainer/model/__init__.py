@@ -1,4 +1,4 @@
-"""The decoder-only transformer (DESIGN.md §3).
+"""The decoder-only transformer that ``spec.model`` describes (docs/architecture.md).
 
 spec = resolve_model(ModelSpec(preset="tiny"))
 with torch.device("meta"):

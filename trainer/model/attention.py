@@ -24,13 +24,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from .positions import alibi_bias, alibi_slopes, apply_rotary, rope_cos_sin
-
-try:  # FlexAttention is in every torch this project supports (>= 2.11); the guard keeps imports cheap to fail.
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
-except ImportError:  # pragma: no cover
-    BlockMask = create_block_mask = flex_attention = None
 
 _FLEX_EAGER_WARNING = "flex_attention called without torch.compile"
 
@@ -151,10 +147,11 @@ class Attention(nn.Module):
             if mask is None and slopes is None:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:
-                bias = None if slopes is None else alibi_bias(slopes, seq_len)[None]  # [1, H, T, T], causal
+                bias: torch.Tensor | None = None if slopes is None else alibi_bias(slopes, seq_len)[None]  # [1,H,T,T]
                 if mask is not None:
                     allowed = mask.dense()
                     bias = allowed if bias is None else bias.masked_fill(~allowed, float("-inf"))
+                assert bias is not None  # this branch has a mask, slopes, or both
                 if bias.dtype != torch.bool:
                     bias = bias.to(q.dtype)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)

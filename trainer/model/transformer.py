@@ -69,7 +69,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.spec = spec
         self.tok_embeddings = nn.Embedding(spec.padded_vocab, spec.dim)
-        self.layers = nn.ModuleList(TransformerBlock(spec) for _ in range(spec.layers))
+        self.layers: nn.ModuleList = nn.ModuleList(TransformerBlock(spec) for _ in range(spec.layers))
         self.norm = build_norm(spec)
         if spec.tied_embeddings:
             self.output = None  # the head reads tok_embeddings.weight: one parameter, one gradient
@@ -92,13 +92,20 @@ class Transformer(nn.Module):
             weight = F.normalize(weight, dim=-1)
         return F.linear(h, weight)
 
+    def blocks(self) -> list[TransformerBlock]:
+        """The blocks as built, before activation checkpointing or compile wrap them (tensor parallelism's view)."""
+        blocks = list(self.layers)
+        if not all(isinstance(block, TransformerBlock) for block in blocks):
+            raise RuntimeError("the blocks are already wrapped: apply tensor parallelism before AC and compile")
+        return blocks  # type: ignore[return-value]  # checked just above; mypy cannot narrow a list by all()
+
     def init_weights(self, seed: int) -> None:
         init_weights(self, seed)
 
 
-# Wrappers that activation checkpointing, torch.compile and FSDP1 insert into parameter names; stripped so a
-# parameter's init does not depend on how the model was wrapped.
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+# The module names that checkpoint_wrapper and torch.compile of a block insert into parameter names (FSDP2 renames
+# nothing); stripped so a parameter's init does not depend on how the model was wrapped.
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 def canonical_name(fqn: str) -> str:

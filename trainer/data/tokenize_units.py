@@ -1,0 +1,121 @@
+"""The work of ``stagerun tokenize``, cut into units before anything is read (see :mod:`.tokenize`).
+
+The input files in order, small files packed together and big ones split (uncompressed JSONL by byte ranges at line
+starts, Parquet by row groups) into pieces of about ``unit_bytes``. A unit's key hashes what it reads (each file's
+URL, size and fingerprint, the range) and what it makes (the tokenizer's fingerprint, the text field, the shard
+size), so a unit's output is only ever reused for exactly the same work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .readers import InputFile, parquet_row_groups
+
+UNIT_KEY_VERSION = 1
+MIN_UNIT_BYTES = 2**20
+MAX_UNIT_BYTES = 256 * 2**20
+UNITS_PER_RUN = 256  # auto unit size: about this many units, a power of two between the bounds
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Part of one input file: all of it, a byte range of lines (JSONL) or a range of row groups (Parquet)."""
+
+    file: InputFile
+    bytes: int
+    start: int = 0
+    end: int | None = None
+    row_groups: tuple[int, int] | None = None
+
+    def identity(self) -> list:
+        f = self.file
+        return [
+            f.url,
+            f.format,
+            f.compression,
+            f.size,
+            f.fingerprint,
+            self.start,
+            self.end,
+            list(self.row_groups) if self.row_groups else None,
+        ]
+
+
+@dataclass(frozen=True)
+class Unit:
+    key: str
+    pieces: tuple[Piece, ...]
+    bytes: int
+
+    @property
+    def prefix(self) -> str:
+        return f"shard-{self.key[:16]}-"
+
+
+def auto_unit_bytes(total_bytes: int) -> int:
+    """About UNITS_PER_RUN units, rounded down to a power of two (so a small change of the inputs keeps it)."""
+    target = max(1, total_bytes // UNITS_PER_RUN)
+    return int(min(MAX_UNIT_BYTES, max(MIN_UNIT_BYTES, 2 ** int(math.log2(target)))))
+
+
+def _pieces(file: InputFile, unit_bytes: int) -> list[Piece]:
+    size = file.size or 0
+    if file.splittable and size >= 2 * unit_bytes:
+        count = size // unit_bytes  # pieces of at least unit_bytes: each is a unit of its own
+        edges = [size * i // count for i in range(count + 1)]
+        return [Piece(file, b - a, start=a, end=b) for a, b in zip(edges, edges[1:])]
+    if file.format == "parquet" and size >= 2 * unit_bytes and not file.streaming:
+        groups = parquet_row_groups(file)
+        pieces, first, run = [], 0, 0
+        for i, (_, group_bytes) in enumerate(groups):
+            run += group_bytes
+            if run >= unit_bytes or i == len(groups) - 1:
+                pieces.append(Piece(file, run, row_groups=(first, i + 1)))
+                first, run = i + 1, 0
+        if pieces:
+            scale = size / max(1, sum(p.bytes for p in pieces))
+            return [Piece(p.file, int(p.bytes * scale), row_groups=p.row_groups) for p in pieces]
+    return [Piece(file, size)]
+
+
+def plan_units(
+    files: Sequence[InputFile], *, unit_bytes: int, tokenizer_sha: str, text_field: str, shard_tokens: int
+) -> list[Unit]:
+    """The units of work, in document order: small files packed together, big ones split."""
+    common = {
+        "v": UNIT_KEY_VERSION,
+        "tokenizerSha256": tokenizer_sha,
+        "textField": text_field,
+        "shardTokens": shard_tokens,
+    }
+    units: list[Unit] = []
+    current: list[Piece] = []
+
+    def flush() -> None:
+        if current:
+            identity = json.dumps({**common, "pieces": [p.identity() for p in current]}, sort_keys=True)
+            key = hashlib.sha256(identity.encode()).hexdigest()
+            units.append(Unit(key, tuple(current), sum(p.bytes for p in current)))
+            current.clear()
+
+    for file in files:
+        for piece in _pieces(file, unit_bytes):
+            if piece.bytes >= unit_bytes:
+                flush()
+                current.append(piece)
+                flush()
+            else:
+                current.append(piece)
+                if sum(p.bytes for p in current) >= unit_bytes:
+                    flush()
+    flush()
+    return units
+
+
+def plan_sha(units: Sequence[Unit], inputs: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps([list(map(str, inputs)), [u.key for u in units]]).encode()).hexdigest()
