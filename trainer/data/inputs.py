@@ -175,7 +175,7 @@ def _list(pattern: str, what: str) -> list[tuple[str, dict]]:
     else:
         try:
             info = fs.info(root)
-        except (FileNotFoundError, OSError):
+        except FileNotFoundError:  # other OSErrors (timeouts, resets) propagate: `stagerun launch` retries them
             info = None
         entries = [(root, info)] if info is not None and info.get("type", "file") != "directory" else []
     if not entries:
