@@ -51,3 +51,16 @@ def test_every_metric_is_documented():
         "stagerun_operator_reconcile_duration_seconds",
     ]:
         assert f"`{name}`" in doc, f"{name} is not in docs/observability.md"
+
+
+def test_the_second_torch_run_uses_the_floor_of_the_supported_range():
+    """tests/lowest_torch.sh (the README's test command ends with it) tests the lowest torch pyproject.toml accepts."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    (floor,) = re.findall(r'"torch>=([0-9.]+),<[0-9.]+"', pyproject)
+    script = (ROOT / "tests" / "lowest_torch.sh").read_text()
+    (tested,) = re.findall(r"^TORCH_FLOOR=([0-9.]+)", script, flags=re.MULTILINE)
+    assert tested.startswith(floor + ".") or tested == floor, (tested, floor)
+    for line in re.findall(r"^  (tests/\S+\.py)$", script, flags=re.MULTILINE):
+        assert (ROOT / line).exists(), f"tests/lowest_torch.sh names {line}, which does not exist"
+    readme = (ROOT / "README.md").read_text()
+    assert "python -m pytest && tests/lowest_torch.sh" in readme

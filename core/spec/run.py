@@ -188,12 +188,20 @@ class CheckpointSpec:
         None, doc="save every this many tokens (always at phase ends and on SIGTERM)", kind=COUNT, minimum=1
     )
     keep: int = spec_field(3, doc="keep the newest this many checkpoints, plus every phase's last", minimum=1)
+    async_save: bool | None = spec_field(
+        None,
+        doc="copy the state to pinned host memory, then write it in the background while training continues; "
+        "unset: on with GPUs, off on CPU",
+    )
     volume_claim: str | None = spec_field(
         None, doc="a PersistentVolumeClaim mounted at `path` in every pod (path must then be an absolute local path)"
     )
     credentials_secret: str | None = spec_field(
         None, doc="a Secret whose keys become environment variables of every pod (e.g. AWS_ACCESS_KEY_ID for s3://)"
     )
+
+    def uses_async_save(self, gpu: bool) -> bool:
+        return gpu if self.async_save is None else self.async_save
 
 
 @dataclass(frozen=True)
@@ -202,6 +210,9 @@ class OptimizerSpec:
     beta2: float = spec_field(0.95, doc="AdamW beta2", minimum=0, maximum=0.999999)
     eps: float = spec_field(1e-8, doc="AdamW epsilon", minimum=0, exclusive_minimum=True)
     weight_decay: float = spec_field(0.1, doc="decoupled weight decay (not applied to norms and biases)", minimum=0)
+    implementation: Literal["auto", "fused", "foreach"] = spec_field(
+        "auto", doc="AdamW kernel: fused (one kernel per step, CUDA), foreach (multi-tensor); auto: fused on GPU"
+    )
 
 
 @dataclass(frozen=True)
@@ -213,9 +224,44 @@ class TrainingSpec:
     max_z_loss: float = spec_field(0.0, doc="weight of the max-z loss (Baichuan 2: 2e-4); 0 disables", minimum=0)
     doc_masking: bool = spec_field(False, doc="attend only within each document of a packed sequence (Llama 3)")
     precision: Literal["auto", "fp32", "bf16"] = spec_field("auto", doc="auto: bf16 on GPU, fp32 on CPU")
-    activation_checkpointing: bool = spec_field(False, doc="recompute each block's activations in backward")
-    compile: bool = spec_field(False, doc="torch.compile each transformer block")
+    activation_checkpointing: Literal["auto", "none", "selective", "full"] = spec_field(
+        "auto",
+        doc="recompute activations in backward: selective (keep matmul and attention outputs, recompute the rest), "
+        "full (each block), none; auto: selective on GPU, none on CPU",
+    )
+    compile: bool | None = spec_field(None, doc="torch.compile each transformer block; unset: on with GPUs, off on CPU")
+    float8: bool = spec_field(
+        False, doc="float8 matmuls in the blocks' linear layers via torchao (Hopper or newer GPUs; the float8 extra)"
+    )
+    loss_chunk_tokens: int = spec_field(
+        4096,
+        doc="tokens whose logits the loss holds at a time (float32, per rank); bounds the loss's memory at large "
+        "vocabularies and long sequences",
+        minimum=1,
+    )
+    gc_every_steps: int = spec_field(
+        50,
+        doc="run Python's garbage collector every this many steps (automatic GC is off while training); 0: leave "
+        "Python's GC alone",
+        minimum=0,
+    )
     log_every_steps: int = spec_field(1, doc="write metrics every this many steps", minimum=1)
+
+    # "auto" and unset switches, decided by whether the run trains on GPUs (one place, so the trainer, the plan
+    # report and the benchmarks agree).
+    def uses_bf16(self, gpu: bool) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and gpu)
+
+    def uses_compile(self, gpu: bool) -> bool:
+        return gpu if self.compile is None else self.compile
+
+    def checkpointing_mode(self, gpu: bool) -> Literal["none", "selective", "full"]:
+        if self.activation_checkpointing == "auto":
+            return "selective" if gpu else "none"
+        return self.activation_checkpointing
+
+    def uses_fused_adamw(self, gpu: bool) -> bool:
+        return self.optimizer.implementation == "fused" or (self.optimizer.implementation == "auto" and gpu)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,82 @@
+"""One optimizer step's input as the step consumes it: this rank's micro-batches as device tensors, plus the
+host-side numbers the step needs without reading anything back from the device.
+
+The loader yields numpy micro-batches (``data.loader.MicroBatch``); ``StepBatch.from_micro_batches`` counts the
+target tokens and the checksum on the host (from numpy, so no device sync), copies the arrays into pinned memory
+on CUDA and issues non-blocking copies. The prefetcher (prefetch.py) builds the next step's ``StepBatch`` in a
+background thread while the current step runs; the step (step.py) only reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data.loader import MicroBatch
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class DeviceMicroBatch:
+    inputs: torch.Tensor  # int64 [m, L] on the training device
+    targets: torch.Tensor  # int64 [m, L]; IGNORE_INDEX where no loss is taken
+    doc_ids: torch.Tensor | None  # int32 [m, L] when document masking is on, else None
+
+
+def batch_checksum(micro_batches: Sequence[MicroBatch]) -> float:
+    """A fingerprint of this rank's inputs whose sum over ranks identifies the global batch (resume checks)."""
+    total = 0
+    for mb in micro_batches:
+        weights = np.arange(1, mb.inputs.shape[1] + 1, dtype=np.int64)
+        total += int((mb.inputs * weights).sum())
+    return float(total)
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    if device.type == "cpu":
+        return tensor
+    # Pinned staging makes the copy a true async DMA; from pageable memory the driver copies synchronously.
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    micro_batches: list[DeviceMicroBatch]
+    local_tokens: int  # non-ignored targets on this rank, counted on the host
+    checksum: float  # batch_checksum of this rank's inputs
+    # Filled by the prefetcher: the loader's state and per-source counters right after this step's data was drawn,
+    # i.e. what a checkpoint taken after this step must store (the loader itself may already be a step ahead).
+    loader_state: dict[str, Any] | None = None
+    tokens_per_source: dict[str, int] = field(default_factory=dict)
+    # The global batch's target-token count when it is known without communication (the pretraining loader never
+    # emits ignored targets, so it is the plan's batch_tokens); None: the step all-reduces the count on the device.
+    global_tokens: int | None = None
+
+    @classmethod
+    def from_micro_batches(
+        cls,
+        micro_batches: Sequence[MicroBatch],
+        device: torch.device,
+        *,
+        doc_masking: bool,
+        loader_state: dict[str, Any] | None = None,
+        tokens_per_source: dict[str, int] | None = None,
+        global_tokens: int | None = None,
+    ) -> StepBatch:
+        local_tokens = sum(int(np.count_nonzero(mb.targets != IGNORE_INDEX)) for mb in micro_batches)
+        moved = [
+            DeviceMicroBatch(
+                inputs=_to_device(mb.inputs, device),
+                targets=_to_device(mb.targets, device),
+                doc_ids=_to_device(mb.doc_ids, device) if doc_masking else None,
+            )
+            for mb in micro_batches
+        ]
+        checksum = batch_checksum(micro_batches)
+        return cls(moved, local_tokens, checksum, loader_state, dict(tokens_per_source or {}), global_tokens)
