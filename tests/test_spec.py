@@ -192,6 +192,26 @@ MALFORMED = [
     (mutate("spec.checkpoint", {"everyTokens": "5Q"}), "spec.checkpoint.everyTokens", "cannot read '5Q'"),
     (mutate("spec.training", {"zLoss": -1}), "spec.training.zLoss", "at least 0"),
     (mutate("spec.training", {"precision": "fp8"}), "spec.training.precision", "must be one of"),
+    (mutate("spec.training", {"float8": True}), "spec.training.float8", "needs GPUs"),
+    (
+        lambda m: (
+            m["spec"].update(parallelism={"tensorParallel": 16}, resources={"processesPerNode": 16}),
+            m["spec"]["phases"][0].update(seqLen=8),
+            m,
+        )[-1],
+        "spec.phases[0].seqLen",
+        "not divisible by tensorParallel (16)",
+    ),
+    (
+        mutate("spec.training", {"optimizer": {"implementation": "fused"}}),
+        "spec.training.optimizer.implementation",
+        "fused AdamW needs GPUs",
+    ),
+    (
+        mutate("spec.training", {"activationCheckpointing": True}),
+        "spec.training.activationCheckpointing",
+        "must be one of",
+    ),
     (mutate("spec.phases", {"name": "core"}), "spec.phases", "expected a list"),
     (mutate("spec.phases[0].lr", "3e-4"), "spec.phases[0].lr", "expected a mapping"),
 ]

@@ -23,6 +23,7 @@ from .validate import (
     check_phase_topology,
     check_run,
     check_tokenizer_vocab,
+    check_training_devices,
     data_parallel_degree,
     kubernetes_problems,
 )
@@ -90,6 +91,7 @@ def resolve_run(raw: dict[str, Any], *, world_size: int | None = None, source: s
     if phases:
         for phase in phases:
             check_phase_topology(phase, run.spec.phases[phase.index], model, problems)
+        check_training_devices(run.spec.training, phases, problems)
     if problems or not phases:
         raise SpecError(problems or [Problem("spec.phases", "no phase could be resolved")], source)
     spec = run.spec

@@ -254,6 +254,15 @@ def check_phase_topology(phase: ResolvedPhase, raw_phase, model: ModelSpec, prob
                 "choose a degree that divides both",
             )
         )
+    if tp > 1 and phase.seq_len % tp:
+        problems.append(
+            Problem(
+                f"{base}.seqLen",
+                f"{phase.seq_len} is not divisible by tensorParallel ({tp}): sequence parallelism splits each "
+                "sequence between the tensor-parallel ranks",
+                f"choose a seqLen that is a multiple of {tp}",
+            )
+        )
     layout = phase_layout(phase, problems, par_path)
     if layout is None:
         return
@@ -268,6 +277,24 @@ def check_phase_topology(phase: ResolvedPhase, raw_phase, model: ModelSpec, prob
                     exc.fix(phase.seq_len),
                 )
             )
+
+
+def check_training_devices(training, phases: list[ResolvedPhase], problems: list[Problem]) -> None:
+    """Training switches that only exist on GPUs, refused here rather than at the first step of a CPU phase."""
+    cpu = [phase for phase in phases if phase.resources.gpus_per_node == 0]
+    if not cpu:
+        return
+    where = f"phase {cpu[0].name!r} runs on CPU (gpusPerNode: 0)"
+    if training.float8:
+        problems.append(Problem("spec.training.float8", f"needs GPUs (Hopper or newer): {where}", "set float8: false"))
+    if training.optimizer.implementation == "fused":
+        problems.append(
+            Problem(
+                "spec.training.optimizer.implementation",
+                f"fused AdamW needs GPUs: {where}",
+                "use implementation: auto (fused on GPU, foreach on CPU)",
+            )
+        )
 
 
 def kubernetes_problems(run: TrainingRun) -> list[Problem]:

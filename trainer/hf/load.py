@@ -1,6 +1,6 @@
 """Start a run from Hugging Face weights: ``spec.model.init: {from: hf, path: DIR_OR_FSSPEC_URL}``.
 
-``build_model`` (train.py) calls :func:`load_hf_weights` on every rank after the random init, with the model
+``build_model`` (train.py) calls :func:`load_hf_weights` on every rank instead of the random init, with the model
 already parallelised: each parameter's full tensor is read from the safetensors files and each rank keeps its
 own shard (``distribute_tensor(..., src_data_rank=None)``, as ``init_weights`` does), so the load works for any
 FSDP / tensor-parallel layout. The HF config is checked against ``spec.model`` first, and every mismatch is
