@@ -64,6 +64,31 @@ def render_table(run: ResolvedRun, throughput: float | None = None) -> str:
     return summary + "\n\n" + "\n".join(lines)
 
 
+_checkpointing_words = {
+    "none": "no activation checkpointing",
+    "selective": "selective activation checkpointing",
+    "full": "full activation checkpointing",
+}
+
+
+def training_lines(run: ResolvedRun) -> list[str]:
+    """How the steps run, once the ``auto`` switches are decided by each phase's device (GPU or CPU)."""
+    lines = []
+    for gpu in sorted({phase.resources.gpus_per_node > 0 for phase in run.phases}, reverse=True):
+        training = run.training
+        parts = [
+            "bf16" if training.uses_bf16(gpu) else "fp32",
+            "compiled" if training.uses_compile(gpu) else "eager",
+            _checkpointing_words[training.checkpointing_mode(gpu)],
+            ("fused" if training.uses_fused_adamw(gpu) else "foreach") + " AdamW",
+            ("async" if run.checkpoint.uses_async_save(gpu) else "synchronous") + " checkpoints",
+        ]
+        if training.float8:
+            parts.insert(1, "float8 matmuls")
+        lines.append(f"training on {'GPU' if gpu else 'CPU'}: " + ", ".join(parts))
+    return lines
+
+
 def curve_points(run: ResolvedRun, samples: int = 2000) -> dict[str, list[float]]:
     """LR, batch tokens and seq len sampled along the token axis (used by the plot and its test)."""
     total = run.total_tokens

@@ -241,6 +241,24 @@ def test_relaunch_only_when_the_topology_changes():
     assert not next_phase_needs_relaunch(run, run.phases[2])
 
 
+def test_plan_says_how_the_auto_switches_resolve_per_device(run):
+    from dataclasses import replace
+
+    from stagerun.core.plan_report import training_lines
+
+    assert training_lines(run) == [
+        "training on CPU: fp32, eager, no activation checkpointing, foreach AdamW, synchronous checkpoints"
+    ]
+    on_gpu = replace(run.phases[0], resources=replace(run.phases[0].resources, gpus_per_node=8))
+    mixed = replace(run, phases=[on_gpu, *run.phases[1:]])
+    assert training_lines(mixed) == [
+        "training on GPU: bf16, compiled, selective activation checkpointing, fused AdamW, async checkpoints",
+        "training on CPU: fp32, eager, no activation checkpointing, foreach AdamW, synchronous checkpoints",
+    ]
+    explicit = replace(mixed, training=replace(run.training, compile=False, activation_checkpointing="full"))
+    assert "eager, full activation checkpointing" in training_lines(explicit)[0]
+
+
 def test_plan_table_and_plot(run, tmp_path):
     table = render_table(run, throughput=10_000)
     lines = table.splitlines()

@@ -65,6 +65,8 @@ def test_recipe_validates_and_plans_with_the_cli(name, tmp_path):
     assert table.splitlines()[0].startswith(f"{run.name}: {len(run.phases)} phases, ")
     assert f"{total_steps(run):,} steps" in table and table in plan.stdout
     assert len(table.splitlines()) == 4 + len(segments(run))
+    # Every recipe trains on GPUs: the auto switches resolve to the fast path, and the plan says so.
+    assert "training on GPU: bf16, compiled, selective activation checkpointing, fused AdamW" in plan.stdout
     text = (ROOT / "examples" / f"{name}.yaml").read_text()
     assert text.startswith("# ") and "From the report" in text and "Assumed" in text  # the header cites both
     assert run.manifest.spec.image and run.manifest.spec.checkpoint.path.startswith("s3://")

@@ -28,10 +28,11 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from stagerun.core.plan_report import plot_schedule, render_table
+    from stagerun.core.plan_report import plot_schedule, render_table, training_lines
 
     run = load_run(args.manifest, world_size=args.nproc)
     print(render_table(run, args.throughput))
+    print("\n" + "\n".join(training_lines(run)))
     if args.plot:
         plot_schedule(run, str(args.plot))
         print(f"\nschedule plot written to {args.plot}")
