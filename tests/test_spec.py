@@ -195,6 +195,15 @@ MALFORMED = [
     (mutate("spec.training", {"float8": True}), "spec.training.float8", "needs GPUs"),
     (
         lambda m: (
+            m["spec"].update(parallelism={"tensorParallel": 2}),
+            m["spec"]["model"].update(padVocabMultiple=1, vocabSize=4097),
+            m,
+        )[-1],
+        "spec.parallelism.tensorParallel",
+        "does not divide the padded vocabulary (4097)",
+    ),
+    (
+        lambda m: (
             m["spec"].update(parallelism={"tensorParallel": 16}, resources={"processesPerNode": 16}),
             m["spec"]["phases"][0].update(seqLen=8),
             m,

@@ -93,7 +93,9 @@ def resolve_run(raw: dict[str, Any], *, world_size: int | None = None, source: s
             check_phase_topology(phase, run.spec.phases[phase.index], model, problems)
         check_training_devices(run.spec.training, phases, problems)
     if problems or not phases:
-        raise SpecError(problems or [Problem("spec.phases", "no phase could be resolved")], source)
+        # A shared field (spec.parallelism) is checked once per phase that inherits it: report each problem once.
+        unique = list(dict.fromkeys(problems))
+        raise SpecError(unique or [Problem("spec.phases", "no phase could be resolved")], source)
     spec = run.spec
     return ResolvedRun(
         name=run.metadata.name,

@@ -211,7 +211,9 @@ class OptimizerSpec:
     eps: float = spec_field(1e-8, doc="AdamW epsilon", minimum=0, exclusive_minimum=True)
     weight_decay: float = spec_field(0.1, doc="decoupled weight decay (not applied to norms and biases)", minimum=0)
     implementation: Literal["auto", "fused", "foreach"] = spec_field(
-        "auto", doc="AdamW kernel: fused (one kernel per step, CUDA), foreach (multi-tensor); auto: fused on GPU"
+        "auto",
+        doc="AdamW kernel: fused (one kernel per step; CUDA only, refused on CPU, where torch's fused kernel does "
+        "not take sharded DTensor parameters), foreach (multi-tensor); auto: fused on GPU, foreach on CPU",
     )
 
 

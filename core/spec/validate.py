@@ -254,6 +254,15 @@ def check_phase_topology(phase: ResolvedPhase, raw_phase, model: ModelSpec, prob
                 "choose a degree that divides both",
             )
         )
+    if tp > 1 and model.padded_vocab % tp:
+        problems.append(
+            Problem(
+                f"{par_path}.tensorParallel",
+                f"{tp} does not divide the padded vocabulary ({model.padded_vocab}): the output head and the loss "
+                "split the vocabulary rows between the tensor-parallel ranks",
+                f"set spec.model.padVocabMultiple to a multiple of {tp}",
+            )
+        )
     if tp > 1 and phase.seq_len % tp:
         problems.append(
             Problem(
