@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+pytest_plugins = ["cluster.fixtures"]  # the real control plane (tests/cluster/), importable as tests/ is on sys.path
 SAMPLE_BYTES = 1_000_000  # text per builtin source: enough for a few epochs of the tiny runs, tokenized in seconds
 
 TINY_RUN = {
