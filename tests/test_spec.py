@@ -194,6 +194,11 @@ MALFORMED = [
     (mutate("spec.training", {"precision": "fp8"}), "spec.training.precision", "must be one of"),
     (mutate("spec.training", {"float8": True}), "spec.training.float8", "needs GPUs"),
     (
+        lambda m: (m["spec"].update(parallelism={"tensorParallel": 2}, training={"float8": True}), m)[-1],
+        "spec.training.float8",
+        "not supported with tensor parallelism",
+    ),
+    (
         lambda m: (
             m["spec"].update(parallelism={"tensorParallel": 2}),
             m["spec"]["model"].update(padVocabMultiple=1, vocabSize=4097),

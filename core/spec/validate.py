@@ -290,6 +290,16 @@ def check_phase_topology(phase: ResolvedPhase, raw_phase, model: ModelSpec, prob
 
 def check_training_devices(training, phases: list[ResolvedPhase], problems: list[Problem]) -> None:
     """Training switches that only exist on GPUs, refused here rather than at the first step of a CPU phase."""
+    split = [phase for phase in phases if phase.parallelism.tensor_parallel > 1]
+    if training.float8 and split:
+        problems.append(
+            Problem(
+                "spec.training.float8",
+                f"is not supported with tensor parallelism yet (phase {split[0].name!r} has tensorParallel "
+                f"{split[0].parallelism.tensor_parallel})",
+                "set float8: false, or train those phases with tensorParallel: 1",
+            )
+        )
     cpu = [phase for phase in phases if phase.resources.gpus_per_node == 0]
     if not cpu:
         return
