@@ -1,12 +1,15 @@
 """torchrun worker for tests/test_checkpoint.py: a small FSDP2 MLP trained on CPU with gloo.
 
     python -m torch.distributed.run --standalone --nproc-per-node N tests/_ckpt_worker.py DIR --steps T \
-        [--save-at 3,5] [--resume] [--dump DUMPDIR] [--losses FILE]
+        [--save-at 3,5] [--resume] [--dump DUMPDIR] [--losses FILE] [--async [--slow-write S] [--kill-during-write R]]
 
 --resume  loads CheckpointManager(DIR).latest() first; with --dump the loaded state is written to
           DUMPDIR/loaded-w{N}.pt (rank 0) so the test can compare it with what was saved.
 --save-at saves at those steps; with --dump, DUMPDIR/saved-{step}-w{N}.pt holds the state just saved.
 --losses  rank 0 writes {step: global mean loss} as JSON.
+--async   saves with CheckpointManager.save_async: training goes on while the files are written; --slow-write makes
+          each rank's write take S seconds longer (so later steps really run meanwhile); --kill-during-write R
+          SIGKILLs rank R right after it wrote its shard file, before DCP's metadata (a pod lost mid-write).
 Dumps hold full (unsharded) tensors: parameters and every optimizer-state tensor, gathered with full_tensor().
 """
 
@@ -16,6 +19,8 @@ import argparse
 import gc
 import json
 import os
+import signal
+import time
 
 import faults  # this folder is the script's, so it is on sys.path
 import torch
@@ -25,6 +30,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+import stagerun.trainer.checkpoint as checkpoint_module
 from stagerun.trainer.checkpoint import CheckpointManager, ModelOptimizerState
 
 GLOBAL_BATCH, D_IN, D_HID, D_OUT = 8, 16, 32, 5  # D_OUT=5: uneven shards over 2 and 4 ranks, on purpose
@@ -64,6 +70,22 @@ def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
     }
 
 
+def patch_writes(slow: float, kill_rank: int | None) -> None:
+    """Make every shard write slower and/or kill one rank right after its shard is on disk."""
+    base = checkpoint_module.FsspecWriter
+
+    class FaultyWriter(base):  # type: ignore[misc,valid-type]
+        def write_data(self, plan, planner):
+            time.sleep(slow)
+            written = super().write_data(plan, planner)
+            written.wait()  # this rank's shard is on disk; .metadata comes only after every rank's write
+            if dist.get_rank() == kill_rank:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return written
+
+    checkpoint_module.FsspecWriter = FaultyWriter
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("dir")
@@ -72,6 +94,9 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--dump")
     ap.add_argument("--losses")
+    ap.add_argument("--async", dest="async_save", action="store_true")
+    ap.add_argument("--slow-write", type=float, default=0.0)
+    ap.add_argument("--kill-during-write", type=int)
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -82,6 +107,8 @@ def main() -> None:
     mgr = CheckpointManager(args.dir, keep=100)
     mgr.before_commit.extend(faults.checkpoint_hooks())  # STAGERUN_TEST_CRASH_BEFORE_COMMIT, where a test sets it
     save_at = {int(s) for s in args.save_at.split(",") if s}
+    if args.slow_write or args.kill_during_write is not None:
+        patch_writes(args.slow_write, args.kill_during_write)
 
     start = 0
     if args.resume:
@@ -106,13 +133,19 @@ def main() -> None:
         losses[step] = (global_loss / world).item()
         if step in save_at:
             meta = {"tokens": step * GLOBAL_BATCH, "phase_index": 0, "loader": {"next_step": step + 1}}
-            mgr.save(step, app_state, meta, phase_boundary=False)
+            if args.async_save:
+                mgr.save_async(step, app_state, meta, phase_boundary=False, pinned=False)
+            else:
+                mgr.save(step, app_state, meta, phase_boundary=False)
             if rank == 0:
-                print(f"save step {step}: {mgr.last_save_seconds:.3f} s, {mgr.last_save_bytes} bytes", flush=True)
+                print(f"save step {step}: stalled {mgr.last_stall_seconds:.3f} s", flush=True)
             if args.dump:
                 state = full_state(model, opt)
                 if rank == 0:
                     torch.save({"step": step, **state}, os.path.join(args.dump, f"saved-{step}-w{world}.pt"))
+    info = mgr.wait()  # the async save still in flight commits before the gang ends
+    if info is not None and rank == 0:
+        print(f"async step {info.step} committed after {mgr.last_save_seconds:.3f} s", flush=True)
     if args.resume and rank == 0:
         print(f"load: {mgr.last_load_seconds:.3f} s", flush=True)
     if args.losses and rank == 0:

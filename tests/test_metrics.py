@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from stagerun.trainer.metrics import GpuTelemetry, TrainerMetrics, peak_flops_for
+from stagerun.core.spec import ModelSpec
+from stagerun.core.spec.presets import resolve_model
+from stagerun.trainer.metrics import (
+    GpuTelemetry,
+    TrainerMetrics,
+    palm_flops_per_token,
+    peak_flops_for,
+    stagerun_flops_per_token,
+)
 from stagerun.trainer.status_server import StatusServer
 
 NVML_STUB = Path(__file__).parent / "stubs" / "nvml"
@@ -80,6 +88,89 @@ def test_peak_flops_by_device_name():
     assert peak_flops_for("NVIDIA H100 PCIe") == 756e12
     assert peak_flops_for("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops_for("Some CPU") is None and peak_flops_for(None) is None
+
+
+# torch.cuda.get_device_name() strings -> dense bf16 TFLOP/s from the data sheets (half the sparse figure).
+DEVICE_PEAKS = {
+    "NVIDIA H100 80GB HBM3": 989,  # SXM: the name says no form factor
+    "NVIDIA H100 SXM5 80GB": 989,
+    "NVIDIA H100 PCIe": 756,
+    "NVIDIA H100 NVL": 835,  # not 989: the NVL card is clocked lower
+    "NVIDIA H200": 989,
+    "NVIDIA H200 NVL": 835,
+    "NVIDIA H800": 989,
+    "NVIDIA H800 PCIe": 756,
+    "NVIDIA GH200 480GB": 989,
+    "NVIDIA A100-SXM4-80GB": 312,
+    "NVIDIA A100-PCIE-40GB": 312,
+    "NVIDIA A100 80GB PCIe": 312,
+    "NVIDIA A800-SXM4-80GB": 312,
+    "NVIDIA B200": 2250,
+    "NVIDIA L40S": 362,
+    "NVIDIA L40": 181,  # "L4" is a prefix of "L40": whole words only
+    "NVIDIA L4": 121,
+    "NVIDIA A10": 125,
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEVICE_PEAKS))
+def test_peak_flops_table_matches_whole_words_and_form_factors(name):
+    assert peak_flops_for(name) == DEVICE_PEAKS[name] * 1e12
+    assert peak_flops_for(name.lower()) == DEVICE_PEAKS[name] * 1e12  # case does not matter
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "NVIDIA H20",  # a prefix of H200, a different (much slower) chip
+        "NVIDIA A10G",  # not an A10
+        "NVIDIA H200 PCIe",  # no such card in the table: no peak rather than the SXM one
+        "NVIDIA GeForce RTX 4090",
+        "NVIDIA GB200",
+        "",
+    ],
+)
+def test_unknown_devices_have_no_peak(name):
+    assert peak_flops_for(name) is None
+
+
+def stablelm2_shape() -> dict:
+    """stablelm2-1.6b's widths, written out: the hand computation below does not trust parameter_count()."""
+    d, layers, heads, ffn, vocab = 2048, 24, 32, 5632, 100352  # vocab 100289 padded to a multiple of 64
+    attention = 4 * d * d + 3 * d  # q, k, v, o (32 KV heads: k and v are d x d) + q/k/v biases
+    block = attention + 3 * d * ffn + 2 * 2 * d  # SwiGLU + two LayerNorms with bias
+    params = layers * block + 2 * d + 2 * vocab * d  # final LayerNorm, untied embedding and head
+    return dict(d=d, layers=layers, heads=heads, head_dim=d // heads, params=params, embedding=vocab * d)
+
+
+def test_flops_per_token_conventions_by_hand_for_stablelm2():
+    model, seq = resolve_model(ModelSpec(preset="stablelm2-1.6b")), 4096
+    s = stablelm2_shape()
+    assert model.parameter_count() == s["params"] == 1_644_515_328
+    matmuls = 6 * (s["params"] - s["embedding"])  # the head is a matmul; the input embedding is a lookup
+    assert stagerun_flops_per_token(model, seq) == matmuls + 6 * s["layers"] * s["d"] * seq == 9_841_926_144
+    palm = matmuls + 12 * s["layers"] * s["heads"] * s["head_dim"] * seq  # no causal halving
+    assert palm_flops_per_token(model, seq) == palm == 11_049_885_696
+    # The conventions differ by exactly the halved attention term; at 4K it is ~11 % of the total.
+    assert palm - stagerun_flops_per_token(model, seq) == 6 * s["layers"] * s["d"] * seq
+
+
+def test_palm_convention_drops_a_tied_embedding_as_torchtitan_does():
+    model = resolve_model(ModelSpec(preset="tiny"))  # tied: the embedding is also the LM head
+    d, layers, seq = 64, 2, 64
+    body = model.parameter_count() - 512 * d
+    assert palm_flops_per_token(model, seq) == 6 * body + 12 * layers * d * seq
+    assert stagerun_flops_per_token(model, seq) == 6 * (body + 512 * d) + 6 * layers * d * seq
+
+
+def test_both_mfu_conventions_are_exported():
+    metrics = TrainerMetrics("demo", "", 0, peak_flops_per_device=1e9, world_size=2)
+    step(metrics, palm_flops_per_token=1_500_000)
+    assert metrics.values["stagerun_mfu"] == pytest.approx(4096 * 1e6 / 2e9)
+    assert metrics.values["stagerun_mfu_palm"] == pytest.approx(4096 * 1.5e6 / 2e9)
+    text = exposition(metrics)
+    assert "stagerun_model_flops_per_token_palm{" in text
+    assert "# HELP stagerun_mfu_palm" in text and "no causal halving" in text
 
 
 def test_without_nvml_gpu_metrics_are_absent_not_an_error(monkeypatch):

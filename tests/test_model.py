@@ -14,16 +14,20 @@ from torch import nn
 from stagerun.core.spec.model import ModelSpec
 from stagerun.core.spec.presets import resolve_model
 from stagerun.trainer.model import (
+    DocumentMask,
     NormHead,
     Transformer,
     alibi_bias,
     alibi_slopes,
     apply_rotary,
+    dense_attention,
     document_block_mask,
     document_causal_mask,
+    fill_local_shard,
     flex_document_attention,
     init_weights,
     rope_cos_sin,
+    uses_flex,
 )
 
 
@@ -163,6 +167,43 @@ def test_tied_embeddings_share_one_parameter():
     assert changed[3] > 1e-3
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(tied_embeddings=False),
+        dict(tied_embeddings=True),
+        dict(tied_embeddings=False, norm_head=True),
+        dict(tied_embeddings=True, norm_head=True),
+    ],
+    ids=["untied", "tied", "normhead", "tied-normhead"],
+)
+def test_forward_with_targets_is_the_loss_of_the_logits(changes):
+    """The fused, chunked loss inside forward equals F.cross_entropy (+ z, max-z) of the logits forward returns,
+    and so do the gradients of every parameter (the head's, the tied embedding's, NormHead's raw rows)."""
+    from stagerun.trainer.losses import LossConfig
+
+    spec = tiny(**changes)
+    model = build(spec)
+    x, targets = tokens(), tokens(seed=1)
+    targets[:, :3] = -100
+    config = LossConfig(z_loss_weight=1e-3, max_z_loss_weight=1e-3, chunk_tokens=10)
+    terms = model(x, targets=targets, loss=config)
+    terms.total.backward()
+    ours = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(x).flatten(0, 1).float()
+    flat, keep = targets.flatten(), targets.flatten() != -100
+    ce = F.cross_entropy(logits, flat, reduction="sum")
+    z = 1e-3 * torch.logsumexp(logits, -1)[keep].square().sum()
+    max_z = 1e-3 * logits.amax(-1)[keep].square().sum()
+    torch.testing.assert_close(terms.ce_sum, ce)
+    torch.testing.assert_close(terms.z_sum, z)
+    torch.testing.assert_close(terms.max_z_sum, max_z)
+    (ce + z + max_z).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_qkv_bias_adds_exactly_three_bias_vectors_per_layer():
     spec = tiny(qkv_bias=True)
     model = build(spec)
@@ -239,6 +280,57 @@ def test_model_flex_path_equals_explicit_mask_path(position):
             layer.attention.use_flex = True
         flex = model(x, doc_ids)
     torch.testing.assert_close(flex, explicit, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("masking", ["causal", "documents", "alibi", "alibi+documents"])
+def test_sdpa_gqa_without_copies_equals_the_repeated_kv_layout(masking):
+    """enable_gqa reads kv head h // group for query head h, exactly as Hugging Face's repeat_kv copy did:
+    outputs and gradients agree with SDPA on repeat_interleave'd K/V, on every dense path (CPU kernels)."""
+    torch.manual_seed(0)
+    batch, heads, kv_heads, seq, dim = 2, 8, 2, 24, 16
+    q = torch.randn(batch, heads, seq, dim, requires_grad=True)
+    k = torch.randn(batch, kv_heads, seq, dim, requires_grad=True)
+    v = torch.randn(batch, kv_heads, seq, dim, requires_grad=True)
+    mask = document_causal_mask(packed_doc_ids(batch, seq)) if "documents" in masking else None
+    slopes = torch.tensor(alibi_slopes(heads)) if "alibi" in masking else None
+    out = dense_attention(q, k, v, mask, slopes)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    k_rep, v_rep = k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1)
+    if mask is None and slopes is None:
+        reference = F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True)
+    else:
+        bias = torch.zeros(1, 1, seq, seq) if slopes is None else alibi_bias(slopes, seq)[None]
+        causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+        allowed = causal if mask is None else mask & causal
+        reference = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=bias.masked_fill(~allowed, -math.inf))
+    expected = torch.autograd.grad(reference.square().sum(), (q, k, v))
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_document_mask_is_built_once_per_forward_and_immutable(monkeypatch):
+    """One mask per forward, outside the blocks, of the kind the rule picks (dense on CPU, flex when forced)."""
+    import dataclasses
+
+    assert uses_flex(torch.device("cuda")) and not uses_flex(torch.device("cpu"))
+    model = build(tiny(heads=4, kv_heads=2))
+    built = []
+    real_build = DocumentMask.build.__func__
+    monkeypatch.setattr(
+        DocumentMask, "build", classmethod(lambda cls, ids, flex: built.append(flex) or real_build(cls, ids, flex))
+    )
+    x, doc_ids = tokens(), packed_doc_ids()
+    with torch.no_grad():
+        model(x, doc_ids)
+        for layer in model.layers:
+            layer.attention.use_flex = True
+        model(x, doc_ids)
+    assert built == [False, True]  # once per forward, not per layer
+    mask = DocumentMask.build(doc_ids, flex=False)
+    assert mask.block is None and torch.equal(mask.dense, document_causal_mask(doc_ids))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        mask.dense = None  # type: ignore[misc]
 
 
 def test_documents_do_not_see_each_other():
@@ -336,10 +428,13 @@ def _sharded_init_worker(rank: int, world: int, init_file: str, result_file: str
         dist.destroy_process_group()
 
 
-def test_init_is_independent_of_sharding():
+def test_init_is_independent_of_sharding(monkeypatch):
     """Two gloo ranks holding DTensor shards end up with exactly the unsharded model's weights."""
     import torch.multiprocessing as mp
 
+    from stagerun.trainer.model import init as model_init
+
+    monkeypatch.setattr(model_init, "BLOCK_ELEMENTS", 3 * 64)  # blocks straddle the shard edges (forked: inherited)
     with tempfile.TemporaryDirectory() as tmp:
         init_file, result_file = os.path.join(tmp, "init"), os.path.join(tmp, "weights.pt")
         mp.start_processes(_sharded_init_worker, args=(2, init_file, result_file), nprocs=2, start_method="fork")
@@ -347,6 +442,90 @@ def test_init_is_independent_of_sharding():
     reference = build(tiny(tied_embeddings=False, qkv_bias=True), seed=11)
     for name, value in reference.named_parameters():
         assert torch.equal(sharded[name], value), name
+
+
+def test_init_blocks_tile_any_shard_box(monkeypatch):
+    """Every box of a parameter, however it straddles the row blocks, gets exactly the full draw's values."""
+    from stagerun.trainer.model import init as model_init
+
+    monkeypatch.setattr(model_init, "BLOCK_ELEMENTS", 3 * 16)  # 3 rows of 16 per block: many block edges
+    shape, full = (20, 16), torch.empty(20, 16)
+    fill_local_shard(full, shape, (0, 0), 0.02, 7, "layers.0.attention.wq.weight")
+    assert full.std().item() == pytest.approx(0.02, rel=0.2)
+    # float32 boxes of whole rows draw their inner blocks in place, the others through a temporary: same values.
+    boxes = [((3, 12), (0, 16), torch.float32), ((4, 11), (0, 16), torch.float32), ((0, 20), (0, 16), torch.bfloat16)]
+    boxes += [((5, 6), (3, 9), torch.float32), ((17, 20), (8, 16), torch.bfloat16)]
+    for rows, cols, dtype in boxes:
+        box = torch.empty(rows[1] - rows[0], cols[1] - cols[0], dtype=dtype)
+        fill_local_shard(box, shape, (rows[0], cols[0]), 0.02, 7, "layers.0.attention.wq.weight")
+        assert torch.equal(box, full[rows[0] : rows[1], cols[0] : cols[1]].to(dtype)), (rows, cols, dtype)
+    # Another block size is another (equally valid) draw: the block size is part of the scheme, fixed per release.
+    monkeypatch.setattr(model_init, "BLOCK_ELEMENTS", 2**20)
+    other = torch.empty(20, 16)
+    fill_local_shard(other, shape, (0, 0), 0.02, 7, "layers.0.attention.wq.weight")
+    assert not torch.equal(other, full)
+
+
+# Layouts of 4 ranks that the product's own tensor-parallel and FSDP plans shard differently: FSDP, HSDP,
+# TP x FSDP (rows split twice, wo/w2 split on columns) and TP on its own with a replicated dp.
+_LAYOUTS = [{"dp_shard": 4}, {"dp_replicate": 2, "dp_shard": 2}, {"dp_shard": 2, "tp": 2}, {"dp_replicate": 2, "tp": 2}]
+
+
+def _layouts_init_worker(rank: int, world: int, init_file: str, result_dir: str, block_elements: int) -> None:
+    import torch.distributed as dist
+
+    from stagerun.core.layout import ParallelLayout
+    from stagerun.trainer import distributed as D
+    from stagerun.trainer.model import init as model_init
+
+    torch.set_num_threads(1)  # forked from a process whose OpenMP pool is live: keep the child single-threaded
+    model_init.BLOCK_ELEMENTS = block_elements
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for index, degrees in enumerate(_LAYOUTS):
+            layout = ParallelLayout(**degrees)
+            mesh, batch, loss = D.build_mesh(layout, "cpu")
+            topo = D.Topology(
+                rank=rank,
+                world_size=world,
+                local_rank=rank,
+                device=torch.device("cpu"),
+                layout=layout,
+                mesh=mesh,
+                batch_mesh=batch,
+                loss_mesh=loss,
+            )
+            with torch.device("meta"):
+                model = Transformer(tiny(tied_embeddings=False, qkv_bias=True, heads=4, kv_heads=2))
+            if layout.tp > 1:
+                D.apply_tensor_parallel(model, topo)
+            D.apply_fsdp(model, topo, None)
+            model.to_empty(device="cpu")
+            init_weights(model, 11)
+            full = {name: p.full_tensor() for name, p in model.named_parameters()}
+            if rank == 0:
+                torch.save(full, os.path.join(result_dir, f"layout{index}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_init_is_independent_of_the_parallel_layout(monkeypatch):
+    """FSDP 4, HSDP 2x2, TP 2 x FSDP 2 and TP 2 x replicate 2 (the product's plans, 4 gloo ranks) all end up with
+    exactly the unsharded model's weights, with blocks small enough that every shard straddles block edges."""
+    import torch.multiprocessing as mp
+
+    from stagerun.trainer.model import init as model_init
+
+    block_elements = 3 * 64  # 3 rows of the 64-wide matrices per block, never aligned with a shard edge
+    monkeypatch.setattr(model_init, "BLOCK_ELEMENTS", block_elements)
+    reference = build(tiny(tied_embeddings=False, qkv_bias=True, heads=4, kv_heads=2), seed=11)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = (4, os.path.join(tmp, "init"), tmp, block_elements)
+        mp.start_processes(_layouts_init_worker, args=args, nprocs=4, start_method="fork")
+        results = [torch.load(os.path.join(tmp, f"layout{i}.pt")) for i in range(len(_LAYOUTS))]
+    for degrees, sharded in zip(_LAYOUTS, results):
+        for name, value in reference.named_parameters():
+            assert torch.equal(sharded[name], value), (degrees, name)
 
 
 # -- training --------------------------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""The optimizer step's pieces: global gradient-norm clipping and the batch fingerprint."""
+"""The optimizer step's pieces: global gradient-norm clipping, the optimizer, the batch fingerprint, the result.
+
+The whole step on real process groups (losses, norm and gradients against a single process; no host reads; one
+metrics all-reduce) is in tests/test_tensor_parallel.py.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from stagerun.core.spec.run import TrainingSpec
+from stagerun.core.spec.run import OptimizerSpec, TrainingSpec
+from stagerun.trainer.batch import batch_checksum
 from stagerun.trainer.data.loader import MicroBatch
-from stagerun.trainer.step import batch_checksum, build_optimizer, clip_grad_norm
+from stagerun.trainer.step import StepResult, build_optimizer, clip_grad_norm
 
 
 def model_with_grads(scale: float) -> torch.nn.Module:
@@ -53,3 +58,24 @@ def test_batch_checksum_is_independent_of_the_split():
         assert batch_checksum([MicroBatch(swapped, swapped, whole[0].doc_ids, whole[0].sources)]) != batch_checksum(
             whole
         )
+
+
+def test_optimizer_implementation_fused_or_foreach():
+    model = model_with_grads(1.0)
+    auto = build_optimizer(model, TrainingSpec(), torch.device("cpu"))
+    assert auto.defaults["foreach"] is True and not auto.defaults["fused"]  # auto on CPU: foreach
+    fused = TrainingSpec(optimizer=OptimizerSpec(implementation="fused"))
+    with pytest.raises(ValueError, match=r"spec\.training\.optimizer\.implementation"):
+        build_optimizer(model, fused, torch.device("cpu"))
+
+
+def test_step_result_reads_the_device_once(monkeypatch):
+    values = torch.tensor([12.0, 0.5, 0.25, 0.0, 99.0, 1.5, 4.0], dtype=torch.float64)
+    result = StepResult(values)
+    reads = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or original(t))
+    assert (result.loss, result.z_loss, result.max_z_loss, result.distill_loss) == (3.0, 0.125, 0.0625, 0.0)
+    assert (result.grad_norm, result.tokens, result.batch_checksum) == (1.5, 4, 99.0)
+    assert len(reads) == 1
+    assert result.resolve() is result.resolve()

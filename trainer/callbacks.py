@@ -1,17 +1,19 @@
-"""The built-in callbacks of the step loop (trainer.py): metrics log, progress bar, checkpoint policy, manifest reload.
+"""The built-in callbacks of the step loop (trainer.py): GC schedule, metrics log, progress bar, checkpoint policy,
+manifest reload.
 
 The Prometheus and /progress exporter is one too (exporter.py). ``standard_callbacks`` puts them in the order they
-must run: the metrics line and the bar first, then the exporter, then the checkpoint (whose ``on_checkpoint``
-reaches all of them), then the manifest reload at a phase's end.
+must run: the GC schedule, the metrics line and the bar, then the exporter, then the checkpoint (whose
+``on_checkpoint`` reaches all of them), then the manifest reload at a phase's end.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 from typing import Any
 
-from stagerun.core.plan import StepPlan, checkpoint_due, segments
+from stagerun.core.plan import StepPlan, segments
 from stagerun.core.spec import ResolvedRun, SpecError, load_run
 from stagerun.core.spec.changes import immutable_changes
 
@@ -22,20 +24,50 @@ from .trainer import Callback, StepRecord, Trainer
 log = logging.getLogger("stagerun.trainer")
 
 
+class GcSchedule(Callback):
+    """Python's automatic garbage collection off while training, a young-generation collection every
+    ``spec.training.gcEverySteps`` steps instead (0: GC left alone).
+
+    Automatic collections start whenever enough objects were allocated, so they land at random points of random
+    steps on each rank, and a rank that pauses makes every other one wait at the next collective; collecting on
+    the same steps everywhere keeps the ranks in step. Generation 1 only: a full collection walks every object and
+    the training state is long-lived.
+    """
+
+    def __init__(self) -> None:
+        self.every = 0
+        self.reenable = False
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.every = trainer.run.training.gc_every_steps
+        if self.every > 0:
+            self.reenable = gc.isenabled()
+            gc.disable()
+
+    def on_step(self, record: StepRecord) -> None:
+        if self.every > 0 and record.step % self.every == 0:
+            gc.collect(1)
+
+    def close(self) -> None:
+        if self.reenable:
+            gc.enable()
+            self.reenable = False
+
+
 class MetricsLogger(Callback):
-    """Every ``spec.training.logEverySteps``-th step as one line of ``<run dir>/metrics.jsonl`` (rank 0)."""
+    """Every step with values as one line of ``<run dir>/metrics.jsonl`` (rank 0): each
+    ``spec.training.logEverySteps``-th step, plus checkpoint steps and a phase's last step (StepRecord)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.log: MetricsLog | None = None
-        self.trainer: Trainer | None = None
 
     def on_start(self, trainer: Trainer) -> None:
-        self.trainer, self.log = trainer, MetricsLog(self.path)
+        self.log = MetricsLog(self.path)
 
     def on_step(self, record: StepRecord) -> None:
-        assert self.trainer is not None and self.log is not None
-        if record.step % self.trainer.run.training.log_every_steps == 0:
+        assert self.log is not None
+        if record.has_values:
             self.log.write(record.to_dict())
 
     def close(self) -> None:
@@ -70,7 +102,8 @@ class ProgressBar(Callback):
 
     def on_step(self, record: StepRecord) -> None:
         self.bar.set_description_str(f"{record.phase} step {record.step}", refresh=False)
-        self.bar.set_postfix_str(f"loss {record.loss:.3f}, {record.tokens_per_second:,.0f} tok/s", refresh=False)
+        if record.loss is not None and record.tokens_per_second is not None:  # else: the last values stay shown
+            self.bar.set_postfix_str(f"loss {record.loss:.3f}, {record.tokens_per_second:,.0f} tok/s", refresh=False)
         self.bar.update(record.batch_tokens)
 
     def on_checkpoint(self, checkpoint: CheckpointInfo, save_seconds: float | None) -> None:
@@ -97,15 +130,9 @@ class CheckpointPolicy(Callback):
         self.trainer = trainer
 
     def on_step(self, record: StepRecord) -> None:
-        trainer = self.trainer
-        assert trainer is not None and trainer.plan is not None
-        plan = trainer.plan
-        if (
-            plan.ends_phase
-            or trainer.stopping
-            or checkpoint_due(trainer.run.checkpoint.every_tokens, plan.tokens, record.tokens)
-        ):
-            trainer.save_checkpoint()
+        assert self.trainer is not None
+        if self.trainer.wants_checkpoint():  # the loop read this step's values for it (the NaN check comes first)
+            self.trainer.save_checkpoint()
 
     def on_checkpoint(self, checkpoint: CheckpointInfo, save_seconds: float | None) -> None:
         assert self.trainer is not None
@@ -154,4 +181,4 @@ def standard_callbacks(
     logs: list[Callback] = []
     if trainer.topo.is_main:  # the bar counts up to the last step's overshoot of the budget
         logs = [MetricsLogger(Path(run_dir) / "metrics.jsonl"), ProgressBar(segments(trainer.run)[-1].end_tokens)]
-    return [*logs, exporter, CheckpointPolicy(), ManifestReload(manifest, world_size)]
+    return [GcSchedule(), *logs, exporter, CheckpointPolicy(), ManifestReload(manifest, world_size)]

@@ -8,8 +8,10 @@ Layout under the manager's URL (local path, PVC, ``memory://``, ``s3://``, ``gs:
         COMMITTED                                written LAST; its presence is what makes the folder a checkpoint
 
 A crash at any point before ``COMMITTED`` exists leaves a folder that :meth:`CheckpointManager.committed`
-ignores, so a run always resumes from a complete checkpoint. Loading goes through DCP's resharding, so the
-world size (and the FSDP sharding) may differ between save and load.
+ignores, so a run always resumes from a complete checkpoint. An async save (:meth:`CheckpointManager.save_async`)
+copies the state to (pinned) host memory, returns, and writes and commits it in a background thread; the marker
+still comes last, after DCP has gathered every rank's write results and written ``.metadata``. Loading goes
+through DCP's resharding, so the world size (and the FSDP sharding) may differ between save and load.
 
 Without an initialised process group everything runs as rank 0 of 1 (DCP's no-dist mode; barriers vanish).
 """
@@ -21,9 +23,11 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -40,7 +44,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from stagerun.core import storage
 
-from .compat import FsspecReader, FsspecWriter
+from .compat import FsspecReader, FsspecWriter, checkpoint_stager
 
 __all__ = ["CheckpointInfo", "CheckpointManager", "ModelOptimizerState", "MARKER", "META"]
 
@@ -79,11 +83,12 @@ def _world() -> int:
     return dist.get_world_size() if _dist_on() else 1
 
 
-def _on_rank0(fn: Callable[[], _T]) -> _T:
+def _on_rank0(fn: Callable[[], _T], group: dist.ProcessGroup | None = None) -> _T:
     """Run ``fn`` on rank 0 and hand its result (or its failure) to every rank.
 
     The broadcast doubles as the barrier; shipping the error too means a failure on rank 0 (bad permissions, a
     committed folder in the way) makes every rank raise instead of leaving the others stuck in a collective.
+    ``group``: the process group to broadcast over (an async save's commit runs on its own gloo group).
     """
     if not _dist_on():
         return fn()
@@ -94,7 +99,7 @@ def _on_rank0(fn: Callable[[], _T]) -> _T:
             box[0] = ("ok", fn())
         except Exception as e:  # noqa: BLE001 - re-raised below after telling the other ranks
             error, box[0] = e, ("error", f"{type(e).__name__}: {e}")
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     if error is not None:
         raise error
     status, value = box[0]
@@ -153,12 +158,17 @@ class CheckpointManager:
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = storage.resolve(url, self.storage_options)
         self.url = storage.to_url(self.fs, self.root)
-        self.last_save_seconds: float | None = None
+        self.last_save_seconds: float | None = None  # from the call to the commit marker
+        self.last_stall_seconds: float | None = None  # how long the call blocked its caller (async: the staging)
         self.last_save_bytes: int | None = None  # the whole folder (all ranks' shards), measured by rank 0
         self.last_load_seconds: float | None = None
         # Called as hook(step) on every rank once its part of a save is written, before the commit marker (rank 0:
         # after meta.json too). Tests install faults here to reproduce "a pod died mid-save".
         self.before_commit: list[Callable[[int], None]] = []
+        self._in_flight: Future[CheckpointInfo] | None = None  # the async save being written, if any
+        self._abandon = threading.Event()  # set: the in-flight save must not write its marker
+        self._group: dist.ProcessGroup | None = None  # gloo group of async saves' background collectives
+        self._stager: Any = None  # async saves' host-memory stager, reused where torch allows (compat.py)
 
     def _folder(self, step: int) -> str:
         return storage.join(self.root, f"step-{step:08d}")
@@ -220,6 +230,90 @@ class CheckpointManager:
         ``step`` added) and is what :meth:`load` returns. ``app_state`` is DCP's: values may be ``Stateful``.
         """
         start = time.perf_counter()
+        self.wait()  # an async save still in flight commits (or fails) first: one save at a time
+        meta_bytes, folder = self._begin(step, meta)
+        writer = FsspecWriter(storage.to_url(self.fs, folder), overwrite=False, **self.storage_options)
+        with _single_process_ok():
+            dcp.save(app_state, storage_writer=writer, no_dist=not _dist_on())  # collective; ends with .metadata
+        info = self._commit(step, folder, meta, meta_bytes, phase_boundary, None)
+        self.last_save_seconds = self.last_stall_seconds = time.perf_counter() - start
+        self._log_commit(info)
+        return info
+
+    def save_async(
+        self, step: int, app_state: dict[str, Any], meta: dict[str, Any], *, phase_boundary: bool, pinned: bool
+    ) -> CheckpointInfo | None:
+        """Start checkpoint ``step`` (collective) and return once the state is copied to host memory (``pinned``:
+        page-locked, for GPU state); the files and the commit marker are written in the background.
+
+        Waits for the previous async save first (at most one in flight) and returns that one's info when it was
+        still pending (else None). :meth:`poll` / :meth:`wait` hand back this save's info once it is committed.
+        """
+        start = time.perf_counter()
+        previous = self.wait()
+        meta_bytes, folder = self._begin(step, meta)
+        group = self._async_group()
+        writer = FsspecWriter(storage.to_url(self.fs, folder), overwrite=False, **self.storage_options)
+        stager = self._stager = checkpoint_stager(pinned, self._stager)
+        with _single_process_ok():  # returns after staging: the upload runs in DCP's own thread
+            upload = dcp.async_save(
+                app_state, storage_writer=writer, async_stager=stager, process_group=group, no_dist=not _dist_on()
+            )
+        assert isinstance(upload, Future)  # synchronous staging: no separate staging future
+        self.last_stall_seconds = time.perf_counter() - start
+        self._abandon.clear()
+        done: Future[CheckpointInfo] = Future()
+
+        def finish() -> None:  # the background thread: every rank's upload, then the marker
+            try:
+                upload.result()  # rank 0: every rank's write results were gathered and .metadata is written
+                info = self._commit(step, folder, meta, meta_bytes, phase_boundary, group)
+                self.last_save_seconds = time.perf_counter() - start
+                done.set_result(info)
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()/poll()
+                done.set_exception(e)
+
+        # A daemon thread: a save a failing process abandons must not keep it alive in a dead collective.
+        threading.Thread(target=finish, name=f"checkpoint-{step}", daemon=True).start()
+        self._in_flight = done
+        return previous
+
+    def poll(self) -> CheckpointInfo | None:
+        """The in-flight async save's info if it has committed since the last call (raising its error if it
+        failed); None while it is still being written, or when there is none. Never blocks."""
+        if self._in_flight is None or not self._in_flight.done():
+            return None
+        return self.wait()
+
+    def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
+        """Block until the in-flight async save is committed and return its info (None when there is none).
+
+        With ``timeout`` (seconds) it gives up after that long: the save is abandoned (it writes no marker, so
+        it is never loaded) and TimeoutError is raised. A failed save raises its error here, once."""
+        done, self._in_flight = self._in_flight, None
+        if done is None:
+            return None
+        try:
+            info = done.result(timeout)
+        except TimeoutError:
+            self._abandon.set()
+            raise
+        self._log_commit(info)
+        return info
+
+    def _async_group(self) -> dist.ProcessGroup | None:
+        """A gloo group for the background thread's collectives (collective on first use, like save itself).
+
+        Its own group: the training thread keeps issuing collectives on the default group meanwhile, and DCP's
+        async save needs a CPU backend, which an NCCL default group lacks."""
+        if not _dist_on():
+            return None
+        if self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def _begin(self, step: int, meta: dict[str, Any]) -> tuple[bytes, str]:
+        """Validate ``meta`` and prepare an empty folder for ``step`` (collective); returns meta.json's bytes."""
         for key in ("tokens", "phase_index"):
             if key not in meta:
                 raise ValueError(f"checkpoint meta for step {step} lacks {key!r}: add it to the dict passed to save()")
@@ -248,14 +342,26 @@ class CheckpointManager:
             self.fs.makedirs(folder, exist_ok=True)
 
         _on_rank0(prepare)
-        # overwrite=False: prepare() emptied the folder, so an existing .metadata would mean a concurrent writer.
-        writer = FsspecWriter(storage.to_url(self.fs, folder), overwrite=False, **self.storage_options)
-        with _single_process_ok():
-            dcp.save(app_state, storage_writer=writer, no_dist=not _dist_on())  # collective; ends with .metadata
+        # The writer gets overwrite=False: prepare() emptied the folder, so an existing .metadata would mean a
+        # concurrent writer.
+        return meta_bytes, folder
+
+    def _commit(
+        self,
+        step: int,
+        folder: str,
+        meta: dict[str, Any],
+        meta_bytes: bytes,
+        phase_boundary: bool,
+        group: dist.ProcessGroup | None,
+    ) -> CheckpointInfo:
+        """After DCP's save returned on this rank: hooks, then rank 0 writes meta.json and the marker (collective)."""
 
         def commit() -> tuple[dict[str, Any], int]:
             self.fs.pipe_file(storage.join(folder, META), meta_bytes)
             self._before_commit(step)
+            if self._abandon.is_set():
+                raise RuntimeError(f"checkpoint step {step} abandoned (the run is ending): no commit marker written")
             nbytes = storage.folder_bytes(self.fs, folder)
             marker = {
                 "step": step,
@@ -271,11 +377,18 @@ class CheckpointManager:
 
         if _rank() != 0:
             self._before_commit(step)
-        marker, nbytes = _on_rank0(commit)
-        self.last_save_seconds = time.perf_counter() - start
+        marker, nbytes = _on_rank0(commit, group)
         self.last_save_bytes = nbytes
-        log.info("checkpoint %s committed: %.1f MB in %.2f s", url, nbytes / 1e6, self.last_save_seconds)
         return self._info(folder, step, marker)
+
+    def _log_commit(self, info: CheckpointInfo) -> None:
+        log.info(
+            "checkpoint %s committed: %.1f MB in %.2f s (training waited %.2f s)",
+            info.path,
+            info.size_bytes / 1e6,
+            self.last_save_seconds or 0.0,
+            self.last_stall_seconds or 0.0,
+        )
 
     def _before_commit(self, step: int) -> None:
         for hook in self.before_commit:

@@ -31,3 +31,50 @@ def flatten_mesh(mesh: DeviceMesh, name: str) -> DeviceMesh:
     deprecated. Size-1 dims flatten fine (checked on 2.13 with gloo and 1, 2 and 4 processes).
     """
     return mesh._flatten(name)
+
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
+
+def local_shard_offset(dtensor: DTensor) -> tuple[int, ...]:
+    """Where ``dtensor``'s local shard starts in the global tensor (one index per dim).
+
+    torch.distributed.tensor._utils.compute_local_shape_and_global_offset is private in every supported release
+    (same signature in 2.11 and 2.13). It describes the shard as one box (offset + local shape); the local shape it
+    returns is checked against the real local tensor, so a placement whose shard is not one box fails loudly
+    instead of initialising wrong values.
+    """
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(dtensor.shape, dtensor.device_mesh, dtensor.placements)
+    if tuple(shape) != tuple(dtensor.to_local().shape):
+        raise RuntimeError(f"shard of {tuple(dtensor.shape)} with {dtensor.placements} is not one box: {shape}")
+    return tuple(offset)
+
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.staging import DefaultStager
+
+
+def checkpoint_stager(pinned: bool, cached: DefaultStager | None) -> DefaultStager:
+    """The stager of an async DCP save: copies the state to host memory (page-locked when ``pinned``), in the
+    calling thread, so the training may change the live tensors as soon as ``dcp.async_save`` returns.
+
+    DefaultStager/StagingOptions are public in 2.11 and 2.13, but they differ in reuse: 2.11's stager clears its
+    copy tables after its first ``stage`` (a second one raises ``KeyError: <class 'type'>``), so 2.11 gets a new
+    stager (and pins new buffers) per save; 2.13 keeps its buffers, so ``cached`` is reused there and later saves
+    copy into the already pinned memory. Reusing buffers is safe only because at most one save is in flight.
+    """
+    import torch
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    if cached is not None and torch.__version__ >= "2.13":  # a TorchVersion: compares as a version, not text
+        return cached
+    options = StagingOptions(
+        use_pinned_memory=pinned,
+        use_shared_memory=False,  # only for a separate checkpoint process; the upload runs in a thread here
+        use_async_staging=False,  # the copy finishes before training continues: the next step updates in place
+        use_non_blocking_copy=pinned,  # pinned: async D2H copies, then one synchronize
+    )
+    return DefaultStager(options)

@@ -82,10 +82,13 @@ class Topology:
         """Sum scalars (token counts, loss sums, the batch checksum) over the ``loss`` group, the ranks that split
         the global batch's tokens. TP peers hold identical copies and each sums within its own group, so no copy
         is counted twice."""
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        return self.all_reduce_loss_(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
+
+    def all_reduce_loss_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed in place over the ``loss`` group, on the device: nothing is read back (no host sync)."""
         if self.layout.loss > 1:
             dist.all_reduce(tensor, group=self.loss_mesh.get_group())
-        return tensor.tolist()
+        return tensor
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank. A stop request is agreed by the whole world, not
@@ -148,24 +151,67 @@ def init_topology(phase: ResolvedPhase, *, timeout_minutes: float = 30.0) -> Top
 
 
 def apply_tensor_parallel(model: Transformer, topo: Topology) -> None:
-    """Megatron-style split of every block: q/k/v and w1/w3 column-wise, wo and w2 row-wise."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    """Megatron-style tensor parallelism with sequence parallelism (torchtitan's Llama 3 plan as the reference).
 
-    tp_mesh = topo.tp_mesh
-    tp_rank = tp_mesh.get_local_rank()
-    plan = {
+    Between blocks the residual stream is split by sequence (Shard(1)): the norms run on their sequence shard,
+    attention and the MLP gather the full sequence on entry, q/k/v and w1/w3 are split column-wise (by head /
+    hidden unit), wo and w2 row-wise with a reduce-scatter back to sequence shards. The embedding and the head
+    are split by vocabulary rows; the head stays split through the loss (loss parallel, losses.py), so no rank
+    holds the logits of the whole vocabulary. Every parameter then lives on the tp mesh (norms replicated), and
+    FSDP adds dp: one (dp x tp) mesh for all of them, which gradient clipping needs.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    tp_mesh, tp = topo.tp_mesh, topo.tp_size
+    if model.spec.padded_vocab % tp:
+        raise RuntimeError(
+            f"spec.parallelism.tensorParallel: {tp} does not divide the padded vocabulary ({model.spec.padded_vocab}); "
+            "the embedding and head are split by vocabulary rows: set spec.model.padVocabMultiple to a multiple "
+            "of the degree"
+        )
+    root_plan = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+    }
+    if model.output is not None:  # tied: the head is tok_embeddings.weight, already split by vocabulary rows
+        # The head's weight is read directly by the fused loss (Transformer._head_weight): the module's input and
+        # output hooks never run, the style only splits the weight by rows.
+        root_plan["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1))
+    parallelize_module(model, tp_mesh, root_plan)
+    block_plan = {
+        "attention_norm": SequenceParallel(),
+        "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),
         "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "ffn_norm": SequenceParallel(),
+        "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
         "feed_forward.w1": ColwiseParallel(),
         "feed_forward.w3": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
     }
     heads = resolved_value(model.spec.heads, "heads")
+    tp_rank = tp_mesh.get_local_rank()
     for block in model.blocks():
-        parallelize_module(block, tp_mesh, plan)
-        block.attention.head_offset = tp_rank * heads // topo.tp_size  # picks this rank's ALiBi slopes
+        parallelize_module(block, tp_mesh, block_plan)
+        block.attention.head_offset = tp_rank * heads // tp  # picks this rank's ALiBi slopes
+
+
+def check_sequence_parallel(seq_len: int, tp: int) -> None:
+    """Sequence parallelism splits every sequence into tp equal parts."""
+    if seq_len % tp:
+        raise RuntimeError(
+            f"spec.phases[*].seqLen: {seq_len} is not a multiple of spec.parallelism.tensorParallel ({tp}); "
+            "sequence parallelism splits each sequence evenly across the tensor-parallel ranks"
+        )
 
 
 def apply_fsdp(model: Transformer, topo: Topology, param_dtype: torch.dtype | None) -> None:
@@ -175,7 +221,6 @@ def apply_fsdp(model: Transformer, topo: Topology, param_dtype: torch.dtype | No
     count, so the result is the exact mean however the batch is split (torchtitan does the same).
     """
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-    from torchtitan.distributed.fsdp import disable_fsdp_gradient_division
 
     kwargs: dict[str, Any] = {"mesh": topo.fsdp_mesh}
     if param_dtype is not None:
@@ -185,24 +230,120 @@ def apply_fsdp(model: Transformer, topo: Topology, param_dtype: torch.dtype | No
         # The last block is needed again at the start of backward: keeping it gathered saves an all-gather.
         fully_shard(block, reshard_after_forward=index < last, **kwargs)
     fully_shard(model, **kwargs)
-    disable_fsdp_gradient_division(model)
     for module in model.modules():
         if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)  # sum, not mean: see above
             # With no division left, a plain SUM: gloo (CPU) has no PREMUL_SUM, which FSDP picks otherwise.
             module.set_force_sum_reduction_for_comms(True)
 
 
-def apply_activation_checkpointing(model: Transformer) -> None:
+def _selective_save_ops() -> set:
+    """The ops whose outputs selective checkpointing keeps: every matmul (plain, with bias, float8), attention
+    (SDPA's kernels, FlexAttention), the tensor-parallel reduce-scatter (recomputing it would repeat a collective)
+    and max (float8's amax, which sets the scale). Everything else (norms, RoPE, SiLU, products) is recomputed.
+
+    All matmuls, not torchtitan's every other one: backward then recomputes only cheap elementwise ops instead of
+    about half the forward matmuls (estimated ~15 % of a step's FLOPs, none of them counted by MFU), which is what
+    the speed target needs. The price is memory: Llama 3 8B keeps ~86 KB per token per block in bf16 (~43 K
+    values) against ~47 KB; where that does not fit (long sequences on big models), ``full`` keeps only each
+    block's input.
+    """
+    import torch._higher_order_ops as hops
+
+    aten = torch.ops.aten
+    return {
+        aten.mm.default,
+        aten.addmm.default,
+        aten._scaled_mm.default,
+        aten._scaled_dot_product_flash_attention.default,
+        aten._scaled_dot_product_efficient_attention.default,
+        aten._scaled_dot_product_cudnn_attention.default,
+        aten._scaled_dot_product_flash_attention_for_cpu.default,
+        aten._scaled_dot_product_fused_attention_overrideable.default,
+        torch.ops._c10d_functional.reduce_scatter_tensor.default,
+        aten.max.default,
+        hops.flex_attention,
+    }
+
+
+def _selective_context():
+    """A context_fn for torch.utils.checkpoint: keep the outputs of ``_selective_save_ops``, recompute the rest.
+    The policy is stateless, so a compiled block traces it once for every layer."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    save = _selective_save_ops()
+
+    def policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+        return CheckpointPolicy.MUST_SAVE if func in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
+    """Wrap every block for activation checkpointing: ``full`` recomputes the whole block in backward,
+    ``selective`` keeps matmul and attention outputs and recomputes the cheap ops (op-level, as torchtitan's
+    "selective op" mode), ``none`` leaves the blocks alone. Apply after tensor parallelism, before compile."""
     from .compat import checkpoint_wrapper
 
+    if mode not in ("none", "selective", "full"):
+        raise ValueError(f"activation checkpointing mode {mode!r}: expected none, selective or full")
+    if mode == "none":
+        return
+    # Full mode passes no context_fn at all: dynamo cannot trace checkpoint's default noop_context_fn when given
+    # explicitly (torch 2.13: "checkpoint not implemented for SkipFunctionVariable context_fn").
     for index, block in enumerate(model.layers):
-        model.layers[index] = checkpoint_wrapper(block, preserve_rng_state=False)
+        # RNG state is not preserved: the blocks have no dropout, and stashing it costs a device sync per block.
+        if mode == "selective":
+            block = checkpoint_wrapper(block, preserve_rng_state=False, context_fn=_selective_context)
+        else:
+            block = checkpoint_wrapper(block, preserve_rng_state=False)
+        model.layers[index] = block
 
 
 def apply_compile(model: Transformer) -> None:
-    """Compile block by block (as torchtitan does): the blocks are identical, so one compilation is reused."""
+    """Compile block by block, as torchtitan does. Blocks differ only by their parameters, which dynamo treats as
+    inputs, and get their document mask as an input built outside them, so layer 0's compilation serves every
+    layer (tests/test_gpu_paths.py checks: no graph break, no recompile). ``fullgraph``: a graph break is a bug."""
     for index, block in enumerate(model.layers):
-        model.layers[index] = cast(nn.Module, torch.compile(block, fullgraph=False))
+        model.layers[index] = cast(nn.Module, torch.compile(block, fullgraph=True))
+
+
+def _float8_refusal(topo: Topology) -> str | None:
+    """Why float8 training cannot run here, or None."""
+    if topo.device.type != "cuda":
+        return "needs CUDA GPUs (this run trains on CPU)"
+    capability = torch.cuda.get_device_capability(topo.device)
+    if capability < (8, 9):
+        found = f"{torch.cuda.get_device_name(topo.device)} has {capability[0]}.{capability[1]}"
+        return f"needs compute capability 8.9 or newer (Ada, Hopper, Blackwell); {found}"
+    if topo.tp_size > 1:
+        return "is not supported with tensorParallel > 1 yet (float8 tensor-parallel styles are not wired)"
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        return "needs torchao: pip install 'stagerun[float8]'"
+    return None
+
+
+def _float8_eligible(module: nn.Module, fqn: str) -> bool:
+    """The blocks' linear layers whose dims float8 matmuls accept (multiples of 16); never the output head,
+    whose logits feed the loss at full precision (torchtitan leaves it out too)."""
+    if not fqn.startswith("layers.") or not isinstance(module, nn.Linear):
+        return False
+    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def apply_float8(model: Transformer, topo: Topology) -> None:
+    """float8 matmuls in the blocks' linear layers (torchao, tensorwise dynamic scaling). With FSDP sharding the
+    weights are all-gathered in float8 (half the bytes of bf16). Apply on the meta-device model, before activation
+    checkpointing, compile and FSDP. Refuses, naming spec.training.float8, where it cannot run."""
+    refusal = _float8_refusal(topo)
+    if refusal is not None:
+        raise RuntimeError(f"spec.training.float8: float8 training {refusal}; or set spec.training.float8: false")
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    config = Float8LinearConfig(enable_fsdp_float8_all_gather=topo.layout.dp_shard > 1)
+    convert_to_float8_training(model, config=config, module_filter_fn=_float8_eligible)
 
 
 def all_reduce_sum(values: list[float], topo: Topology) -> list[float]:

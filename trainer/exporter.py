@@ -15,12 +15,16 @@ import time
 from stagerun.core.protocol import CheckpointRef, GangState, PodEnv, Progress
 from stagerun.core.spec import ResolvedRun
 
-from .checkpoint import CheckpointInfo
-from .trainer import Callback, StepRecord
+from .checkpoint import CheckpointInfo, CheckpointManager
+from .trainer import Callback, StepRecord, Trainer
 
 
 class Exporter(Callback):
-    """Publishes each step on /progress (a ``Progress``) and, where ``training``, as Prometheus metrics."""
+    """Publishes each step on /progress (a ``Progress``) and, where ``training``, as Prometheus metrics.
+
+    Loss, throughput and the other values read from the device change only on steps with values (StepRecord); in
+    between, /progress advances step and tokens and keeps the last values, and /metrics keeps the last such step's
+    snapshot whole (a scrape never mixes two steps)."""
 
     def __init__(
         self,
@@ -55,6 +59,10 @@ class Exporter(Callback):
         self.progress = Progress(run=run.name, total_tokens=run.total_tokens)
         self.server = StatusServer(host, port, registry=self.metrics.registry, serves_progress=progress)
         self.server.publish(self.progress)
+        self.manager: CheckpointManager | None = None
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.manager = trainer.manager
 
     def on_resume(self, checkpoint: CheckpointInfo, restarts: int, load_seconds: float) -> None:
         if self.training:
@@ -65,35 +73,51 @@ class Exporter(Callback):
     def on_step(self, record: StepRecord) -> None:
         progress = self.progress
         progress.state, progress.last_step_at = GangState.RUNNING, time.time()
-        progress.step, progress.tokens, progress.loss = record.step, record.tokens, record.loss
-        progress.phase, progress.phase_index = record.phase, record.phase_index
-        progress.tokens_per_second, progress.tokens_per_source = record.tokens_per_second, record.tokens_per_source
+        progress.step, progress.tokens = record.step, record.tokens
+        progress.phase, progress.phase_index, progress.tokens_per_source = (
+            record.phase,
+            record.phase_index,
+            record.tokens_per_source,
+        )
+        if record.has_values:
+            progress.loss, progress.tokens_per_second = record.loss, record.tokens_per_second
         self.server.publish(progress)
-        if self.training:
-            self.metrics.step(
-                phase=record.phase,
-                phase_index=record.phase_index,
-                step=record.step,
-                tokens=record.tokens,
-                loss=record.loss,
-                z_loss=record.z_loss,
-                max_z_loss=record.max_z_loss,
-                distill_loss=record.distill_loss,
-                grad_norm=record.grad_norm,
-                lr=record.lr,
-                batch_tokens=record.batch_tokens,
-                seq_len=record.seq_len,
-                step_seconds=record.step_seconds,
-                data_seconds=record.data_seconds,
-                flops_per_token=self.run.model.flops_per_token(record.seq_len),
-                tokens_per_source=record.tokens_per_source,
-            )
+        if self.training and record.has_values:
+            self._step_metrics(record)
+
+    def _step_metrics(self, record: StepRecord) -> None:
+        from .metrics import palm_flops_per_token
+
+        assert record.loss is not None and record.z_loss is not None and record.max_z_loss is not None
+        assert record.distill_loss is not None and record.grad_norm is not None
+        assert record.step_seconds is not None and record.data_seconds is not None
+        self.metrics.step(
+            phase=record.phase,
+            phase_index=record.phase_index,
+            step=record.step,
+            tokens=record.tokens,
+            loss=record.loss,
+            z_loss=record.z_loss,
+            max_z_loss=record.max_z_loss,
+            distill_loss=record.distill_loss,
+            grad_norm=record.grad_norm,
+            lr=record.lr,
+            batch_tokens=record.batch_tokens,
+            seq_len=record.seq_len,
+            step_seconds=record.step_seconds,
+            data_seconds=record.data_seconds,
+            flops_per_token=self.run.model.flops_per_token(record.seq_len),
+            palm_flops_per_token=palm_flops_per_token(self.run.model, record.seq_len),
+            tokens_per_source=record.tokens_per_source,
+        )
 
     def on_checkpoint(self, checkpoint: CheckpointInfo, save_seconds: float | None) -> None:
         self.progress.last_checkpoint = CheckpointRef(checkpoint.path, checkpoint.step, checkpoint.tokens, time.time())
         self.server.publish(self.progress)
         if self.training:
             self.metrics.checkpoint_saved(save_seconds, checkpoint.size_bytes)
+            # What training waited for the last save (async: the copy to host memory; sync: the whole save).
+            self.metrics.set(checkpoint_stall_seconds=self.manager.last_stall_seconds if self.manager else None)
 
     def close(self) -> None:
         self.server.close()

@@ -11,11 +11,14 @@ GPU telemetry comes from NVML (nvidia-ml-py) when a driver is present; without o
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
+
+from stagerun.core.spec.model import ModelSpec, resolved_value
 
 log = logging.getLogger("stagerun.trainer.metrics")
 
@@ -36,8 +39,14 @@ STEP_GAUGES = {
     "stagerun_tokens_per_second": "training throughput of the last step (tokens/s, whole gang)",
     "stagerun_step_seconds": "wall time of the last step",
     "stagerun_data_wait_seconds": "time the last step waited for its data",
-    "stagerun_model_flops_per_token": "training FLOPs per token of the model at the current sequence length",
-    "stagerun_mfu": "model FLOPs utilisation of the last step (achieved / peak FLOP/s of the gang)",
+    "stagerun_model_flops_per_token": "training FLOPs per token at the current seqLen, stagerun convention: "
+    "6 x (parameters - input embedding) + 6 x layers x dim x seqLen (attention matmuls, causal: half the scores)",
+    "stagerun_mfu": "model FLOPs utilisation of the last step: tokens/s x stagerun_model_flops_per_token / peak dense "
+    "bf16 FLOP/s of the gang",
+    "stagerun_model_flops_per_token_palm": "training FLOPs per token at the current seqLen, PaLM/torchtitan "
+    "convention: 6 x (parameters - embedding) + 12 x layers x heads x headDim x seqLen (no causal halving)",
+    "stagerun_mfu_palm": "model FLOPs utilisation of the last step with the PaLM/torchtitan FLOPs convention "
+    "(the number torchtitan logs as mfu)",
     "stagerun_restarts": "times this run resumed from a checkpoint",
     "stagerun_checkpoint_save_seconds": "duration of the last checkpoint save",
     "stagerun_checkpoint_save_bytes": "size of the last checkpoint",
@@ -53,25 +62,64 @@ GPU_GAUGES = {
     "stagerun_gpu_power_watts": "GPU power draw",
     "stagerun_gpu_temperature_celsius": "GPU temperature",
 }
-# Peak dense bf16 FLOP/s per device, by a substring of the device name (NVIDIA data sheets).
-PEAK_BF16_FLOPS = (
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("A10", 125e12),
-)
+# Peak dense (not sparse) bf16 tensor-core TFLOP/s of one device, from NVIDIA's data sheets (which print the sparse
+# figure, twice these, with an asterisk). Keyed by the model token of the device name, then the form factor: "SXM"
+# (also the default when the name says none, as "NVIDIA H100 80GB HBM3" does), "PCIE", "NVL"; "*" for cards that
+# come in one form only. A form the table does not list gives no peak rather than another form's.
+PEAK_BF16_TFLOPS: dict[str, dict[str, float]] = {
+    "H100": {"SXM": 989.0, "PCIE": 756.0, "NVL": 835.0},  # H100 data sheet (NVL: 1,671 sparse)
+    "H200": {"SXM": 989.0, "NVL": 835.0},  # H200 data sheet: same tensor cores as H100 SXM / NVL
+    "H800": {"SXM": 989.0, "PCIE": 756.0},  # H800 data sheets (the export variant of H100)
+    "GH200": {"SXM": 989.0},  # GH200 Grace Hopper data sheet (its H100-class GPU)
+    "A100": {"SXM": 312.0, "PCIE": 312.0},  # A100 data sheet: both forms
+    "A800": {"SXM": 312.0, "PCIE": 312.0},  # A800 data sheets (the export variant of A100)
+    "B200": {"SXM": 2250.0},  # HGX B200 data sheet: 4.5 PFLOP/s sparse per GPU
+    "L40S": {"*": 362.0},  # L40S data sheet: 733 sparse
+    "L40": {"*": 181.0},  # L40 data sheet: 362 sparse
+    "L4": {"*": 121.0},  # L4 data sheet: 242 sparse
+    "A10": {"*": 125.0},  # A10 data sheet: 250 sparse (not the A10G, which is slower: no peak)
+}
 
 
 def peak_flops_for(device_name: str | None) -> float | None:
+    """Peak dense bf16 FLOP/s of the device called ``device_name`` (torch.cuda.get_device_name()), None if unknown.
+
+    The name is split into words and the model must be a whole word, so "L4" never matches "L40", "H20" never
+    "H200", "A10" never "A100"; the form factor is a word too ("PCIe", "NVL"), so an NVL card is not read as SXM.
+    """
     if not device_name:
         return None
-    for fragment, flops in PEAK_BF16_FLOPS:
-        if fragment in device_name:
-            return flops
-    return None
+    words = [w for w in re.split(r"[^A-Z0-9]+", device_name.upper()) if w]
+    model = next((w for w in words if w in PEAK_BF16_TFLOPS), None)
+    if model is None:
+        return None
+    forms = PEAK_BF16_TFLOPS[model]
+    form = next((f for f in ("NVL", "PCIE") if f in words), "SXM")
+    tflops = forms.get(form, forms.get("*"))
+    return tflops * 1e12 if tflops is not None else None
+
+
+# Two FLOPs-per-token conventions, both from the resolved model spec (forward + backward = 3 x forward; matmuls only,
+# as MFU counts what the model needs, not what recomputation or kernels add). They differ in the attention term and
+# in which parameters count: stagerun's (ModelSpec.flops_per_token) halves the score and value matmuls for the causal
+# mask and counts a tied embedding once, as the LM head it also is; PaLM's (appendix B) and torchtitan's count the
+# full square and drop every embedding parameter, so a tied LM head's FLOPs are not counted. torchtitan's MFU uses
+# the latter: compare its numbers with stagerun_mfu_palm.
+def stagerun_flops_per_token(model: ModelSpec, seq_len: int) -> int:
+    """6 x (parameters - untied input embedding) + 6 x layers x dim x seqLen."""
+    return model.flops_per_token(seq_len)
+
+
+def palm_flops_per_token(model: ModelSpec, seq_len: int) -> int:
+    """6 x (parameters - embedding) + 12 x layers x heads x headDim x seqLen (torchtitan's get_nparams_and_flops)."""
+    layers, heads = resolved_value(model.layers, "layers"), resolved_value(model.heads, "heads")
+    embedding = model.padded_vocab * resolved_value(model.dim, "dim")
+    return 6 * (model.parameter_count() - embedding) + 12 * layers * heads * model.head_dim * seq_len
+
+
+def mfu(tokens_per_second: float, flops_per_token: int, peak_flops: float | None) -> float | None:
+    """Achieved over peak FLOP/s (``peak_flops`` of every device that produced ``tokens_per_second`` together)."""
+    return tokens_per_second * flops_per_token / peak_flops if peak_flops else None
 
 
 class GpuTelemetry:
@@ -166,7 +214,10 @@ class TrainerMetrics:
         data_seconds: float,
         flops_per_token: int,
         tokens_per_source: dict[str, int],
+        palm_flops_per_token: int | None = None,
     ) -> None:
+        """``flops_per_token``: stagerun's convention (stagerun_flops_per_token); ``palm_flops_per_token``: PaLM's
+        (palm_flops_per_token), whose gauges are absent when it is not given."""
         tokens_per_second = batch_tokens / step_seconds if step_seconds > 0 else 0.0
         with self._lock:
             self.phase = phase
@@ -188,7 +239,9 @@ class TrainerMetrics:
             step_seconds=step_seconds,
             data_wait_seconds=data_seconds,
             model_flops_per_token=flops_per_token,
-            mfu=tokens_per_second * flops_per_token / self.peak_flops if self.peak_flops else None,
+            mfu=mfu(tokens_per_second, flops_per_token, self.peak_flops),
+            model_flops_per_token_palm=palm_flops_per_token,
+            mfu_palm=mfu(tokens_per_second, palm_flops_per_token, self.peak_flops) if palm_flops_per_token else None,
         )
 
     def checkpoint_saved(self, seconds: float | None, size: int | None) -> None:

@@ -1,25 +1,35 @@
-"""One optimizer step: gradient accumulation over this rank's micro-batches, clipping, AdamW update."""
+"""One optimizer step: gradient accumulation over this rank's micro-batches, clipping, AdamW update.
+
+The step never waits for the device: the global token count is known on the host (``StepBatch.global_tokens``) or
+all-reduced on the device, the gradient norm stays a device tensor through clipping, and the step's metrics (loss
+sums, checksum) are summed over the ranks in one float64 all-reduce that nobody reads back until a caller asks
+(``StepResult.resolve``: one ``.tolist()``). So the host runs ahead and queues the next step's kernels while the
+device still works on this one; the trainer reads the metrics only on steps it logs or checkpoints.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 
 from stagerun.core.spec.run import TrainingSpec
 
+from .batch import StepBatch
+from .data.loader import MicroBatch
 from .distill import teacher_targets
-from .distributed import Topology
-from .losses import compute_losses
+from .distributed import Topology, check_sequence_parallel
+from .losses import LossConfig
 
-IGNORE_INDEX = -100
+# The float64 metrics vector: sums over the loss group up to _CHECKSUM, then the (already global) norm and count.
+_CE, _Z, _MAX_Z, _DISTILL, _CHECKSUM, _GRAD_NORM, _TOKENS = range(7)
 
 
-@dataclass(frozen=True)
-class StepResult:
+class StepValues(NamedTuple):
     loss: float  # mean cross-entropy over the global batch
     z_loss: float  # mean weighted z-loss term (0 when disabled)
     max_z_loss: float  # mean weighted max-z term (0 when disabled)
@@ -29,17 +39,69 @@ class StepResult:
     batch_checksum: float  # sum over the global batch of token x (position + 1): the same however it is split
 
 
-def batch_checksum(micro_batches) -> float:
-    """A fingerprint of this rank's inputs whose sum over ranks identifies the global batch (resume checks)."""
-    total = 0
-    for mb in micro_batches:
-        weights = np.arange(1, mb.inputs.shape[1] + 1, dtype=np.int64)
-        total += int((mb.inputs * weights).sum())
-    return float(total)
+@dataclass
+class StepResult:
+    """A step's metrics, still on the device. Reading any of them is one host sync, made once and cached."""
+
+    values: torch.Tensor  # float64 [7] on the device, laid out as _CE ... _TOKENS
+    _host: StepValues | None = field(default=None, repr=False)
+
+    def resolve(self) -> StepValues:
+        if self._host is None:
+            v = self.values.tolist()
+            per_token = 1.0 / v[_TOKENS] if v[_TOKENS] else math.nan
+            self._host = StepValues(
+                loss=v[_CE] * per_token,
+                z_loss=v[_Z] * per_token,
+                max_z_loss=v[_MAX_Z] * per_token,
+                distill_loss=v[_DISTILL] * per_token,
+                grad_norm=v[_GRAD_NORM],
+                tokens=int(v[_TOKENS]),
+                batch_checksum=v[_CHECKSUM],
+            )
+        return self._host
+
+    @property
+    def loss(self) -> float:
+        return self.resolve().loss
+
+    @property
+    def z_loss(self) -> float:
+        return self.resolve().z_loss
+
+    @property
+    def max_z_loss(self) -> float:
+        return self.resolve().max_z_loss
+
+    @property
+    def distill_loss(self) -> float:
+        return self.resolve().distill_loss
+
+    @property
+    def grad_norm(self) -> float:
+        return self.resolve().grad_norm
+
+    @property
+    def tokens(self) -> int:
+        return self.resolve().tokens
+
+    @property
+    def batch_checksum(self) -> float:
+        return self.resolve().batch_checksum
 
 
 def build_optimizer(model: torch.nn.Module, training: TrainingSpec, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (norm weights and biases are not decayed)."""
+    """AdamW with weight decay on matrices only (norm weights and biases are not decayed).
+
+    Fused (one kernel for all parameters) on CUDA, foreach (multi-tensor kernels) elsewhere; torch's fused AdamW
+    does not take DTensor parameters (every trainer parameter, under FSDP2) on CPU, so asking for it there fails.
+    """
+    fused = training.uses_fused_adamw(device.type == "cuda")
+    if fused and device.type != "cuda":
+        raise ValueError(
+            "spec.training.optimizer.implementation: fused AdamW needs CUDA devices (torch's fused kernel does not "
+            "take the sharded parameters on CPU); use auto or foreach on CPU"
+        )
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
     for param in model.parameters():
@@ -51,40 +113,44 @@ def build_optimizer(model: torch.nn.Module, training: TrainingSpec, device: torc
         lr=0.0,
         betas=(opt.beta1, opt.beta2),
         eps=opt.eps,
-        foreach=True,  # deterministic and fast on CPU and GPU; fused AdamW does not take DTensors on CPU
+        fused=fused,
+        foreach=not fused,
     )
 
 
 @torch.no_grad()
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
-    """Global L2 gradient norm, then clip to ``max_norm``: correct when parameters live on different meshes.
+    """Global L2 gradient norm (a device tensor), then clip the gradients to ``max_norm`` (inf: measure only).
 
-    Under tensor parallelism the split matrices are DTensors on the (dp, tp) mesh while norms and embeddings
-    are sharded on dp only; torch's clip_grad_norm_ (and torchtitan's) cannot combine norms across meshes,
-    so each mesh's partial norm is reduced on its own and the squares are summed.
+    Under FSDP2 and tensor parallelism every gradient is a DTensor on the one (dp x tp) mesh (norms replicated
+    over tp, see distributed.apply_tensor_parallel), so torch's norm combines them and ``full_tensor`` is its
+    all-reduce. Clipping scales by the norm tensor on the device: no host sync.
     """
-    groups: dict[object, list[torch.Tensor]] = {}
-    for param in parameters:
-        if param.grad is not None:
-            key = param.grad.device_mesh if isinstance(param.grad, DTensor) else None
-            groups.setdefault(key, []).append(param)
-    squares = []
-    for params in groups.values():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], 2.0)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()  # reduces the partial norm over that mesh's ranks
-        squares.append(norm.float() ** 2)
-    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    params = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
     if math.isfinite(max_norm):
-        for params in groups.values():
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+def _device_scalar(value: float, device: torch.device) -> torch.Tensor:
+    """A float64 [1] tensor holding ``value``: a fill kernel, unlike torch.tensor(), which copies from host memory
+    and on CUDA waits for the stream."""
+    return torch.full((1,), float(value), dtype=torch.float64, device=device)
+
+
+def _global_tokens(batch: StepBatch, topo: Topology) -> torch.Tensor:
+    if batch.global_tokens is not None:
+        return _device_scalar(batch.global_tokens, topo.device)
+    return topo.all_reduce_loss_(_device_scalar(batch.local_tokens, topo.device))
 
 
 def train_step(
     model,
     optimizer,
-    micro_batches,
+    batch: StepBatch | Sequence[MicroBatch],
     *,
     lr: float,
     topo: Topology,
@@ -93,49 +159,33 @@ def train_step(
     distill_weight: float = 0.0,
     vocab_size: int | None = None,
 ) -> StepResult:
+    """One step over ``batch`` (a StepBatch, or the loader's micro-batches, moved here). Collectives: the token
+    count when ``batch.global_tokens`` is unset, FSDP's, the gradient norm's and one for the metrics."""
+    if not isinstance(batch, StepBatch):
+        batch = StepBatch.from_micro_batches(batch, topo.device, doc_masking=training.doc_masking)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    local_tokens = sum(int((mb.targets != IGNORE_INDEX).sum()) for mb in micro_batches)
-    (global_tokens,) = topo.sum_over_loss([local_tokens])
-    checksum = batch_checksum(micro_batches)
+    tokens = _global_tokens(batch, topo)
+    divisor = tokens.float()  # the loss is float32: dividing by a float64 tensor would promote the whole backward
+    config = LossConfig(training.z_loss, training.max_z_loss, distill_weight, training.loss_chunk_tokens)
     sums = torch.zeros(4, dtype=torch.float64, device=topo.device)
-    for mb in micro_batches:
-        inputs = torch.from_numpy(mb.inputs).to(topo.device, non_blocking=True)
-        targets = torch.from_numpy(mb.targets).to(topo.device, non_blocking=True)
-        doc_ids = torch.from_numpy(mb.doc_ids).to(topo.device, non_blocking=True) if training.doc_masking else None
+    for mb in batch.micro_batches:
+        if topo.tp_size > 1:
+            check_sequence_parallel(mb.inputs.shape[1], topo.tp_size)
         teacher_tokens = None
         if teacher is not None:
             assert vocab_size is not None, "distillation needs the student's vocab_size"
-            teacher_tokens = teacher_targets(teacher, inputs, doc_ids, vocab_size)
-        logits = model(inputs, doc_ids)
-        terms = compute_losses(
-            logits,
-            targets,
-            z_loss_weight=training.z_loss,
-            max_z_loss_weight=training.max_z_loss,
-            ignore_index=IGNORE_INDEX,
-            teacher_tokens=teacher_tokens,
-            distill_weight=distill_weight,
-        )
+            teacher_tokens = teacher_targets(teacher, mb.inputs, mb.doc_ids, vocab_size)
+        terms = model(mb.inputs, mb.doc_ids, targets=mb.targets, loss=config, teacher_tokens=teacher_tokens)
         # Dividing by the *global* token count (and summing gradients across ranks) gives the exact mean
         # over the global batch, however it is split into ranks and micro-batches.
-        (terms.total / global_tokens).backward()
+        (terms.total / divisor).backward()
         distill_sum = terms.distill_sum if terms.distill_sum is not None else torch.zeros_like(terms.ce_sum)
-        sums += torch.stack(
-            [terms.ce_sum.detach(), terms.z_sum.detach(), terms.max_z_sum.detach(), distill_sum.detach()]
-        ).double()
-        del logits, terms
+        sums += torch.stack([terms.ce_sum, terms.z_sum, terms.max_z_sum, distill_sum]).detach().double()
+        del terms
     max_norm = training.grad_clip if training.grad_clip > 0 else math.inf
     grad_norm = clip_grad_norm(model.parameters(), max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    ce, z, max_z, distill, checksum = topo.sum_over_loss(sums.tolist() + [checksum])
-    return StepResult(
-        ce / global_tokens,
-        z / global_tokens,
-        max_z / global_tokens,
-        distill / global_tokens,
-        float(grad_norm),
-        int(global_tokens),
-        checksum,
-    )
+    summed = topo.all_reduce_loss_(torch.cat([sums, _device_scalar(batch.checksum, topo.device)]))
+    return StepResult(torch.cat([summed, grad_norm.detach().double().reshape(1), tokens]))

@@ -42,23 +42,32 @@ def build_model(
     spec: ModelSpec, training: TrainingSpec, topo: D.Topology, *, for_training: bool = True, load_init: bool = True
 ) -> Transformer:
     """Meta-device build of ``spec`` (a resolved ModelSpec), parallelise, then materialise and initialise shard by
-    shard. ``for_training=False`` (a distillation teacher) skips activation checkpointing: it never backpropagates."""
+    shard. ``for_training=False`` (a distillation teacher) skips activation checkpointing: it never backpropagates.
+    ``load_init=False``: a checkpoint will overwrite every parameter, so neither the random init nor the Hugging Face
+    weights of ``spec.init`` are computed (the parameters stay uninitialised memory until the checkpoint loads)."""
+    gpu = topo.device.type == "cuda"
     with torch.device("meta"):
         model = Transformer(spec)
+    if training.float8 and for_training:
+        D.apply_float8(model, topo)  # refuses off Hopper or without torchao, naming spec.training.float8
     if topo.tp_size > 1:
         D.apply_tensor_parallel(model, topo)
-    if training.activation_checkpointing and for_training:
-        D.apply_activation_checkpointing(model)
-    if training.compile:
+    mode = training.checkpointing_mode(gpu)
+    if mode != "none" and for_training:
+        D.apply_activation_checkpointing(model, mode)
+    if training.uses_compile(gpu):
         D.apply_compile(model)
-    bf16 = training.precision == "bf16" or (training.precision == "auto" and topo.device.type == "cuda")
-    D.apply_fsdp(model, topo, torch.bfloat16 if bf16 else None)
+    D.apply_fsdp(model, topo, torch.bfloat16 if training.uses_bf16(gpu) else None)
     model.to_empty(device=topo.device)
-    init_weights(model, training.seed)
-    if spec.init is not None and for_training and load_init:  # continued pretraining: released weights
+    if not load_init:
+        return model  # resuming, or a teacher: a checkpoint supersedes both
+    if spec.init is not None and for_training:
+        # Continued pretraining: the released weights cover every parameter (a missing one is an error).
         from .hf.load import load_hf_weights
 
         load_hf_weights(model, spec, spec.init.path)
+    else:
+        init_weights(model, training.seed)
     return model
 
 
@@ -105,7 +114,9 @@ def train(run: ResolvedRun, run_dir: Path, manifest: Path | None = None, world_s
     assert phase is not None  # _exit_before_start returned otherwise
     topo = D.init_topology(phase)
     model = build_model(run.model, run.training, topo, load_init=latest is None)  # a checkpoint supersedes them
-    teachers = Teachers(run.model, lambda spec: build_model(spec, run.training, topo, for_training=False))
+    teachers = Teachers(
+        run.model, lambda spec: build_model(spec, run.training, topo, for_training=False, load_init=False)
+    )
     optimizer = build_optimizer(model, run.training, topo.device)
     loader = open_loader(run, run_dir)
     trainer = Trainer(

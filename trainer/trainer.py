@@ -12,6 +12,7 @@ names factories that receive the :class:`Trainer` and return callbacks and/or ch
 from __future__ import annotations
 
 import base64
+import dataclasses
 import importlib
 import logging
 import math
@@ -25,19 +26,28 @@ from typing import Any
 
 import torch
 
-from stagerun.core.plan import StepPlan, next_phase_needs_relaunch, phase_at, step_plan
+from stagerun.core.plan import StepPlan, checkpoint_due, next_phase_needs_relaunch, phase_at, step_plan
 from stagerun.core.protocol import GangState, RunStatus, to_json_dict
 from stagerun.core.spec import ResolvedRun, to_manifest
 
 from . import distributed as D
+from .batch import StepBatch
 from .checkpoint import CheckpointInfo, CheckpointManager, ModelOptimizerState
 from .data.loader import PackedMixLoader
 from .distill import Teachers
-from .step import train_step
+from .prefetch import Prefetcher
+from .step import StepResult, train_step
 
 log = logging.getLogger("stagerun.trainer")
 
 CALLBACKS_ENV = "STAGERUN_CALLBACKS"
+# The stop agreement is a collective plus a host sync: it runs on every step that reads values anyway (log,
+# checkpoint and phase-end steps) and otherwise every this many steps, so a SIGTERM leads to a checkpoint within at
+# most this many steps (fewer with a smaller logEverySteps; the default of 1 agrees after every step).
+STOP_CHECK_STEPS = 8
+# A run failing with an async save in flight gives it this long to commit (it is a good checkpoint of an earlier
+# step), then abandons it: no marker is written, so a half-written folder is never loaded.
+SAVE_WAIT_ON_ERROR_SECONDS = 120.0
 
 
 def _wire(name: str) -> Any:
@@ -46,25 +56,36 @@ def _wire(name: str) -> Any:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One optimizer step as every callback sees it; ``to_dict`` is a ``metrics.jsonl`` line."""
+    """One optimizer step as every callback sees it; ``to_dict`` is a ``metrics.jsonl`` line.
+
+    The values read back from the device (losses, grad norm, checksum) and the timings are there only on steps that
+    read them (``has_values``): log steps (``spec.training.logEverySteps``), checkpoint steps and a phase's last
+    step; on the others they are None, the device may still be busy with the step, and reading them would stall
+    the host. Timings are means over the steps since the previous step with values (the host runs ahead of the
+    device in between, so only such windows measure it).
+    """
 
     step: int
     tokens: int  # seen after this step
     phase: str
     phase_index: int = _wire("phaseIndex")
-    loss: float = _wire("loss")
-    z_loss: float = _wire("zLoss")
-    max_z_loss: float = _wire("maxZLoss")
-    distill_loss: float = _wire("distillLoss")
-    grad_norm: float = _wire("gradNorm")
+    loss: float | None = _wire("loss")
+    z_loss: float | None = _wire("zLoss")
+    max_z_loss: float | None = _wire("maxZLoss")
+    distill_loss: float | None = _wire("distillLoss")
+    grad_norm: float | None = _wire("gradNorm")
     lr: float = _wire("lr")
     batch_tokens: int = _wire("batchTokens")
     seq_len: int = _wire("seqLen")
-    step_seconds: float = _wire("stepSeconds")
-    data_seconds: float = _wire("dataSeconds")
-    tokens_per_second: float = _wire("tokensPerSecond")
+    step_seconds: float | None = _wire("stepSeconds")
+    data_seconds: float | None = _wire("dataSeconds")  # waited for the batch (the prefetch thread draws it ahead)
+    tokens_per_second: float | None = _wire("tokensPerSecond")
     tokens_per_source: dict[str, int] = _wire("tokensPerSource")
-    batch_checksum: float = _wire("batchChecksum")
+    batch_checksum: float | None = _wire("batchChecksum")
+
+    @property
+    def has_values(self) -> bool:
+        return self.loss is not None
 
     def to_dict(self) -> dict[str, Any]:
         return to_json_dict(self)
@@ -89,10 +110,14 @@ class Callback:
 
     def on_step(self, record: StepRecord) -> None: ...
 
-    def on_checkpoint(self, checkpoint: CheckpointInfo, save_seconds: float | None) -> None: ...
+    def on_checkpoint(self, checkpoint: CheckpointInfo, save_seconds: float | None) -> None:
+        """``checkpoint`` is committed. With async saves (``spec.checkpoint.asyncSave``) each rank learns that on
+        its own, a step or more after the save started (or when the loop ends), so ranks may call this at
+        different steps: it must not run collectives."""
 
     def on_phase_end(self, record: StepRecord) -> None:
-        """``record`` was the last step of its phase (its checkpoint is committed)."""
+        """``record`` was the last step of its phase (its checkpoint is saved; an async one may still be in
+        flight, and commits before the gang ends)."""
 
     def on_stop(self, status: RunStatus) -> None:
         """The loop ended normally: why the gang stops (written to status.json by rank 0 afterwards)."""
@@ -138,8 +163,20 @@ def _same_model(expected: dict[str, Any], checkpoint_path: str) -> Callable[[dic
     return check
 
 
+@dataclass
+class _Window:
+    """The steps since the last step that read values: their timings are measured as one stretch."""
+
+    started: float
+    steps: int = 0
+    tokens: int = 0
+    data_seconds: float = 0.0
+
+
 class Trainer:
-    """Owns the training state (model, optimizer, loader, RNG, position in the plan) and runs the step loop."""
+    """Owns the training state (model, optimizer, loader, RNG, position in the plan) and runs the step loop.
+
+    ``prefetch``: draw the next step's batch in a background thread (prefetch.py) while the step runs."""
 
     def __init__(
         self,
@@ -151,6 +188,7 @@ class Trainer:
         loader: PackedMixLoader,
         teachers: Teachers,
         manager: CheckpointManager,
+        prefetch: bool = True,
     ) -> None:
         self.run, self.topo, self.manager = run, topo, manager
         self.model, self.optimizer, self.loader, self.teachers = model, optimizer, loader, teachers
@@ -160,7 +198,13 @@ class Trainer:
         self.step, self.tokens, self.restarts = 0, 0, 0
         self.last_checkpoint: str | None = None
         self.plan: StepPlan | None = None  # the step just taken, while its callbacks run
+        self.batch: StepBatch | None = None  # its batch: the loader state a checkpoint after it stores
+        self.result: StepResult | None = None  # its train_step result (device values until first read)
         self.stopping = False  # some rank was asked to stop: checkpoint after this step and end
+        self.prefetch = prefetch
+        self.prefetcher: Prefetcher | None = None  # the running loop's
+        self.async_save = run.checkpoint.uses_async_save(topo.device.type == "cuda")
+        self._window = _Window(time.perf_counter())
 
     def resume(self, latest: CheckpointInfo | None) -> None:
         if latest is None:
@@ -184,50 +228,61 @@ class Trainer:
     def fit(self) -> RunStatus:
         """Step until the run ends, the next phase needs another gang, or a stop is asked; returns why."""
         stop = StopRequest()
-        status: RunStatus | None = None
         running_phase: int | None = None
+        topo, training = self.topo, self.run.training
+        prefetcher = self.prefetcher = Prefetcher(
+            self.loader,
+            device=topo.device,
+            dp_rank=topo.dp_rank,
+            dp_size=topo.dp_size,
+            doc_masking=training.doc_masking,
+            enabled=self.prefetch,
+        )
+        finished = False
         try:
             for callback in self.callbacks:
                 callback.on_start(self)
-            while status is None:
+            self._window = _Window(time.perf_counter())
+            while True:
                 plan = step_plan(self.run, self.tokens, self.step)
                 assert plan is not None  # the last phase's end stops the loop before the plan runs out
                 if plan.phase.index != running_phase:
                     running_phase = plan.phase.index
                     for callback in self.callbacks:
                         callback.on_phase_start(plan)
-                record = self._train_step(plan)
-                self.plan, self.stopping = plan, D.any_rank(stop.requested, self.topo)
+                record = self._train_step(plan, prefetcher, stop)
                 for callback in self.callbacks:
                     callback.on_step(record)
                 if plan.ends_phase:
                     for callback in self.callbacks:
                         callback.on_phase_end(record)
-                status = self._status_after(plan)
+                self._collect_checkpoint(block=False)
+                if self._status_after(plan) is not None:
+                    break
+            self._collect_checkpoint(block=True)  # the gang ends: its last checkpoint commits first
+            status = self._status_after(plan)
+            assert status is not None
             for callback in self.callbacks:
                 callback.on_stop(status)
+            finished = True
         finally:
+            prefetcher.close()  # a batch drawn ahead for a step never taken is dropped
+            if not finished:
+                self._settle_failed_save()
             for callback in self.callbacks:
                 callback.close()
         return status
 
-    def _train_step(self, plan: StepPlan) -> StepRecord:
+    def _train_step(self, plan: StepPlan, prefetcher: Prefetcher, stop: StopRequest) -> StepRecord:
         started = time.perf_counter()
-        micro_batches = self.loader.next_step(
-            phase_index=plan.phase.index,
-            weights=plan.phase.weights,
-            seq_len=plan.seq_len,
-            global_sequences=plan.batch_sequences,
-            dp_rank=self.topo.dp_rank,
-            dp_size=self.topo.dp_size,
-            micro_batch_size=plan.phase.micro_batch_size,
-        )
-        data_seconds = time.perf_counter() - started
+        batch = prefetcher.take(plan)
+        self._window.data_seconds += time.perf_counter() - started
+        prefetcher.prefetch(self._next_plan(plan))  # drawn while this step runs (on GPUs: while its kernels run)
         teacher, distill_weight = self.teachers.for_phase(plan.phase)
         result = train_step(
             self.model,
             self.optimizer,
-            micro_batches,
+            batch,
             lr=plan.lr,
             topo=self.topo,
             training=self.run.training,
@@ -235,56 +290,129 @@ class Trainer:
             distill_weight=distill_weight,
             vocab_size=self.run.model.vocab_size,
         )
-        if not math.isfinite(result.loss):
-            newest = self.manager.latest()
-            raise FloatingPointError(
-                f"loss is {result.loss} at step {self.step + 1} (phase {plan.phase.name}); stopping without a "
-                f"checkpoint so the newest good one ({newest.path if newest else 'none'}) stays the newest. "
-                "Lower lr.peak, lengthen the warmup, or enable spec.training.zLoss / maxZLoss"
-            )
         self.step, self.tokens = self.step + 1, plan.tokens_after
-        seconds = time.perf_counter() - started
-        return StepRecord(
+        self.plan, self.batch, self.result = plan, batch, result
+        if self._scheduled_sync(plan) or self.step % STOP_CHECK_STEPS == 0:
+            self.stopping = D.any_rank(stop.requested, self.topo)
+        return self._record(plan, batch, result)
+
+    def _next_plan(self, plan: StepPlan) -> StepPlan | None:
+        """The plan of the step after ``plan`` as the run stands now (a reload or a stop may still change it)."""
+        if plan.ends_phase and next_phase_needs_relaunch(self.run, plan.phase):
+            return None  # another gang trains it
+        return step_plan(self.run, plan.tokens_after, plan.step + 1)
+
+    def _scheduled_sync(self, plan: StepPlan) -> bool:
+        """Whether the step just taken reads values anyway, a stop aside: a log step or a scheduled checkpoint."""
+        return self.step % self.run.training.log_every_steps == 0 or self._checkpoint_scheduled(plan)
+
+    def _checkpoint_scheduled(self, plan: StepPlan) -> bool:
+        return plan.ends_phase or checkpoint_due(self.run.checkpoint.every_tokens, plan.tokens, plan.tokens_after)
+
+    def wants_checkpoint(self) -> bool:
+        """Whether the step just taken ends with a checkpoint: a phase's end, ``everyTokens``, or a stop."""
+        assert self.plan is not None, "wants_checkpoint() is for callbacks of a step"
+        return self.stopping or self._checkpoint_scheduled(self.plan)
+
+    def _record(self, plan: StepPlan, batch: StepBatch, result: StepResult) -> StepRecord:
+        window = self._window
+        window.steps, window.tokens = window.steps + 1, window.tokens + plan.batch_tokens
+        record = StepRecord(
             step=self.step,
             tokens=self.tokens,
             phase=plan.phase.name,
             phase_index=plan.phase.index,
+            loss=None,
+            z_loss=None,
+            max_z_loss=None,
+            distill_loss=None,
+            grad_norm=None,
+            lr=plan.lr,
+            batch_tokens=plan.batch_tokens,
+            seq_len=plan.seq_len,
+            step_seconds=None,
+            data_seconds=None,
+            tokens_per_second=None,
+            tokens_per_source=dict(batch.tokens_per_source),
+            batch_checksum=None,
+        )
+        if not (self._scheduled_sync(plan) or self.stopping):
+            return record
+        self._check_finite()  # the one host sync of the step (the result caches what it read)
+        now = time.perf_counter()
+        elapsed, self._window = now - window.started, _Window(now)
+        return dataclasses.replace(
+            record,
             loss=result.loss,
             z_loss=result.z_loss,
             max_z_loss=result.max_z_loss,
             distill_loss=result.distill_loss,
             grad_norm=result.grad_norm,
-            lr=plan.lr,
-            batch_tokens=plan.batch_tokens,
-            seq_len=plan.seq_len,
-            step_seconds=seconds,
-            data_seconds=data_seconds,
-            tokens_per_second=plan.batch_tokens / seconds,
-            tokens_per_source=dict(self.loader.tokens_per_source),
             batch_checksum=result.batch_checksum,
+            step_seconds=elapsed / window.steps,
+            data_seconds=window.data_seconds / window.steps,
+            tokens_per_second=window.tokens / elapsed,
         )
 
-    def save_checkpoint(self) -> CheckpointInfo:
-        """Checkpoint the state after the step just taken (collective: every rank calls it)."""
-        assert self.plan is not None, "save_checkpoint() is for callbacks of a step"
+    def _check_finite(self) -> None:
+        """Raise before anything is saved when the step just taken diverged (reads its loss: a host sync)."""
+        assert self.plan is not None and self.result is not None
+        loss = self.result.loss
+        if not math.isfinite(loss):
+            newest = self.manager.latest()
+            raise FloatingPointError(
+                f"loss is {loss} at step {self.step} (phase {self.plan.phase.name}); stopping without a "
+                f"checkpoint so the newest good one ({newest.path if newest else 'none'}) stays the newest. "
+                "Lower lr.peak, lengthen the warmup, or enable spec.training.zLoss / maxZLoss"
+            )
+
+    def save_checkpoint(self) -> CheckpointInfo | None:
+        """Checkpoint the state after the step just taken (collective: every rank calls it).
+
+        Returns the committed checkpoint; None for an async save, whose ``on_checkpoint`` comes once it commits."""
+        assert self.plan is not None and self.batch is not None, "save_checkpoint() is for callbacks of a step"
+        self._check_finite()  # a diverged step is never saved (its value is cached when the loop read it)
         phase = self.plan.phase
         meta = {
             "step": self.step,
             "tokens": self.tokens,
             "phase_index": phase.index,
             "phase": phase.name,
-            "loader": self.loader.state_dict(),
+            "loader": self.batch.loader_state,  # not self.loader's: that may be a prefetched step further
             "rng": _rng_state(),
             "model": self.model_fields,
             "run": self.run.name,
             "worldSize": self.topo.world_size,
             "restarts": self.restarts,
         }
-        info = self.manager.save(self.step, self.app_state, meta, phase_boundary=self.plan.ends_phase)
+        boundary = self.plan.ends_phase
+        if not self.async_save:
+            info = self.manager.save(self.step, self.app_state, meta, phase_boundary=boundary)
+            self._committed(info)
+            return info
+        gpu = self.topo.device.type == "cuda"
+        previous = self.manager.save_async(self.step, self.app_state, meta, phase_boundary=boundary, pinned=gpu)
+        if previous is not None:  # the save before had not committed yet: it has now
+            self._committed(previous)
+        return None
+
+    def _committed(self, info: CheckpointInfo) -> None:
         self.last_checkpoint = info.path
         for callback in self.callbacks:
             callback.on_checkpoint(info, self.manager.last_save_seconds)
-        return info
+
+    def _collect_checkpoint(self, *, block: bool) -> None:
+        """Hand an async save that has committed to the callbacks (``block``: wait for it first)."""
+        info = self.manager.wait() if block else self.manager.poll()
+        if info is not None:
+            self._committed(info)
+
+    def _settle_failed_save(self) -> None:
+        """The loop is failing: let an async save in flight commit, or abandon it (no marker) after a while."""
+        try:
+            self.manager.wait(timeout=SAVE_WAIT_ON_ERROR_SECONDS)
+        except Exception as e:  # noqa: BLE001 - the loop's own error is the one to raise
+            log.warning("checkpoint in flight when the run failed did not commit: %s", e)
 
     def _status_after(self, plan: StepPlan) -> RunStatus | None:
         """Why the gang stops after this step, or None to keep going."""

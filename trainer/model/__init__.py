@@ -8,9 +8,18 @@ init_weights(model, seed=0)
 logits = model(tokens, doc_ids)          # [B, T, spec.padded_vocab]
 """
 
-from .attention import Attention, DocumentMask, document_block_mask, document_causal_mask, flex_document_attention
+from .attention import (
+    Attention,
+    DocumentMask,
+    dense_attention,
+    document_block_mask,
+    document_causal_mask,
+    flex_document_attention,
+    uses_flex,
+)
+from .init import canonical_name, fill_local_shard, init_weights, parameter_seed
 from .positions import alibi_bias, alibi_slopes, apply_rotary, rope_cos_sin, rotate_half
-from .transformer import FeedForward, NormHead, Transformer, TransformerBlock, build_norm, init_weights
+from .transformer import FeedForward, NormHead, Transformer, TransformerBlock, build_norm
 
 __all__ = [
     "Attention",
@@ -23,10 +32,15 @@ __all__ = [
     "alibi_slopes",
     "apply_rotary",
     "build_norm",
+    "canonical_name",
+    "dense_attention",
     "document_block_mask",
     "document_causal_mask",
+    "fill_local_shard",
     "flex_document_attention",
     "init_weights",
+    "parameter_seed",
     "rope_cos_sin",
     "rotate_half",
+    "uses_flex",
 ]

@@ -3,14 +3,18 @@
 Kernel choice, per call:
 - no ``doc_ids``, RoPE: SDPA with ``is_causal=True`` (flash / memory-efficient kernels).
 - no ``doc_ids``, ALiBi: SDPA with a float bias (causal -inf plus -slope * distance).
-- ``doc_ids`` on CUDA: FlexAttention, compiled once per process, with a document-causal BlockMask (Llama 3's
-  intra-document masking) and ALiBi as a score_mod; fully masked blocks are skipped, so packed short documents
-  cost less than a full causal pass.
-- ``doc_ids`` elsewhere: SDPA with an explicit boolean block-diagonal causal mask. Measured on a 2-core CPU
-  (torch 2.13, B=16, 4 heads, head_dim 64): eager FlexAttention took 46 ms at T=128 and 136 ms at T=256 against
-  2.5 ms and 11.5 ms for SDPA with the explicit mask (12-18x slower: without torch.compile flex materialises the
-  scores and evaluates the mask_mod elementwise), and it has no backward on CPU at all, so CPU uses the explicit
-  mask. Both agree within 1e-6.
+- ``doc_ids`` on CUDA: FlexAttention with a document-causal BlockMask (Llama 3's intra-document masking) and
+  ALiBi as a score_mod; fully masked blocks are skipped, so packed short documents cost less than a full causal
+  pass. Inside a compiled block dynamo lowers flex into the block's graph; from eager code a process-wide compiled
+  flex runs.
+- ``doc_ids`` on CPU: SDPA with an explicit boolean block-diagonal causal mask. CPU FlexAttention has no backward,
+  compiled or not (torch 2.11-2.13), and eager it is slow: measured on a 2-core CPU (torch 2.13, B=16, 4 heads,
+  head_dim 64), 46 ms at T=128 and 136 ms at T=256 against 2.5 ms and 11.5 ms for SDPA with the explicit mask
+  (without torch.compile flex materialises the scores and evaluates the mask_mod elementwise). Both agree within
+  1e-6.
+
+The choice is made once per forward (``uses_flex``), when the model builds its ``DocumentMask`` outside the blocks.
+Grouped-query attention never copies K/V: SDPA and flex both take ``enable_gqa``.
 
 Tensor parallel: heads are counted from the projections' output width at forward time, so a column-wise split of
 wq/wk/wv and a row-wise split of wo needs no change here; ``head_offset`` says which global head is this rank's
@@ -20,6 +24,7 @@ first, so ALiBi picks the right slopes.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,24 +36,34 @@ from .positions import alibi_bias, alibi_slopes, apply_rotary, rope_cos_sin
 _FLEX_EAGER_WARNING = "flex_attention called without torch.compile"
 
 
+def uses_flex(device: torch.device) -> bool:
+    """The one rule for document masks: FlexAttention on CUDA (its kernel is compiled even in an eager model), the
+    dense SDPA mask on CPU. CPU flex cannot train, compiled or not: torch 2.11 to 2.13 raise "FlexAttention does
+    not support backward on CPU" in flex_attention's input checks, before dynamo or inductor see the call (eager
+    it is also 12-18x slower, module docstring). Tests force CPU flex (``Attention.use_flex``) without grad."""
+    return device.type == "cuda"
+
+
+@dataclass(frozen=True)
 class DocumentMask:
-    """The per-forward masking state shared by all layers: document ids plus masks built once, on first use."""
+    """The per-forward document mask shared by all layers: exactly one of a BlockMask (FlexAttention) or a dense
+    boolean mask (SDPA). Built once per forward outside the blocks and never mutated, so compiled and checkpointed
+    blocks see a plain input (no graph break, one compilation for every layer)."""
 
-    def __init__(self, doc_ids: torch.Tensor):
-        self.doc_ids = doc_ids
-        self._dense: torch.Tensor | None = None
-        self._block: BlockMask | None = None
+    block: BlockMask | None = None
+    dense: torch.Tensor | None = None
 
-    def dense(self) -> torch.Tensor:
-        """Boolean [B, 1, T, T]: True where a query may attend a key (same document, key not after query)."""
-        if self._dense is None:
-            self._dense = document_causal_mask(self.doc_ids)
-        return self._dense
+    @classmethod
+    def build(cls, doc_ids: torch.Tensor, flex: bool) -> DocumentMask:
+        if flex:
+            return cls(block=document_block_mask(doc_ids))
+        return cls(dense=document_causal_mask(doc_ids))
 
-    def block(self) -> BlockMask:
-        if self._block is None:
-            self._block = document_block_mask(self.doc_ids)
-        return self._block
+    @classmethod
+    def for_model(cls, model: nn.Module, doc_ids: torch.Tensor) -> DocumentMask:
+        """The mask kind ``model``'s attention layers were set up for (they all share one setting)."""
+        attention = next(m for m in model.modules() if isinstance(m, Attention))
+        return cls.build(doc_ids, attention.wants_flex(doc_ids.device))
 
 
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -62,11 +77,9 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 _compiled: dict[str, object] = {}
 
 
-def _flex_functions(device: torch.device):
-    """flex_attention and create_block_mask: compiled on CUDA (once per process, as torchtitan does: every
-    compiled instance re-traces), eager elsewhere."""
-    if device.type != "cuda":
-        return flex_attention, create_block_mask
+def _compiled_on_cuda() -> tuple:
+    """flex_attention and create_block_mask compiled once per process (as torchtitan does: every compiled
+    instance re-traces), for calls from eager code on CUDA."""
     if not _compiled:
         _compiled["flex"] = torch.compile(flex_attention, dynamic=False)
         _compiled["mask"] = torch.compile(create_block_mask)
@@ -79,7 +92,8 @@ def document_block_mask(doc_ids: torch.Tensor) -> BlockMask:
     def document_causal(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
 
-    _, make_mask = _flex_functions(doc_ids.device)
+    # Built in the (uncompiled) model forward: compiled on CUDA, eager on CPU, where it is a vmap over T x T.
+    make_mask = _compiled_on_cuda()[1] if doc_ids.device.type == "cuda" else create_block_mask
     return make_mask(document_causal, batch, None, seq_len, seq_len, device=doc_ids.device)
 
 
@@ -97,13 +111,33 @@ def flex_document_attention(
         def score_mod(score, b, h, q_idx, kv_idx):  # ALiBi: -slope * (query - key)
             return score + slopes[h] * (kv_idx - q_idx)
 
-    attend, _ = _flex_functions(q.device)
     gqa = q.shape[1] != k.shape[1]
+    if torch.compiler.is_compiling():  # inside a compiled block: dynamo lowers the call into the block's graph
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa)
     if q.device.type == "cuda":
+        attend = _compiled_on_cuda()[0]
         return attend(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa)
-    with warnings.catch_warnings():  # only reached by tests and explicit calls on CPU; the warning is expected
+    with warnings.catch_warnings():  # eager CPU flex: only tests and explicit calls get here; the warning is expected
         warnings.filterwarnings("ignore", message=_FLEX_EAGER_WARNING)
-        return attend(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa)
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa)
+
+
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, slopes: torch.Tensor | None
+) -> torch.Tensor:
+    """SDPA: causal kernels without mask or ALiBi, else an explicit boolean mask or float bias. Grouped-query
+    through ``enable_gqa``: query head h reads kv head h // group (the Hugging Face repeat_kv layout) without
+    copying K/V."""
+    gqa = k.shape[1] != q.shape[1]
+    if mask is None and slopes is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    bias: torch.Tensor | None = None if slopes is None else alibi_bias(slopes, q.shape[2])[None]  # [1, H, T, T]
+    if mask is not None:
+        bias = mask if bias is None else bias.masked_fill(~mask, float("-inf"))
+    assert bias is not None  # this branch has a mask, slopes, or both
+    if bias.dtype != torch.bool:
+        bias = bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -119,7 +153,10 @@ class Attention(nn.Module):
         self.rotary_dims = spec.rotary_dims
         self.rope_theta = spec.rope_theta
         self.head_offset = 0  # first global head held by this rank under tensor parallelism
-        self.use_flex: bool | None = None  # None: FlexAttention for doc masks on CUDA only (see module docstring)
+        self.use_flex: bool | None = None  # forces the document-mask kernel (tests); None: the uses_flex rule
+
+    def wants_flex(self, device: torch.device) -> bool:
+        return uses_flex(device) if self.use_flex is None else self.use_flex
 
     def local_alibi_slopes(self, local_heads: int, device: torch.device) -> torch.Tensor:
         slopes = alibi_slopes(self.n_heads)[self.head_offset : self.head_offset + local_heads]
@@ -136,23 +173,8 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         slopes = self.local_alibi_slopes(q.shape[1], x.device) if self.position == "alibi" else None
 
-        use_flex = x.device.type == "cuda" if self.use_flex is None else self.use_flex
-        if mask is not None and use_flex:
-            out = flex_document_attention(q, k, v, mask.block(), slopes)
+        if mask is not None and mask.block is not None:
+            out = flex_document_attention(q, k, v, mask.block, slopes)
         else:
-            if k.shape[1] != q.shape[1]:
-                # Grouped-query: query head h reads kv head h // group (the Hugging Face repeat_kv layout).
-                group = q.shape[1] // k.shape[1]
-                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            if mask is None and slopes is None:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:
-                bias: torch.Tensor | None = None if slopes is None else alibi_bias(slopes, seq_len)[None]  # [1,H,T,T]
-                if mask is not None:
-                    allowed = mask.dense()
-                    bias = allowed if bias is None else bias.masked_fill(~allowed, float("-inf"))
-                assert bias is not None  # this branch has a mask, slopes, or both
-                if bias.dtype != torch.bool:
-                    bias = bias.to(q.dtype)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            out = dense_attention(q, k, v, None if mask is None else mask.dense, slopes)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))

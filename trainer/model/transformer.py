@@ -1,4 +1,4 @@
-"""The decoder-only transformer every preset builds, and its sharding-independent initialisation.
+"""The decoder-only transformer every preset builds (its sharding-independent initialisation is in init.py).
 
 Module names (``tok_embeddings``, ``layers[i].attention.wq/wk/wv/wo``, ``layers[i].feed_forward.w1/w2/w3``,
 ``attention_norm``, ``ffn_norm``, ``norm``, ``output``) follow torchtitan's Llama so the parallelism plans
@@ -7,14 +7,16 @@ Module names (``tok_embeddings``, ``layers[i].attention.wq/wk/wv/wo``, ``layers[
 
 from __future__ import annotations
 
-import hashlib
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
+from ..losses import LossConfig, LossTerms, VocabShard, lm_losses
 from .attention import Attention, DocumentMask
+
+# Re-exported: callers import the init from here (trainer/hf, tests) as before it moved to init.py.
+from .init import _initial_value, canonical_name, init_weights, parameter_seed  # noqa: F401
 
 
 def build_norm(spec) -> nn.Module:
@@ -49,6 +51,14 @@ class NormHead(nn.Linear):
         return F.linear(x, F.normalize(self.weight, dim=-1), self.bias)
 
 
+def _replicated(hidden: torch.Tensor) -> torch.Tensor:
+    """The full sequence on every TP rank from sequence-parallel (Shard(1)) hidden states. Each rank's gradient
+    covers only its vocabulary rows, so it is a partial sum (reduce-scattered back to the sequence shards)."""
+    if not isinstance(hidden, DTensor):
+        return hidden
+    return hidden.redistribute(hidden.device_mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, spec):
         super().__init__()
@@ -77,20 +87,45 @@ class Transformer(nn.Module):
             head = NormHead if spec.norm_head else nn.Linear
             self.output = head(spec.dim, spec.padded_vocab, bias=False)
 
-    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, padded_vocab]. With ``doc_ids`` [B, T], a token attends only to earlier tokens of its
-        own document (packed sequences, Llama 3); without, plain causal attention."""
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        *,
+        targets: torch.Tensor | None = None,
+        loss: LossConfig | None = None,
+        teacher_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor | LossTerms:
+        """Logits [B, T, padded_vocab], or with ``targets`` [B, T] the loss terms (``losses.lm_losses`` with
+        ``loss``, default LossConfig(), and ``teacher_tokens``). With ``doc_ids`` [B, T], a token attends only to
+        earlier tokens of its own document (packed sequences, Llama 3); without, plain causal attention.
+
+        The loss runs here, inside forward, because FSDP2 gathers the root's parameters (embedding, final norm,
+        head) for the root's forward only: outside it the head is sharded. It is fused with the head, so the
+        logits are never materialised whole (see losses.py)."""
         h = self.tok_embeddings(tokens)
-        mask = DocumentMask(doc_ids) if doc_ids is not None else None
+        mask = DocumentMask.for_model(self, doc_ids) if doc_ids is not None else None
         for layer in self.layers:
             h = layer(h, mask)
-        h = self.norm(h)
-        if self.output is not None:
-            return self.output(h)
-        weight = self.tok_embeddings.weight
+        hidden = _replicated(self.norm(h))
+        weight, shard = self._head_weight()
+        if targets is None:
+            return shard.gather(F.linear(hidden, weight))
+        return lm_losses(hidden, weight, targets, loss or LossConfig(), teacher_tokens=teacher_tokens, shard=shard)
+
+    def _head_weight(self) -> tuple[torch.Tensor, VocabShard]:
+        """The head's rows this rank holds (all without tensor parallelism; NormHead applied) and where they sit."""
+        weight = self.output.weight if self.output is not None else self.tok_embeddings.weight
+        shard = VocabShard()
+        if isinstance(weight, DTensor):  # tensor parallel: split by vocabulary rows (distributed.py)
+            if tuple(weight.placements) != (Shard(0),):
+                raise RuntimeError(f"the LM head must be split by vocabulary rows, found {weight.placements}")
+            mesh = weight.device_mesh
+            weight = weight.to_local()
+            shard = VocabShard(mesh, mesh.get_local_rank() * weight.shape[0])
         if self.spec.norm_head:
-            weight = F.normalize(weight, dim=-1)
-        return F.linear(h, weight)
+            weight = F.normalize(weight, dim=-1)  # per row, so the same on a shard of rows
+        return weight, shard
 
     def blocks(self) -> list[TransformerBlock]:
         """The blocks as built, before activation checkpointing or compile wrap them (tensor parallelism's view)."""
@@ -101,61 +136,3 @@ class Transformer(nn.Module):
 
     def init_weights(self, seed: int) -> None:
         init_weights(self, seed)
-
-
-# The module names that checkpoint_wrapper and torch.compile of a block insert into parameter names (FSDP2 renames
-# nothing); stripped so a parameter's init does not depend on how the model was wrapped.
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def canonical_name(fqn: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        fqn = fqn.replace(prefix, "")
-    return fqn
-
-
-def parameter_seed(seed: int, fqn: str) -> int:
-    """A generator seed from (run seed, parameter name), stable across processes and Python versions (Python's
-    ``hash()`` of a str is salted per process)."""
-    digest = hashlib.sha256(f"{seed}/{canonical_name(fqn)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def _initial_value(model: Transformer, fqn: str, module: nn.Module, leaf: str, shape, seed: int) -> torch.Tensor:
-    spec = model.spec
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-        return torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
-    if leaf == "bias":
-        return torch.zeros(shape)
-    std = spec.init_std
-    if fqn.endswith(("attention.wo", "feed_forward.w2")):
-        # Residual-branch outputs scaled by 1/sqrt(2 x layers) (GPT-2; torchtitan's depth init) so the residual
-        # stream's variance does not grow with depth.
-        std = std / math.sqrt(2 * spec.layers)
-    generator = torch.Generator().manual_seed(parameter_seed(seed, f"{fqn}.{leaf}"))
-    return torch.empty(shape).normal_(0.0, std, generator=generator)
-
-
-@torch.no_grad()
-def init_weights(model: Transformer, seed: int) -> None:
-    """Initialise every parameter from (seed, parameter name) alone, whatever the sharding.
-
-    Each parameter's full tensor is drawn on CPU from its own generator; a DTensor (FSDP2 / tensor parallel) then
-    keeps only its local shard, cut locally (``src_data_rank=None``: every rank computed the same full tensor, so no
-    communication). Works on a model built on the meta device and materialised with ``to_empty()``.
-    Cost: every rank draws every full tensor once on CPU, ~15 s per billion parameters on one core (measured:
-    1.6 s per 100M normals), and holds the largest full tensor (Llama 3 8B's embedding: 2.1 GB) at a time.
-    """
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    for module_name, module in model.named_modules():
-        for leaf, param in module.named_parameters(recurse=False):
-            fqn = canonical_name(module_name)
-            full = _initial_value(model, fqn, module, leaf, tuple(param.shape), seed)
-            full = full.to(dtype=param.dtype)
-            if isinstance(param, DTensor):
-                full = full.to(param.device)  # DTensor.device is the local device
-                local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-                param.to_local().copy_(local.to_local())
-            else:
-                param.copy_(full)

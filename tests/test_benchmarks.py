@@ -1,0 +1,169 @@
+"""The benchmarks never rot: each runs in its smallest mode, as a user starts it, and its table is checked.
+
+gpu_throughput.py --tiny trains the tiny preset on CPU (gloo, one process) through the product's step path;
+step_overhead.py --short compares that path with its bare PyTorch twin, whose equivalence (same weights, same losses
+step after step) is checked here too, so the overhead it reports is for the same work.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+BENCHMARKS = ROOT / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def benchmarks_on_path():
+    sys.path.insert(0, str(BENCHMARKS))
+    yield
+    sys.path.remove(str(BENCHMARKS))
+
+
+def run_script(name: str, *args: str, timeout: float = 120) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def table_rows(text: str) -> list[dict[str, str]]:
+    """The first Markdown table of ``text`` as dicts (header -> cell)."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
+
+
+def number(cell: str) -> float:
+    return float(cell.replace(",", ""))
+
+
+def test_gpu_throughput_tiny_mode_prints_a_finite_table(tmp_path, benchmarks_on_path):
+    from gpu_throughput import COLUMNS
+
+    out = run_script(
+        "gpu_throughput.py", "--tiny", "--warmup", "1", "--steps", "3", "--markdown", str(tmp_path / "throughput.md")
+    )
+    (row,) = table_rows(out)
+    assert list(row) == COLUMNS
+    assert (row["framework"], row["shape"], row["seq"], row["batch tokens"]) == ("stagerun", "tiny", "64", "256")
+    assert row["steps"] == "3"
+    for column in ("tokens/s", "MFU stagerun %", "MFU PaLM %", "peak mem GiB", "final loss"):
+        assert math.isfinite(number(row[column])) and number(row[column]) > 0, (column, row)
+    # One save happened in the second window (on CPU a sync save: the loop waited for all of it).
+    assert number(row["ckpt stall s"]) > 0 and number(row["stall % @ interval"]) > 0
+    assert 0 < number(row["final loss"]) < 10  # ln(512) = 6.2 at init: the step trained on real numbers
+    assert "torchtitan tiny: skipped (" in out  # says why, rather than silently
+
+
+def test_torchtitan_log_line_is_parsed(benchmarks_on_path):
+    from torchtitan_compare import TitanResult, parse_log
+
+    text = (
+        "[titan] 2026-12-02 16:00:01,000 - root - INFO - step:  1  loss: 12.0000  grad_norm: 4.0  memory: 30.10GiB"
+        "(21.53%)  tps: 1,234  tflops: 10.00  mfu: 1.01%\n"
+        "[titan] 2026-12-02 16:00:09,000 - root - INFO - step: 40  loss: 11.2345  grad_norm: 1.2  memory: 33.12GiB"
+        "(23.68%)  tps: 45,678  tflops: 504.20  mfu: 50.98%\n"
+    )
+    assert parse_log(text) == TitanResult(step=40, reserved_gib=33.12, tokens_per_second=45678.0, mfu_percent=50.98)
+    assert parse_log("no metrics here") is None
+
+
+@pytest.mark.parametrize("shape_index", [0, 1])
+def test_torchtitan_gets_the_same_widths(benchmarks_on_path, shape_index):
+    """torchtitan's FeedForward rounds int(multiplier x int(8/3 x dim)) up to multiple_of: it must land on ours."""
+    from gpu_throughput import GPU_SHAPES, bench_run
+    from torchtitan_compare import model_args
+
+    run = bench_run(GPU_SHAPES[shape_index], gpu=True)
+    args = model_args(run)
+    hidden = int(args["ffn_dim_multiplier"] * int(8 * args["dim"] / 3))
+    assert args["multiple_of"] * math.ceil(hidden / args["multiple_of"]) == run.model.ffn_width
+    assert (args["dim"], args["n_layers"], args["n_heads"], args["n_kv_heads"], args["vocab_size"]) == (
+        run.model.dim,
+        run.model.layers,
+        run.model.heads,
+        run.model.kv_heads,
+        run.model.padded_vocab,
+    )
+
+
+def test_step_overhead_short_mode_compares_both(tmp_path):
+    out = run_script("step_overhead.py", "--short", "--markdown", str(tmp_path / "overhead.md"))
+    rows = {row["implementation"]: row for row in table_rows(out)}
+    assert set(rows) == {"stagerun", "bare"}
+    for row in rows.values():
+        for column in ("median step ms", "min step ms", "median CPU ms", "tokens/s", "vs bare (wall)"):
+            assert math.isfinite(number(row[column])) and number(row[column]) > 0, (column, row)
+    assert number(rows["bare"]["vs bare (wall)"]) == 1.0
+    assert "stagerun / bare median step time:" in (tmp_path / "overhead.md").read_text()
+
+
+def test_the_bare_twin_is_the_same_model_and_optimizer(benchmarks_on_path, monkeypatch):
+    """Same weights in, the same loss out at every step (the update rules agree too): fp32, tolerance 1e-5."""
+    import step_overhead
+
+    from stagerun.trainer import distributed as D
+
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    run = step_overhead.bench_run(step_overhead.SHORT, gpu=False)
+    topo = step_overhead.single_process_topology(run)
+    try:
+        stagerun, bare = step_overhead.Stagerun(run, topo), step_overhead.Bare(run)
+        bare.load_from(stagerun.model)
+        rng = np.random.default_rng(3)
+        for _ in range(3):
+            batch = step_overhead.synthetic_batch(run, rng)
+            assert stagerun.step(batch) == pytest.approx(bare.step(batch), abs=1e-5)
+    finally:
+        D.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_comparison_subprocess_is_killed_at_the_deadline(benchmarks_on_path):
+    """Its whole process group: a torchrun worker must not outlive the time limit (and keep the GPU)."""
+    import signal
+    import time
+
+    from torchtitan_compare import run_streaming
+
+    child = "import subprocess, sys, time; print('started', flush=True); "
+    child += "subprocess.run([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    start = time.monotonic()
+    command, deadline = [sys.executable, "-c", child], time.monotonic() + 1.5
+    returncode, output = run_streaming(command, dict(os.environ), deadline, log=lambda line: None)
+    assert returncode == -signal.SIGKILL and "started" in output
+    assert time.monotonic() - start < 30
+
+
+def test_torchtitan_takes_the_flags(benchmarks_on_path):
+    """The flags parse with the torchtitan this comparison drives (0.2.x), to the values meant."""
+    import torchtitan_compare
+
+    if torchtitan_compare.skip_reason():
+        pytest.skip(torchtitan_compare.skip_reason())
+    from torchtitan.config import ConfigManager
+
+    config = ConfigManager().parse_args(torchtitan_compare.cli(4096, 4, 5, 20, "/tmp/unused"))
+    assert (config.training.seq_len, config.training.local_batch_size, config.training.steps) == (4096, 4, 40)
+    assert config.compile.enable and config.activation_checkpoint.selective_ac_option == "op"
+    assert (config.metrics.log_freq, config.optimizer.implementation) == (20, "fused")
