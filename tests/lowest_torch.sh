@@ -21,6 +21,10 @@ FILES=(
   tests/test_step.py
   tests/test_layout.py
   tests/test_checkpoint.py
+  tests/test_async_checkpoint.py
+  tests/test_prefetch.py
+  tests/test_tensor_parallel.py
+  tests/test_gpu_paths.py
   tests/test_training.py
   tests/test_trainer_extensions.py
   tests/test_hf.py

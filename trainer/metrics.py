@@ -48,7 +48,9 @@ STEP_GAUGES = {
     "stagerun_mfu_palm": "model FLOPs utilisation of the last step with the PaLM/torchtitan FLOPs convention "
     "(the number torchtitan logs as mfu)",
     "stagerun_restarts": "times this run resumed from a checkpoint",
-    "stagerun_checkpoint_save_seconds": "duration of the last checkpoint save",
+    "stagerun_checkpoint_save_seconds": "duration of the last checkpoint save, from its start to its commit marker",
+    "stagerun_checkpoint_stall_seconds": "time training waited for the last checkpoint save (with asyncSave: the "
+    "copy to pinned host memory; otherwise the whole save)",
     "stagerun_checkpoint_save_bytes": "size of the last checkpoint",
     "stagerun_checkpoint_load_seconds": "duration of the last checkpoint load",
     "stagerun_checkpoint_load_bytes": "size of the last checkpoint loaded",

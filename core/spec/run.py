@@ -247,7 +247,12 @@ class TrainingSpec:
         "Python's GC alone",
         minimum=0,
     )
-    log_every_steps: int = spec_field(1, doc="write metrics every this many steps", minimum=1)
+    log_every_steps: int = spec_field(
+        1,
+        doc="write metrics every this many steps (also how often the step's values are read back from the device, "
+        "the one host sync of a step); checkpoint and phase-end steps are always written",
+        minimum=1,
+    )
 
     # "auto" and unset switches, decided by whether the run trains on GPUs (one place, so the trainer, the plan
     # report and the benchmarks agree).
