@@ -20,7 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stagerun.trainer.trainer import CALLBACKS_ENV, Callback, StepRecord, Trainer
+from stagerun.trainer.callback_api import CALLBACKS_ENV, Callback, StepRecord
+from stagerun.trainer.trainer import Trainer
 
 KILL_AFTER_STEP_ENV = "STAGERUN_TEST_KILL_AFTER_STEP"
 CRASH_ENV = "STAGERUN_TEST_CRASH_BEFORE_COMMIT"

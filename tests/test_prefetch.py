@@ -24,9 +24,9 @@ from test_trainer_extensions import (  # noqa: F401 - handlers: a fixture
     tiny_manifest,
 )
 
+from stagerun.trainer.callback_api import Callback
 from stagerun.trainer.data.inputs import DataError
 from stagerun.trainer.telemetry import read_metrics
-from stagerun.trainer.trainer import Callback
 
 pytestmark = pytest.mark.usefixtures("handlers")
 

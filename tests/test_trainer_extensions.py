@@ -20,9 +20,10 @@ import pytest
 import torch
 from conftest import tiny_run, write_manifest
 
+from stagerun.trainer.callback_api import Callback, load_extensions
 from stagerun.trainer.callbacks import GcSchedule
 from stagerun.trainer.telemetry import read_metrics
-from stagerun.trainer.trainer import STOP_CHECK_STEPS, Callback, load_extensions
+from stagerun.trainer.trainer import STOP_CHECK_STEPS
 
 
 @pytest.fixture

@@ -17,9 +17,10 @@ from stagerun.core.plan import StepPlan, segments
 from stagerun.core.spec import ResolvedRun, SpecError, load_run
 from stagerun.core.spec.changes import immutable_changes
 
+from .callback_api import Callback, StepRecord
 from .checkpoint import CheckpointInfo
 from .telemetry import MetricsLog
-from .trainer import Callback, StepRecord, Trainer
+from .trainer import Trainer
 
 log = logging.getLogger("stagerun.trainer")
 

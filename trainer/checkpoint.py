@@ -9,28 +9,26 @@ Layout under the manager's URL (local path, PVC, ``memory://``, ``s3://``, ``gs:
 
 A crash at any point before ``COMMITTED`` exists leaves a folder that :meth:`CheckpointManager.committed`
 ignores, so a run always resumes from a complete checkpoint. An async save (:meth:`CheckpointManager.save_async`)
-copies the state to (pinned) host memory, returns, and writes and commits it in a background thread; the marker
-still comes last, after DCP has gathered every rank's write results and written ``.metadata``. Loading goes
-through DCP's resharding, so the world size (and the FSDP sharding) may differ between save and load.
+copies the state to (pinned) host memory, returns, and writes and commits it in a background thread
+(checkpoint_async.py); the marker still comes last. Loading goes through DCP's resharding, so the world size (and
+the FSDP sharding) may differ between save and load.
 
-Without an initialised process group everything runs as rank 0 of 1 (DCP's no-dist mode; barriers vanish).
+This module is what a checkpoint is: its folder, ``meta.json`` and marker, listing, loading and retention.
+Without an initialised process group everything runs as rank 0 of 1 (DCP's no-dist mode; barriers vanish,
+checkpoint_ranks.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
-import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -44,7 +42,9 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from stagerun.core import storage
 
-from .compat import FsspecReader, FsspecWriter, checkpoint_stager
+from .checkpoint_async import AsyncSaves
+from .checkpoint_ranks import dist_on, on_rank0, rank, single_process_ok, world
+from .compat import FsspecReader, FsspecWriter
 
 __all__ = ["CheckpointInfo", "CheckpointManager", "ModelOptimizerState", "MARKER", "META"]
 
@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 MARKER = "COMMITTED"
 META = "meta.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -66,54 +65,6 @@ class CheckpointInfo:
     saved_at: str  # ISO 8601, UTC
     world_size: int = 0  # ranks that wrote it (informational: loading may use any world size)
     size_bytes: int = 0  # all files of the checkpoint, as measured when it was committed
-
-
-# ---------------------------------------------------------------------------------------------------- ranks
-
-
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _dist_on() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if _dist_on() else 1
-
-
-def _on_rank0(fn: Callable[[], _T], group: dist.ProcessGroup | None = None) -> _T:
-    """Run ``fn`` on rank 0 and hand its result (or its failure) to every rank.
-
-    The broadcast doubles as the barrier; shipping the error too means a failure on rank 0 (bad permissions, a
-    committed folder in the way) makes every rank raise instead of leaving the others stuck in a collective.
-    ``group``: the process group to broadcast over (an async save's commit runs on its own gloo group).
-    """
-    if not _dist_on():
-        return fn()
-    box: list[Any] = [None]
-    error: BaseException | None = None
-    if dist.get_rank() == 0:
-        try:
-            box[0] = ("ok", fn())
-        except Exception as e:  # noqa: BLE001 - re-raised below after telling the other ranks
-            error, box[0] = e, ("error", f"{type(e).__name__}: {e}")
-    dist.broadcast_object_list(box, src=0, group=group)
-    if error is not None:
-        raise error
-    status, value = box[0]
-    if status == "error":
-        raise RuntimeError(f"rank 0 failed: {value}")
-    return value
-
-
-@contextlib.contextmanager
-def _single_process_ok() -> Iterator[None]:
-    # Without a process group DCP warns on every call that it assumes a single process; here that is intended.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"torch\.distributed is .*(unavailable|uninitialized)")
-        yield
 
 
 # ---------------------------------------------------------------------------------------------------- state
@@ -165,13 +116,14 @@ class CheckpointManager:
         # Called as hook(step) on every rank once its part of a save is written, before the commit marker (rank 0:
         # after meta.json too). Tests install faults here to reproduce "a pod died mid-save".
         self.before_commit: list[Callable[[int], None]] = []
-        self._in_flight: Future[CheckpointInfo] | None = None  # the async save being written, if any
-        self._abandon = threading.Event()  # set: the in-flight save must not write its marker
-        self._group: dist.ProcessGroup | None = None  # gloo group of async saves' background collectives
-        self._stager: Any = None  # async saves' host-memory stager, reused where torch allows (compat.py)
+        self._async = AsyncSaves()  # the async save in flight, if any, and what async saves reuse
 
     def _folder(self, step: int) -> str:
         return storage.join(self.root, f"step-{step:08d}")
+
+    def _writer(self, folder: str) -> FsspecWriter:
+        # overwrite=False: _begin() emptied the folder, so an existing .metadata would mean a concurrent writer.
+        return FsspecWriter(storage.to_url(self.fs, folder), overwrite=False, **self.storage_options)
 
     # ---- listing
 
@@ -232,9 +184,8 @@ class CheckpointManager:
         start = time.perf_counter()
         self.wait()  # an async save still in flight commits (or fails) first: one save at a time
         meta_bytes, folder = self._begin(step, meta)
-        writer = FsspecWriter(storage.to_url(self.fs, folder), overwrite=False, **self.storage_options)
-        with _single_process_ok():
-            dcp.save(app_state, storage_writer=writer, no_dist=not _dist_on())  # collective; ends with .metadata
+        with single_process_ok():  # collective; ends with .metadata
+            dcp.save(app_state, storage_writer=self._writer(folder), no_dist=not dist_on())
         info = self._commit(step, folder, meta, meta_bytes, phase_boundary, None)
         self.last_save_seconds = self.last_stall_seconds = time.perf_counter() - start
         self._log_commit(info)
@@ -244,7 +195,8 @@ class CheckpointManager:
         self, step: int, app_state: dict[str, Any], meta: dict[str, Any], *, phase_boundary: bool, pinned: bool
     ) -> CheckpointInfo | None:
         """Start checkpoint ``step`` (collective) and return once the state is copied to host memory (``pinned``:
-        page-locked, for GPU state); the files and the commit marker are written in the background.
+        page-locked, for GPU state); the files and the commit marker are written in the background
+        (checkpoint_async.py).
 
         Waits for the previous async save first (at most one in flight) and returns that one's info when it was
         still pending (else None). :meth:`poll` / :meth:`wait` hand back this save's info once it is committed.
@@ -252,65 +204,27 @@ class CheckpointManager:
         start = time.perf_counter()
         previous = self.wait()
         meta_bytes, folder = self._begin(step, meta)
-        group = self._async_group()
-        writer = FsspecWriter(storage.to_url(self.fs, folder), overwrite=False, **self.storage_options)
-        stager = self._stager = checkpoint_stager(pinned, self._stager)
-        with _single_process_ok():  # returns after staging: the upload runs in DCP's own thread
-            upload = dcp.async_save(
-                app_state, storage_writer=writer, async_stager=stager, process_group=group, no_dist=not _dist_on()
-            )
-        assert isinstance(upload, Future)  # synchronous staging: no separate staging future
+
+        def commit(group: dist.ProcessGroup | None) -> CheckpointInfo:  # in the background thread
+            info = self._commit(step, folder, meta, meta_bytes, phase_boundary, group)
+            self.last_save_seconds = time.perf_counter() - start
+            return info
+
+        self._async.start(step, app_state, self._writer(folder), pinned=pinned, commit=commit)
         self.last_stall_seconds = time.perf_counter() - start
-        self._abandon.clear()
-        done: Future[CheckpointInfo] = Future()
-
-        def finish() -> None:  # the background thread: every rank's upload, then the marker
-            try:
-                upload.result()  # rank 0: every rank's write results were gathered and .metadata is written
-                info = self._commit(step, folder, meta, meta_bytes, phase_boundary, group)
-                self.last_save_seconds = time.perf_counter() - start
-                done.set_result(info)
-            except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()/poll()
-                done.set_exception(e)
-
-        # A daemon thread: a save a failing process abandons must not keep it alive in a dead collective.
-        threading.Thread(target=finish, name=f"checkpoint-{step}", daemon=True).start()
-        self._in_flight = done
         return previous
 
     def poll(self) -> CheckpointInfo | None:
         """The in-flight async save's info if it has committed since the last call (raising its error if it
         failed); None while it is still being written, or when there is none. Never blocks."""
-        if self._in_flight is None or not self._in_flight.done():
-            return None
-        return self.wait()
+        return self._logged(self._async.poll())
 
     def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
         """Block until the in-flight async save is committed and return its info (None when there is none).
 
         With ``timeout`` (seconds) it gives up after that long: the save is abandoned (it writes no marker, so
         it is never loaded) and TimeoutError is raised. A failed save raises its error here, once."""
-        done, self._in_flight = self._in_flight, None
-        if done is None:
-            return None
-        try:
-            info = done.result(timeout)
-        except TimeoutError:
-            self._abandon.set()
-            raise
-        self._log_commit(info)
-        return info
-
-    def _async_group(self) -> dist.ProcessGroup | None:
-        """A gloo group for the background thread's collectives (collective on first use, like save itself).
-
-        Its own group: the training thread keeps issuing collectives on the default group meanwhile, and DCP's
-        async save needs a CPU backend, which an NCCL default group lacks."""
-        if not _dist_on():
-            return None
-        if self._group is None:
-            self._group = dist.new_group(backend="gloo")
-        return self._group
+        return self._logged(self._async.wait(timeout))
 
     def _begin(self, step: int, meta: dict[str, Any]) -> tuple[bytes, str]:
         """Validate ``meta`` and prepare an empty folder for ``step`` (collective); returns meta.json's bytes."""
@@ -341,9 +255,7 @@ class CheckpointManager:
                 self.fs.rm(folder, recursive=True)
             self.fs.makedirs(folder, exist_ok=True)
 
-        _on_rank0(prepare)
-        # The writer gets overwrite=False: prepare() emptied the folder, so an existing .metadata would mean a
-        # concurrent writer.
+        on_rank0(prepare)
         return meta_bytes, folder
 
     def _commit(
@@ -360,7 +272,7 @@ class CheckpointManager:
         def commit() -> tuple[dict[str, Any], int]:
             self.fs.pipe_file(storage.join(folder, META), meta_bytes)
             self._before_commit(step)
-            if self._abandon.is_set():
+            if self._async.abandoned:
                 raise RuntimeError(f"checkpoint step {step} abandoned (the run is ending): no commit marker written")
             nbytes = storage.folder_bytes(self.fs, folder)
             marker = {
@@ -369,17 +281,22 @@ class CheckpointManager:
                 "phaseIndex": int(meta["phase_index"]),
                 "phaseBoundary": bool(phase_boundary),
                 "savedAt": datetime.now(UTC).isoformat(timespec="seconds"),
-                "worldSize": _world(),
+                "worldSize": world(),
                 "bytes": nbytes,
             }
             storage.write_bytes_atomic(self.fs, storage.join(folder, MARKER), json.dumps(marker, indent=1).encode())
             return marker, nbytes
 
-        if _rank() != 0:
+        if rank() != 0:
             self._before_commit(step)
-        marker, nbytes = _on_rank0(commit, group)
+        marker, nbytes = on_rank0(commit, group)
         self.last_save_bytes = nbytes
         return self._info(folder, step, marker)
+
+    def _logged(self, info: CheckpointInfo | None) -> CheckpointInfo | None:
+        if info is not None:
+            self._log_commit(info)
+        return info
 
     def _log_commit(self, info: CheckpointInfo) -> None:
         log.info(
@@ -432,15 +349,15 @@ class CheckpointManager:
             )
         if check_meta is not None:
             check_meta(meta)
-        with _single_process_ok():
-            dcp.load(app_state, storage_reader=FsspecReader(url, **self.storage_options), no_dist=not _dist_on())
+        with single_process_ok():
+            dcp.load(app_state, storage_reader=FsspecReader(url, **self.storage_options), no_dist=not dist_on())
         self.last_load_seconds = time.perf_counter() - start
         log.info(
             "checkpoint %s loaded in %.2f s (saved by %d ranks, loaded by %d)",
             url,
             self.last_load_seconds,
             disk.world_size,
-            _world(),
+            world(),
         )
         return meta
 
@@ -455,7 +372,7 @@ class CheckpointManager:
         the newest committed one (possibly a save in flight). Deleted: everything else committed, and
         uncommitted leftovers older than the newest committed checkpoint.
         """
-        if _rank() != 0:
+        if rank() != 0:
             return []
         infos = self.committed()
         if not infos:

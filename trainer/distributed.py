@@ -222,10 +222,11 @@ def apply_fsdp(model: Transformer, topo: Topology, param_dtype: torch.dtype | No
     """
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    if topo.fsdp_mesh.size() == 1 and param_dtype is None:
-        # One data-parallel rank and nothing to cast: there is nothing to shard, gather or reduce, and FSDP2 would
-        # still copy every parameter through its all-gather and gradient buffers and run its hooks (~15 % of a
-        # small model's CPU step, benchmarks/step_overhead.py). torchtitan skips it too. DCP checkpoints stay
+    if topo.fsdp_mesh.size() == 1 and param_dtype is None and topo.tp_size == 1:
+        # One rank, nothing to cast, no tensor parallelism (whose replicated norm weights under sequence parallel
+        # get partial gradients that FSDP's reduction completes): nothing to shard, gather or reduce, and FSDP2
+        # would still copy every parameter through its all-gather and gradient buffers and run its hooks (~15 % of
+        # a small model's CPU step, benchmarks/step_overhead.py). torchtitan skips it too. DCP checkpoints stay
         # interchangeable: plain tensors and FSDP's DTensors save and load as the same global tensors.
         return
     kwargs: dict[str, Any] = {"mesh": topo.fsdp_mesh}

@@ -15,8 +15,9 @@ import time
 from stagerun.core.protocol import CheckpointRef, GangState, PodEnv, Progress
 from stagerun.core.spec import ResolvedRun
 
+from .callback_api import Callback, StepRecord
 from .checkpoint import CheckpointInfo, CheckpointManager
-from .trainer import Callback, StepRecord, Trainer
+from .trainer import Trainer
 
 
 class Exporter(Callback):
