@@ -201,7 +201,10 @@ def test_forward_with_targets_is_the_loss_of_the_logits(changes):
     torch.testing.assert_close(terms.max_z_sum, max_z)
     (ce + z + max_z).backward()
     for name, p in model.named_parameters():
-        torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        # float32 sums over every token in two different orders: the absolute error scales with the gradient (an
+        # embedding row summed over many positions reaches ~20 here, and differs by ~1e-5 between CPUs' kernels).
+        scale = max(1.0, float(p.grad.abs().max()))
+        torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=2e-6 * scale, msg=name)
 
 
 def test_qkv_bias_adds_exactly_three_bias_vectors_per_layer():
