@@ -81,7 +81,7 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     kube.api_client()  # fail at startup, not at the first event, when there are no credentials
     port = os.environ.get("STAGERUN_METRICS_PORT")
     if port:
-        metrics.serve(int(port))
+        metrics.serve(int(port), os.environ.get("STAGERUN_METRICS_ADDRESS", "0.0.0.0"))
 
 
 @kopf.on.create(*RESOURCE)

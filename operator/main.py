@@ -23,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--liveness", default=None, metavar="URL", help="serve kopf's health endpoint, e.g. http://0.0.0.0:8080/healthz"
     )
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    parser.add_argument(
+        "--metrics-address",
+        default="0.0.0.0",
+        help="the address the metrics endpoint binds (in a pod every interface, so Prometheus reaches the pod IP; "
+        "127.0.0.1 on a workstation or in tests)",
+    )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
 
 
@@ -33,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.metrics_port:
         os.environ["STAGERUN_METRICS_PORT"] = str(args.metrics_port)  # read by the startup handler
+        os.environ["STAGERUN_METRICS_ADDRESS"] = args.metrics_address
     from . import handlers  # noqa: F401  (registers the handlers with kopf)
 
     logging.basicConfig(

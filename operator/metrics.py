@@ -74,8 +74,8 @@ def record_decision(events) -> None:
 _serving: set[int] = set()
 
 
-def serve(port: int) -> None:
+def serve(port: int, address: str = "0.0.0.0") -> None:
     """Start the metrics endpoint once per port (kopf may run startup handlers again after a failure)."""
     if port not in _serving:
-        start_http_server(port, registry=REGISTRY)
+        start_http_server(port, addr=address, registry=REGISTRY)
         _serving.add(port)

@@ -18,7 +18,6 @@ from cluster.control_plane import ControlPlane
 from cluster.processes import listening_addresses
 
 ROOT = Path(__file__).resolve().parents[1]
-CRD = ROOT / "crds" / "trainingrun.yaml"
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 LOOPBACK = {"127.0.0.1", "::1"}
 cluster = pytest.mark.cluster
@@ -40,13 +39,6 @@ def gpu_pool(control_plane: ControlPlane) -> tuple[str, list[str]]:
     for name in names:
         control_plane.add_node(name, gpus=8, labels={"stagerun.io/test-pool": pool})
     return pool, names
-
-
-@pytest.fixture(scope="module")
-def trainingrun_crd(control_plane: ControlPlane) -> str:
-    out = control_plane.kubectl("apply", "--server-side", "-f", str(CRD)).stdout
-    control_plane.kubectl("wait", "--for=condition=Established", "crd/trainingruns.stagerun.io", "--timeout=60s")
-    return out
 
 
 def _manifest(control_plane: ControlPlane, path: Path) -> dict:

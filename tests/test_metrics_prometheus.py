@@ -94,29 +94,34 @@ def dashboard_queries() -> list[tuple[str, str]]:
     return found
 
 
-def operator_scenario(monkeypatch, port: int) -> None:
-    """The real operator with its metrics on ``port``: a run, a failed pod (restart), a phase relaunch."""
-    from test_operator import manifest, operator_harness, relaunch_message
+def operator_scenario(plane, namespace: str, monkeypatch, port: int) -> None:
+    """The real operator on the test control plane with its metrics on ``port``: a run, a failed pod (restart), a
+    phase relaunch."""
+    from cluster.operator import operator_harness
+    from test_operator import relaunch_message
 
     monkeypatch.setenv("STAGERUN_METRICS_PORT", str(port))
-    with operator_harness(monkeypatch) as h:
-        doc = manifest()
+    monkeypatch.setenv("STAGERUN_METRICS_ADDRESS", "127.0.0.1")  # loopback only, as every test server
+    with operator_harness(plane, namespace, monkeypatch) as h:
+        doc = h.manifest()
         doc["spec"]["phases"][1]["parallelism"] = {"tensorParallel": 2}
         doc["spec"]["phases"][1]["microBatchSize"] = 16
         h.create(doc)
-        h.cluster.fail(h.running_pods(1)[0], exit_code=1)
+        h.pods.fail(h.pods.wait_for_pods(1, job="quickstart-a1")[0], exit_code=1)
         h.wait(lambda: h.status().get("attempt") == 2, "no restart")
-        h.running_pods(1, job="quickstart-a2")
-        h.cluster.succeed_job("quickstart-a2", message=relaunch_message(1, 42))
+        h.pods.wait_for_pods(1, job="quickstart-a2")
+        h.pods.succeed_job("quickstart-a2", message=relaunch_message(1, 42))
         h.wait(lambda: h.status().get("attempt") == 3, "no relaunch")
         time.sleep(3)  # a few scrapes of the settled state
 
 
-def test_prometheus_scrapes_every_documented_metric_and_every_dashboard_query_has_data(monkeypatch, run_dir, tmp_path):
+def test_prometheus_scrapes_every_documented_metric_and_every_dashboard_query_has_data(
+    control_plane, trainingrun_crd, namespace, monkeypatch, run_dir, tmp_path
+):
     trainer_port, operator_port = free_port(), free_port()
     targets = {"trainer": f"127.0.0.1:{trainer_port}", "operator": f"127.0.0.1:{operator_port}"}
     with prometheus(targets, tmp_path) as url:
-        operator_scenario(monkeypatch, operator_port)
+        operator_scenario(control_plane, namespace, monkeypatch, operator_port)
 
         manifest = tiny_run(metrics={"peakTflops": 0.05})  # CPU has no known peak: set one so MFU is reported
         manifest["spec"]["phases"][0]["tokens"] = "96Ki"

@@ -1,110 +1,44 @@
-"""The real kopf operator against a Kubernetes API over HTTP (tests/kube), the test playing job controller and kubelet.
+"""The real kopf operator against the real control plane (tests/cluster/): kube-apiserver v1.36, the Job controller
+and garbage collector, the scheduler, and kwok nodes whose pods run nothing.
 
-Each test starts an API emulator, a simulated cluster (FakeCluster: pods run nothing, the test decides how they end)
-and the operator (kopf.testing.KopfRunner, the same code `stagerun operator` runs), then drives a scenario.
+Each test gets a fresh namespace, two fresh kwok nodes of its own (the manifests select them), and the operator
+(kopf.testing.KopfRunner, the code `stagerun operator` runs) watching only that namespace. The test plays what kwok
+does not: how a pod's container ends, a node that stops answering, an image that cannot be pulled (KwokPods,
+through the pods' and nodes' /status as a kubelet writes it), and what rank 0's /progress answers (kwok pods run
+nothing, so the operator's poll is answered from the test's ``progress`` table).
 
-With ``STAGERUN_TEST_KUBECONFIG=path`` the same tests run against that cluster's API server instead (in a fresh
-namespace, CRD installed beforehand): the scenarios that need the simulated kubelet skip, the rest run for real.
+Where the real cluster shows an operator bug that issue 13 lists, the test says what should happen and is marked
+xfail(strict=True) with the item; its setup checks what the cluster did with plain waits (a TimeoutError is a real
+failure), and only its last assertion is the expected failure (``raises=AssertionError``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
+import ipaddress
 import json
 import time
 
 import pytest
 import yaml
-from conftest import ROOT
-from kopf.testing import KopfRunner
-from kube.emulator import running_api
-from kube.kubelet import FakeCluster
-from kube.operator import fresh_operator
-from kube.real import RealApi, real_kubeconfig
+from cluster.control_plane import ControlPlane
+from cluster.kwok_pods import JOB_INDEX, MERGE, KwokPods, pod_index, wait_for
+from cluster.operator import Harness, operator_harness
 
-NS = "default"  # the emulator's; a real cluster gets a fresh namespace per test
-FAST = {
-    "STAGERUN_RECONCILE_SECONDS": "0.2",
-    "STAGERUN_BACKOFF_BASE_SECONDS": "0.5",
-    "STAGERUN_BACKOFF_MAX_SECONDS": "2",
-    "STAGERUN_FAILURE_GRACE_SECONDS": "1",
-    "STAGERUN_SUSPEND_GRACE_SECONDS": "5",
-    "STAGERUN_FORCE_DELETE_AFTER_SECONDS": "1",
-}
+INDEXED_RESOURCES = {"nodes": 2, "gpusPerNode": 1}  # one GPU per node and per pod: the gang spreads one per node
 
 
-def manifest(**spec_changes) -> dict:
-    doc = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
-    doc["metadata"]["namespace"] = NS
-    doc["spec"].update(image="ghcr.io/example/stagerun:0.1", checkpoint={"path": "s3://bucket/runs/quickstart"})
-    doc["spec"].update(copy.deepcopy(spec_changes))
-    return doc
+@pytest.fixture
+def plane(control_plane: ControlPlane, trainingrun_crd: str) -> ControlPlane:
+    """The control plane with the TrainingRun CRD installed (what the operator watches)."""
+    return control_plane
 
 
-class Harness:
-    """The API, the simulated cluster, the running operator, and helpers to look at them."""
-
-    def __init__(self, api, cluster, runner, progress: dict, ns: str):
-        self.api, self.cluster, self.runner, self.progress, self.ns = api, cluster, runner, progress, ns
-
-    def require_kubelet(self) -> None:
-        if self.cluster is None:
-            pytest.skip("needs the simulated kubelet: runs against the API emulator only")
-
-    def create(self, doc: dict) -> None:
-        doc = copy.deepcopy(doc)
-        doc["metadata"]["namespace"] = self.ns
-        self.api.custom().create_namespaced_custom_object("stagerun.io", "v1alpha1", self.ns, "trainingruns", doc)
-
-    def run(self, name="quickstart") -> dict:
-        return self.api.get("trainingruns", self.ns, name)
-
-    def status(self, name="quickstart") -> dict:
-        return (self.run(name) or {}).get("status") or {}
-
-    def patch_spec(self, spec: dict, name="quickstart") -> None:
-        self.api.patch("trainingruns", self.ns, name, {"spec": spec})
-
-    def wait(self, predicate, message, timeout=20):
-        return self.api.wait_for(predicate, timeout=timeout, message=lambda: f"{message}; status: {self.status()}")
-
-    def wait_state(self, state, timeout=20, name="quickstart"):
-        return self.wait(lambda: self.status(name).get("state") == state, f"run never reached {state}", timeout)
-
-    def jobs(self, run="quickstart") -> list[str]:
-        jobs = self.api.list("jobs", self.ns, label_selector={"stagerun.io/run": run})
-        return sorted(j["metadata"]["name"] for j in jobs)
-
-    def reasons(self) -> list[str]:
-        events = sorted(self.api.events(self.ns), key=lambda e: e["metadata"].get("creationTimestamp") or "")
-        return [e["reason"] for e in events]
-
-    def running_pods(self, count=1, job="quickstart-a1"):
-        self.require_kubelet()
-        return self.cluster.wait_for_pods(count, job=job)
-
-
-@contextlib.contextmanager
-def operator_harness(monkeypatch, nodes=("node-1", "node-2")):
-    progress: dict = {}
-    registry, handlers = fresh_operator(monkeypatch, FAST)
-    monkeypatch.setattr(handlers, "fetch_progress", lambda ip, port: progress.get(ip))
-    kubeconfig = real_kubeconfig()
-    if kubeconfig:
-        api = RealApi(kubeconfig)
-        with api.use_kubeconfig(), KopfRunner(["run", "--standalone", "-n", api.namespace], registry=registry) as r:
-            yield Harness(api, None, r, progress, api.namespace)
-    else:
-        with (
-            running_api() as api,
-            api.use_kubeconfig(),
-            FakeCluster(api, nodes=nodes, pod_ip_prefix="127.10") as cluster,
-            KopfRunner(["run", "--standalone", "-A"], registry=registry) as r,
-        ):
-            yield Harness(api, cluster, r, progress, NS)
-    assert r.exception is None, r.output[-5000:]
+@pytest.fixture
+def harness(plane: ControlPlane, namespace: str, monkeypatch: pytest.MonkeyPatch):
+    with operator_harness(plane, namespace, monkeypatch) as h:
+        yield h
 
 
 def relaunch_message(phase_index: int, step: int) -> str:
@@ -119,232 +53,515 @@ def relaunch_message(phase_index: int, step: int) -> str:
     )
 
 
-def test_create_makes_configmap_service_and_indexed_job_and_reports_status(monkeypatch):
-    with operator_harness(monkeypatch) as h:
-        h.create(manifest(resources={"nodes": 2, "processesPerNode": 1}))
-        h.wait(lambda: h.status().get("state") == "Running" and h.status().get("attempt") == 1, "not running")
-        job = h.wait(lambda: h.api.get("jobs", h.ns, "quickstart-a1"), "no Job")
-        assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
-        owner = job["metadata"]["ownerReferences"][0]
-        assert owner["kind"] == "TrainingRun" and owner["uid"] == h.run()["metadata"]["uid"]
-        assert h.api.get("services", h.ns, "quickstart-a1")["spec"]["clusterIP"] == "None"
-        assert "trainingrun.yaml" in h.api.get("configmaps", h.ns, "quickstart-a1")["data"]
-        pods = h.running_pods(2)
-        zero = next(p for p in pods if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0")
-        h.progress[zero["status"]["podIP"]] = {
-            "step": 12,
-            "tokens": 98304,
-            "loss": 6.54321,
-            "tokensPerSecond": 4999.7,
-            "phaseIndex": 0,
-            "lastStepAt": time.time(),
-            "lastCheckpoint": {"path": "s3://b/step-8", "step": 8, "tokens": 65536, "time": time.time()},
-        }
-        h.wait(lambda: h.status().get("step") == 12, "progress never reached the status")
-        status = h.status()
-        assert (status["tokensSeen"], status["loss"], status["tokensPerSecond"]) == (98304, 6.5432, 5000)
-        assert status["lastCheckpoint"]["step"] == 8 and status["eta"]
-        ready = {c["type"]: c["status"] for c in status["conditions"]}
-        assert ready["Ready"] == "True" and ready["Progressing"] == "True" and ready["SpecAccepted"] == "True"
-        h.wait(lambda: {"Launched", "CheckpointCommitted"} <= set(h.reasons()), "events missing")
-        assert h.reasons().count("Launched") == 1
-        assert h.jobs() == ["quickstart-a1"]
+def rank_zero(pods: list[dict]) -> dict:
+    return next(p for p in pods if pod_index(p) == 0)
 
 
-def test_lost_pod_relaunches_the_gang_from_the_checkpoint_with_backoff(monkeypatch):
-    with operator_harness(monkeypatch) as h:
-        h.create(manifest(resources={"nodes": 2, "processesPerNode": 1}))
-        pods = h.running_pods(2)
-        h.wait(lambda: len(h.status().get("pods", {})) == 2, "pods not recorded")
-        h.cluster.lose_pod(pods[1])
-        h.wait(lambda: h.status().get("restarts") == 1, "no restart after the lost pod")
-        h.wait(lambda: h.jobs() == ["quickstart-a2"], "the gang was not relaunched (and the old one removed)")
-        h.running_pods(2, job="quickstart-a2")
-        status = h.status()
-        assert status["attempt"] == 2 and status["lastFailure"]["reason"] == "PodLost"
-        reasons = h.reasons()
-        assert reasons.index("PodLost") < reasons.index("RestartScheduled") < reasons.index("Restarted")
+# -- a run's objects and status --------------------------------------------------------------------------------
+def test_create_makes_configmap_service_and_indexed_job_and_reports_status(harness: Harness):
+    h = harness
+    h.create(h.manifest(resources={"nodes": 2, "processesPerNode": 1}))
+    h.wait(lambda: h.status().get("state") == "Running" and h.status().get("attempt") == 1, "not running")
+    job = h.wait(lambda: h.get("jobs", "quickstart-a1"), "no Job")
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
+    owner = job["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "TrainingRun" and owner["uid"] == h.run()["metadata"]["uid"]
+    assert h.get("services", "quickstart-a1")["spec"]["clusterIP"] == "None"
+    assert "trainingrun.yaml" in h.get("configmaps", "quickstart-a1")["data"]
+    pods = h.pods.wait_for_pods(2, job="quickstart-a1")
+    h.rank_zero_reports(
+        rank_zero(pods),
+        step=12,
+        tokens=98304,
+        loss=6.54321,
+        tokensPerSecond=4999.7,
+        phaseIndex=0,
+        lastStepAt=time.time(),
+        lastCheckpoint={"path": "s3://b/step-8", "step": 8, "tokens": 65536, "time": time.time()},
+    )
+    h.wait(lambda: h.status().get("step") == 12, "progress never reached the status")
+    status = h.status()
+    assert (status["tokensSeen"], status["loss"], status["tokensPerSecond"]) == (98304, 6.5432, 5000)
+    assert status["lastCheckpoint"]["step"] == 8 and status["eta"]
+    ready = {c["type"]: c["status"] for c in status["conditions"]}
+    assert ready["Ready"] == "True" and ready["Progressing"] == "True" and ready["SpecAccepted"] == "True"
+    h.wait(lambda: {"Launched", "CheckpointCommitted"} <= set(h.reasons()), "events missing")
+    assert h.reasons().count("Launched") == 1
+    assert h.jobs() == ["quickstart-a1"]
 
 
-def test_restart_budget_exhausted_fails_the_run(monkeypatch):
-    with operator_harness(monkeypatch) as h:
-        h.create(manifest(maxRestarts=1))
-        h.cluster.fail(h.running_pods(1)[0], exit_code=1)
-        h.wait(lambda: h.status().get("attempt") == 2, "no second attempt")
-        h.cluster.fail(h.running_pods(1, job="quickstart-a2")[0], exit_code=1)
-        h.wait_state("Failed")
-        failed = next(c for c in h.status()["conditions"] if c["type"] == "Failed")
-        assert failed["status"] == "True" and failed["reason"] == "RestartBudgetExhausted"
-        assert "spec.maxRestarts 1" in failed["message"] and "exited with code 1" in failed["message"]
+def test_indexed_job_pods_have_the_names_the_rendezvous_relies_on(harness: Harness):
+    """The real Job controller names pods <job>-<index>-<suffix> with hostname <job>-<index>; with the subdomain
+    the operator sets to its headless Service, rank 0 is <job>-0.<service>, the endpoint every rank dials."""
+    h = harness
+    h.create(h.manifest(resources=INDEXED_RESOURCES))
+    pods = h.pods.wait_for_pods(2, job="quickstart-a1")
+    service = h.get("services", "quickstart-a1")
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    for index, pod in enumerate(sorted(pods, key=pod_index)):
+        assert pod["metadata"]["annotations"][JOB_INDEX] == str(index)
+        name = pod["metadata"]["name"]
+        assert name.startswith(f"quickstart-a1-{index}-") and len(name) == len(f"quickstart-a1-{index}-") + 5
+        assert pod["spec"]["hostname"] == f"quickstart-a1-{index}"
+        assert pod["spec"]["subdomain"] == service["metadata"]["name"]
+        # The Service selects exactly the gang's pods (its endpoints are the rendezvous peers).
+        labels = pod["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in service["spec"]["selector"].items())
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        assert env["STAGERUN_RDZV_ENDPOINT"]["value"] == "quickstart-a1-0.quickstart-a1:29400"
+        # Each rank learns its index from the Job controller's env, a reference to the pod's own index annotation.
+        assert JOB_INDEX in env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
+    # One GPU asked per pod, one per node: the scheduler puts the gang on both of the test's nodes.
+    assert sorted(p["spec"]["nodeName"] for p in pods) == sorted(h.nodes)
+    # The addresses the operator dials for progress: kwok's pod network, on loopback.
+    assert all(ipaddress.ip_address(p["status"]["podIP"]) in ipaddress.ip_network("127.1.0.0/16") for p in pods)
 
 
-def test_no_heartbeat_for_hang_timeout_restarts(monkeypatch):
-    with operator_harness(monkeypatch) as h:
-        doc = manifest(hangTimeout=60)
-        h.create(doc)
-        zero = h.running_pods(1)[0]
-        # The gang reports steps until one, 61 s "ago", then nothing: a hung collective.
-        h.progress[zero["status"]["podIP"]] = {"step": 30, "tokens": 1, "phaseIndex": 0, "lastStepAt": time.time()}
-        h.wait(lambda: h.status().get("step") == 30, "no progress")
-        from stagerun.operator import handlers
-
-        monkeypatch.setattr(handlers, "clock", lambda: time.time() + 61)  # a minute passes for the operator
-        h.wait(lambda: (h.status().get("lastFailure") or {}).get("reason") == "Hang", "hang not detected")
-        assert "no training step completed for" in h.status()["lastFailure"]["message"]
-        h.wait(lambda: "quickstart-a2" in h.jobs(), "no relaunch after the hang")
-
-
-def test_pod_stuck_terminating_on_a_not_ready_node_is_force_deleted(monkeypatch):
-    with operator_harness(monkeypatch) as h:
-        h.create(manifest(resources={"nodes": 2, "processesPerNode": 1}))
-        pods = h.running_pods(2)
-        h.wait(lambda: len(h.status().get("pods", {})) == 2, "pods not recorded")
-        node = pods[1]["spec"]["nodeName"]
-        h.cluster.node_not_ready(node)
-        h.wait(lambda: (h.status().get("lastFailure") or {}).get("reason") == "NodeNotReady", "NotReady not seen")
-        h.wait(lambda: "ForceDeletedPod" in h.reasons(), "stuck pod never force-deleted")
-        h.cluster.node_ready(node)
-        h.wait(lambda: "quickstart-a2" in h.jobs(), "relaunch blocked by the stuck pod")
+# -- failures and restarts -------------------------------------------------------------------------------------
+def test_lost_pod_relaunches_the_gang_from_the_checkpoint_with_backoff(harness: Harness):
+    """One pod vanishes (force-deleted, as when its node is lost). A one-pod gang: with two, whether the surviving
+    rank goes within 1 s or within 600 s depends on whether the operator or the Job controller deletes it first
+    (issue 13 item 2, the next test, which makes the Job controller come first)."""
+    h = harness
+    h.create(h.manifest())
+    pods = h.pods.wait_for_pods(1, job="quickstart-a1")
+    h.wait(lambda: len(h.status().get("pods", {})) == 1, "pods not recorded")
+    h.pods.lose_pod(pods[0])
+    h.wait(lambda: h.status().get("restarts") == 1, "no restart after the lost pod")
+    h.wait(lambda: h.jobs() == ["quickstart-a2"], "the gang was not relaunched (and the old one removed)")
+    h.pods.wait_for_pods(1, job="quickstart-a2")
+    status = h.status()
+    assert status["attempt"] == 2 and status["lastFailure"]["reason"] == "PodLost"
+    h.wait(lambda: "Restarted" in h.reasons(), "no Restarted event")
+    reasons = h.reasons()
+    assert reasons.index("PodLost") < reasons.index("RestartScheduled") < reasons.index("Restarted")
 
 
-def test_phase_boundary_with_a_new_topology_launches_a_new_job(monkeypatch):
-    with operator_harness(monkeypatch) as h:
-        doc = manifest()
-        doc["spec"]["phases"][1]["parallelism"] = {"tensorParallel": 2}
-        doc["spec"]["phases"][1]["microBatchSize"] = 16
-        h.create(doc)
-        h.running_pods(1)
-        h.cluster.succeed_job("quickstart-a1", message=relaunch_message(1, 42))
-        h.wait(lambda: h.jobs() == ["quickstart-a2"], "no new Job for the next phase")
-        job = h.api.get("jobs", h.ns, "quickstart-a2")
-        env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
-        assert env["STAGERUN_PHASE_INDEX"] == "1"
-        # The Job is created inside the handler and the status patch lands when the handler returns.
-        h.wait(lambda: h.status().get("phase") == "long-context", "status never moved to the next phase")
-        status = h.status()
-        assert status["restarts"] == 0 and status["step"] == 42
-        assert {"PhaseFinished", "PhaseStarted"} <= set(h.reasons())
-        h.running_pods(1, job="quickstart-a2")
-        done = json.dumps({"state": "complete", "step": 59, "tokens": 802816, "checkpoint": "s3://b/step-59"})
-        h.cluster.succeed_job("quickstart-a2", message=done)
-        h.wait_state("Succeeded")
-        assert h.status()["completionTime"] and h.status()["step"] == 59
-
-
-def test_suspend_frees_the_pods_and_resume_relaunches(monkeypatch):
-    with operator_harness(monkeypatch) as h:
-        h.create(manifest())
-        h.running_pods(1)
-        h.patch_spec({"suspend": True})
-        h.wait_state("Suspended")
-        assert h.cluster.pods(run="quickstart") == [] and h.jobs() == []
-        assert {"Suspending", "Suspended"} <= set(h.reasons())
-        h.patch_spec({"suspend": False})
-        h.wait(lambda: h.jobs() == ["quickstart-a2"], "not resumed")
-        h.wait(lambda: "Resumed" in h.reasons(), "no Resumed event")
-        assert h.status()["restarts"] == 0
-
-
-def test_delete_removes_everything_it_created(monkeypatch):
-    with operator_harness(monkeypatch) as h:
-        h.create(manifest(resources={"nodes": 2, "processesPerNode": 1}))
-        h.wait(lambda: len(h.api.list("pods", h.ns, label_selector={"stagerun.io/run": "quickstart"})) == 2, "no pods")
-        h.api.delete("trainingruns", h.ns, "quickstart")
-        h.wait(lambda: h.run() is None, "the TrainingRun was not deleted (finalizer stuck?)", timeout=60)
-        selector = {"stagerun.io/run": "quickstart"}
-        for kind in ("jobs", "services", "configmaps", "pods"):
-            h.wait(
-                lambda kind=kind: h.api.list(kind, h.ns, label_selector=selector) == [],
-                f"{kind} left behind",
-                timeout=60,
+@pytest.mark.xfail(
+    raises=AssertionError,
+    strict=True,
+    reason="issue 13 item 2: the Job controller deletes the surviving ranks with their full 600 s grace and "
+    "delete_attempt skips pods already terminating, so the relaunch waits for them",
+)
+def test_surviving_ranks_are_stopped_within_the_failure_grace(plane, namespace, monkeypatch):
+    """Rank 1 fails; rank 0 is blocked in a collective (it ignores SIGTERM). The real Job controller reacts first
+    (here deterministically: the operator is away for the moment, as during a restart or under load) and deletes
+    rank 0 with the pod's 600 s grace. The operator must still stop it within its failure grace (1 s here) and
+    relaunch the gang within seconds, not minutes."""
+    with operator_harness(plane, namespace, monkeypatch, start=False) as h:
+        h.create(h.manifest(resources=INDEXED_RESOURCES))
+        with h.operator():
+            pods = h.pods.wait_for_pods(2, job="quickstart-a1")
+            h.wait(lambda: len(h.status().get("pods", {})) == 2, "pods not recorded")
+        zero, one = sorted(pods, key=pod_index)
+        h.pods.ignore_sigterm(zero)
+        h.pods.fail(one, exit_code=1)
+        h.wait(lambda: (h.pods.pod(zero) or {}).get("metadata", {}).get("deletionTimestamp"), "no Job teardown")
+        assert h.pods.pod(zero)["metadata"]["deletionGracePeriodSeconds"] == 600  # the Job controller's deletion
+        with h.operator():
+            h.wait(lambda: h.status().get("restarts") == 1, "the failure was not seen")
+            assert h.holds_within(lambda: len(h.pods.pods(job="quickstart-a2")) == 2, 30), (
+                f"no new attempt 30 s after the failure: {h.pods.describe_pods()}"
             )
 
 
-def test_operator_restart_mid_run_creates_no_duplicate_job(monkeypatch):
-    if real_kubeconfig():
-        pytest.skip("needs the simulated kubelet: runs against the API emulator only")
-    registry, _ = fresh_operator(monkeypatch, FAST)
-    with running_api() as api, api.use_kubeconfig(), FakeCluster(api, pod_ip_prefix="127.10") as cluster:
-        api.custom().create_namespaced_custom_object("stagerun.io", "v1alpha1", NS, "trainingruns", manifest())
-        with KopfRunner(["run", "--standalone", "-A"], registry=registry) as first:
-            cluster.wait_for_pods(1, job="quickstart-a1")
-            api.wait_for(lambda: (api.get("trainingruns", NS, "quickstart").get("status") or {}).get("attempt") == 1)
-        assert first.exception is None, first.output[-3000:]
-        with KopfRunner(["run", "--standalone", "-A"], registry=registry) as second:  # the operator restarts
+def test_restart_budget_exhausted_fails_the_run(harness: Harness):
+    h = harness
+    h.create(h.manifest(maxRestarts=1))
+    h.pods.fail(h.pods.wait_for_pods(1, job="quickstart-a1")[0], exit_code=1)
+    h.wait(lambda: h.status().get("attempt") == 2, "no second attempt")
+    h.pods.fail(h.pods.wait_for_pods(1, job="quickstart-a2")[0], exit_code=1)
+    h.wait_state("Failed")
+    failed = h.condition("Failed")
+    assert failed["status"] == "True" and failed["reason"] == "RestartBudgetExhausted"
+    assert "spec.maxRestarts 1" in failed["message"] and "exited with code 1" in failed["message"]
+
+
+def test_oom_before_the_first_step_fails_with_advice(harness: Harness):
+    h = harness
+    h.create(h.manifest())
+    h.pods.oom_kill(h.pods.wait_for_pods(1, job="quickstart-a1")[0])
+    h.wait_state("Failed")
+    failed = h.condition("Failed")
+    assert failed["reason"] == "OOMKilledAtStart" and "microBatchSize" in failed["message"]
+    assert h.status()["restarts"] == 0  # retrying cannot help: no restart was spent
+
+
+def test_no_heartbeat_for_hang_timeout_restarts(harness: Harness):
+    h = harness
+    h.create(h.manifest(hangTimeout=60))
+    zero = h.pods.wait_for_pods(1, job="quickstart-a1")[0]
+    # The gang reports steps until one, 61 s "ago", then nothing: a hung collective.
+    h.rank_zero_reports(zero, step=30, tokens=1, phaseIndex=0, lastStepAt=time.time())
+    h.wait(lambda: h.status().get("step") == 30, "no progress")
+    h.monkeypatch.setattr(h.handlers, "clock", lambda: time.time() + 61)  # a minute passes for the operator
+    h.wait(lambda: (h.status().get("lastFailure") or {}).get("reason") == "Hang", "hang not detected")
+    assert "no training step completed for" in h.status()["lastFailure"]["message"]
+    h.wait(lambda: "quickstart-a2" in h.jobs(), "no relaunch after the hang")
+
+
+def test_pod_stuck_terminating_on_a_not_ready_node_is_force_deleted(harness: Harness):
+    h = harness
+    h.create(h.manifest(resources=INDEXED_RESOURCES))
+    pods = h.pods.wait_for_pods(2, job="quickstart-a1")
+    h.wait(lambda: len(h.status().get("pods", {})) == 2, "pods not recorded")
+    stuck = next(p for p in pods if pod_index(p) == 1)
+    node = stuck["spec"]["nodeName"]
+    h.pods.node_not_ready(node)
+    h.wait(lambda: (h.status().get("lastFailure") or {}).get("reason") == "NodeNotReady", "NotReady not seen")
+    h.wait(lambda: "ForceDeletedPod" in h.reasons(), "stuck pod never force-deleted")
+    assert any(stuck["metadata"]["name"] in e["message"] for e in h.events() if e["reason"] == "ForceDeletedPod")
+    h.wait(lambda: h.pods.pod(stuck) is None, "the force-deleted pod is still there")
+    h.pods.node_ready(node)
+    h.wait(lambda: "quickstart-a2" in h.jobs(), "relaunch blocked by the stuck pod")
+    h.pods.wait_for_pods(2, job="quickstart-a2")
+
+
+def test_kwok_leaves_a_pod_deleted_on_a_not_ready_node_terminating_until_forced(control_plane, namespace):
+    """What the force-delete test relies on: kwok stops finalising the pods of a node taken out of its hands, as a
+    kubelet that stopped answering does; on a Ready node a deleted pod goes within its grace period."""
+    pods = KwokPods(control_plane, namespace)
+    selector, nodes = pods.add_pool(2)
+    try:
+        container = {"name": "c", "image": "stagerun.invalid/x:0", "resources": {"limits": {"nvidia.com/gpu": 1}}}
+        template = {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 2,
+            "nodeSelector": selector,
+            "containers": [container],
+        }
+        job = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "probe"},
+            "spec": {"completionMode": "Indexed", "completions": 2, "parallelism": 2, "template": {"spec": template}},
+        }
+        control_plane.request("POST", f"/apis/batch/v1/namespaces/{namespace}/jobs", job)
+        healthy, stuck = sorted(pods.wait_for_pods(2, job="probe"), key=pod_index)
+        pods.node_not_ready(stuck["spec"]["nodeName"])
+        control_plane.request(
+            "DELETE", f"/apis/batch/v1/namespaces/{namespace}/jobs/probe?propagationPolicy=Foreground"
+        )
+        wait_for(lambda: _terminating(pods, healthy) and _terminating(pods, stuck), 30, "the Job's pods not deleted")
+        wait_for(lambda: pods.pod(healthy) is None, 30, "a pod deleted on a Ready kwok node outlived its grace")
+        time.sleep(5)  # 2.5 times the stuck pod's grace period
+        left = pods.pod(stuck)
+        assert left is not None and left["status"]["phase"] == "Running"
+        pods.lose_pod(stuck)  # a force delete frees it
+        wait_for(lambda: pods.pod(stuck) is None, 30, "the force-deleted pod is still there")
+    finally:
+        pods.delete_nodes(nodes)
+
+
+def test_kwok_leaves_a_terminal_pod_as_its_kubelet_reported_it(control_plane, namespace):
+    """What every failure test relies on: a status the driver writes for an ended container stays (kwok's stages
+    select only Pending pods and pods being deleted)."""
+    pods = KwokPods(control_plane, namespace)
+    selector, nodes = pods.add_pool(1)
+    try:
+        container = {"name": "c", "image": "stagerun.invalid/x:0"}
+        pod = {"metadata": {"name": "p"}, "spec": {"nodeSelector": selector, "containers": [container]}}
+        control_plane.request("POST", f"/api/v1/namespaces/{namespace}/pods", pod)
+        pods.wait_for_pods(1)
+        pods.fail("p", exit_code=3, message='{"state": "failed"}')
+        time.sleep(3)  # kwok had time to act on the update
+        status = pods.pod("p")["status"]
+        terminated = status["containerStatuses"][0]["state"]["terminated"]
+        assert status["phase"] == "Failed" and set(status["containerStatuses"][0]["state"]) == {"terminated"}
+        assert (terminated["exitCode"], terminated["message"]) == (3, '{"state": "failed"}')
+    finally:
+        pods.delete_nodes(nodes)
+
+
+def _terminating(pods: KwokPods, pod: dict) -> bool:
+    current = pods.pod(pod)
+    return current is None or bool(current["metadata"].get("deletionTimestamp"))
+
+
+# -- phases, suspend, deletion ---------------------------------------------------------------------------------
+def test_phase_boundary_with_a_new_topology_launches_a_new_job(harness: Harness):
+    h = harness
+    doc = h.manifest()
+    doc["spec"]["phases"][1]["parallelism"] = {"tensorParallel": 2}
+    doc["spec"]["phases"][1]["microBatchSize"] = 16
+    h.create(doc)
+    h.pods.wait_for_pods(1, job="quickstart-a1")
+    h.pods.succeed_job("quickstart-a1", message=relaunch_message(1, 42))
+    h.wait(lambda: h.jobs() == ["quickstart-a2"], "no new Job for the next phase")
+    job = h.get("jobs", "quickstart-a2")
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["STAGERUN_PHASE_INDEX"] == "1"
+    # The Job is created inside the handler and the status patch lands when the handler returns.
+    h.wait(lambda: h.status().get("phase") == "long-context", "status never moved to the next phase")
+    status = h.status()
+    assert status["restarts"] == 0 and status["step"] == 42
+    assert {"PhaseFinished", "PhaseStarted"} <= set(h.reasons())
+    h.pods.wait_for_pods(1, job="quickstart-a2")
+    done = json.dumps({"state": "complete", "step": 59, "tokens": 802816, "checkpoint": "s3://b/step-59"})
+    h.pods.succeed_job("quickstart-a2", message=done)
+    h.wait_state("Succeeded")
+    assert h.status()["completionTime"] and h.status()["step"] == 59
+
+
+def test_suspend_frees_the_pods_and_resume_relaunches(harness: Harness):
+    h = harness
+    h.create(h.manifest())
+    h.pods.wait_for_pods(1, job="quickstart-a1")
+    h.patch_spec({"suspend": True})
+    h.wait_state("Suspended")
+    assert h.pods.pods(run="quickstart") == [] and h.jobs() == []
+    assert {"Suspending", "Suspended"} <= set(h.reasons())
+    h.patch_spec({"suspend": False})
+    h.wait(lambda: h.jobs() == ["quickstart-a2"], "not resumed")
+    h.wait(lambda: "Resumed" in h.reasons(), "no Resumed event")
+    assert h.status()["restarts"] == 0
+
+
+def test_delete_removes_everything_it_created(harness: Harness):
+    h = harness
+    h.create(h.manifest(resources={"nodes": 2, "processesPerNode": 1}))
+    pods = h.pods.wait_for_pods(2, job="quickstart-a1")
+    h.delete_run()
+    h.wait(lambda: h.run() is None, "the TrainingRun was not deleted (finalizer stuck?)")
+    for kind in ("jobs", "services", "configmaps"):
+        h.wait(lambda kind=kind: h.list(kind) == [], f"{kind} left behind")
+    # Pods go with their grace period (600 s): what the operator owes is that their deletion was asked for. Then
+    # their trainers exit on SIGTERM, the kubelet reports it, and nothing of the run is left.
+    h.wait(lambda: all(_terminating(h.pods, p) for p in pods), "pods not being deleted")
+    for pod in pods:
+        if h.pods.pod(pod) is not None:
+            h.pods.exit_on_sigterm(pod)
+    h.wait(lambda: h.list("pods") == [], "pods left behind")
+
+
+def test_children_are_garbage_collected_when_the_run_goes_without_the_operator(plane, namespace, monkeypatch):
+    """No operator to clean up (uninstalled, or its finalizer removed by hand): the owner references alone make the
+    real garbage collector delete the attempt's Job, Service, ConfigMap and, through the Job, its pods."""
+    with operator_harness(plane, namespace, monkeypatch, start=False) as h:
+        h.create(h.manifest(resources={"nodes": 2, "processesPerNode": 1}))
+        with h.operator():
+            pods = h.pods.wait_for_pods(2, job="quickstart-a1")
+            h.wait(lambda: h.get("configmaps", "quickstart-a1") and h.get("services", "quickstart-a1"), "no children")
+        path = f"/apis/stagerun.io/v1alpha1/namespaces/{h.namespace}/trainingruns/quickstart"
+        h.plane.request("PATCH", path, {"metadata": {"finalizers": None}}, MERGE)
+        h.delete_run()
+        h.wait(lambda: h.run() is None, "the TrainingRun was not deleted")
+        for kind in ("jobs", "services", "configmaps"):
+            h.wait(lambda kind=kind: h.list(kind) == [], f"{kind} not collected")
+        h.wait(lambda: all(_terminating(h.pods, p) for p in pods), "the Job's pods not collected")
+        for pod in pods:
+            if h.pods.pod(pod) is not None:
+                h.pods.exit_on_sigterm(pod)
+        h.wait(lambda: h.list("pods") == [], "pods left behind")
+
+
+def test_operator_restart_mid_run_creates_no_duplicate_job(plane, namespace, monkeypatch):
+    with operator_harness(plane, namespace, monkeypatch, start=False) as h:
+        h.create(h.manifest())
+        with h.operator():
+            h.pods.wait_for_pods(1, job="quickstart-a1")
+            h.wait(lambda: h.status().get("attempt") == 1, "not launched")
+        with h.operator():  # the operator restarts
             time.sleep(2)  # ten reconcile periods
-        assert second.exception is None, second.output[-3000:]
-        jobs = [j["metadata"]["name"] for j in api.list("jobs", NS)]
-        assert jobs == ["quickstart-a1"]
-        status = api.get("trainingruns", NS, "quickstart")["status"]
+        assert h.jobs() == ["quickstart-a1"]
+        status = h.status()
         assert status["attempt"] == 1 and status["state"] == "Running" and status["restarts"] == 0
 
 
-def test_status_write_conflict_is_retried_without_duplicates(monkeypatch):
-    with operator_harness(monkeypatch) as h:
-        h.require_kubelet()
-        # The first status write finds the run changed since it was read (409): the decision is taken again.
-        h.api.inject_error(
-            "patch", "trainingruns", namespace=NS, name="quickstart", subresource="status", code=409, reason="Conflict"
-        )
-        h.create(manifest())
-        h.running_pods(1)
-        h.wait(lambda: h.status().get("attempt") == 1 and h.status().get("state") == "Running", "never recovered")
-        assert h.jobs() == ["quickstart-a1"]
-        runner = h.runner
-    assert "changed while it was reconciled" in runner.output  # the conflict happened and was retried
+def test_status_write_conflict_is_retried_without_duplicates(plane, namespace, monkeypatch):
+    """The operator's first status write finds the run changed since it read it: the test writes the run's status
+    in between, so the apiserver answers 409 for the resourceVersion the operator sends; the decision is taken
+    again on a fresh read."""
+    from stagerun.operator import kube
+
+    with operator_harness(plane, namespace, monkeypatch, start=False) as h:
+        original, conflicts = kube.patch_run_status, []
+
+        def patch_after_a_concurrent_write(namespace: str, name: str, resource_version: str, changes: dict) -> None:
+            if not conflicts:
+                path = f"/apis/stagerun.io/v1alpha1/namespaces/{namespace}/trainingruns/{name}/status"
+                written = h.plane.request("PATCH", path, {"status": {"observedBy": "another-writer"}}, MERGE)
+                conflicts.append(written["metadata"]["resourceVersion"] != resource_version)
+            original(namespace, name, resource_version, changes)
+
+        monkeypatch.setattr(kube, "patch_run_status", patch_after_a_concurrent_write)
+        h.create(h.manifest())
+        with h.operator() as runner:
+            h.pods.wait_for_pods(1, job="quickstart-a1")
+            h.wait(lambda: h.status().get("attempt") == 1 and h.status().get("state") == "Running", "never recovered")
+            assert h.jobs() == ["quickstart-a1"]
+        assert conflicts == [True]
+        assert h.status()["observedBy"] == "another-writer"  # the other writer's change was not overwritten
+    assert "changed while it was reconciled" in runner.output  # the 409 happened and was retried
 
 
-def test_image_that_cannot_be_pulled_fails_with_an_actionable_condition(monkeypatch):
-    with operator_harness(monkeypatch) as h:
-        h.create(manifest())  # the image does not exist: a real kubelet fails to pull it, the simulated one is told
-        if h.cluster is not None:
-            h.cluster.image_pull_backoff(
-                h.cluster.wait_for_pods(1, job="quickstart-a1", phase=None)[0], reason="ErrImagePull"
-            )
-        h.wait_state("Failed", timeout=180)
-        failed = next(c for c in h.status()["conditions"] if c["type"] == "Failed")
-        assert failed["reason"] in ("ErrImagePull", "ImagePullBackOff") and "spec.image" in failed["message"]
-
-
-def test_invalid_spec_is_reported_and_a_fix_starts_the_run(monkeypatch):
-    with operator_harness(monkeypatch) as h:
-        bad = manifest()
-        bad["spec"]["phases"][1]["seqLen"] = 100
-        h.create(bad)
+def test_image_that_cannot_be_pulled_fails_with_an_actionable_condition(plane, namespace, monkeypatch):
+    with operator_harness(plane, namespace, monkeypatch, nodes=0) as h:
+        held = f"held-{namespace}"
+        h.pods.add_held_node(held, h.node_selector)
+        h.nodes.append(held)
+        h.create(h.manifest())  # the image does not exist: the kubelet of the held node fails to pull it
+        pod = h.pods.wait_for_pods(1, job="quickstart-a1", phase=None)[0]
+        h.pods.image_pull_backoff(pod, reason="ErrImagePull")
         h.wait_state("Failed")
-        failed = next(c for c in h.status()["conditions"] if c["type"] == "Failed")
-        assert failed["reason"] == "InvalidSpec" and "spec.phases[1].seqLen" in failed["message"]
-        assert h.jobs() == []
-        h.patch_spec({"phases": manifest()["spec"]["phases"]})
-        h.wait(lambda: h.jobs() == ["quickstart-a1"], "the fixed manifest did not start")
+        failed = h.condition("Failed")
+        assert failed["reason"] == "ErrImagePull" and "spec.image" in failed["message"]
 
 
-def test_editing_the_running_phase_is_refused_and_a_later_phase_accepted(monkeypatch):
-    with operator_harness(monkeypatch) as h:
-        h.create(manifest())
-        h.running_pods(1)
-        h.wait(lambda: h.status().get("attempt") == 1, "not running")
-        phases = manifest()["spec"]["phases"]
-        phases[0]["tokens"] = "1M"
-        h.patch_spec({"phases": phases})
-        h.wait(
-            lambda: any(c["type"] == "SpecAccepted" and c["status"] == "False" for c in h.status()["conditions"]),
-            "immutable edit not refused",
+# -- the manifest ----------------------------------------------------------------------------------------------
+def test_invalid_spec_is_reported_and_a_fix_starts_the_run(harness: Harness):
+    h = harness
+    bad = h.manifest()
+    bad["spec"]["phases"][1]["seqLen"] = 100
+    h.create(bad)
+    h.wait_state("Failed")
+    failed = h.condition("Failed")
+    assert failed["reason"] == "InvalidSpec" and "spec.phases[1].seqLen" in failed["message"]
+    assert h.jobs() == []
+    h.patch_spec({"phases": h.manifest()["spec"]["phases"]})
+    h.wait(lambda: h.jobs() == ["quickstart-a1"], "the fixed manifest did not start")
+
+
+def test_editing_the_running_phase_is_refused_and_a_later_phase_accepted(harness: Harness):
+    h = harness
+    h.create(h.manifest())
+    h.pods.wait_for_pods(1, job="quickstart-a1")
+    h.wait(lambda: h.status().get("attempt") == 1, "not running")
+    phases = h.manifest()["spec"]["phases"]
+    phases[0]["tokens"] = "1M"
+    h.patch_spec({"phases": phases})
+    h.wait(lambda: h.condition("SpecAccepted").get("status") == "False", "immutable edit not refused")
+    refused = h.condition("SpecAccepted")
+    assert refused["reason"] == "ImmutableFieldChanged" and "spec.phases[0]" in refused["message"]
+    assert h.jobs() == ["quickstart-a1"] and h.status()["state"] == "Running"
+    phases = h.manifest()["spec"]["phases"]
+    phases[2]["tokens"] = "128K"
+    h.patch_spec({"phases": phases})
+    h.wait(lambda: h.condition("SpecAccepted").get("status") == "True", "later-phase edit not accepted")
+    data = h.get("configmaps", "quickstart-a1")["data"]["trainingrun.yaml"]
+    assert yaml.safe_load(data)["spec"]["phases"][2]["tokens"] == 128_000  # the running gang sees the edit
+
+
+# -- what only a real cluster shows (issue 13) -----------------------------------------------------------------
+def _job_suspended_by_someone_else(h: Harness) -> None:
+    h.create(h.manifest())
+    pod = h.pods.wait_for_pods(1, job="quickstart-a1")[0]
+    # As Kueue does when it preempts a workload: spec.suspend on the Job, and the Job controller stops its pods.
+    path = f"/apis/batch/v1/namespaces/{h.namespace}/jobs/quickstart-a1"
+    assert h.plane.request("PATCH", path, {"spec": {"suspend": True}}, MERGE)["spec"]["suspend"] is True
+    h.wait(lambda: (h.pods.pod(pod) or {}).get("metadata", {}).get("deletionTimestamp"), "pods not stopped")
+
+
+def _queued_for_a_queue_no_kueue_admits(h: Harness) -> None:
+    h.create(h.manifest(queueName="team-a"))  # the operator creates the Job suspended, for Kueue to admit
+
+    def job_suspended() -> bool:
+        job = h.get("jobs", "quickstart-a1") or {}
+        conditions = {c["type"]: c["status"] for c in job.get("status", {}).get("conditions") or ()}
+        return conditions.get("Suspended") == "True"
+
+    h.wait(job_suspended, "the Job controller never reported the Job suspended")
+
+
+@pytest.mark.xfail(
+    raises=AssertionError,
+    strict=True,
+    reason="issue 13 item 11: a run whose Job waits suspended for Kueue shows Running; a Job suspended by Kueue's "
+    "preemption is charged to the restart budget as PodLost",
+)
+@pytest.mark.parametrize("suspend", [_queued_for_a_queue_no_kueue_admits, _job_suspended_by_someone_else])
+def test_a_run_whose_job_is_suspended_does_not_claim_running(harness: Harness, suspend):
+    h = harness
+    suspend(h)
+    # Queued, with nothing spent: a Kueue eviction is no failure of the run.
+    assert h.holds_within(lambda: h.status().get("state") == "Queued", 15), f"status: {h.status()}"
+    assert h.status()["restarts"] == 0
+
+
+@pytest.mark.xfail(
+    raises=AssertionError,
+    strict=True,
+    reason="issue 13 item 4: a gang whose pods cannot be scheduled shows Running with no condition saying why",
+)
+def test_a_gang_that_cannot_be_scheduled_says_why(harness: Harness):
+    h = harness
+    h.create(h.manifest(resources={"nodes": 2, "processesPerNode": 1, "cpu": "1000"}))  # nodes have 64 CPUs
+
+    def unschedulable() -> bool:
+        pods = h.pods.pods(job="quickstart-a1")
+        scheduled = [
+            next((c for c in p["status"].get("conditions") or () if c["type"] == "PodScheduled"), {}) for p in pods
+        ]
+        return len(pods) == 2 and all(
+            c.get("reason") == "Unschedulable" and "Insufficient cpu" in c.get("message", "") for c in scheduled
         )
-        refused = next(c for c in h.status()["conditions"] if c["type"] == "SpecAccepted")
-        assert refused["reason"] == "ImmutableFieldChanged" and "spec.phases[0]" in refused["message"]
-        assert h.jobs() == ["quickstart-a1"] and h.status()["state"] == "Running"
-        phases = manifest()["spec"]["phases"]
-        phases[2]["tokens"] = "128K"
-        h.patch_spec({"phases": phases})
-        h.wait(
-            lambda: any(c["type"] == "SpecAccepted" and c["status"] == "True" for c in h.status()["conditions"]),
-            "later-phase edit not accepted",
-        )
-        data = h.api.get("configmaps", h.ns, "quickstart-a1")["data"]["trainingrun.yaml"]
-        assert yaml.safe_load(data)["spec"]["phases"][2]["tokens"] == 128_000  # the running gang sees the edit
+
+    h.wait(unschedulable, "the scheduler never called the pods Unschedulable for Insufficient cpu")
+    assert h.holds_within(lambda: _says(h, "Unschedulable", "Insufficient cpu"), 15), f"status: {h.status()}"
+    assert h.status()["state"] != "Running"
 
 
+def _missing_service_account(h: Harness) -> str:
+    h.create(h.manifest(scheduling={"nodeSelector": h.node_selector, "serviceAccountName": "trainer"}))
+    return 'serviceaccount "trainer" not found'
+
+
+def _quota_of_no_pods(h: Harness) -> str:
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-pods"},
+        "spec": {"hard": {"pods": "0"}},
+    }
+    h.plane.request("POST", f"/api/v1/namespaces/{h.namespace}/resourcequotas", quota)
+    h.wait(lambda: (h.get("resourcequotas", "no-pods") or {}).get("status", {}).get("hard"), "quota never accounted")
+    h.create(h.manifest())
+    return "exceeded quota: no-pods"
+
+
+@pytest.mark.xfail(
+    raises=AssertionError,
+    strict=True,
+    reason="issue 13 item 4: a Job whose pods are refused at creation leaves the run Running with no condition",
+)
+@pytest.mark.parametrize("refusal", [_missing_service_account, _quota_of_no_pods])
+def test_pods_refused_at_creation_are_reported(harness: Harness, refusal):
+    h = harness
+    words = refusal(h)
+
+    def refused() -> bool:
+        events = h.plane.request("GET", f"/api/v1/namespaces/{h.namespace}/events")["items"]
+        return any(e["reason"] == "FailedCreate" and words in e["message"] for e in events)
+
+    h.wait(refused, f"the Job controller never reported FailedCreate with {words!r}")
+    assert h.pods.pods(job="quickstart-a1") == []
+    assert h.holds_within(lambda: _says(h, "FailedCreate", words), 15), f"status: {h.status()}"
+    assert h.status()["state"] != "Running"
+
+
+def _says(h: Harness, reason: str, words: str) -> bool:
+    """Some condition of the run has ``reason`` and quotes the cluster's ``words``."""
+    return any(c.get("reason") == reason and words in c.get("message", "") for c in h.status().get("conditions") or ())
+
+
+@pytest.mark.xfail(
+    raises=AssertionError,
+    strict=True,
+    reason="issue 13 item 10: trainer pods have no securityContext and are refused by restricted Pod Security",
+)
+def test_trainer_pods_are_admitted_in_a_restricted_namespace(harness: Harness):
+    h = harness
+    label = {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
+    h.plane.request("PATCH", f"/api/v1/namespaces/{h.namespace}", label, MERGE)
+    h.create(h.manifest())
+    h.wait(lambda: h.get("jobs", "quickstart-a1"), "no Job")
+    admitted = h.holds_within(lambda: len(h.pods.pods(job="quickstart-a1")) == 1, 15)
+    events = h.plane.request("GET", f"/api/v1/namespaces/{h.namespace}/events")["items"]
+    refusals = [e["message"] for e in events if e["reason"] == "FailedCreate"]
+    assert admitted, f"no trainer pod admitted: {refusals[:1]}"
+
+
+# -- no cluster needed -----------------------------------------------------------------------------------------
 def test_fetch_progress_is_none_for_an_unreachable_or_malformed_endpoint(monkeypatch):
     from stagerun.operator import handlers
 

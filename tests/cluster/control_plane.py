@@ -5,7 +5,8 @@ The apiserver runs as a production cluster's does where it matters to an operato
 admission plugins PodSecurity, OwnerReferencesPermissionEnforcement, ResourceQuota and ServiceAccount, and the
 controller-manager's controllers (Job, garbage collector, ServiceAccount tokens, ...) acting with their own
 service-account credentials. One static token in system:masters is the admin; tests that must be checked by the
-real authoriser use a ServiceAccount's token instead.
+real authoriser use a ServiceAccount's token instead, and the apiserver's audit log (`audit_events()`, audit.py)
+records what those accounts asked and what RBAC decided.
 
 Loopback only: every listener binds 127.0.0.1 and kwok hands nodes 127.0.0.1 and pods 127.1.0.0/16, because the
 operator dials pod IPs and a test must never send traffic anywhere else. Service ClusterIPs (10.96.0.0/16) are
@@ -28,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from . import binaries
+from . import audit, binaries
 from .pki import Pki, make_pki
 from .processes import Process, free_ports, processes_mentioning, stop_all
 
@@ -60,6 +61,7 @@ class ControlPlane:
         self.etcd_port, self.api_port, self.cm_port, self.sched_port, self.kwok_port = free_ports(5)
         self.url = f"https://127.0.0.1:{self.api_port}"
         self.kubeconfig = workdir / "kubeconfig"
+        self.audit_log = self.logs / "audit.log"  # ServiceAccounts' requests and RBAC's decisions (audit.py)
         self.pki: Pki | None = None
         self.ready_after_s: float | None = None  # start() -> /readyz and the default ServiceAccount
         self._ssl: ssl.SSLContext | None = None  # verifies the apiserver against pki.ca_cert
@@ -151,6 +153,9 @@ class ControlPlane:
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--profiling=false",
+            # The authoriser's own record of what each ServiceAccount asked and was allowed (tests/test_rbac.py).
+            f"--audit-policy-file={audit.write_policy(self.workdir / 'audit-policy.yaml')}",
+            f"--audit-log-path={self.audit_log}",
         ]
 
     def _component_args(self, port: int, name: str) -> list[str]:
@@ -168,7 +173,10 @@ class ControlPlane:
         pki = self.pki
         return [
             *self._component_args(self.cm_port, "kube-controller-manager"),
-            "--controllers=*",
+            # Not the Endpoints/EndpointSlice controllers: the apiserver refuses loopback endpoint addresses, so
+            # for every headless Service they would retry for ever (load, log noise); nothing here resolves
+            # Services through them (the process kubelet maps DNS names to pod addresses itself).
+            "--controllers=*,-endpoints-controller,-endpointslice-controller,-endpointslice-mirroring-controller",
             "--use-service-account-credentials",
             f"--service-account-private-key-file={pki.sa_key}",
             f"--root-ca-file={pki.ca_cert}",
@@ -231,6 +239,10 @@ class ControlPlane:
         except urllib.error.HTTPError as exc:
             status = json.loads(exc.read() or b"{}")  # a metav1.Status: its message is what a user would see
             raise ApiError(exc.code, status.get("message", str(exc.reason)), method, path) from None
+
+    def audit_events(self, username: str | None = None) -> list[audit.AuditEvent]:
+        """Requests of ServiceAccounts outside kube-system (optionally of one user) as the apiserver audited them."""
+        return audit.read_events(self.audit_log, username)
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         """The v1.36 kubectl built beside the servers, as admin; check=True raises with its stderr on failure."""

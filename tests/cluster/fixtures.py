@@ -3,17 +3,21 @@
 `control_plane` (session): one control plane for the whole run, started on first use; tests that use it carry the
 `cluster` marker, and skip, naming the build command, when tests/cluster/build.sh has not been run.
 `namespace` (function): a fresh namespace with its default ServiceAccount, deleted afterwards.
+`trainingrun_crd` (session): the TrainingRun CRD from crds/ applied server-side and Established.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from . import binaries
 from .control_plane import ControlPlane
+
+CRD = Path(__file__).resolve().parents[2] / "crds" / "trainingrun.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +36,14 @@ def namespace(control_plane: ControlPlane) -> Iterator[str]:
     control_plane.create_namespace(name)
     yield name
     control_plane.kubectl("delete", "namespace", name, "--wait=false")
+
+
+@pytest.fixture(scope="session")
+def trainingrun_crd(control_plane: ControlPlane) -> str:
+    """kubectl's output of the apply (a test of the CRD itself reads it)."""
+    out = control_plane.kubectl("apply", "--server-side", "-f", str(CRD)).stdout
+    control_plane.kubectl("wait", "--for=condition=Established", "crd/trainingruns.stagerun.io", "--timeout=60s")
+    return out
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: a test using the control plane is a `cluster` test

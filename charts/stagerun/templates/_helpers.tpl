@@ -64,13 +64,17 @@ app.kubernetes.io/component: operator
 
 {{/*
 RBAC. Exactly the calls the operator makes (operator/kube.py, and kopf for watching, finalizers, its annotations and
-Events); tests/test_rbac.py records the requests of the real operator and compares them with these rules, both ways.
+Events). tests/test_rbac.py installs this chart with Helm into a real control plane, runs the real operator with the
+chart's ServiceAccount token and reads the apiserver's audit log: RBAC allows every call, and every rule is used.
 
 Namespaced rules: in every watched namespace (a Role each), or cluster-wide (the ClusterRole) with watchNamespaces
 empty.
 - trainingruns: kopf lists and watches them, patches finalizers and its annotations; the operator reads one fresh
   before each reconcile (get).
 - trainingruns/status: the operator merge-patches status (with the resourceVersion it read).
+- trainingruns/finalizers update: never called; the OwnerReferencesPermissionEnforcement admission plugin (OpenShift,
+  hardened clusters) asks for it when the operator creates a child whose ownerReference to its TrainingRun sets
+  blockOwnerDeletion (so that foreground deletion waits for the children). Without it every child is forbidden.
 - events: kopf posts the Events of every transition (core v1 Events).
 - configmaps, services, jobs: created per attempt, found by label (list) and deleted; the attempt's Job is read by
   name (get); a running attempt's ConfigMap is patched when later phases are edited.
@@ -83,6 +87,9 @@ empty.
 - apiGroups: ["stagerun.io"]
   resources: ["trainingruns/status"]
   verbs: ["patch"]
+- apiGroups: ["stagerun.io"]
+  resources: ["trainingruns/finalizers"]
+  verbs: ["update"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
