@@ -215,6 +215,17 @@ def _pod_spec(run: ResolvedRun, phase: ResolvedPhase, *, name: str, uid: str, at
     }
     if scheduling.service_account_name:
         pod["serviceAccountName"] = scheduling.service_account_name
+    else:
+        pod["automountServiceAccountToken"] = False  # the trainer never calls the Kubernetes API
+    # What PodSecurity `restricted` asks for (non-root, no privilege escalation, no capabilities, RuntimeDefault
+    # seccomp), so trainer pods are admitted in namespaces that enforce it.
+    pod["securityContext"] = {
+        "runAsNonRoot": True,
+        "runAsUser": naming.TRAINER_UID,
+        "runAsGroup": naming.TRAINER_UID,
+        "fsGroup": naming.TRAINER_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     if scheduling.priority_class_name:
         pod["priorityClassName"] = scheduling.priority_class_name
     if scheduling.node_selector:
@@ -250,6 +261,7 @@ def _container(run: ResolvedRun, phase: ResolvedPhase, *, name: str, uid: str, a
     container["volumeMounts"] = _volume_mounts(run)
     container["terminationMessagePath"] = TERMINATION_LOG
     container["terminationMessagePolicy"] = "File"
+    container["securityContext"] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     return container
 
 

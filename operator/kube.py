@@ -81,9 +81,11 @@ def list_nodes() -> list[dict] | None:
 def delete_attempt(namespace: str, run: str, attempt: int, grace_seconds: int) -> None:
     """The attempt's Job, pods, Service and ConfigMap. Pods get ``grace_seconds`` to exit (SIGTERM first)."""
     name = naming.attempt_name(run, attempt)
-    # Pods first, with our grace period: the Job's garbage collection would use the pods' own (long) one.
+    # Pods first, with our grace period: the Job's garbage collection would use the pods' own (long) one. A pod the
+    # Job controller is already deleting (backoffLimit 0: it deletes the survivors of a failed rank) has the pod's full
+    # grace; deleting it again with a shorter one shortens it, as the apiserver allows, so the relaunch does not wait.
     for pod in list_pods(namespace, run, attempt):
-        if not pod["metadata"].get("deletionTimestamp"):
+        if _grace_left_longer_than(pod, grace_seconds):
             _ignore(
                 404,
                 core().delete_namespaced_pod,
@@ -95,6 +97,15 @@ def delete_attempt(namespace: str, run: str, attempt: int, grace_seconds: int) -
     _ignore(404, batch().delete_namespaced_job, name, namespace, body=body)
     _ignore(404, core().delete_namespaced_service, name, namespace)
     _ignore(404, core().delete_namespaced_config_map, name, namespace)
+
+
+def _grace_left_longer_than(pod: dict, grace_seconds: int) -> bool:
+    """Whether deleting the pod with ``grace_seconds`` would stop it sooner than what it was given already."""
+    meta = pod["metadata"]
+    if not meta.get("deletionTimestamp"):
+        return True
+    given = meta.get("deletionGracePeriodSeconds")
+    return given is None or given > grace_seconds
 
 
 def force_delete_pod(namespace: str, name: str) -> None:

@@ -27,6 +27,9 @@ RDZV_PORT = 29400
 STATUS_PORT = 8090
 # Time between SIGTERM and SIGKILL: the trainer finishes its step and commits a checkpoint in it.
 TERMINATION_GRACE_SECONDS = 600
+# The trainer image's user (docker/trainer.Dockerfile): pods run as it, so PodSecurity `restricted` admits them and
+# fsGroup makes checkpoint volumes writable to it.
+TRAINER_UID = 65532
 MAX_RUN_NAME = 50  # leaves room for "-a<attempt>-<index>" in pod hostnames (63 characters at most)
 
 

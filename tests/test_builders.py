@@ -346,6 +346,12 @@ def test_scheduling_fields_reach_the_pod():
         "imagePullSecrets",
     ):
         assert key not in quick
+    # A chosen ServiceAccount keeps its token (workload identity may need it); without one the trainer gets none.
+    assert "automountServiceAccountToken" not in pod and quick["automountServiceAccountToken"] is False
+    for spec in (pod, quick):  # restricted Pod Security either way (tests/test_operator.py proves admission)
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["runAsUser"] == naming.TRAINER_UID
+        assert spec["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
 
 
 def test_configmap_holds_the_manifest_as_written_and_reads_back():

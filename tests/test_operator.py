@@ -137,12 +137,6 @@ def test_lost_pod_relaunches_the_gang_from_the_checkpoint_with_backoff(harness: 
     assert reasons.index("PodLost") < reasons.index("RestartScheduled") < reasons.index("Restarted")
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="issue 13 item 2: the Job controller deletes the surviving ranks with their full 600 s grace and "
-    "delete_attempt skips pods already terminating, so the relaunch waits for them",
-)
 def test_surviving_ranks_are_stopped_within_the_failure_grace(plane, namespace, monkeypatch):
     """Rank 1 fails; rank 0 is blocked in a collective (it ignores SIGTERM). The real Job controller reacts first
     (here deterministically: the operator is away for the moment, as during a restart or under load) and deletes
@@ -544,11 +538,6 @@ def _says(h: Harness, reason: str, words: str) -> bool:
     return any(c.get("reason") == reason and words in c.get("message", "") for c in h.status().get("conditions") or ())
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="issue 13 item 10: trainer pods have no securityContext and are refused by restricted Pod Security",
-)
 def test_trainer_pods_are_admitted_in_a_restricted_namespace(harness: Harness):
     h = harness
     label = {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
