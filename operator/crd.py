@@ -75,9 +75,10 @@ DURATION_TEXT = "A duration: whole seconds, or a string such as '90s', '15m' or 
 
 _SCALARS = {bool: "boolean", int: "integer", float: "number", str: "string"}
 
+STATES_TEXT = "Pending, Queued, Starting, Running, Restarting, Suspending, Suspended, Succeeded or Failed"
 # (name, jsonPath, type, description) of `kubectl get trainingruns`; every status path is declared in status_schema().
 PRINTER_COLUMNS = [
-    ("STATE", ".status.state", "string", "Pending, Running, Restarting, Suspending, Suspended, Succeeded or Failed"),
+    ("STATE", ".status.state", "string", STATES_TEXT),
     ("PHASE", ".status.phase", "string", "the phase being trained"),
     ("STEP", ".status.step", "integer", "optimizer steps completed"),
     ("TOKENS", ".status.tokensSeen", "integer", "tokens trained on, all phases"),
@@ -205,7 +206,7 @@ def status_schema() -> dict:
         "type": "object",
         "x-kubernetes-preserve-unknown-fields": True,
         "properties": {
-            "state": string("Pending, Running, Restarting, Suspending, Suspended, Succeeded or Failed."),
+            "state": string(f"{STATES_TEXT}."),
             "message": string("Why the run is in its state, for a person (set on Failed and Succeeded)."),
             "failureReason": string("CamelCase reason of a Failed run, e.g. InvalidSpec, RestartBudgetExhausted."),
             "phase": string("Name of the phase being trained (the last one once the run has ended)."),

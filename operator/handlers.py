@@ -23,10 +23,10 @@ from stagerun.core.protocol import Progress
 from stagerun.core.spec.changes import immutable_changes
 
 from . import builders, kube, metrics, naming
-from .observe import Observation, job_view, not_ready_nodes, pod_view
+from .observe import Observation, failed_create_messages, job_view, not_ready_nodes, pod_view
 from .spec_changes import manifest_of, parse
 from .state import DeleteAttempt, ForceDeletePod, Launch, Settings, reconcile
-from .status import FAILED, PENDING, TERMINAL, set_condition
+from .status import FAILED, PENDING, STARTING, TERMINAL, set_condition
 
 log = logging.getLogger("stagerun.operator")
 RESOURCE = (naming.GROUP, naming.VERSION, naming.PLURAL)
@@ -142,11 +142,16 @@ def observe(namespace: str, name: str, status: dict) -> Observation:
     unready = not_ready_nodes(nodes) if nodes is not None else None
     zero = next((p for p in raw_pods if _is_index_zero_running(p)), None)
     progress = fetch_progress(zero["status"]["podIP"], naming.STATUS_PORT) if zero is not None else None
+    # Pods the Job controller could not create leave no trace but its Events: read them only while Starting.
+    warnings: tuple[str, ...] = ()
+    if status.get("state") == STARTING and raw_job is not None:
+        warnings = failed_create_messages(kube.list_events_of(namespace, raw_job["metadata"]["uid"]))
     return Observation(
         now=clock(),
         job=job_view(raw_job) if raw_job else None,
         pods=tuple(pod_view(p, unready) for p in raw_pods),
         progress=progress,
+        job_warnings=warnings,
     )
 
 

@@ -68,6 +68,12 @@ def list_pods(namespace: str, run: str, attempt: int | None = None) -> list[dict
     return api_client().sanitize_for_serialization(pods).get("items", [])
 
 
+def list_events_of(namespace: str, uid: str) -> list[dict]:
+    """The core v1 Events about one object (by uid: a Job of an earlier run with the same name is not it)."""
+    events = core().list_namespaced_event(namespace, field_selector=f"involvedObject.uid={uid}")
+    return api_client().sanitize_for_serialization(events).get("items", [])
+
+
 def list_nodes() -> list[dict] | None:
     """Every node, or None when the operator may not list nodes (then node readiness is not considered)."""
     try:

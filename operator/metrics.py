@@ -1,6 +1,6 @@
 """The operator's own Prometheus metrics (served with ``stagerun operator --metrics-port``).
 
-Labels are bounded: ``state`` (the seven run states), ``reason`` (the failure reasons of state.py), ``kind``.
+Labels are bounded: ``state`` (the nine run states), ``reason`` (the failure reasons of state.py), ``kind``.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import threading
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
-from .status import FAILED, PENDING, RESTARTING, RUNNING, SUCCEEDED, SUSPENDED, SUSPENDING
+from .status import FAILED, PENDING, QUEUED, RESTARTING, RUNNING, STARTING, SUCCEEDED, SUSPENDED, SUSPENDING
 
-STATES = (PENDING, RUNNING, RESTARTING, SUSPENDING, SUSPENDED, SUCCEEDED, FAILED)
+STATES = (PENDING, QUEUED, STARTING, RUNNING, RESTARTING, SUSPENDING, SUSPENDED, SUCCEEDED, FAILED)
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 RESTARTS = Counter(

@@ -38,6 +38,7 @@ class PodView:
     exit_code: int | None = None  # set once the trainer container terminated
     terminated_reason: str | None = None  # Completed, Error, OOMKilled, ...
     message: TerminationMessage | None = None  # the termination message (written by `stagerun launch`)
+    unschedulable: str | None = None  # the scheduler's message while PodScheduled is False (Unschedulable)
 
     def __post_init__(self) -> None:
         if isinstance(self.message, Mapping):
@@ -53,6 +54,7 @@ class JobView:
     failed: int = 0
     complete: bool = False
     failed_condition: str | None = None  # reason of a Failed condition (e.g. BackoffLimitExceeded)
+    suspended: bool = False  # spec.suspend: a queue (Kueue) holds it, before admission or after a preemption
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,9 @@ class Observation:
     job: JobView | None = None
     pods: tuple[PodView, ...] = ()
     progress: Progress | None = None  # rank 0's /progress answer, when reachable
+    # The Job controller's FailedCreate messages, oldest first (quota, Pod Security, a missing ServiceAccount, a
+    # webhook): read only while the gang is Starting, the one time they explain anything.
+    job_warnings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.progress, Mapping):
@@ -86,6 +91,8 @@ def pod_view(pod: dict, not_ready_nodes: dict[str, float] | None) -> PodView:
     text = (terminated or {}).get("message")
     message = TerminationMessage.from_json(text) if text else None
     node = spec.get("nodeName")
+    scheduled: dict = next((c for c in status.get("conditions") or () if c.get("type") == "PodScheduled"), {})
+    unschedulable = scheduled.get("message") or "unschedulable" if scheduled.get("status") == "False" else None
     not_ready_since = (not_ready_nodes or {}).get(node) if node else None
     return PodView(
         name=meta["name"],
@@ -98,6 +105,7 @@ def pod_view(pod: dict, not_ready_nodes: dict[str, float] | None) -> PodView:
         exit_code=(terminated or {}).get("exitCode"),
         terminated_reason=(terminated or {}).get("reason"),
         message=message,
+        unschedulable=unschedulable,
     )
 
 
@@ -112,7 +120,15 @@ def job_view(job: dict) -> JobView:
         failed=status.get("failed", 0) or 0,
         complete="Complete" in conditions,
         failed_condition=conditions["Failed"].get("reason", "Failed") if "Failed" in conditions else None,
+        suspended=bool(job.get("spec", {}).get("suspend")),
     )
+
+
+def failed_create_messages(events: list[dict]) -> tuple[str, ...]:
+    """The Job controller's FailedCreate Warnings among a Job's Events, oldest first."""
+    mine = [e for e in events if e.get("reason") == "FailedCreate" and e.get("type") == "Warning"]
+    mine.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+    return tuple(e.get("message", "") for e in mine)
 
 
 def not_ready_nodes(nodes: list[dict]) -> dict[str, float]:

@@ -1,11 +1,14 @@
 """The run's state machine: a pure function from (spec, status, what is observed) to (new status, actions, events).
 
-    Pending ─launch─► Running ─job ends "complete"──────────────────────────► Succeeded
-                        │  ▲  └─job ends "relaunch" (next phase, new topology)─► Running (next attempt)
-     failure/hang/lost  │  │ backoff elapsed, old pods gone
-                        ▼  │
-                      Restarting ── restart budget spent / permanent failure ──► Failed
-     spec.suspend ─► Suspending ─pods gone─► Suspended ─spec.suspend=false─► Running (next attempt)
+    Pending ─launch─► Starting ─every pod running─► Running ─job ends "complete"──────────────► Succeeded
+                        │ ▲  ▲                         │   └─job ends "relaunch" (new topology)─► Starting
+                        ▼ │  └── backoff elapsed, ─────┤ failure/hang/lost
+       Job suspended  Queued     old pods gone         ▼
+       (Kueue)                  Restarting ── restart budget spent / permanent failure ──► Failed
+     spec.suspend ─► Suspending ─pods gone─► Suspended ─spec.suspend=false─► Starting (next attempt)
+
+Starting says what keeps the gang from running (``waitingFor``: the scheduler's or the Job controller's words).
+Queued is a queue's decision, not a failure: no restart is charged, and the same Job resumes when admitted.
 
 Everything the machine needs to survive an operator restart is in the status it returns; the handlers persist it
 and carry out the actions. Child objects have deterministic names per attempt, so repeating an action is harmless.
@@ -24,8 +27,10 @@ from .observe import PERMANENT_WAITING, Observation, PodView, timestamp
 from .status import (
     FAILED,
     PENDING,
+    QUEUED,
     RESTARTING,
     RUNNING,
+    STARTING,
     SUCCEEDED,
     SUSPENDED,
     SUSPENDING,
@@ -107,14 +112,14 @@ class _Machine:
         phase = self.run.phases[phase_index]
         self.actions.append(Launch(attempt, phase_index))
         self.s.update(
-            state=RUNNING,
+            state=STARTING,
             attempt=attempt,
             phaseIndex=phase_index,
             phase=phase.name,
             launchedAt=iso(self.obs.now),
             pods={},
         )
-        for per_attempt in ("progressSeen", "progressUnreachableReported"):
+        for per_attempt in ("progressSeen", "progressUnreachableReported", "runningSince", "waitingFor"):
             self.s.pop(per_attempt, None)
         self.s.pop("nextLaunchAt", None)
         self.event(
@@ -251,7 +256,9 @@ class _Machine:
                     "UnknownOutcome", f"the Job of attempt {attempt} completed but pod 0 left no termination message"
                 )
             return ("finished", zero.message)
-        started = timestamp(self.s.get("launchedAt")) or obs.now
+        if self.s["state"] != RUNNING:
+            return None  # the hang clock starts when the gang runs: queueing, scheduling and pulls are not hangs
+        started = timestamp(self.s.get("runningSince")) or timestamp(self.s.get("launchedAt")) or obs.now
         last_step = (obs.progress.last_step_at if obs.progress is not None else None) or 0
         quiet = obs.now - max(started, last_step)
         if quiet > self.spec.hang_timeout and not self.s.get("progressSeen"):
@@ -314,15 +321,17 @@ class _Machine:
         state = self.s["state"]
         if state in TERMINAL:
             return
-        if state == RUNNING:
+        if state in (STARTING, RUNNING):
             self.fold_progress()
         if state == PENDING:
             if not self.spec.suspend:
                 self.launch(self.s["phaseIndex"], "Launched", "starting the run")
             else:
                 self.s["state"] = SUSPENDED
-        elif state == RUNNING:
+        elif state in (STARTING, RUNNING):
             self.running()
+        elif state == QUEUED:
+            self.queued()
         elif state == RESTARTING:
             self.force_delete_stuck_pods()
             due = self.obs.now >= (timestamp(self.s.get("nextLaunchAt")) or 0)
@@ -339,14 +348,27 @@ class _Machine:
         elif state == SUSPENDED and not self.spec.suspend:
             self.launch(self.s["phaseIndex"], "Resumed", "resuming from the newest checkpoint")
 
+    def suspend(self) -> None:
+        self.actions.append(DeleteAttempt(self.s["attempt"], self.settings.suspend_grace_seconds))
+        self.s["state"] = SUSPENDING
+        self.s.pop("waitingFor", None)
+        self.event("Normal", "Suspending", "spec.suspend is true: the trainer checkpoints on SIGTERM, then stops")
+
     def running(self) -> None:
         if self.spec.suspend:
-            self.actions.append(DeleteAttempt(self.s["attempt"], self.settings.suspend_grace_seconds))
-            self.s["state"] = SUSPENDING
-            self.event("Normal", "Suspending", "spec.suspend is true: the trainer checkpoints on SIGTERM, then stops")
+            self.suspend()
+            return
+        job = self.obs.job
+        if job is not None and job.suspended:
+            # Before the pods are looked at: a queue's preemption deletes them, and that is no failure.
+            self.s.update(state=QUEUED, pods={})
+            self.s.pop("waitingFor", None)
+            self.event("Normal", "Queued", f"the Job {job.name} is suspended, waiting for its queue to admit it")
             return
         outcome = self.assess_attempt()
         if outcome is None:
+            if self.s["state"] == STARTING:
+                self.starting()
             return
         if isinstance(outcome, Failure):
             self.fail_or_restart(outcome)
@@ -377,6 +399,40 @@ class _Machine:
             self.launch(message.phase_index, "PhaseStarted", "relaunching for the next phase")
         else:  # stopped without a suspend request: a preemption (node drain, SIGTERM from outside)
             self.fail_or_restart(Failure("Preempted", "the trainer was stopped from outside and checkpointed"))
+
+    def starting(self) -> None:
+        """Running once every pod of the gang runs; until then, say what the cluster says is in the way."""
+        obs = self.obs
+        completions = obs.job.completions if obs.job is not None else 0
+        if len(obs.pods) >= completions and all(p.phase == "Running" for p in obs.pods):
+            self.s.update(state=RUNNING, runningSince=iso(obs.now))
+            self.s.pop("waitingFor", None)
+            return
+        blocker = None
+        unschedulable = next((p for p in obs.pods if p.unschedulable), None)
+        if unschedulable is not None:
+            blocker = {"reason": "Unschedulable", "message": f"pod {unschedulable.name}: {unschedulable.unschedulable}"}
+        elif len(obs.pods) < completions and obs.job_warnings:
+            blocker = {
+                "reason": "FailedCreate",
+                "message": f"the Job cannot create its pods: {obs.job_warnings[-1]}",
+            }
+        if blocker is None:
+            self.s.pop("waitingFor", None)
+        elif blocker != self.s.get("waitingFor"):
+            self.s["waitingFor"] = blocker
+            self.event("Warning", blocker["reason"], blocker["message"])
+
+    def queued(self) -> None:
+        if self.spec.suspend:
+            self.suspend()
+            return
+        job = self.obs.job
+        if job is None:
+            self.fail_or_restart(Failure("JobMissing", f"the queued Job of attempt {self.s['attempt']} disappeared"))
+        elif not job.suspended:
+            self.s["state"] = STARTING
+            self.event("Normal", "Admitted", f"the queue admitted the Job {job.name}")
 
     def fold_final(self, message: TerminationMessage) -> None:
         if message.step is not None:

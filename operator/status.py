@@ -10,8 +10,10 @@ from datetime import UTC, datetime
 
 from .observe import Observation
 
-PENDING, RUNNING, RESTARTING, SUSPENDING, SUSPENDED, SUCCEEDED, FAILED = (
+PENDING, QUEUED, STARTING, RUNNING, RESTARTING, SUSPENDING, SUSPENDED, SUCCEEDED, FAILED = (
     "Pending",
+    "Queued",  # the attempt's Job is suspended by a queue (Kueue: waiting for admission, or preempted)
+    "Starting",  # the Job exists, not every pod of the gang runs yet (creation, scheduling, image pulls)
     "Running",
     "Restarting",
     "Suspending",
@@ -54,14 +56,17 @@ def conditions_for(status: dict, obs: Observation, now: float) -> list[dict]:
     state = status["state"]
     failure = status.get("lastFailure") or {}
     pods_running = bool(obs.pods) and all(p.phase == "Running" for p in obs.pods)
+    waiting = status.get("waitingFor") or {}  # what keeps a Starting gang from running, in the cluster's words
     table = {
         "Ready": (
             state == RUNNING and pods_running,
-            "PodsRunning" if state == RUNNING and pods_running else state,
-            "every pod of the gang is running" if state == RUNNING and pods_running else f"run is {state}",
+            "PodsRunning" if state == RUNNING and pods_running else waiting.get("reason") or state,
+            "every pod of the gang is running"
+            if state == RUNNING and pods_running
+            else waiting.get("message") or f"run is {state}",
         ),
         "Progressing": (
-            state in (PENDING, RUNNING, RESTARTING),
+            state in (PENDING, QUEUED, STARTING, RUNNING, RESTARTING),
             state,
             status.get("message", "")
             if state in TERMINAL

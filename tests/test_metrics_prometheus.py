@@ -158,6 +158,8 @@ def test_prometheus_scrapes_every_documented_metric_and_every_dashboard_query_ha
         states = {r["metric"]["state"]: float(r["value"][1]) for r in query(url, "stagerun_operator_runs")}
         assert states["Running"] >= 1 and set(states) == {
             "Pending",
+            "Queued",
+            "Starting",
             "Running",
             "Restarting",
             "Suspending",

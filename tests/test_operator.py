@@ -7,9 +7,9 @@ does not: how a pod's container ends, a node that stops answering, an image that
 through the pods' and nodes' /status as a kubelet writes it), and what rank 0's /progress answers (kwok pods run
 nothing, so the operator's poll is answered from the test's ``progress`` table).
 
-Where the real cluster shows an operator bug that issue 13 lists, the test says what should happen and is marked
-xfail(strict=True) with the item; its setup checks what the cluster did with plain waits (a TimeoutError is a real
-failure), and only its last assertion is the expected failure (``raises=AssertionError``).
+The scenarios only a real cluster shows (a Job suspended by a queue, pods that cannot be scheduled or created, Pod
+Security `restricted`, the Job controller deleting survivors with their full grace) first check with plain waits
+that the cluster did what the scenario needs, then what the user sees of it.
 """
 
 from __future__ import annotations
@@ -457,12 +457,6 @@ def _queued_for_a_queue_no_kueue_admits(h: Harness) -> None:
     h.wait(job_suspended, "the Job controller never reported the Job suspended")
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="issue 13 item 11: a run whose Job waits suspended for Kueue shows Running; a Job suspended by Kueue's "
-    "preemption is charged to the restart budget as PodLost",
-)
 @pytest.mark.parametrize("suspend", [_queued_for_a_queue_no_kueue_admits, _job_suspended_by_someone_else])
 def test_a_run_whose_job_is_suspended_does_not_claim_running(harness: Harness, suspend):
     h = harness
@@ -472,11 +466,6 @@ def test_a_run_whose_job_is_suspended_does_not_claim_running(harness: Harness, s
     assert h.status()["restarts"] == 0
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="issue 13 item 4: a gang whose pods cannot be scheduled shows Running with no condition saying why",
-)
 def test_a_gang_that_cannot_be_scheduled_says_why(harness: Harness):
     h = harness
     h.create(h.manifest(resources={"nodes": 2, "processesPerNode": 1, "cpu": "1000"}))  # nodes have 64 CPUs
@@ -513,11 +502,6 @@ def _quota_of_no_pods(h: Harness) -> str:
     return "exceeded quota: no-pods"
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="issue 13 item 4: a Job whose pods are refused at creation leaves the run Running with no condition",
-)
 @pytest.mark.parametrize("refusal", [_missing_service_account, _quota_of_no_pods])
 def test_pods_refused_at_creation_are_reported(harness: Harness, refusal):
     h = harness

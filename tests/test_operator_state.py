@@ -13,8 +13,10 @@ from stagerun.operator.observe import JobView, Observation, PodView
 from stagerun.operator.state import (
     FAILED,
     PENDING,
+    QUEUED,
     RESTARTING,
     RUNNING,
+    STARTING,
     SUCCEEDED,
     SUSPENDED,
     SUSPENDING,
@@ -68,7 +70,7 @@ def pod(name="quickstart-a1-0-abcde", index=0, phase="Running", **kw) -> PodView
 
 
 def job(**kw) -> JobView:
-    return JobView(name="quickstart-a1", attempt=1, completions=1, **kw)
+    return JobView(**{"name": "quickstart-a1", "attempt": 1, "completions": 1, **kw})
 
 
 _DEFAULT = object()
@@ -91,7 +93,7 @@ def condition(decision, kind) -> dict:
 def test_pending_launches_the_first_attempt():
     d = reconcile(RUN, {}, Observation(now=NOW), SETTINGS)
     assert d.actions == [Launch(attempt=1, phase_index=0)]
-    assert d.status["state"] == RUNNING and d.status["attempt"] == 1 and d.status["phase"] == "core"
+    assert d.status["state"] == STARTING and d.status["attempt"] == 1 and d.status["phase"] == "core"
     assert event_reasons(d) == ["Launched"] and condition(d, "Progressing")["status"] == "True"
 
 
@@ -161,7 +163,7 @@ def test_restarting_waits_for_backoff_and_for_old_pods_then_relaunches_from_chec
     old = pod(phase="Running", deleting_since=NOW)
     assert reconcile(RUN, status, obs(pods=[old], job_view=None, now=NOW + 6), SETTINGS).actions == []  # still exiting
     d = reconcile(RUN, status, Observation(now=NOW + 6), SETTINGS)
-    assert d.actions == [Launch(attempt=2, phase_index=0)] and d.status["state"] == RUNNING
+    assert d.actions == [Launch(attempt=2, phase_index=0)] and d.status["state"] == STARTING
     assert d.status["pods"] == {} and "checkpoint step 16" in d.events[0].message and event_reasons(d) == ["Restarted"]
 
 
@@ -280,7 +282,7 @@ def test_phase_boundary_with_new_topology_launches_the_next_attempt():
     done = pod(phase="Succeeded", exit_code=0, message=message)
     d = reconcile(RUN, running_status(), obs(pods=[done], job_view=job(complete=True, succeeded=1)), SETTINGS)
     assert d.actions == [DeleteAttempt(1, 30), Launch(attempt=2, phase_index=1)]
-    assert d.status["state"] == RUNNING and d.status["phase"] == "long-context" and d.status["restarts"] == 0
+    assert d.status["state"] == STARTING and d.status["phase"] == "long-context" and d.status["restarts"] == 0
     assert event_reasons(d) == ["PhaseFinished", "PhaseStarted"]
 
 
@@ -344,3 +346,69 @@ def test_a_relaunch_message_without_a_usable_phase_index_restarts_instead_of_cra
         done = pod(phase="Succeeded", exit_code=0, message=message)
         d = reconcile(RUN, running_status(), obs(pods=[done], job_view=job(complete=True, succeeded=1)), SETTINGS)
         assert d.status["state"] == RESTARTING and d.status["lastFailure"]["reason"] == "UnknownOutcome"
+
+
+# -- Starting and Queued ---------------------------------------------------------------------------------------
+def starting_status(**extra) -> dict:
+    return running_status(state=STARTING, pods={}, **extra)
+
+
+def test_starting_becomes_running_when_every_pod_of_the_gang_runs():
+    two = job(completions=2)
+    first = pod("quickstart-a1-0-abcde", 0)
+    d = reconcile(RUN, starting_status(), obs(pods=[first], job_view=two), SETTINGS)
+    assert d.status["state"] == STARTING  # one of two pods
+    second = pod("quickstart-a1-1-fghij", 1)
+    d = reconcile(RUN, d.status, obs(pods=[first, second], job_view=two, now=NOW + 5), SETTINGS)
+    assert d.status["state"] == RUNNING and d.status["runningSince"] == iso(NOW + 5)
+    assert condition(d, "Ready")["status"] == "True"
+
+
+def test_the_hang_clock_starts_when_the_gang_runs_not_at_launch():
+    pending = pod(phase="Pending")
+    late = NOW + RUN.manifest.spec.hang_timeout + 60  # launched long ago, still pulling images
+    d = reconcile(RUN, starting_status(launchedAt=iso(NOW)), obs(pods=[pending], now=late), SETTINGS)
+    assert d.status["state"] == STARTING and "Hang" not in event_reasons(d)
+    d = reconcile(RUN, d.status, obs(now=late + 1), SETTINGS)  # running now: the clock starts here
+    assert d.status["state"] == RUNNING and "Hang" not in event_reasons(d)
+
+
+def test_an_unschedulable_gang_says_why_once():
+    stuck = pod(phase="Pending", unschedulable="0/4 nodes are available: 4 Insufficient cpu.")
+    d = reconcile(RUN, starting_status(), obs(pods=[stuck]), SETTINGS)
+    assert d.status["state"] == STARTING and d.status["waitingFor"]["reason"] == "Unschedulable"
+    ready = condition(d, "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "Unschedulable" and "Insufficient cpu" in ready["message"]
+    assert event_reasons(d) == ["Unschedulable"]
+    again = reconcile(RUN, d.status, obs(pods=[stuck], now=NOW + 10), SETTINGS)
+    assert event_reasons(again) == []  # said once, not every reconcile
+
+
+def test_pods_the_job_cannot_create_are_reported_with_the_controllers_words():
+    words = 'pods "quickstart-a1-0-x" is forbidden: exceeded quota: no-pods'
+    observed = Observation(now=NOW, job=job(), pods=(), job_warnings=("older", words))
+    d = reconcile(RUN, starting_status(), observed, SETTINGS)
+    assert d.status["state"] == STARTING and d.actions == []
+    assert condition(d, "Ready")["reason"] == "FailedCreate" and words in condition(d, "Ready")["message"]
+
+
+def test_a_suspended_job_is_queued_without_spending_a_restart_and_resumes_when_admitted():
+    held = job(suspended=True)
+    d = reconcile(RUN, starting_status(), obs(pods=[], job_view=held), SETTINGS)
+    assert d.status["state"] == QUEUED and d.actions == [] and event_reasons(d) == ["Queued"]
+    # Preempted while running: the Job controller deletes the pods; that is the queue's decision, no failure.
+    deleting = pod(deleting_since=NOW - 1)
+    d = reconcile(RUN, running_status(), obs(pods=[deleting], job_view=held), SETTINGS)
+    assert d.status["state"] == QUEUED and d.status["restarts"] == 0 and d.status["pods"] == {}
+    d = reconcile(RUN, d.status, obs(pods=[], job_view=held, now=NOW + 60), SETTINGS)
+    assert d.status["state"] == QUEUED and d.actions == []
+    admitted = pod("quickstart-a1-0-zzzzz")  # the same Job, new pods
+    d = reconcile(RUN, d.status, obs(pods=[admitted], job_view=job(), now=NOW + 90), SETTINGS)
+    assert d.status["state"] == STARTING and event_reasons(d) == ["Admitted"]
+    d = reconcile(RUN, d.status, obs(pods=[admitted], now=NOW + 91), SETTINGS)
+    assert d.status["state"] == RUNNING and d.status["restarts"] == 0
+
+
+def test_suspend_while_queued_suspends():
+    d = reconcile(make_run(suspend=True), running_status(state=QUEUED), obs(pods=[], job_view=job(suspended=True)))
+    assert d.status["state"] == SUSPENDING and d.actions == [DeleteAttempt(1, Settings().suspend_grace_seconds)]

@@ -75,7 +75,8 @@ empty.
 - trainingruns/finalizers update: never called; the OwnerReferencesPermissionEnforcement admission plugin (OpenShift,
   hardened clusters) asks for it when the operator creates a child whose ownerReference to its TrainingRun sets
   blockOwnerDeletion (so that foreground deletion waits for the children). Without it every child is forbidden.
-- events: kopf posts the Events of every transition (core v1 Events).
+- events: kopf posts the Events of every transition (core v1 Events); while a gang is Starting the operator lists
+  its Job's Events (by uid) for FailedCreate, the only place the Job controller says why it has no pods.
 - configmaps, services, jobs: created per attempt, found by label (list) and deleted; the attempt's Job is read by
   name (get); a running attempt's ConfigMap is patched when later phases are edited.
 - pods: listed by label (the gang's state) and deleted (teardown, force-delete of pods stuck on dead nodes).
@@ -92,7 +93,7 @@ empty.
   verbs: ["update"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["create", "list", "patch", "delete"]
