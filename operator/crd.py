@@ -12,8 +12,9 @@ What the API server checks, and what only the operator can
 ------------------------------------------------------------
 The schema states what a single field can say about itself: types, ``enum`` for ``Literal`` fields, ``minimum`` /
 ``maximum`` / ``exclusiveMinimum`` from the field metadata, and ``required`` for fields without a default. Counts
-("2T", "4Mi") and durations ("15m") are integers *or* strings: the schema lets any string through (no
-``pattern``; ``minimum`` still applies to the integer form) and the operator parses them. Floats are
+("2T", "4Mi") and durations ("15m") are integers *or* strings: a string must match the parser's own pattern
+(``stagerun.core.spec.quantities``; ``minimum`` applies to the integer form), so ``seqLen: long`` is refused at
+apply time, and the operator parses the value. Floats are
 ``type: number`` - kubectl's YAML reads ``3e-4`` as a number; quoting it ("3e-4") is accepted by
 ``stagerun run`` but rejected by the API server. No ``default`` is declared: phase fields left unset inherit
 from the previous phase, so the operator must see what the manifest left unset (see ``fields.explicit_fields``).
@@ -52,6 +53,7 @@ from typing import Any, Literal
 import yaml
 
 from stagerun.core.spec.fields import COUNT, DURATION, camel, is_required
+from stagerun.core.spec.quantities import COUNT_PATTERN, DURATION_PATTERN
 from stagerun.core.spec.run import PhaseSpec, RunSpec, TrainingRun
 
 from . import naming
@@ -147,7 +149,9 @@ def _type_schema(tp: Any, meta: dict, where: str, *, merged: bool = False) -> di
     if tp is Any:
         return {"x-kubernetes-preserve-unknown-fields": True}
     if tp is int and meta.get("kind") in (COUNT, DURATION):
-        return {"x-kubernetes-int-or-string": True, **_bounds(meta)}
+        # `pattern` applies to the string form only; `minimum` to the integer form.
+        pattern = COUNT_PATTERN if meta["kind"] == COUNT else DURATION_PATTERN
+        return {"x-kubernetes-int-or-string": True, "pattern": pattern, **_bounds(meta)}
     if tp in _SCALARS:
         return {"type": _SCALARS[tp], **(_bounds(meta) if tp in (int, float) else {})}
     raise TypeError(f"{where}: no schema for type {tp!r}")  # a spec class used a type the generator does not know

@@ -125,9 +125,6 @@ class StoredWithoutComplaint(AssertionError):
 
 
 @cluster
-@pytest.mark.xfail(
-    raises=StoredWithoutComplaint, strict=True, reason="issue 12: seqLen is int-or-string with no pattern"
-)
 def test_a_seqlen_that_is_not_a_count_is_refused_by_the_apiserver(control_plane, trainingrun_crd, namespace):
     manifest = _manifest(control_plane, QUICKSTART)
     manifest["spec"]["phases"][0]["seqLen"] = "long"

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from stagerun.core.spec.quantities import COUNT_PATTERN
 from stagerun.operator import crd, naming
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,6 +203,7 @@ def test_schema_mirrors_the_field_metadata():
     assert phase["properties"]["tokens"] == {
         "description": phase["properties"]["tokens"]["description"],
         "x-kubernetes-int-or-string": True,
+        "pattern": COUNT_PATTERN,
         "minimum": 1,
     }
     assert "'2T' or '4Mi'" in phase["properties"]["tokens"]["description"]

@@ -273,10 +273,16 @@ CASES = [
         {f"{P0}.seqLen": 100},
         operator=(f"{P0}.seqLen", "must be a positive multiple of 8, got 100"),
     ),
-    Case("tokens-bad-suffix", {f"{P0}.tokens": "2X"}, operator=(f"{P0}.tokens", "cannot read '2X' as a count")),
+    Case(
+        "tokens-bad-suffix",
+        {f"{P0}.tokens": "2X"},
+        schema=(f"{P0}.tokens", "'2X' does not match"),  # the parser's own pattern, stated in the CRD
+        operator=(f"{P0}.tokens", "cannot read '2X' as a count"),
+    ),
     Case(
         "hang-timeout-in-words",
         {"spec.hangTimeout": "15 minutes"},
+        schema=("spec.hangTimeout", "'15 minutes' does not match"),
         operator=("spec.hangTimeout", "cannot read '15 minutes' as a duration"),
     ),
     Case(
@@ -435,7 +441,7 @@ def test_status_the_state_machine_writes_fits_the_schema(api_server):
             pods=(done,),
         ),
     ).status
-    assert (pending["state"], running["state"], finished["state"]) == ("Running", "Running", "Succeeded")
+    assert (pending["state"], running["state"], finished["state"]) == ("Starting", "Running", "Succeeded")
     assert running["eta"] and running["lastCheckpoint"]["step"] == 40 and finished["completionTime"]
     for status in (pending, running, finished):
         assert api_server({**manifest, "status": status}) == [], status

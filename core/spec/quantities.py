@@ -25,6 +25,9 @@ _SUFFIXES = {
     "Ti": 2**40,
 }
 _QUANTITY = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\s*([KMBGT]i?)?\s*$")
+# What a count or duration written as a string must look like; the CRD states the same patterns, so the apiserver
+# refuses `seqLen: long` at `kubectl apply` (operator/crd.py). RE2-compatible: Kubernetes evaluates them in Go.
+COUNT_PATTERN = _QUANTITY.pattern
 
 
 class QuantityError(ValueError):
@@ -104,6 +107,7 @@ def format_count(count: int) -> str:
 
 
 _DURATION = re.compile(r"^\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?\s*$")
+DURATION_PATTERN = _DURATION.pattern
 
 
 def parse_duration(value: object) -> int:
