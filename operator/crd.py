@@ -55,12 +55,15 @@ import yaml
 from stagerun.core.spec.fields import COUNT, DURATION, camel, is_required
 from stagerun.core.spec.quantities import COUNT_PATTERN, DURATION_PATTERN
 from stagerun.core.spec.run import PhaseSpec, RunSpec, TrainingRun
+from stagerun.core.spec.validate import KUBERNETES_MAX_RUN_NAME, KUBERNETES_RUN_NAME
 
 from . import naming
 
 SINGULAR = "trainingrun"
-SHORT_NAMES = ["tr", "trun"]
-CATEGORIES = ["all", "stagerun"]
+# Not "tr" (Tekton's TaskRun has it: `kubectl get tr` would be ambiguous on clusters with both) and not the "all"
+# category (`kubectl get all` would list every run of a busy namespace with its pods).
+SHORT_NAMES = ["trun"]
+CATEGORIES = ["stagerun"]
 CRD_NAME = f"{naming.PLURAL}.{naming.GROUP}"
 
 HEADER = """\
@@ -270,6 +273,15 @@ def openapi_schema() -> dict:
         "description": "One LLM pretraining run through ordered phases (stagerun; see docs/manifest.md).",
         "type": "object",
         "required": ["spec"],
+        # The name also names the children (stagerun.core.spec.validate.kubernetes_problems): refused at apply time.
+        "x-kubernetes-validations": [
+            {
+                "rule": f"self.metadata.name.matches('{KUBERNETES_RUN_NAME.pattern}') && "
+                f"size(self.metadata.name) <= {KUBERNETES_MAX_RUN_NAME}",
+                "message": f"metadata.name must start with a letter and have at most {KUBERNETES_MAX_RUN_NAME} "
+                "characters: it names the run's Service (a DNS-1035 label) and pods (<name>-a<attempt>-<index>)",
+            }
+        ],
         "properties": {
             "apiVersion": {
                 "description": "APIVersion of this object: " + naming.GROUP + "/" + naming.VERSION + ".",

@@ -6,6 +6,8 @@ Every child of a TrainingRun attempt (ConfigMap, headless Service, Indexed Job) 
 
 from __future__ import annotations
 
+from stagerun.core.spec.validate import KUBERNETES_MAX_RUN_NAME
+
 GROUP = "stagerun.io"
 VERSION = "v1alpha1"
 PLURAL = "trainingruns"
@@ -30,7 +32,7 @@ TERMINATION_GRACE_SECONDS = 600
 # The trainer image's user (docker/trainer.Dockerfile): pods run as it, so PodSecurity `restricted` admits them and
 # fsGroup makes checkpoint volumes writable to it.
 TRAINER_UID = 65532
-MAX_RUN_NAME = 50  # leaves room for "-a<attempt>-<index>" in pod hostnames (63 characters at most)
+MAX_RUN_NAME = KUBERNETES_MAX_RUN_NAME  # leaves room for "-a<attempt>-<index>" in pod hostnames (63 at most)
 
 
 def attempt_name(run: str, attempt: int) -> str:

@@ -332,6 +332,11 @@ class _Machine:
             self.running()
         elif state == QUEUED:
             self.queued()
+        elif state == RESTARTING and self.spec.suspend:
+            # The failed attempt's teardown is under way already: wait for it as a suspension does, then stay down.
+            self.s["state"] = SUSPENDING
+            self.s.pop("nextLaunchAt", None)
+            self.event("Normal", "Suspending", "spec.suspend is true: the restart is cancelled")
         elif state == RESTARTING:
             self.force_delete_stuck_pods()
             due = self.obs.now >= (timestamp(self.s.get("nextLaunchAt")) or 0)

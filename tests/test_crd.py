@@ -43,8 +43,8 @@ def test_crd_identity():
         "singular": "trainingrun",
         "kind": "TrainingRun",
         "listKind": "TrainingRunList",
-        "shortNames": ["tr", "trun"],
-        "categories": ["all", "stagerun"],
+        "shortNames": ["trun"],
+        "categories": ["stagerun"],
     }
     (version,) = spec["versions"]
     assert (version["name"], version["served"], version["storage"]) == (naming.VERSION, True, True)

@@ -18,7 +18,7 @@ import re
 import pytest
 import yaml
 from cluster.control_plane import ControlPlane
-from crd_api import ROOT, KubectlLoader
+from crd_api import ROOT, KubectlLoader, base_manifest
 from test_crd_manifests import CASES, Case
 
 from stagerun.operator import naming
@@ -69,3 +69,26 @@ def test_each_malformed_manifest_is_refused_by_the_layer_it_names(control_plane,
     else:
         assert result.returncode != 0, f"the apiserver stored {case.id}: the CRD schema should refuse it"
         assert _field(case) in result.stderr, f"{case.id}: the refusal does not name {_field(case)}: {result.stderr}"
+
+
+@pytest.mark.parametrize(
+    "name, refused",
+    [("8b-run", True), ("r" * 51, True), ("r" * 50, False), ("llama-8b", False)],
+    ids=["starts-with-a-digit", "51-characters", "50-characters", "letters-and-digits"],
+)
+def test_run_names_that_cannot_name_the_children_are_refused_at_apply(
+    control_plane, trainingrun_crd, namespace, name, refused
+):
+    """The CRD's CEL rule and `stagerun validate` (kubernetes_problems) say the same about metadata.name."""
+    from stagerun.core.spec import kubernetes_problems, resolve_run
+
+    manifest = base_manifest()
+    manifest["metadata"]["name"] = name
+    result = _apply(control_plane, namespace, manifest)
+    said_by_validate = [p.path for p in kubernetes_problems(resolve_run(manifest).manifest)]
+    if refused:
+        assert result.returncode != 0 and "metadata.name must start with a letter" in result.stderr, result.stderr
+        assert said_by_validate == ["metadata.name"]
+    else:
+        assert result.returncode == 0, result.stderr
+        assert said_by_validate == []

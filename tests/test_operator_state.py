@@ -412,3 +412,13 @@ def test_a_suspended_job_is_queued_without_spending_a_restart_and_resumes_when_a
 def test_suspend_while_queued_suspends():
     d = reconcile(make_run(suspend=True), running_status(state=QUEUED), obs(pods=[], job_view=job(suspended=True)))
     assert d.status["state"] == SUSPENDING and d.actions == [DeleteAttempt(1, Settings().suspend_grace_seconds)]
+
+
+def test_suspend_while_restarting_cancels_the_restart():
+    restarting = running_status(state=RESTARTING, restarts=1, nextLaunchAt=iso(NOW - 1))
+    d = reconcile(make_run(suspend=True), restarting, obs(pods=[], job_view=None), SETTINGS)
+    assert d.status["state"] == SUSPENDING and d.actions == [] and "nextLaunchAt" not in d.status
+    d = reconcile(make_run(suspend=True), d.status, obs(pods=[], job_view=None, now=NOW + 1), SETTINGS)
+    assert d.status["state"] == SUSPENDED and d.actions == []
+    resumed = reconcile(make_run(), d.status, obs(pods=[], job_view=None, now=NOW + 2), SETTINGS)
+    assert resumed.actions == [Launch(attempt=2, phase_index=0)] and resumed.status["restarts"] == 1

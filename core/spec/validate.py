@@ -12,6 +12,11 @@ from .resolve import ResolvedPhase, check_weights_sum
 from .run import API_VERSION, KIND, TrainingRun
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# On Kubernetes a run's name also names its children: the headless Service `<name>-a<attempt>` must be a DNS-1035
+# label on clusters before v1.34 (starting with a letter), and the pods' hostnames `<name>-a<attempt>-<index>` must
+# fit in 63 characters. The CRD states the same rule (operator/crd.py), so the apiserver refuses such names too.
+KUBERNETES_RUN_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+KUBERNETES_MAX_RUN_NAME = 50
 BUILTIN_CORPORA = ("builtin:python-docs", "builtin:python-code")
 SUPPORTED_CONTEXT_PARALLEL = 1
 
@@ -319,6 +324,19 @@ def check_training_devices(training, phases: list[ResolvedPhase], problems: list
 def kubernetes_problems(run: TrainingRun) -> list[Problem]:
     """What a manifest needs on Kubernetes beyond a local run (the operator checks these; `stagerun run` does not)."""
     problems = []
+    name = run.metadata.name
+    # (A name that is no DNS-1123 label at all is reported by check_run already.)
+    if DNS_LABEL.match(name) and (len(name) > KUBERNETES_MAX_RUN_NAME or not KUBERNETES_RUN_NAME.match(name)):
+        fixed = (f"run-{name}" if name[:1].isdigit() else name)[:KUBERNETES_MAX_RUN_NAME].rstrip("-")
+        problems.append(
+            Problem(
+                "metadata.name",
+                f"{name!r} cannot name a run on Kubernetes: it must start with a letter (its Service is a DNS-1035 "
+                f"label on clusters before v1.34) and have at most {KUBERNETES_MAX_RUN_NAME} characters (its pods "
+                "are <name>-a<attempt>-<index>)",
+                f"e.g. {fixed!r}",
+            )
+        )
     spec = run.spec
     if not spec.image:
         problems.append(
