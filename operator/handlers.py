@@ -44,6 +44,9 @@ def settings_from_env() -> Settings:
         force_delete_after_seconds=float(
             env.get("STAGERUN_FORCE_DELETE_AFTER_SECONDS", Settings.force_delete_after_seconds)
         ),
+        image_pull_deadline_seconds=float(
+            env.get("STAGERUN_IMAGE_PULL_DEADLINE_SECONDS", Settings.image_pull_deadline_seconds)
+        ),
     )
 
 

@@ -17,13 +17,10 @@ from stagerun.core.protocol import Progress, TerminationMessage, from_json_dict
 from . import naming
 
 # Container waiting reasons that will not go away by retrying: the run is Failed with the reason shown.
-PERMANENT_WAITING = {
-    "ErrImagePull",
-    "ImagePullBackOff",
-    "InvalidImageName",
-    "CreateContainerConfigError",
-    "CreateContainerError",
-}
+PERMANENT_WAITING = {"InvalidImageName"}
+# Waiting reasons that often pass (a registry hiccup, a rate limit, a Secret or ConfigMap created a moment later):
+# the gang waits for them up to a deadline (Settings.image_pull_deadline_seconds), then the run is Failed.
+TRANSIENT_WAITING = {"ErrImagePull", "ImagePullBackOff", "CreateContainerConfigError", "CreateContainerError"}
 
 
 @dataclass(frozen=True)
@@ -35,10 +32,13 @@ class PodView:
     node_not_ready_since: float | None = None  # when the pod's node last turned NotReady
     deleting_since: float | None = None  # deletionTimestamp (seconds since epoch)
     waiting_reason: str | None = None
+    waiting_message: str | None = None  # the kubelet's words for it (which image, which Secret key)
     exit_code: int | None = None  # set once the trainer container terminated
     terminated_reason: str | None = None  # Completed, Error, OOMKilled, ...
     message: TerminationMessage | None = None  # the termination message (written by `stagerun launch`)
     unschedulable: str | None = None  # the scheduler's message while PodScheduled is False (Unschedulable)
+    failed_reason: str | None = None  # status.reason of a pod that failed as a whole (Evicted, OutOfcpu, ...)
+    failed_message: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.message, Mapping):
@@ -102,10 +102,13 @@ def pod_view(pod: dict, not_ready_nodes: dict[str, float] | None) -> PodView:
         node_not_ready_since=not_ready_since,
         deleting_since=timestamp(meta.get("deletionTimestamp")),
         waiting_reason=(waiting or {}).get("reason"),
+        waiting_message=(waiting or {}).get("message"),
         exit_code=(terminated or {}).get("exitCode"),
         terminated_reason=(terminated or {}).get("reason"),
         message=message,
         unschedulable=unschedulable,
+        failed_reason=status.get("reason") if status.get("phase") == "Failed" else None,
+        failed_message=status.get("message") if status.get("phase") == "Failed" else None,
     )
 
 

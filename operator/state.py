@@ -23,7 +23,7 @@ from stagerun.core.protocol import FailureReason, GangState, TerminationMessage
 from stagerun.core.spec import ResolvedRun, format_count
 from stagerun.core.spec.quantities import format_duration
 
-from .observe import PERMANENT_WAITING, Observation, PodView, timestamp
+from .observe import PERMANENT_WAITING, TRANSIENT_WAITING, Observation, PodView, timestamp
 from .status import (
     FAILED,
     PENDING,
@@ -47,6 +47,7 @@ class Settings:
     failure_grace_seconds: int = 30  # pods of a failed gang get this long to exit (they cannot checkpoint anyway)
     suspend_grace_seconds: int = 600  # pods being suspended get this long to commit a checkpoint
     force_delete_after_seconds: float = 60.0  # past its deletion time, a pod on a NotReady node is force-deleted
+    image_pull_deadline_seconds: float = 300.0  # a pod failing to pull its image (or to create its container) so long
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,12 @@ class Failure:
     permanent: bool = False
 
 
+def _fix_for(waiting_reason: str | None) -> str:
+    if waiting_reason in ("CreateContainerConfigError", "CreateContainerError"):
+        return "check the Secrets and ConfigMaps the pod reads (spec.checkpoint.credentialsSecret)"
+    return "check spec.image and spec.scheduling.imagePullSecrets"
+
+
 def backoff_seconds(restarts: int, settings: Settings) -> float:
     return min(settings.backoff_base_seconds * 2 ** max(restarts - 1, 0), settings.backoff_max_seconds)
 
@@ -119,7 +126,13 @@ class _Machine:
             launchedAt=iso(self.obs.now),
             pods={},
         )
-        for per_attempt in ("progressSeen", "progressUnreachableReported", "runningSince", "waitingFor"):
+        for per_attempt in (
+            "progressSeen",
+            "progressUnreachableReported",
+            "runningSince",
+            "waitingFor",
+            "containerErrorSince",
+        ):
             self.s.pop(per_attempt, None)
         self.s.pop("nextLaunchAt", None)
         self.event(
@@ -229,17 +242,31 @@ class _Machine:
         )
         # What a pod itself says (a bad image, an exit code) explains more than the teardown it causes in its peers,
         # so it is looked at first.
+        erring = next((p for p in obs.pods if p.waiting_reason in TRANSIENT_WAITING), None)
+        if erring is None:
+            self.s.pop("containerErrorSince", None)
+        else:
+            since = timestamp(self.s.setdefault("containerErrorSince", iso(obs.now))) or obs.now
+            if obs.now - since > self.settings.image_pull_deadline_seconds:
+                return Failure(
+                    erring.waiting_reason or "",
+                    f"pod {erring.name} could not start its container for {format_duration(obs.now - since)}: "
+                    f"{erring.waiting_reason}: {erring.waiting_message or ''}; {_fix_for(erring.waiting_reason)}",
+                    permanent=True,
+                )
         for pod in obs.pods:
             known.setdefault(str(pod.index), pod.name)
             if pod.waiting_reason in PERMANENT_WAITING:
                 return Failure(
                     pod.waiting_reason,
-                    f"pod {pod.name} cannot start its container: {pod.waiting_reason}; "
-                    "check spec.image and spec.scheduling.imagePullSecrets",
+                    f"pod {pod.name} cannot start its container: {pod.waiting_reason}; {_fix_for(pod.waiting_reason)}",
                     permanent=True,
                 )
             if pod.exit_code not in (None, 0):
                 return self.pod_failure(pod)
+            if pod.phase == "Failed" and pod.exit_code is None:  # rejected or evicted before its container ran
+                reason = pod.failed_reason or "PodFailed"
+                return Failure(reason, f"pod {pod.name} failed: {reason}: {pod.failed_message or 'no message'}")
         if lost:
             return lost
         for pod in obs.pods:
@@ -415,7 +442,14 @@ class _Machine:
             return
         blocker = None
         unschedulable = next((p for p in obs.pods if p.unschedulable), None)
-        if unschedulable is not None:
+        erring = next((p for p in obs.pods if p.waiting_reason in TRANSIENT_WAITING), None)
+        if erring is not None:
+            blocker = {
+                "reason": erring.waiting_reason or "",
+                "message": f"pod {erring.name}: {erring.waiting_message or erring.waiting_reason}; the run fails if "
+                f"it lasts {format_duration(self.settings.image_pull_deadline_seconds)}",
+            }
+        elif unschedulable is not None:
             blocker = {"reason": "Unschedulable", "message": f"pod {unschedulable.name}: {unschedulable.unschedulable}"}
         elif len(obs.pods) < completions and obs.job_warnings:
             blocker = {

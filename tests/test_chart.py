@@ -227,6 +227,7 @@ def test_default_settings_are_the_operators_own_defaults(default_objects):
         "STAGERUN_FAILURE_GRACE_SECONDS": Settings.failure_grace_seconds,
         "STAGERUN_SUSPEND_GRACE_SECONDS": Settings.suspend_grace_seconds,
         "STAGERUN_FORCE_DELETE_AFTER_SECONDS": Settings.force_delete_after_seconds,
+        "STAGERUN_IMAGE_PULL_DEADLINE_SECONDS": Settings.image_pull_deadline_seconds,
     }
     assert all(float(env[k]) == float(v) for k, v in from_code.items())
 

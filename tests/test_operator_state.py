@@ -179,7 +179,6 @@ def test_restart_budget_exhausted_fails_the_run():
 @pytest.mark.parametrize(
     "bad_pod,reason",
     [
-        (pod(phase="Pending", waiting_reason="ErrImagePull"), "ErrImagePull"),
         (pod(phase="Pending", waiting_reason="InvalidImageName"), "InvalidImageName"),
         (
             pod(
@@ -422,3 +421,26 @@ def test_suspend_while_restarting_cancels_the_restart():
     assert d.status["state"] == SUSPENDED and d.actions == []
     resumed = reconcile(make_run(), d.status, obs(pods=[], job_view=None, now=NOW + 2), SETTINGS)
     assert resumed.actions == [Launch(attempt=2, phase_index=0)] and resumed.status["restarts"] == 1
+
+
+@pytest.mark.parametrize("reason", ["ErrImagePull", "ImagePullBackOff", "CreateContainerConfigError"])
+def test_a_container_error_is_waited_out_up_to_its_deadline_then_fails_the_run(reason):
+    erring = pod(phase="Pending", waiting_reason=reason, waiting_message="rpc error: not found")
+    d = reconcile(RUN, starting_status(), obs(pods=[erring]), SETTINGS)
+    assert d.status["state"] == STARTING and d.actions == [] and condition(d, "Ready")["reason"] == reason
+    assert "rpc error: not found" in condition(d, "Ready")["message"]
+    later = reconcile(RUN, d.status, obs(pods=[erring], now=NOW + SETTINGS.image_pull_deadline_seconds - 1), SETTINGS)
+    assert later.status["state"] == STARTING  # a registry hiccup passes
+    ok = reconcile(RUN, later.status, obs(now=NOW + SETTINGS.image_pull_deadline_seconds - 0.5), SETTINGS)
+    assert ok.status["state"] == RUNNING and "containerErrorSince" not in ok.status
+    # Lasting past the deadline, it fails the run at once (a restart would meet the same error), with the fix.
+    stuck = reconcile(RUN, later.status, obs(pods=[erring], now=NOW + SETTINGS.image_pull_deadline_seconds + 1))
+    assert stuck.status["state"] == FAILED and stuck.status["restarts"] == 0
+    assert condition(stuck, "Failed")["reason"] == reason and "rpc error: not found" in stuck.status["message"]
+
+
+def test_a_pod_that_failed_before_its_container_ran_restarts_the_gang():
+    evicted = pod(phase="Failed", failed_reason="OutOfnvidia.com/gpu", failed_message="Node didn't have enough")
+    d = reconcile(RUN, running_status(), obs(pods=[evicted]), SETTINGS)
+    assert d.status["state"] == RESTARTING and d.status["lastFailure"]["reason"] == "OutOfnvidia.com/gpu"
+    assert "Node didn't have enough" in d.status["lastFailure"]["message"]
