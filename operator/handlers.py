@@ -141,7 +141,7 @@ def observe(namespace: str, name: str, status: dict) -> Observation:
         return Observation(now=clock())
     raw_job = kube.get_job(namespace, naming.attempt_name(name, attempt))
     raw_pods = kube.list_pods(namespace, name, attempt)
-    nodes = kube.list_nodes()
+    nodes = kube.get_nodes(sorted({p["spec"]["nodeName"] for p in raw_pods if (p.get("spec") or {}).get("nodeName")}))
     unready = not_ready_nodes(nodes) if nodes is not None else None
     zero = next((p for p in raw_pods if _is_index_zero_running(p)), None)
     progress = fetch_progress(zero["status"]["podIP"], naming.STATUS_PORT) if zero is not None else None

@@ -435,7 +435,7 @@ def test_audit_log_shows_every_code_path(clusterwide):
         "launch: Job": ("create", "batch", "jobs"),
         "observe: the attempt's Job": ("get", "batch", "jobs"),
         "observe: its pods": ("list", "", "pods"),
-        "observe: node readiness": ("list", "", "nodes"),
+        "observe: node readiness": ("get", "", "nodes"),
         "an accepted edit of a later phase": ("patch", "", "configmaps"),
         "teardown: pods": ("delete", "", "pods"),
         "teardown: Job": ("delete", "batch", "jobs"),
@@ -473,12 +473,12 @@ def test_namespaced_rbac_is_exactly_what_the_operator_uses(namespaced):
 
 
 def test_without_read_nodes_only_the_nodes_rule_goes(clusterwide, without_nodes):
-    """rbac.readNodes=false drops exactly `list nodes`; the operator copes with the 403 and still restarts a gang."""
-    assert clusterwide.grants - without_nodes.grants == {Grant("list", "", "nodes", None)}
+    """rbac.readNodes=false drops exactly `get nodes`; the operator copes with the 403 and still restarts a gang."""
+    assert clusterwide.grants - without_nodes.grants == {Grant("get", "", "nodes", None)}
     assert without_nodes.grants < clusterwide.grants
     refused = without_nodes.refused()
     assert refused, "no call was refused: the operator never tried to read nodes"
-    assert {(e.rule, e.code, e.decision) for e in refused} == {(("list", "", "nodes"), 403, "forbid")}
+    assert {(e.rule, e.code, e.decision) for e in refused} == {(("get", "", "nodes"), 403, "forbid")}
 
 
 # -- the audit-log reader ---------------------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ Cluster-scoped rules (always a ClusterRole).
   removed while it runs; without it kopf logs a warning and only scans at startup).
 - namespaces list/watch: only with watchNamespaces set: kopf resolves and follows the namespaces it serves (without
   it kopf logs a warning and takes the names as given).
-- nodes list (rbac.readNodes): node readiness of trainer pods' nodes.
+- nodes get (rbac.readNodes): readiness of the nodes that host a gang's pods (read by name, never listed).
 */}}
 {{- define "stagerun.clusterRules" -}}
 - apiGroups: ["apiextensions.k8s.io"]
@@ -128,6 +128,6 @@ Cluster-scoped rules (always a ClusterRole).
 {{- if .Values.rbac.readNodes }}
 - apiGroups: [""]
   resources: ["nodes"]
-  verbs: ["list"]
+  verbs: ["get"]
 {{- end }}
 {{- end }}
