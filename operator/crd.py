@@ -229,6 +229,7 @@ def status_schema() -> dict:
             },
             "restarts": integer("Gang restarts after failures (at most spec.maxRestarts)."),
             "attempt": integer("Current attempt: its ConfigMap, Service and Job are named <run>-a<attempt>."),
+            "observedGeneration": integer("metadata.generation of the spec this status was last reconciled from."),
             "lastCheckpoint": {
                 "description": "The newest committed checkpoint: where the next attempt resumes.",
                 "type": "object",

@@ -209,6 +209,7 @@ def _reconcile(body: dict) -> None:
         _accept(namespace, name, run, body, status)
     decision = reconcile(run, status, observe(namespace, name, status), settings_from_env())
     new_status = decision.status
+    new_status["observedGeneration"] = meta.get("generation")
     ok, reason, text = (True, "Accepted", "the manifest is running") if refusal is None else (False, *refusal)
     new_status["conditions"] = set_condition(new_status["conditions"], "SpecAccepted", ok, reason, text, now)
     if refusal is not None and old.get("conditions") != new_status["conditions"]:

@@ -83,6 +83,7 @@ def test_create_makes_configmap_service_and_indexed_job_and_reports_status(harne
     status = h.status()
     assert (status["tokensSeen"], status["loss"], status["tokensPerSecond"]) == (98304, 6.5432, 5000)
     assert status["lastCheckpoint"]["step"] == 8 and status["eta"]
+    assert status["observedGeneration"] == h.run()["metadata"]["generation"]
     ready = {c["type"]: c["status"] for c in status["conditions"]}
     assert ready["Ready"] == "True" and ready["Progressing"] == "True" and ready["SpecAccepted"] == "True"
     h.wait(lambda: {"Launched", "CheckpointCommitted"} <= set(h.reasons()), "events missing")
