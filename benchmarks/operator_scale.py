@@ -18,7 +18,7 @@ operator.settings as its environment), so its RSS and CPU time are read from /pr
    failure -> teardown started (the operator deletes the Job) and failure -> the next attempt's Job.
 
 Reconciles are counted from the operator's log (kopf's "Handler 'on_change' ..." and "Timer 'on_timer' ..." lines):
-its Prometheus endpoint binds every address, and this harness only ever listens on loopback. Everything is bounded
+they count every reconcile, including those that raise, and need no metrics endpoint. Everything is bounded
 (--timeout for the whole invocation); a latency that was not seen before its wait ended is printed as ">x", its
 lower bound. Timings are what a loaded machine gives: compare runs made on the same machine.
 """

@@ -212,13 +212,16 @@ def _reconcile(body: dict) -> None:
     new_status["observedGeneration"] = meta.get("generation")
     ok, reason, text = (True, "Accepted", "the manifest is running") if refusal is None else (False, *refusal)
     new_status["conditions"] = set_condition(new_status["conditions"], "SpecAccepted", ok, reason, text, now)
+    # Intent first: the status (conditional on the resourceVersion read) is written before anything is done, so a
+    # 409 leaves nothing half-done to be replayed from a stale status, and a crash after it is repaired by the state
+    # machine (a Starting attempt without its Job is launched again: every action is idempotent).
+    _write_status(body, old, new_status)
     if refusal is not None and old.get("conditions") != new_status["conditions"]:
         kopf.warn(body, reason=refusal[0], message=refusal[1])
-    for action in decision.actions:
-        _apply(action, run, namespace, name, meta["uid"])
     for event in decision.events:
         (kopf.info if event.type == "Normal" else kopf.warn)(body, reason=event.reason, message=event.message)
-    _write_status(body, old, new_status)
+    for action in decision.actions:
+        _apply(action, run, namespace, name, meta["uid"])
     metrics.RUNS.set(namespace, name, new_status["state"])
     metrics.record_decision(decision.events)
     if new_status.get("restarts", 0) > old.get("restarts", 0):

@@ -228,6 +228,13 @@ class _Machine:
     def assess_attempt(self) -> tuple[str, TerminationMessage] | Failure | None:
         """("finished", termination message) when the gang ended by itself, a Failure, or None while healthy."""
         obs, attempt = self.obs, self.s["attempt"]
+        if obs.job is None and self.s["state"] == STARTING and not obs.pods:
+            # The status says this attempt was launched, but its children were not all created (the operator
+            # stopped between writing its intent and acting on it): carry the launch out again.
+            if attempt > 1:
+                self.actions.append(DeleteAttempt(attempt - 1, self.settings.failure_grace_seconds))
+            self.actions.append(Launch(attempt, self.s["phaseIndex"]))
+            return None
         if obs.job is None:
             return Failure("JobMissing", f"the Job of attempt {attempt} disappeared (deleted by someone else?)")
         known = self.s.setdefault("pods", {})
@@ -436,7 +443,7 @@ class _Machine:
         """Running once every pod of the gang runs; until then, say what the cluster says is in the way."""
         obs = self.obs
         completions = obs.job.completions if obs.job is not None else 0
-        if len(obs.pods) >= completions and all(p.phase == "Running" for p in obs.pods):
+        if completions and len(obs.pods) >= completions and all(p.phase == "Running" for p in obs.pods):
             self.s.update(state=RUNNING, runningSince=iso(obs.now))
             self.s.pop("waitingFor", None)
             return

@@ -444,3 +444,12 @@ def test_a_pod_that_failed_before_its_container_ran_restarts_the_gang():
     d = reconcile(RUN, running_status(), obs(pods=[evicted]), SETTINGS)
     assert d.status["state"] == RESTARTING and d.status["lastFailure"]["reason"] == "OutOfnvidia.com/gpu"
     assert "Node didn't have enough" in d.status["lastFailure"]["message"]
+
+
+def test_a_starting_attempt_without_its_job_is_launched_again_not_charged():
+    """The operator writes its intent (attempt 2, Starting) before creating the children; if it stopped in between,
+    the next reconcile carries the launch out (idempotent creates; the previous attempt deleted again)."""
+    launched = running_status(state=STARTING, attempt=2, pods={})
+    d = reconcile(RUN, launched, obs(pods=[], job_view=None), SETTINGS)
+    assert d.actions == [DeleteAttempt(1, 30), Launch(attempt=2, phase_index=0)]
+    assert d.status["state"] == STARTING and d.status["restarts"] == 0 and event_reasons(d) == []
