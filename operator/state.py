@@ -124,6 +124,7 @@ class _Machine:
             phaseIndex=phase_index,
             phase=phase.name,
             launchedAt=iso(self.obs.now),
+            startingSince=iso(self.obs.now),
             pods={},
         )
         for per_attempt in (
@@ -468,6 +469,17 @@ class _Machine:
         elif blocker != self.s.get("waitingFor"):
             self.s["waitingFor"] = blocker
             self.event("Warning", blocker["reason"], blocker["message"])
+        timeout = self.spec.startup_timeout
+        since = timestamp(self.s.get("startingSince")) or timestamp(self.s.get("launchedAt")) or obs.now
+        if timeout is not None and obs.now - since > timeout:
+            why = (blocker or {}).get("message") or "its pods are not all running"
+            self.fail_or_restart(
+                Failure(
+                    "StartupTimeout",
+                    f"the gang is not running {format_duration(obs.now - since)} after its start "
+                    f"(spec.startupTimeout {format_duration(timeout)}): {why}",
+                )
+            )
 
     def queued(self) -> None:
         if self.spec.suspend:
@@ -477,7 +489,7 @@ class _Machine:
         if job is None:
             self.fail_or_restart(Failure("JobMissing", f"the queued Job of attempt {self.s['attempt']} disappeared"))
         elif not job.suspended:
-            self.s["state"] = STARTING
+            self.s.update(state=STARTING, startingSince=iso(self.obs.now))
             self.event("Normal", "Admitted", f"the queue admitted the Job {job.name}")
 
     def fold_final(self, message: TerminationMessage) -> None:

@@ -453,3 +453,26 @@ def test_a_starting_attempt_without_its_job_is_launched_again_not_charged():
     d = reconcile(RUN, launched, obs(pods=[], job_view=None), SETTINGS)
     assert d.actions == [DeleteAttempt(1, 30), Launch(attempt=2, phase_index=0)]
     assert d.status["state"] == STARTING and d.status["restarts"] == 0 and event_reasons(d) == []
+
+
+def test_a_gang_not_running_within_the_startup_timeout_is_restarted_with_the_reason():
+    run = make_run(startupTimeout="10m")
+    stuck = pod(phase="Pending", unschedulable="0/4 nodes are available: 4 Insufficient nvidia.com/gpu.")
+    starting = starting_status(launchedAt=iso(NOW), startingSince=iso(NOW))
+    d = reconcile(run, starting, obs(pods=[stuck], now=NOW + 599), SETTINGS)
+    assert d.status["state"] == STARTING
+    d = reconcile(run, d.status, obs(pods=[stuck], now=NOW + 601), SETTINGS)
+    assert d.status["state"] == RESTARTING and d.status["lastFailure"]["reason"] == "StartupTimeout"
+    assert "Insufficient nvidia.com/gpu" in d.status["lastFailure"]["message"] and d.actions == [DeleteAttempt(1, 30)]
+    # Without spec.startupTimeout a gang waits as long as it takes (e.g. for a cluster autoscaler).
+    waiting = reconcile(RUN, starting, obs(pods=[stuck], now=NOW + 10 * 86400), SETTINGS)
+    assert waiting.status["state"] == STARTING
+
+
+def test_the_startup_clock_restarts_when_a_queue_admits_the_job():
+    run = make_run(startupTimeout="10m")
+    queued = running_status(state=QUEUED, launchedAt=iso(NOW), startingSince=iso(NOW))
+    d = reconcile(run, queued, obs(pods=[], job_view=job(), now=NOW + 3600), SETTINGS)  # admitted an hour later
+    assert d.status["state"] == STARTING and d.status["startingSince"] == iso(NOW + 3600)
+    d = reconcile(run, d.status, obs(pods=[pod(phase="Pending")], now=NOW + 3660), SETTINGS)
+    assert d.status["state"] == STARTING

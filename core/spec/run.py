@@ -318,6 +318,13 @@ class RunSpec:
         kind=DURATION,
         minimum=60,
     )
+    startup_timeout: int | None = spec_field(
+        None,
+        doc="restart the gang when it is not running this long after its launch or its admission by a queue "
+        "(pods that cannot be scheduled, created or started); unset: wait as long as it takes",
+        kind=DURATION,
+        minimum=60,
+    )
 
 
 @dataclass(frozen=True)
