@@ -23,13 +23,23 @@ from stagerun.core.protocol import Progress
 from stagerun.core.spec.changes import immutable_changes
 
 from . import builders, kube, metrics, naming
-from .observe import Observation, failed_create_messages, job_view, not_ready_nodes, pod_view
+from .observe import (
+    Observation,
+    failed_create_messages,
+    job_change_matters,
+    job_view,
+    not_ready_nodes,
+    pod_change_matters,
+    pod_view,
+)
 from .spec_changes import manifest_of, parse
 from .state import DeleteAttempt, ForceDeletePod, Launch, Settings, reconcile
 from .status import FAILED, PENDING, STARTING, TERMINAL, set_condition
 
 log = logging.getLogger("stagerun.operator")
 RESOURCE = (naming.GROUP, naming.VERSION, naming.PLURAL)
+POD_RESOURCE = ("v1", "pods")
+JOB_RESOURCE = ("batch", "v1", "jobs")
 RECONCILE_SECONDS = float(os.environ.get("STAGERUN_RECONCILE_SECONDS", "10"))
 PROGRESS_TIMEOUT_SECONDS = 2.0
 
@@ -81,6 +91,10 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     # A deletion waits for a running timer to be cancelled; kopf checks every 60 s by default, which made deleting a
     # run take up to a minute.
     settings.background.cancellation_polling = 1.0
+    # The operator's own children only, filtered by the apiserver: watching every pod of a busy cluster would cost
+    # the operator (and the apiserver) far more than the runs themselves.
+    settings.watching.label_selectors[POD_RESOURCE] = naming.LABEL_RUN
+    settings.watching.label_selectors[JOB_RESOURCE] = naming.LABEL_RUN
     kube.api_client()  # fail at startup, not at the first event, when there are no credentials
     port = os.environ.get("STAGERUN_METRICS_PORT")
     if port:
@@ -98,6 +112,29 @@ def on_change(body, **_) -> None:
 def on_timer(body, **_) -> None:
     if (body.get("status") or {}).get("state") not in TERMINAL:
         reconcile_run(body["metadata"]["namespace"], body["metadata"]["name"])
+
+
+@kopf.on.event(*POD_RESOURCE, labels={naming.LABEL_RUN: kopf.PRESENT})
+def on_pod_event(type, body, **_) -> None:
+    """A failed, finished, deleted or stuck pod reconciles its run at once (not at the next timer tick)."""
+    if type is not None and pod_change_matters(body):  # None: the initial listing, which the timers cover
+        _reconcile_for_child(body)
+
+
+@kopf.on.event(*JOB_RESOURCE, labels={naming.LABEL_RUN: kopf.PRESENT})
+def on_job_event(type, body, **_) -> None:
+    if type is not None and (job_change_matters(body) or type == "DELETED"):
+        _reconcile_for_child(body)
+
+
+def _reconcile_for_child(body: dict) -> None:
+    meta = body["metadata"]
+    run = (meta.get("labels") or {}).get(naming.LABEL_RUN)
+    if run:
+        try:
+            reconcile_run(meta["namespace"], run, wait=False)
+        except Exception as exc:  # kopf would only log it too; the run's timer retries
+            log.warning("reconcile of %s/%s after a change of %s failed: %s", meta["namespace"], run, meta["name"], exc)
 
 
 @kopf.on.delete(*RESOURCE)
@@ -168,12 +205,32 @@ def _is_index_zero_running(pod: dict) -> bool:
 
 
 _locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+_again: set[tuple[str, str]] = set()  # runs whose children changed while they were being reconciled
 
 
-def reconcile_run(namespace: str, name: str) -> None:
+def reconcile_run(namespace: str, name: str, wait: bool = True) -> None:
     """Reconcile one run. Serialised per run in this process, and every decision is taken on a fresh read and
-    written with that read's resourceVersion: a decision based on a stale status is never written (kopf retries)."""
-    with _locks[(namespace, name)], metrics.RECONCILE_SECONDS.time():
+    written with that read's resourceVersion: a decision based on a stale status is never written (kopf retries).
+
+    ``wait=False`` (a child's event): when the run is being reconciled already, it is marked to be reconciled once
+    more right after, instead of queueing a thread per event behind the lock (a gang's pods fail together)."""
+    key = (namespace, name)
+    lock = _locks[key]
+    if not lock.acquire(blocking=wait):
+        _again.add(key)
+        return
+    try:
+        while True:
+            _again.discard(key)
+            _reconcile_once(namespace, name)
+            if key not in _again:
+                return
+    finally:
+        lock.release()
+
+
+def _reconcile_once(namespace: str, name: str) -> None:
+    with metrics.RECONCILE_SECONDS.time():
         body = kube.get_run(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             metrics.RUNS.set(namespace, name, None)

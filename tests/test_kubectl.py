@@ -71,7 +71,7 @@ def test_kubectl_get_shows_state_phase_and_progress_in_the_printer_columns(runni
 
     # A rank fails: the columns follow the run through its restart.
     h.pods.fail(h.pods.wait_for_pods(1, job="quickstart-a1")[0], exit_code=1)
-    h.wait(lambda: h.status().get("attempt") == 2, "no second attempt")
+    h.wait(lambda: h.status().get("attempt") == 2 and h.status().get("state") == "Running", "no second attempt")
     row = get_row(h)
     assert (row["STATE"], row["RESTARTS"], row["STEP"]) == ("Running", "1", "12")
 
@@ -80,6 +80,8 @@ def test_kubectl_describe_shows_the_operators_events(running_run: Harness):
     h = running_run
     h.pods.fail(h.pods.wait_for_pods(1, job="quickstart-a1")[0], exit_code=3)
     h.wait(lambda: "Restarted" in h.reasons(), "no Restarted event")
+    # The new attempt is Starting until kwok runs its pod.
+    h.wait(lambda: h.status().get("attempt") == 2 and h.status().get("state") == "Running", "attempt 2 not running")
     out = h.plane.kubectl("describe", "trainingrun", "quickstart", "-n", h.namespace).stdout
     status, _, events = out.partition("\nEvents:")
     assert events, out

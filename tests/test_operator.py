@@ -24,7 +24,7 @@ import pytest
 import yaml
 from cluster.control_plane import ControlPlane
 from cluster.kwok_pods import JOB_INDEX, MERGE, KwokPods, pod_index, wait_for
-from cluster.operator import Harness, operator_harness
+from cluster.operator import FAST_SETTINGS, Harness, operator_harness
 
 INDEXED_RESOURCES = {"nodes": 2, "gpusPerNode": 1}  # one GPU per node and per pod: the gang spreads one per node
 
@@ -158,6 +158,19 @@ def test_surviving_ranks_are_stopped_within_the_failure_grace(plane, namespace, 
             assert h.holds_within(lambda: len(h.pods.pods(job="quickstart-a2")) == 2, 30), (
                 f"no new attempt 30 s after the failure: {h.pods.describe_pods()}"
             )
+
+
+def test_a_failed_pod_reconciles_its_run_at_once_not_at_the_next_timer_tick(plane, namespace, monkeypatch):
+    """The operator watches its own pods (label selector on the server): a failure starts the teardown within
+    seconds even when the run's timer would not fire for an hour."""
+    slow_timer = {**FAST_SETTINGS, "STAGERUN_RECONCILE_SECONDS": "3600"}
+    with operator_harness(plane, namespace, monkeypatch, settings=slow_timer) as h:
+        h.create(h.manifest())
+        pod = h.pods.wait_for_pods(1, job="quickstart-a1")[0]
+        h.wait(lambda: h.status().get("attempt") == 1, "not launched")
+        h.pods.fail(pod, exit_code=1)
+        h.wait(lambda: h.status().get("restarts") == 1, "the failure was not acted on", timeout=30)
+        assert h.status()["lastFailure"]["reason"] == "PodFailed"
 
 
 def test_restart_budget_exhausted_fails_the_run(harness: Harness):

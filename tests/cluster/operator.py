@@ -90,9 +90,17 @@ class Harness:
     ``pods``), the test's own nodes (``node_selector``) and the rank-0 progress the operator polls (``progress``,
     pod IP -> /progress answer: kwok pods run nothing, so the test says what rank 0 would answer)."""
 
-    def __init__(self, plane: ControlPlane, namespace: str, monkeypatch: pytest.MonkeyPatch, nodes: int, gpus: int):
+    def __init__(
+        self,
+        plane: ControlPlane,
+        namespace: str,
+        monkeypatch: pytest.MonkeyPatch,
+        nodes: int,
+        gpus: int,
+        settings: dict[str, str] | None = None,
+    ):
         self.plane, self.namespace, self.monkeypatch = plane, namespace, monkeypatch
-        self.registry, self.handlers = fresh_operator(monkeypatch, plane.kubeconfig)
+        self.registry, self.handlers = fresh_operator(monkeypatch, plane.kubeconfig, settings)
         self.progress: dict[str, dict] = {}
         monkeypatch.setattr(self.handlers, "fetch_progress", lambda ip, port: self.progress.get(ip))
         self.pods = KwokPods(plane, namespace)
@@ -204,10 +212,11 @@ def operator_harness(
     nodes: int = 2,
     gpus: int = 1,
     start: bool = True,
+    settings: dict[str, str] | None = None,
 ) -> Iterator[Harness]:
     """A Harness with ``nodes`` fresh kwok nodes of ``gpus`` GPUs each and, unless ``start`` is False, the operator
     running for the whole block (a test that restarts it calls ``harness.operator()`` itself)."""
-    harness = Harness(plane, namespace, monkeypatch, nodes, gpus)
+    harness = Harness(plane, namespace, monkeypatch, nodes, gpus, settings)
     try:
         if start:
             with harness.operator() as runner:
