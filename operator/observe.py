@@ -144,29 +144,13 @@ def not_ready_nodes(nodes: list[dict]) -> dict[str, float]:
     return result
 
 
-def pod_change_matters(pod: dict) -> bool:
-    """Whether a change of one of the operator's pods can change its run's decision now, so the run is reconciled
-    at once rather than at its next timer tick: a pod that ended, is being deleted, cannot be scheduled, or whose
-    trainer container ended or cannot start. Everything else (a pod becoming ready, a restart count) waits."""
-    status = pod.get("status") or {}
-    if pod.get("metadata", {}).get("deletionTimestamp") or status.get("phase") in ("Failed", "Succeeded"):
-        return True
-    if any(c.get("type") == "PodScheduled" and c.get("status") == "False" for c in status.get("conditions") or ()):
-        return True
-    for container in status.get("containerStatuses") or ():
-        state = container.get("state") or {}
-        reason = (state.get("waiting") or {}).get("reason")
-        if state.get("terminated") or reason in PERMANENT_WAITING or reason in TRANSIENT_WAITING:
-            return True
-    return False
-
-
 def job_change_matters(job: dict) -> bool:
-    """A Job's change that decides something: it finished, failed or was suspended (a queue's admission is seen at
-    the run's next timer tick)."""
+    """A Job's change that decides something for its run: a pod of it failed (``status.failed``: an exit code, an
+    eviction, a lost node's pod), it completed, failed or was suspended, or it is being deleted. A queue's admission
+    and pods that start are seen at the run's next timer tick."""
     status = job.get("status") or {}
     ended = any(
         c.get("type") in ("Complete", "Failed", "Suspended") and c.get("status") == "True"
         for c in status.get("conditions") or ()
     )
-    return ended or bool(job.get("metadata", {}).get("deletionTimestamp"))
+    return ended or bool(status.get("failed")) or bool(job.get("metadata", {}).get("deletionTimestamp"))

@@ -478,19 +478,11 @@ def test_the_startup_clock_restarts_when_a_queue_admits_the_job():
     assert d.status["state"] == STARTING
 
 
-def test_which_child_changes_reconcile_a_run_at_once():
-    from stagerun.operator.observe import job_change_matters, pod_change_matters
+def test_which_job_changes_reconcile_a_run_at_once():
+    from stagerun.operator.observe import job_change_matters
 
-    running = {"metadata": {}, "status": {"phase": "Running", "containerStatuses": [{"state": {"running": {}}}]}}
-    assert not pod_change_matters(running)  # the common case: nothing to decide, the timer is enough
-    assert pod_change_matters({"metadata": {}, "status": {"phase": "Failed"}})
-    assert pod_change_matters({"metadata": {"deletionTimestamp": "2026-12-01T00:00:00Z"}, "status": {}})
-    ended = {"state": {"terminated": {"exitCode": 1}}}
-    assert pod_change_matters({"metadata": {}, "status": {"phase": "Running", "containerStatuses": [ended]}})
-    pulling = {"state": {"waiting": {"reason": "ImagePullBackOff"}}}
-    assert pod_change_matters({"metadata": {}, "status": {"phase": "Pending", "containerStatuses": [pulling]}})
-    stuck = {"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}]}
-    assert pod_change_matters({"metadata": {}, "status": stuck})
-    assert not job_change_matters({"metadata": {}, "status": {"active": 2}})
+    assert not job_change_matters({"metadata": {}, "status": {"active": 2, "ready": 1}})  # pods starting: the timer
+    assert job_change_matters({"metadata": {}, "status": {"active": 1, "failed": 1}})  # a pod failed or was lost
+    assert job_change_matters({"metadata": {"deletionTimestamp": "2026-12-01T00:00:00Z"}, "status": {}})
     for kind in ("Complete", "Failed", "Suspended"):
         assert job_change_matters({"metadata": {}, "status": {"conditions": [{"type": kind, "status": "True"}]}})

@@ -79,9 +79,9 @@ empty.
   its Job's Events (by uid) for FailedCreate, the only place the Job controller says why it has no pods.
 - configmaps, services, jobs: created per attempt, found by label (list) and deleted; the attempt's Job is read by
   name (get); a running attempt's ConfigMap is patched when later phases are edited.
-- pods: listed by label (the gang's state) and deleted (teardown, force-delete of pods stuck on dead nodes);
-  pods and jobs are watched (kopf, label selector stagerun.io/run on the server) so that a failed pod or a finished
-  Job reconciles its run at once.
+- pods: listed by label (the gang's state) and deleted (teardown, force-delete of pods stuck on dead nodes).
+- jobs are also watched (kopf, label selector stagerun.io/run on the server): a Job whose pod failed, or that
+  ended or was suspended, reconciles its run at once.
 */}}
 {{- define "stagerun.namespacedRules" -}}
 - apiGroups: ["stagerun.io"]
@@ -104,7 +104,7 @@ empty.
   verbs: ["create", "list", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list", "watch", "delete"]
+  verbs: ["list", "delete"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["create", "get", "list", "watch", "delete"]
