@@ -161,8 +161,8 @@ def test_surviving_ranks_are_stopped_within_the_failure_grace(plane, namespace, 
 
 
 def test_a_failed_pod_reconciles_its_run_at_once_not_at_the_next_timer_tick(plane, namespace, monkeypatch):
-    """The operator watches its own pods (label selector on the server): a failure starts the teardown within
-    seconds even when the run's timer would not fire for an hour."""
+    """The operator watches its own Jobs (label selector on the server), whose status the Job controller updates
+    when a pod fails: the teardown starts within seconds even when the run's timer would not fire for an hour."""
     slow_timer = {**FAST_SETTINGS, "STAGERUN_RECONCILE_SECONDS": "3600"}
     with operator_harness(plane, namespace, monkeypatch, settings=slow_timer) as h:
         h.create(h.manifest())
