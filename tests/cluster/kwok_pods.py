@@ -239,8 +239,9 @@ class KwokPods:
     def node_not_ready(self, node: str, status: str = "False") -> None:
         """The node stops answering: its Ready condition becomes ``status`` (False: the kubelet reports NotReady;
         Unknown: no heartbeat) and nothing runs or finalises its pods any more: a pod deleted there stays
-        Terminating until it is force-deleted. The node lifecycle controller then taints the node and marks its
-        pods not ready, as in a real cluster.
+        Terminating until it is force-deleted. The node lifecycle controller then taints the node, as in a real
+        cluster; its pods keep their Ready condition (the controller marks pods not ready only when it times a node's
+        heartbeat out, not when a kubelet reports NotReady).
 
         kwok must let go of the node first, and only a deletion makes it: it filters its node watch by annotation
         on the client side, so removing the annotation hides later updates from it while a heartbeat it has
