@@ -30,8 +30,15 @@ WORKERS = {
     PROGRESS: ("STAGERUN_PROGRESS_WORKERS", 4),
 }
 
+# Periodic work waits while urgent work is queued or running (at most URGENT_FIRST_MAX_WAIT_S, so a long burst
+# delays the ticks without stopping them): the interpreter lock would otherwise share one core among all threads,
+# and a burst of creations would go at the pace of the ticks.
+URGENT_FIRST_MAX_WAIT_S = 30.0
+
 _pools: dict[str, ThreadPoolExecutor] = {}
 _lock = threading.Lock()
+_urgent_busy = 0
+_urgent_idle = threading.Condition()
 
 
 def pool(kind: str) -> ThreadPoolExecutor:
@@ -47,5 +54,28 @@ def pool(kind: str) -> ThreadPoolExecutor:
 async def run_in(kind: str, fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` on the ``kind`` pool, awaited. The context is copied, as kopf does for its sync handlers, so
     kopf.info/kopf.warn in the thread post their Events through the running operator."""
-    context = contextvars.copy_context()
-    return await asyncio.get_running_loop().run_in_executor(pool(kind), functools.partial(context.run, fn, *args))
+    global _urgent_busy
+    call = functools.partial(contextvars.copy_context().run, fn, *args)
+    loop = asyncio.get_running_loop()
+    if kind != URGENT:
+        return await loop.run_in_executor(pool(kind), _after_urgent, call)
+    with _urgent_idle:
+        _urgent_busy += 1
+    try:
+        return await loop.run_in_executor(pool(kind), call)
+    finally:
+        with _urgent_idle:
+            _urgent_busy -= 1
+            if not _urgent_busy:
+                _urgent_idle.notify_all()
+
+
+def _after_urgent(call: Callable[[], T]) -> T:
+    with _urgent_idle:
+        _urgent_idle.wait_for(lambda: not _urgent_busy, timeout=URGENT_FIRST_MAX_WAIT_S)
+    return call()
+
+
+def urgent_busy() -> int:
+    """Urgent calls queued or running (for tests and metrics)."""
+    return _urgent_busy
