@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
@@ -16,6 +17,9 @@ from . import naming
 
 log = logging.getLogger("stagerun.operator")
 _api: client.ApiClient | None = None
+# The calls about a gang's pods and nodes go out together: a 64-node gang torn down one DELETE after another took
+# 64 round trips before its last pod heard SIGTERM.
+_fan_out = ThreadPoolExecutor(8, thread_name_prefix="stagerun-api")
 
 
 def api_client() -> client.ApiClient:
@@ -26,7 +30,11 @@ def api_client() -> client.ApiClient:
             config.load_incluster_config()
         else:
             config.load_kube_config()
-        _api = client.ApiClient()
+        configuration = client.Configuration.get_default_copy()
+        # Enough connections for every worker thread at once (workers.py, _fan_out): urllib3 otherwise opens and drops
+        # one per call beyond its pool, with a warning each time.
+        configuration.connection_pool_maxsize = 32
+        _api = client.ApiClient(configuration)
     return _api
 
 
@@ -82,35 +90,42 @@ def get_nodes(names: list[str]) -> list[dict] | None:
     """The nodes of these names (those that still exist), or None when the operator may not read nodes (then node
     readiness is not considered). One small GET per node of the gang rather than a list of the whole cluster: at
     hundreds of runs on thousands of nodes, the list per reconcile was most of the operator's and apiserver's work."""
-    nodes = []
-    for name in names:
+    forbidden = object()
+
+    def read(name: str):
         try:
-            nodes.append(_read(core().read_node, name))
+            return _read(core().read_node, name)
         except ApiException as exc:
             if exc.status in (401, 403):
-                return None
+                return forbidden
             if exc.status != 404:  # a node that is gone: its pods are lost, which the pods show
                 raise
-    return nodes
+            return None
+
+    nodes = list(_fan_out.map(read, names))
+    if any(node is forbidden for node in nodes):
+        return None
+    return [node for node in nodes if node is not None]
 
 
 def delete_attempt(namespace: str, run: str, attempt: int, grace_seconds: int) -> None:
     """The attempt's Job, pods, Service and ConfigMap. Pods get ``grace_seconds`` to exit (SIGTERM first)."""
     name = naming.attempt_name(run, attempt)
-    # Pods first, with our grace period: the Job's garbage collection would use the pods' own (long) one. A pod the
-    # Job controller is already deleting (backoffLimit 0: it deletes the survivors of a failed rank) has the pod's full
-    # grace; deleting it again with a shorter one shortens it, as the apiserver allows, so the relaunch does not wait.
-    for pod in list_pods(namespace, run, attempt):
-        if _grace_left_longer_than(pod, grace_seconds):
-            _ignore(
-                404,
-                core().delete_namespaced_pod,
-                pod["metadata"]["name"],
-                namespace,
-                body=client.V1DeleteOptions(grace_period_seconds=grace_seconds),
-            )
+    # The pods' deletions go out first and together, with our grace period: the Job's garbage collection would use
+    # the pods' own (long) one. A pod the Job controller or the collector is already deleting (backoffLimit 0: the
+    # Job controller deletes the survivors of a failed rank) has the pod's full grace; deleting it again with a
+    # shorter one shortens it, as the apiserver allows, so the relaunch does not wait.
+    pod_body = client.V1DeleteOptions(grace_period_seconds=grace_seconds)
+    pods = [
+        p["metadata"]["name"] for p in list_pods(namespace, run, attempt) if _grace_left_longer_than(p, grace_seconds)
+    ]
+    deletions = [
+        _fan_out.submit(_ignore, 404, core().delete_namespaced_pod, pod, namespace, body=pod_body) for pod in pods
+    ]
     body = client.V1DeleteOptions(propagation_policy="Background", grace_period_seconds=grace_seconds)
     _ignore(404, batch().delete_namespaced_job, name, namespace, body=body)
+    for deletion in deletions:
+        deletion.result()  # an error other than 404 fails the action (it is repeated at the next reconcile)
     _ignore(404, core().delete_namespaced_service, name, namespace)
     _ignore(404, core().delete_namespaced_config_map, name, namespace)
 

@@ -181,7 +181,20 @@ def test_operator_scale_smallest_size_measures_every_column(tmp_path, benchmarks
     from operator_scale import COLUMNS
 
     args = ["--runs", "3", "--gang", "2", "--nodes", "6", "--burst", "2", "--burst-pause", "0.5"]
-    args += ["--steady-seconds", "12", "--failures", "2", "--failure-spacing", "0.5", "--failure-wait", "30"]
+    args += [
+        "--steady-seconds",
+        "12",
+        "--new-runs",
+        "2",
+        "--new-run-spacing",
+        "1",
+        "--failures",
+        "2",
+        "--failure-spacing",
+        "0.5",
+        "--failure-wait",
+        "30",
+    ]
     args += ["--setting", "STAGERUN_RECONCILE_SECONDS=2", "--setting", "STAGERUN_BACKOFF_BASE_SECONDS=1"]
     args += ["--timeout", "400", "--work", str(tmp_path), "--markdown", str(tmp_path / "scale.md")]
     out = run_script("operator_scale.py", *args, timeout=480)
@@ -189,7 +202,7 @@ def test_operator_scale_smallest_size_measures_every_column(tmp_path, benchmarks
     assert list(row) == COLUMNS
     assert (row["runs"], row["gang pods"], row["nodes"], row["Jobs"], row["failures"]) == ("3", "2", "6", "3/3", "2")
     # Every run got its Job: the latencies are measured, not lower bounds; on a loaded 2-core machine well under 60 s.
-    for column in ("apply→Job median s", "apply→Job p95 s"):
+    for column in ("apply→Job median s", "apply→Job p95 s", "new run→Job median s", "new run→Job p95 s"):
         assert 0 < number(row[column]) < 60, (column, row)
     # The operator notices a failed rank at its next timer tick (2 s here) and deletes the Job.
     for column in ("failure→teardown median s", "failure→teardown p95 s"):
