@@ -99,6 +99,10 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     # in memory (a pod's is ~100 KB as Python objects), which took the operator to 930 MB at 500 runs of 8-pod
     # gangs; the Job controller folds every pod failure into its Job's status within a second anyway.
     settings.watching.label_selectors[JOB_RESOURCE] = naming.LABEL_RUN
+    # Peering (`stagerun operator --peering`): a replica's keep-alive record expires this long after it was written
+    # (rewritten every lifetime - 5..10 s), so a standby takes over at most this long after the active replica died
+    # without a goodbye (kill -9, a lost node); a graceful stop removes the record at once. kopf's default is 60 s.
+    settings.peering.lifetime = int(os.environ.get("STAGERUN_PEERING_LIFETIME_SECONDS", "30"))
     kube.api_client()  # fail at startup, not at the first event, when there are no credentials
     port = os.environ.get("STAGERUN_METRICS_PORT")
     if port:

@@ -1,23 +1,58 @@
 """`stagerun operator`: run the kopf operator that reconciles TrainingRuns.
 
-Run one active instance per cluster (or per watched namespace set). Without ``--standalone`` kopf's peering makes
-extra replicas wait as hot standbys, which needs kopf's peering CRD (``kopf.dev`` ClusterKopfPeering/KopfPeering).
+One replica acts at a time. With ``--peering NAME`` (what the Helm chart runs) the replicas find each other through
+kopf's peering object NAME (``kopf.dev`` ClusterKopfPeering with ``-A``, KopfPeering in each namespace with ``-n``)
+and every one but the highest-priority live one pauses as a hot standby; ``--standalone`` is a single process
+without peering (a workstation, tests). With neither, kopf peers through an object named ``default`` if one exists
+and runs standalone otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import secrets
+import time
+
+TIEBREAK_RANGE = 1000
+
+
+def seniority_priority(started_at: float, tiebreak: int) -> int:
+    """The peering priority of an operator started at ``started_at`` (seconds since the epoch): the earlier it
+    started, the higher, so the replica that acts keeps acting and a replacement pod (a restart, a rolling update)
+    always joins as the standby instead of taking over. kopf pauses *every* operator that sees a live peer of its own
+    priority, so two replicas of one Deployment (same arguments) must never tie: started within the same millisecond
+    they differ by ``tiebreak`` (0 <= tiebreak < 1000, random per process). The values are negative (about -1.8e15,
+    within JSON's exact integers), so any explicit ``--priority`` >= 0, e.g. an operator on a workstation, outranks
+    the chart's replicas and pauses them."""
+    if not 0 <= tiebreak < TIEBREAK_RANGE:
+        raise ValueError(f"tiebreak must be in [0, {TIEBREAK_RANGE}), got {tiebreak}")
+    return -(int(started_at * 1000) * TIEBREAK_RANGE + tiebreak)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (the default)")
-    parser.add_argument(
+    peering = parser.add_mutually_exclusive_group()
+    peering.add_argument(
         "--standalone",
         action="store_true",
-        help="no peering with other operator replicas (single-replica deployments, tests)",
+        help="no peering with other operator replicas (a single process: a workstation, tests)",
+    )
+    peering.add_argument(
+        "--peering",
+        metavar="NAME",
+        default=None,
+        help="peer with the other replicas through kopf's peering object NAME (ClusterKopfPeering with -A, "
+        "KopfPeering in each namespace with -n; it must exist): only the highest-priority live replica acts",
+    )
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="peering priority (the highest live one acts; equal priorities pause each other). Default: by start "
+        "time, the oldest replica first (negative numbers, so any priority >= 0 outranks every default)",
     )
     parser.add_argument(
         "--liveness", default=None, metavar="URL", help="serve kopf's health endpoint, e.g. http://0.0.0.0:8080/healthz"
@@ -37,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     import kopf
 
+    started_at = time.time()
     if args.metrics_port:
         os.environ["STAGERUN_METRICS_PORT"] = str(args.metrics_port)  # read by the startup handler
         os.environ["STAGERUN_METRICS_ADDRESS"] = args.metrics_address
@@ -45,10 +81,19 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    priority = args.priority
+    if priority is None and not args.standalone:
+        priority = seniority_priority(started_at, secrets.randbelow(TIEBREAK_RANGE))
+    if priority is not None and not args.standalone:
+        logging.getLogger("stagerun.operator").info(
+            "peering %s with priority %d", args.peering or "'default' (if it exists)", priority
+        )
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,
-        standalone=args.standalone,
+        standalone=True if args.standalone else None,  # None: kopf's auto-detection, or mandatory with a name
+        peering_name=args.peering,
+        priority=priority,
         liveness_endpoint=args.liveness,
     )
     return 0

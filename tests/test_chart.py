@@ -21,6 +21,8 @@ CHART = ROOT / "charts" / "stagerun"
 RELEASE, RELEASE_NS = "stagerun", "stagerun"
 KUBERNETES_VERSION = "1.33"
 MONITOR_KINDS = {"ServiceMonitor", "PodMonitor"}
+PEERING_KINDS = {"ClusterKopfPeering", "KopfPeering"}  # kopf.dev, CRDs in crds/kopf-peering.yaml: checked by hand
+CRD_KINDS = ["CustomResourceDefinition"] * 3  # TrainingRun, ClusterKopfPeering, KopfPeering
 
 # Every optional part on, and every value off its default.
 FULL_VALUES = {
@@ -132,22 +134,29 @@ def test_helm_lint(helm, tmp_path):
 
 def test_default_install_renders_the_operator_and_its_clusterwide_rbac(default_objects):
     kinds = sorted(o["kind"] for o in default_objects)
-    assert kinds == [
-        "ClusterRole",
-        "ClusterRoleBinding",
-        "CustomResourceDefinition",
-        "Deployment",
-        "Service",
-        "ServiceAccount",
-    ]
+    assert kinds == sorted(
+        [
+            "ClusterKopfPeering",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            *CRD_KINDS,
+            "Deployment",
+            "PodDisruptionBudget",
+            "Service",
+            "ServiceAccount",
+        ]
+    )
+    cluster_scoped = ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "ClusterKopfPeering")
     for obj in default_objects:
-        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"):
+        if obj["kind"] not in cluster_scoped:
             assert obj["metadata"]["namespace"] == RELEASE_NS, obj["metadata"]
+        else:
+            assert "namespace" not in obj["metadata"], obj["metadata"]
     args = container(default_objects)["command"]
     assert args[:5] == [
         "stagerun",
         "operator",
-        "--standalone",
+        "--peering=stagerun",
         "--liveness=http://0.0.0.0:8080/healthz",
         "--metrics-port=8081",
     ]
@@ -168,8 +177,11 @@ def test_full_values_render_every_optional_part(full_objects):
     expected = [
         "ClusterRole",
         "ClusterRoleBinding",
-        "CustomResourceDefinition",
+        *CRD_KINDS,
         "Deployment",
+        "KopfPeering",
+        "KopfPeering",
+        "PodDisruptionBudget",
         "PodMonitor",
         "Role",
         "Role",
@@ -214,11 +226,14 @@ def test_default_settings_are_the_operators_own_defaults(default_objects):
     import re
 
     from stagerun.operator.state import Settings
+    from stagerun.operator.workers import WORKERS
+
+    # handlers.py reads it from the environment at import (importing it here would register kopf handlers).
+    handlers_source = (ROOT / "operator" / "handlers.py").read_text()
+    node_check_default = re.search(r'"STAGERUN_NODE_CHECK_SECONDS", "(\d+)"', handlers_source).group(1)
 
     env = {e["name"]: e["value"] for e in container(default_objects)["env"] if e["name"].startswith("STAGERUN_")}
-    documented = dict(
-        re.findall(r"`(STAGERUN_[A-Z_]+_SECONDS)` \((\d+)\)", (ROOT / "docs" / "operator.md").read_text())
-    )
+    documented = dict(re.findall(r"`(STAGERUN_[A-Z_]+)` \((\d+)\)", (ROOT / "docs" / "operator.md").read_text()))
     assert set(env) == set(documented), "values.yaml operator.settings and docs/operator.md list other settings"
     assert {k: float(v) for k, v in env.items()} == {k: float(v) for k, v in documented.items()}
     from_code = {
@@ -228,6 +243,8 @@ def test_default_settings_are_the_operators_own_defaults(default_objects):
         "STAGERUN_SUSPEND_GRACE_SECONDS": Settings.suspend_grace_seconds,
         "STAGERUN_FORCE_DELETE_AFTER_SECONDS": Settings.force_delete_after_seconds,
         "STAGERUN_IMAGE_PULL_DEADLINE_SECONDS": Settings.image_pull_deadline_seconds,
+        "STAGERUN_NODE_CHECK_SECONDS": node_check_default,
+        **{variable: default for variable, default in WORKERS.values()},
     }
     assert all(float(env[k]) == float(v) for k, v in from_code.items())
 
@@ -240,7 +257,7 @@ def test_every_object_is_valid_for_its_kind(which, request, kubernetes_validate)
     objects = request.getfixturevalue(f"{which}_objects")
     checked = []
     for obj in objects:
-        if obj["kind"] in MONITOR_KINDS:
+        if obj["kind"] in MONITOR_KINDS | PEERING_KINDS:
             continue  # below, by hand
         try:
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
@@ -306,7 +323,6 @@ def test_crd_is_a_byte_identical_copy_of_the_repositorys():
 
 def test_operator_runs_non_root_read_only_with_health_probes(default_objects):
     deployment = only(default_objects, "Deployment")
-    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -339,7 +355,8 @@ def test_operator_command_line_is_accepted_by_the_operator(default_objects, full
         parser = argparse.ArgumentParser()
         add_arguments(parser)
         args = parser.parse_args(command[2:])
-        assert args.standalone and args.liveness == "http://0.0.0.0:8080/healthz"
+        assert not args.standalone and args.peering == "stagerun" and args.priority is None  # priority by start time
+        assert args.liveness == "http://0.0.0.0:8080/healthz"
         assert args.all_namespaces or args.namespace
 
 
@@ -349,8 +366,10 @@ def test_operator_command_line_is_accepted_by_the_operator(default_objects, full
 @pytest.mark.parametrize(
     "bad, complaint",
     [
-        (["--set", "replicaCount=2"], "replicaCount"),
+        (["--set", "replicaCount=0"], "replicaCount"),
         (["--set", "replicaCount=one"], "replicaCount"),
+        (["--set", "podDisruptionBudget.enabled=maybe"], "enabled"),
+        (["--set", "podDisruptionBudget.minAvailable=1"], "minAvailable"),
         (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),
         (["--set", "surprise=1"], "surprise"),
         (["--set", "image.registry=example.com"], "registry"),

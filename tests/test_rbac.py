@@ -1,12 +1,14 @@
 """The chart's RBAC is exactly what the operator needs, as a real kube-apiserver's authoriser decides it.
 
 Each case is a Helm release of its own, installed for real (`helm install`) into the test control plane
-(tests/cluster): the chart's CRD, ServiceAccount, Roles/ClusterRoles and bindings. The operator then runs in-process
-(the real kopf operator, with the scope flags of the installed Deployment's command line) on a token the apiserver
+(tests/cluster): the chart's CRDs, ServiceAccount, Roles/ClusterRoles and bindings, and its kopf peering object(s).
+The operator then runs in-process (the real kopf operator, with the peering and scope flags of the installed
+Deployment's command line, so peered through the chart's ClusterKopfPeering or KopfPeering) on a token the apiserver
 issued to the release's ServiceAccount (TokenRequest), so RBAC checks every call it makes. The test drives a scenario
 as admin through every code path of the operator that calls the API: launch, an accepted edit of a later phase (the
 ConfigMap patch), a failed pod and the restart, a phase relaunch with a new topology, suspend, resume, deletion, and
-the node-readiness read of every reconcile. Pods run on a kwok node; the test ends them by writing their status.
+the node-readiness read of every reconcile, and the peering keep-alives. Pods run on a kwok node; the test ends them
+by writing their status.
 
 The evidence is the apiserver's audit log (tests/cluster/audit.py): every request of the ServiceAccount with RBAC's
 decision and the response code. Both ways: no request was refused (no `forbid`, no 403: the owner-reference
@@ -48,7 +50,7 @@ FAST = {
 WAIT_S = 60.0  # a cluster reaction (Job controller, kwok, the operator's next reconcile) on a loaded 2-core machine
 # The chart's own operator pod must never run: a process kubelet of another test could pick it up.
 NEVER_SCHEDULED = {"stagerun.io/rbac-test": "no-node-has-this"}
-CLUSTER_SCOPED = {"nodes", "namespaces", "customresourcedefinitions"}
+CLUSTER_SCOPED = {"nodes", "namespaces", "customresourcedefinitions", "clusterkopfpeerings"}
 
 # Rules granted although no API request uses them, each with the evidence that they are needed instead.
 # trainingruns/finalizers update: no request asks for it; the OwnerReferencesPermissionEnforcement admission plugin
@@ -66,16 +68,20 @@ ALLOWED_UNUSED: dict[tuple[str, str, str], str] = {}
 
 def kopf_args(command: list[str]) -> list[str]:
     """kopf's arguments for the chart's Deployment command: the same peering and namespace scope (the liveness and
-    metrics endpoints are left out: they would listen beyond loopback and call no API)."""
-    assert command[:3] == ["stagerun", "operator", "--standalone"], command
-    scope, rest = [], iter(command[3:])
+    metrics endpoints are left out: they would listen beyond loopback and call no API; the priority is kopf's
+    default, as the only peer's priority decides nothing)."""
+    assert command[:2] == ["stagerun", "operator"] and "--standalone" not in command, command
+    scope, peering, rest = [], [], iter(command[2:])
     for arg in rest:
         if arg == "-A":
             scope.append(arg)
         elif arg == "-n":
             scope += [arg, next(rest)]
+        elif arg.startswith("--peering="):
+            peering = ["--peering", arg.split("=", 1)[1]]
     assert scope, f"no namespace scope in {command}"
-    return ["run", "--standalone", *scope]
+    assert peering, f"no --peering in {command}"
+    return ["run", *peering, *scope]
 
 
 # -- Helm and the installed RBAC -------------------------------------------------------------------------------------
@@ -443,6 +449,8 @@ def test_audit_log_shows_every_code_path(clusterwide):
         "teardown: ConfigMap": ("delete", "", "configmaps"),
         "deletion: every child by label": ("list", "", "services"),
         "kopf's CRD scan": ("list", "apiextensions.k8s.io", "customresourcedefinitions"),
+        "peering: the other replicas' records": ("watch", "kopf.dev", "clusterkopfpeerings"),
+        "peering: this replica's keep-alive": ("patch", "kopf.dev", "clusterkopfpeerings"),
     }
     used = clusterwide.used()
     missing = {path: rule for path, rule in paths.items() if rule not in used}
@@ -459,6 +467,9 @@ def test_clusterwide_rbac_is_exactly_what_the_operator_uses(clusterwide):
 def test_namespaced_rbac_is_exactly_what_the_operator_uses(namespaced):
     check_rbac(namespaced)
     watched = namespaced.release.runs_namespace
+    # Peered through the KopfPeering in the watched namespace (its keep-alive written there), not a cluster-wide one.
+    keepalives = {(e.namespace, e.name) for e in namespaced.events if e.rule == ("patch", "kopf.dev", "kopfpeerings")}
+    assert keepalives == {(watched, namespaced.release.name)}, keepalives
     # Nothing namespaced is granted cluster-wide: the operator cannot touch namespaces it does not watch.
     wide = {g for g in namespaced.grants if g.namespace is None}
     assert {g.resource for g in wide} <= CLUSTER_SCOPED, wide

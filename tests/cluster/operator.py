@@ -14,6 +14,8 @@ import copy
 import functools
 import importlib
 import json
+import signal
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -21,10 +23,12 @@ from typing import Any
 
 import kopf
 import pytest
+import yaml
 from kopf.testing import KopfRunner
 
 from .control_plane import ApiError, ControlPlane
 from .kwok_pods import LABEL_RUN, MERGE, KwokPods, wait_for
+from .processes import Process, stop_all
 
 ROOT = Path(__file__).resolve().parents[2]
 GROUP_PATH = "/apis/stagerun.io/v1alpha1"
@@ -227,3 +231,86 @@ def operator_harness(
             yield harness
     finally:
         harness.release()
+
+
+# -- `stagerun operator` as processes of its own, peered (tests/test_operator_ha.py) ---------------------------------
+
+PEERING_CRDS = ROOT / "charts" / "stagerun" / "crds" / "kopf-peering.yaml"
+
+
+def install_peering_crds(plane: ControlPlane) -> None:
+    """The chart's kopf peering CRDs (ClusterKopfPeering, KopfPeering), applied server-side and Established."""
+    plane.kubectl("apply", "--server-side", "-f", str(PEERING_CRDS))
+    for crd in ("clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"):
+        plane.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+
+
+def peering_records(plane: ControlPlane, namespace: str, name: str) -> dict[str, dict]:
+    """The keep-alive records of the KopfPeering ``name``: identity -> {priority, lifetime, lastseen}."""
+    return plane.request("GET", f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings/{name}").get("status") or {}
+
+
+@contextlib.contextmanager
+def service_account_kubeconfigs(plane: ControlPlane, namespace: str, names: list[str], folder: Path) -> Iterator[dict]:
+    """{name: kubeconfig} for ServiceAccounts ``names`` of ``namespace``, bound to cluster-admin for the block: each
+    operator process gets an identity of its own, so the apiserver's audit log tells which one made each request."""
+    rbac = "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings"
+    admin = {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"}
+    bindings = []
+    try:
+        paths = {}
+        for name in names:
+            plane.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts", {"metadata": {"name": name}})
+            binding = f"{namespace}-{name}"
+            plane.request(
+                "POST",
+                rbac,
+                {
+                    "metadata": {"name": binding},
+                    "roleRef": admin,
+                    "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+                },
+            )
+            bindings.append(binding)
+            request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}}
+            issued = plane.request("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token", request)
+            token = issued["status"]["token"]
+            config = yaml.safe_load(plane.kubeconfig.read_text())
+            config["users"] = [{"name": name, "user": {"token": token}}]
+            config["contexts"][0]["context"]["user"] = name
+            paths[name] = folder / f"{name}.kubeconfig"
+            paths[name].write_text(yaml.safe_dump(config))
+        yield paths
+    finally:
+        for binding in bindings:
+            with contextlib.suppress(ApiError):
+                plane.request("DELETE", f"{rbac}/{binding}")
+
+
+class OperatorProcess:
+    """`stagerun operator ARGS` in a process of its own, as an operator pod runs it, with ``identity`` as kopf's
+    peering identity (POD_ID, the chart's pod name) and FAST_SETTINGS plus ``settings`` as its environment.
+    ``kill()`` is kill -9 (no goodbye: its keep-alive record stays until it expires), ``stop()`` SIGTERM (kopf's
+    graceful exit, which removes the record)."""
+
+    def __init__(self, identity: str, args: list[str], kubeconfig: Path, log_dir: Path, settings: dict[str, str]):
+        env = {**FAST_SETTINGS, **settings, "KUBECONFIG": str(kubeconfig), "POD_ID": identity, "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, "-m", "stagerun.trainer.cli", "operator", *args]
+        self.identity = identity
+        self.process = Process(f"operator-{identity}", command, log_dir, env)
+
+    def log(self) -> str:
+        return self.process.log.read_text(errors="replace")
+
+    def logged(self, text: str) -> bool:
+        self.process.check_running()  # an operator that died says why, not a timeout later
+        return text in self.log()
+
+    def kill(self) -> None:
+        self.process.popen.send_signal(signal.SIGKILL)
+        self.process.popen.wait(timeout=30)
+
+    def stop(self) -> int:
+        """SIGTERM, and its exit status (SIGKILL after 30 s)."""
+        stop_all([self.process], grace_s=30)
+        return self.process.popen.returncode

@@ -82,6 +82,8 @@ empty.
 - pods: listed by label (the gang's state) and deleted (teardown, force-delete of pods stuck on dead nodes).
 - jobs are also watched (kopf, label selector stagerun.io/run on the server): a Job whose pod failed, or that
   ended or was suspended, reconciles its run at once.
+- kopfpeerings (only with watchNamespaces set): kopf lists and watches the namespace's peering object and patches
+  its keep-alive record into the status (leader election among the replicas, templates/peering.yaml).
 */}}
 {{- define "stagerun.namespacedRules" -}}
 - apiGroups: ["stagerun.io"]
@@ -108,6 +110,11 @@ empty.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["create", "get", "list", "watch", "delete"]
+{{- if .Values.watchNamespaces }}
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  verbs: ["list", "watch", "patch"]
+{{- end }}
 {{- end }}
 
 {{/*
@@ -117,6 +124,7 @@ Cluster-scoped rules (always a ClusterRole).
 - namespaces list/watch: only with watchNamespaces set: kopf resolves and follows the namespaces it serves (without
   it kopf logs a warning and takes the names as given).
 - nodes get (rbac.readNodes): readiness of the nodes that host a gang's pods (read by name, never listed).
+- clusterkopfpeerings (only with watchNamespaces empty): as kopfpeerings above, for the cluster-wide peering object.
 */}}
 {{- define "stagerun.clusterRules" -}}
 - apiGroups: ["apiextensions.k8s.io"]
@@ -131,5 +139,10 @@ Cluster-scoped rules (always a ClusterRole).
 - apiGroups: [""]
   resources: ["nodes"]
   verbs: ["get"]
+{{- end }}
+{{- if not .Values.watchNamespaces }}
+- apiGroups: ["kopf.dev"]
+  resources: ["clusterkopfpeerings"]
+  verbs: ["list", "watch", "patch"]
 {{- end }}
 {{- end }}
