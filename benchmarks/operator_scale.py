@@ -197,8 +197,9 @@ class JobWatch:
 
 # -- the operator as a process ---------------------------------------------------------------------------------
 class OperatorProcess:
-    """`stagerun operator` as the chart starts it (standalone, all namespaces, the chart's settings as environment),
-    with the control plane's kubeconfig; kopf's health endpoint on loopback tells when it is up."""
+    """`stagerun operator` with the chart's settings as environment, all namespaces, one replica (--standalone: the
+    chart's standby replicas do no work), with the control plane's kubeconfig; kopf's health endpoint on loopback
+    tells when it is up."""
 
     def __init__(self, plane: ControlPlane, settings: dict[str, str], logs: Path) -> None:
         self.health_port = free_ports(1)[0]
