@@ -25,6 +25,7 @@ from stagerun.core.protocol import PodEnv
 from stagerun.core.spec import ResolvedPhase, ResolvedRun, to_manifest
 
 from . import naming
+from .pod_overlay import apply_pod_template
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # Written by the API server (or kubectl) rather than the user: not part of the manifest the pods read.
@@ -120,10 +121,11 @@ def build_job(run: ResolvedRun, *, namespace: str, uid: str, attempt: int, phase
         metadata["labels"][naming.LABEL_KUEUE_QUEUE] = spec.queue_name
         metadata["labels"] = dict(sorted(metadata["labels"].items()))
         job_spec["suspend"] = True  # Kueue admits the Job by unsuspending it once the whole gang fits
-    job_spec["template"] = {
+    template = {
         "metadata": {"labels": dict(sorted(naming.attempt_labels(run.name, attempt, phase.name).items()))},
         "spec": _pod_spec(run, phase, name=name, uid=uid, attempt=attempt),
     }
+    job_spec["template"] = apply_pod_template(template, spec.pod_template)  # the same for every phase
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
 
 

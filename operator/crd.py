@@ -3,9 +3,10 @@
     python -m stagerun.operator.crd > crds/trainingrun.yaml
 (tests/test_crd.py fails when the committed file is stale.)
 
-The schema is *structural* (apiextensions.k8s.io/v1): every node has a ``type`` except count/duration fields
-(``x-kubernetes-int-or-string``) and the free-form Kubernetes blocks ``scheduling.tolerations`` /
-``scheduling.affinity`` (``x-kubernetes-preserve-unknown-fields``). It is produced by walking the dataclasses of
+The schema is *structural* (apiextensions.k8s.io/v1): every node has a ``type`` except count, duration and
+resource-quantity fields (``x-kubernetes-int-or-string``) and the free-form Kubernetes blocks
+(``x-kubernetes-preserve-unknown-fields``: ``scheduling.tolerations`` / ``affinity``, and the volumes, init
+containers, envFrom, valueFrom and security contexts of ``podTemplate``). It is produced by walking the dataclasses of
 ``stagerun.core.spec.run`` from ``RunSpec`` down, the way ``spec/reference.py`` walks them for the docs.
 
 What the API server checks, and what only the operator can
@@ -14,7 +15,10 @@ The schema states what a single field can say about itself: types, ``enum`` for 
 ``maximum`` / ``exclusiveMinimum`` from the field metadata, and ``required`` for fields without a default. Counts
 ("2T", "4Mi") and durations ("15m") are integers *or* strings: a string must match the parser's own pattern
 (``stagerun.core.spec.quantities``; ``minimum`` applies to the integer form), so ``seqLen: long`` is refused at
-apply time, and the operator parses the value. Floats are
+apply time, and the operator parses the value. A list field with ``map_keys`` (phases by name, the overlay's env
+vars by name) is a list-map (``x-kubernetes-list-type: map``): the apiserver refuses two items with the same key,
+as the reader does. The CEL rules on the root object (``crd_rules``: the run name, and the fields no edit may change
+once the run has started) come from the same constants as the operator's checks. Floats are
 ``type: number`` - kubectl's YAML reads ``3e-4`` as a number; quoting it ("3e-4") is accepted by
 ``stagerun run`` but rejected by the API server. No ``default`` is declared: phase fields left unset inherit
 from the previous phase, so the operator must see what the manifest left unset (see ``fields.explicit_fields``).
@@ -52,12 +56,11 @@ from typing import Any, Literal
 
 import yaml
 
-from stagerun.core.spec.fields import COUNT, DURATION, camel, is_required
-from stagerun.core.spec.quantities import COUNT_PATTERN, DURATION_PATTERN
+from stagerun.core.spec.fields import COUNT, DURATION, QUANTITY, camel, is_required
+from stagerun.core.spec.quantities import COUNT_PATTERN, DURATION_PATTERN, RESOURCE_QUANTITY_PATTERN
 from stagerun.core.spec.run import PhaseSpec, RunSpec, TrainingRun
-from stagerun.core.spec.validate import KUBERNETES_MAX_RUN_NAME, KUBERNETES_RUN_NAME
 
-from . import naming
+from . import crd_rules, naming
 
 SINGULAR = "trainingrun"
 # Not "tr" (Tekton's TaskRun has it: `kubectl get tr` would be ambiguous on clusters with both) and not the "all"
@@ -141,7 +144,10 @@ def _type_schema(tp: Any, meta: dict, where: str, *, merged: bool = False) -> di
         args = typing.get_args(tp)
         if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
             raise TypeError(f"{where}: only tuple[X, ...] is supported, got {tp!r}")
-        return {"type": "array", "items": _type_schema(args[0], meta, f"{where}[]")}
+        schema = {"type": "array", "items": _type_schema(args[0], meta, f"{where}[]")}
+        if meta.get("map_keys"):
+            _list_map(schema, list(meta["map_keys"]), where)
+        return schema
     if origin is dict:
         key_tp, value_tp = typing.get_args(tp)
         if key_tp is not str:
@@ -155,9 +161,24 @@ def _type_schema(tp: Any, meta: dict, where: str, *, merged: bool = False) -> di
         # `pattern` applies to the string form only; `minimum` to the integer form.
         pattern = COUNT_PATTERN if meta["kind"] == COUNT else DURATION_PATTERN
         return {"x-kubernetes-int-or-string": True, "pattern": pattern, **_bounds(meta)}
+    if tp is str and meta.get("kind") == QUANTITY:  # a Kubernetes quantity: 1, "500m", "64Gi"
+        return {"x-kubernetes-int-or-string": True, "pattern": RESOURCE_QUANTITY_PATTERN, "minimum": 0}
     if tp in _SCALARS:
         return {"type": _SCALARS[tp], **(_bounds(meta) if tp in (int, float) else {})}
     raise TypeError(f"{where}: no schema for type {tp!r}")  # a spec class used a type the generator does not know
+
+
+def _list_map(schema: dict, keys: list[str], where: str) -> None:
+    """Make an array schema a list-map: the apiserver refuses two items with the same keys (phases by name, env
+    vars by name). Its keys must be required strings; free-form items (a volume) get them declared."""
+    items = schema["items"]
+    if items.get("x-kubernetes-preserve-unknown-fields"):
+        items["required"] = keys
+        items["properties"] = {key: {"description": f"Unique in the list ({key}).", "type": "string"} for key in keys}
+    elif not set(keys) <= set(items.get("required", ())):
+        raise TypeError(f"{where}: list-map keys {keys} must be required fields of its items")
+    schema["x-kubernetes-list-type"] = "map"
+    schema["x-kubernetes-list-map-keys"] = keys
 
 
 def _dataclasses_of(cls: type) -> set[type]:
@@ -274,15 +295,7 @@ def openapi_schema() -> dict:
         "description": "One LLM pretraining run through ordered phases (stagerun; see docs/manifest.md).",
         "type": "object",
         "required": ["spec"],
-        # The name also names the children (stagerun.core.spec.validate.kubernetes_problems): refused at apply time.
-        "x-kubernetes-validations": [
-            {
-                "rule": f"self.metadata.name.matches('{KUBERNETES_RUN_NAME.pattern}') && "
-                f"size(self.metadata.name) <= {KUBERNETES_MAX_RUN_NAME}",
-                "message": f"metadata.name must start with a letter and have at most {KUBERNETES_MAX_RUN_NAME} "
-                "characters: it names the run's Service (a DNS-1035 label) and pods (<name>-a<attempt>-<index>)",
-            }
-        ],
+        "x-kubernetes-validations": [crd_rules.run_name_rule(), *crd_rules.immutability_rules()],
         "properties": {
             "apiVersion": {
                 "description": "APIVersion of this object: " + naming.GROUP + "/" + naming.VERSION + ".",

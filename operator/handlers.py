@@ -298,18 +298,17 @@ def _reconcile(body: dict) -> None:
     run, refusal = accepted_run(body, status)
     now = clock()
     if run is None:  # invalid and nothing accepted before: nothing can run
-        if status.get("state") != FAILED or status.get("message") != refusal[1]:
-            kopf.warn(body, reason=refusal[0], message=refusal[1])
-        status.update(state=FAILED, failureReason=refusal[0], message=refusal[1])
-        status["conditions"] = set_condition(status.get("conditions", []), "Failed", True, refusal[0], refusal[1], now)
-        _write_status(body, old, status)
-        metrics.RUNS.set(namespace, name, FAILED)
+        _fail_invalid(body, old, status, refusal, now)
         return
     if status.get("failureReason") == "InvalidSpec" and status.get("attempt", 0) == 0:
         status = {"conditions": status.get("conditions", []), "state": PENDING}  # fixed before it ever ran
     if refusal is None:
         _accept(namespace, name, run, body, status)
     decision = reconcile(run, status, observe(namespace, name, status), settings_from_env())
+    job_refused = _refused_by_apiserver(run, namespace, meta["uid"], decision.actions)
+    if job_refused:  # e.g. an invalid volume in spec.podTemplate: retrying would fail the same way, forever
+        _fail_invalid(body, old, status, ("InvalidSpec", job_refused), now)
+        return
     new_status = decision.status
     new_status["observedGeneration"] = meta.get("generation")
     ok, reason, text = (True, "Accepted", "the manifest is running") if refusal is None else (False, *refusal)
@@ -328,6 +327,34 @@ def _reconcile(body: dict) -> None:
     metrics.record_decision(decision.events)
     if new_status.get("restarts", 0) > old.get("restarts", 0):
         metrics.RESTARTS.labels(new_status["lastFailure"]["reason"]).inc()
+
+
+def _fail_invalid(body: dict, old: dict, status: dict, refusal: tuple[str, str], now: float) -> None:
+    """The run is Failed for what its manifest says; a fix of the manifest before its first launch starts it."""
+    meta = body["metadata"]
+    if status.get("state") != FAILED or status.get("message") != refusal[1]:
+        kopf.warn(body, reason=refusal[0], message=refusal[1])
+    status.update(state=FAILED, failureReason=refusal[0], message=refusal[1])
+    status["conditions"] = set_condition(status.get("conditions", []), "Failed", True, refusal[0], refusal[1], now)
+    _write_status(body, old, status)
+    metrics.RUNS.set(meta["namespace"], meta["name"], FAILED)
+
+
+def _refused_by_apiserver(run, namespace: str, uid: str, actions) -> str | None:
+    """The apiserver's words when it would refuse the Job a Launch creates (a server-side dry run, before the
+    attempt is recorded): what only the apiserver checks, such as the Kubernetes blocks of spec.podTemplate and
+    spec.scheduling, fails the run with the reason instead of a launch retried forever."""
+    launch = next((a for a in actions if isinstance(a, Launch)), None)
+    if launch is None:
+        return None
+    job = builders.build_job(run, namespace=namespace, uid=uid, attempt=launch.attempt, phase_index=launch.phase_index)
+    problem = kube.dry_run_refusal(job)
+    if problem is None:
+        return None
+    return (
+        f"the apiserver refuses the attempt's Job: {problem}; fix spec.podTemplate or spec.scheduling (the pod's "
+        "Kubernetes fields) and apply the manifest again"
+    )
 
 
 def _accept(namespace: str, name: str, run, body: dict, status: dict) -> None:

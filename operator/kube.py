@@ -72,6 +72,23 @@ def create(obj: dict) -> None:
     _ignore(409, calls[kind], namespace, obj)
 
 
+def dry_run_refusal(job: dict) -> str | None:
+    """The apiserver's message when it would refuse to create this Job as invalid (422/400), checked with a
+    server-side dry run (nothing is stored); None when it would accept it, or it exists already."""
+    try:
+        batch().create_namespaced_job(job["metadata"]["namespace"], job, dry_run="All")
+    except ApiException as exc:
+        if exc.status not in (400, 422):
+            if exc.status == 409:
+                return None
+            raise
+        try:
+            return json.loads(exc.body).get("message") or str(exc.reason)
+        except (TypeError, ValueError):
+            return str(exc.reason)
+    return None
+
+
 def get_job(namespace: str, name: str) -> dict | None:
     return _ignore(404, _read, batch().read_namespaced_job, name, namespace)
 

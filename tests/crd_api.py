@@ -1,5 +1,12 @@
 """Shared by the CRD tests: reading YAML the way kubectl does, and a JSON-Schema validator standing in for the API
-server (validation, null dropping and pruning), plus the operator's own checks and the base manifest both accept."""
+server, plus the operator's own checks and the base manifest both accept.
+
+The stand-in models what the apiserver does with the CRD's structural schema: type, enum, bound, pattern and
+required checks (jsonschema), dropping nulls, pruning undeclared fields, and list-maps
+(``x-kubernetes-list-type: map``: two items with the same keys are a "Duplicate value"). It does not evaluate the
+CEL rules (``x-kubernetes-validations``: the run name, the fields fixed once a run has started); those are checked
+against the real apiserver only (tests/test_crd_apiserver.py).
+"""
 
 from __future__ import annotations
 
@@ -86,6 +93,28 @@ def pruned_fields(schema: dict, value: Any, path: str = "") -> list[str]:
     return out
 
 
+def list_map_duplicates(schema: dict, value: Any, path: str = "") -> list[tuple[str, str]]:
+    """(path, message) for each item of a list-map that repeats an earlier item's keys, as the apiserver says it."""
+    out: list[tuple[str, str]] = []
+    if isinstance(value, dict) and schema.get("type") == "object":
+        properties = schema.get("properties", {})
+        for key, child in value.items():
+            child_schema = properties.get(key, schema.get("additionalProperties"))
+            if isinstance(child_schema, dict):
+                out += list_map_duplicates(child_schema, child, f"{path}.{key}" if path else key)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        keys = schema.get("x-kubernetes-list-map-keys") if schema.get("x-kubernetes-list-type") == "map" else None
+        seen = []
+        for i, child in enumerate(value):
+            if keys and isinstance(child, dict):
+                identity = {key: child.get(key) for key in keys}
+                if identity in seen:
+                    out.append((f"{path}[{i}]", f"Duplicate value: {identity}"))
+                seen.append(identity)
+            out += list_map_duplicates(schema["items"], child, f"{path}[{i}]")
+    return out
+
+
 def _path_text(parts) -> str:
     text = ""
     for part in parts:
@@ -101,7 +130,9 @@ def make_api_server():
     validator.check_schema(validator.schema)
 
     def errors(manifest: dict) -> list[tuple[str, str]]:
-        return [(_path_text(e.absolute_path), e.message) for e in validator.iter_errors(drop_nulls(manifest))]
+        value = drop_nulls(manifest)
+        found = [(_path_text(e.absolute_path), e.message) for e in validator.iter_errors(value)]
+        return found + list_map_duplicates(schema, value)
 
     errors.pruned = lambda manifest: pruned_fields(schema, drop_nulls(manifest))  # type: ignore[attr-defined]
     return errors

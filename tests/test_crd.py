@@ -191,7 +191,76 @@ def test_spec_objects_do_not_preserve_unknown_fields():
     """Only the free-form Kubernetes blocks keep unknown fields; a typo anywhere else is pruned (or rejected)."""
     spec = crd.openapi_schema()["properties"]["spec"]
     preserving = {path for path, node in _walk(spec, "spec") if node.get("x-kubernetes-preserve-unknown-fields")}
-    assert preserving == {"spec.scheduling.tolerations[]", "spec.scheduling.affinity"}
+    overlay = "spec.podTemplate.spec"
+    assert preserving == {
+        "spec.scheduling.tolerations[]",
+        "spec.scheduling.affinity",
+        # spec.podTemplate's Kubernetes blocks: the apiserver checks them when the operator creates the Job.
+        f"{overlay}.volumes[]",
+        f"{overlay}.initContainers[]",
+        f"{overlay}.securityContext",
+        f"{overlay}.containers[].securityContext",
+        f"{overlay}.containers[].envFrom[]",
+        f"{overlay}.containers[].env[].valueFrom",
+    }
+
+
+def test_lists_keyed_by_name_are_list_maps():
+    """The apiserver refuses two phases (env vars, volumes, ...) with the same name: each such list is a list-map
+    whose keys every item must have (the reader refuses the same duplicates: tests/test_spec.py)."""
+    spec = crd.openapi_schema()["properties"]["spec"]
+    maps = {
+        path: node["x-kubernetes-list-map-keys"]
+        for path, node in _walk(spec, "spec")
+        if node.get("x-kubernetes-list-type") == "map"
+    }
+    overlay = "spec.podTemplate.spec"
+    assert maps == {
+        "spec.phases": ["name"],
+        f"{overlay}.containers": ["name"],
+        f"{overlay}.containers[].env": ["name"],
+        f"{overlay}.containers[].volumeMounts": ["mountPath"],
+        f"{overlay}.initContainers": ["name"],
+        f"{overlay}.volumes": ["name"],
+    }
+    nodes = dict(_walk(spec, "spec"))
+    for path, keys in maps.items():
+        items = nodes[f"{path}[]"]
+        assert set(keys) <= set(items["required"]), path
+        assert all(items["properties"][key]["type"] == "string" for key in keys), path
+    volume = nodes[f"{overlay}.volumes[]"]  # a free-form item still declares (and requires) its key
+    assert volume["x-kubernetes-preserve-unknown-fields"] and volume["required"] == ["name"]
+
+
+def test_extra_resources_are_kubernetes_quantities():
+    from stagerun.core.spec.quantities import RESOURCE_QUANTITY_PATTERN
+
+    spec = crd.openapi_schema()["properties"]["spec"]
+    resources = dict(_walk(spec, "spec"))["spec.podTemplate.spec.containers[].resources"]["properties"]
+    for kind in ("limits", "requests"):
+        amount = resources[kind]["additionalProperties"]
+        assert amount == {"x-kubernetes-int-or-string": True, "pattern": RESOURCE_QUANTITY_PATTERN, "minimum": 0}
+
+
+def test_fields_fixed_once_started_have_a_transition_rule_each():
+    """What the apiserver refuses once a run has started is exactly changes.IMMUTABLE_ONCE_STARTED, each rule
+    gated on the stored status (status.attempt > 0) and naming its field; how the apiserver applies them is
+    tests/test_crd_apiserver.py."""
+    from stagerun.core.spec.changes import IMMUTABLE_ONCE_STARTED
+    from stagerun.operator import crd_rules
+
+    rules = crd.openapi_schema()["x-kubernetes-validations"]
+    assert rules[0] == crd_rules.run_name_rule()
+    fixed = rules[1:]
+    assert [r["fieldPath"] for r in fixed] == [f".{path}" for path in IMMUTABLE_ONCE_STARTED]
+    for rule, path in zip(fixed, IMMUTABLE_ONCE_STARTED, strict=True):
+        assert rule["rule"].startswith(f"!({crd_rules.STARTED}) || ")
+        assert f"self.{path}" in rule["rule"] and f"oldSelf.{path}" in rule["rule"]
+        assert rule["message"].startswith(f"{path} cannot change once the run has started")
+        assert rule["reason"] == "FieldValueForbidden"
+    # An optional field is compared with its default when unset, so writing the default out is no change.
+    seed = fixed[list(IMMUTABLE_ONCE_STARTED).index("spec.data.seed")]["rule"]
+    assert "(has(self.spec.data.seed) ? self.spec.data.seed : 0)" in seed
 
 
 def test_schema_mirrors_the_field_metadata():

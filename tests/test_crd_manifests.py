@@ -92,6 +92,15 @@ class Case:
 
 
 P0, P1, P2 = "spec.phases[0]", "spec.phases[1]", "spec.phases[2]"
+POD = "spec.podTemplate.spec"
+TRAINER = f"{POD}.containers[0]"
+
+
+def trainer_overlay(**container: Any) -> dict:
+    """A spec.podTemplate that changes only the trainer container."""
+    return {"spec": {"containers": [{"name": "trainer", **container}]}}
+
+
 CASES = [
     # Rejected by the CRD schema at `kubectl apply` time (and again by the operator, which reads with the same rules).
     Case(
@@ -244,6 +253,53 @@ CASES = [
         schema=("spec.scheduling.imagePullSecrets[0]", "is not of type 'string'"),  # names, not Pod-style objects
         operator=("spec.scheduling.imagePullSecrets[0]", "expected a string"),
     ),
+    # List-maps (phases by name, the overlay's env vars and volumes by name): the apiserver refuses duplicate keys.
+    Case(
+        "duplicate-phase-name",
+        {f"{P1}.name": "core"},
+        schema=(P1, "Duplicate value"),
+        operator=(f"{P1}.name", "duplicate name 'core': spec.phases[0] has it too"),
+    ),
+    Case(
+        "env-var-without-name",
+        {"spec.podTemplate": trainer_overlay(env=[{"value": "INFO"}])},
+        schema=(f"{TRAINER}.env[0]", "'name' is a required property"),
+        operator=(f"{TRAINER}.env[0].name", "required field is missing"),
+    ),
+    Case(
+        "duplicate-env-var",
+        {"spec.podTemplate": trainer_overlay(env=[{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "NCCL_DEBUG"}])},
+        schema=(f"{TRAINER}.env[1]", "Duplicate value"),
+        operator=(f"{TRAINER}.env[1].name", "duplicate name 'NCCL_DEBUG'"),
+    ),
+    Case(
+        "volume-without-name",
+        {"spec.podTemplate": {"spec": {"volumes": [{"emptyDir": {}}]}}},
+        schema=(f"{POD}.volumes[0]", "'name' is a required property"),
+        operator=(f"{POD}.volumes[0].name", "required field is missing"),
+    ),
+    Case(
+        "duplicate-volume",
+        {
+            "spec.podTemplate": {
+                "spec": {"volumes": [{"name": "data", "emptyDir": {}}, {"name": "data", "emptyDir": {}}]}
+            }
+        },
+        schema=(f"{POD}.volumes[1]", "Duplicate value"),
+        operator=(f"{POD}.volumes[1].name", "duplicate name 'data'"),
+    ),
+    Case(
+        "resource-quantity-in-words",
+        {"spec.podTemplate": trainer_overlay(resources={"limits": {"rdma/hca": "one"}})},
+        schema=(f"{TRAINER}.resources.limits.rdma/hca", "'one' does not match"),
+        operator=(f"{TRAINER}.resources.limits.rdma/hca", "cannot read 'one' as a Kubernetes quantity"),
+    ),
+    Case(
+        "negative-resource-quantity",
+        {"spec.podTemplate": trainer_overlay(resources={"limits": {"rdma/hca": -1}})},
+        schema=(f"{TRAINER}.resources.limits.rdma/hca", "-1 is less than the minimum of 0"),
+        operator=(f"{TRAINER}.resources.limits.rdma/hca", "cannot read -1 as a Kubernetes quantity"),
+    ),
     # Accepted by the schema, rejected by the operator: rules that span fields, parse quantities, or are
     # Kubernetes-only, and unknown fields, which the API server prunes instead of rejecting.
     Case(
@@ -302,6 +358,32 @@ CASES = [
         "local-checkpoint-without-volume",
         {"spec.checkpoint.path": "/checkpoints"},
         operator=("spec.checkpoint.path", "is a local path but no volumeClaim is mounted there"),
+    ),
+    Case(
+        "overlay-sets-an-operator-env-var",
+        {"spec.podTemplate": trainer_overlay(env=[{"name": "STAGERUN_RDZV_ENDPOINT", "value": "elsewhere:1"}])},
+        operator=(f"{TRAINER}.env[0].name", "STAGERUN_RDZV_ENDPOINT is set by the operator"),
+    ),
+    Case(
+        "overlay-asks-for-gpus",
+        {"spec.podTemplate": trainer_overlay(resources={"limits": {"nvidia.com/gpu": 2}})},
+        operator=(f"{TRAINER}.resources.limits.nvidia.com/gpu", "set spec.resources.gpusPerNode instead"),
+    ),
+    Case(
+        "overlay-label-the-operator-selects-by",
+        {"spec.podTemplate": {"metadata": {"labels": {"stagerun.io/run": "other"}}}},
+        operator=("spec.podTemplate.metadata.labels.stagerun.io/run", "is reserved"),
+    ),
+    Case(
+        "overlay-second-container",
+        {"spec.podTemplate": {"spec": {"containers": [{"name": "sidecar"}]}}},
+        operator=(f"{TRAINER}.name", "only the 'trainer' container can be changed"),
+    ),
+    Case(
+        "overlay-node-selector",
+        {"spec.podTemplate": {"spec": {"nodeSelector": {"pool": "a100"}}}},
+        pruned=[f"{POD}.nodeSelector"],
+        operator=(f"{POD}.nodeSelector", "set it as spec.scheduling.nodeSelector"),
     ),
     Case(
         "volume-claim-with-relative-path",

@@ -565,3 +565,66 @@ def test_fetch_progress_is_none_for_an_unreachable_or_malformed_endpoint(monkeyp
     good = handlers.fetch_progress("good", 8090)
     assert good is not None and (good.step, good.last_step_at) == (3, 5)
     assert [handlers.fetch_progress(host, 8090) for host in ("bad", "html", "down")] == [None, None, None]
+
+
+# -- spec.podTemplate ------------------------------------------------------------------------------------------
+def test_a_pod_template_overlay_reaches_every_trainer_pod(harness: Harness):
+    """The overlay on a real cluster: the Job controller's pods carry its label, env var, volume and mount, and
+    request the extra resource, which the scheduler honours: with one `rdma/hca` published on one node only (as an
+    RDMA device plugin would), the second pod waits for it; the scheduler is left to the cluster's default."""
+    h = harness
+
+    def publish_device(node: str) -> None:
+        device = {"rdma/hca": "1"}
+        status = {"status": {"capacity": device, "allocatable": device}}
+        h.plane.request("PATCH", f"/api/v1/nodes/{node}/status", status, MERGE)
+
+    publish_device(h.nodes[0])
+    overlay = {
+        "metadata": {"labels": {"network": "ib"}},
+        "spec": {
+            "volumes": [{"name": "nccl", "emptyDir": {}}],
+            "containers": [
+                {
+                    "name": "trainer",
+                    "env": [{"name": "NCCL_IB_HCA", "value": "mlx5"}],
+                    "volumeMounts": [{"name": "nccl", "mountPath": "/etc/nccl"}],
+                    "resources": {"limits": {"rdma/hca": 1}},
+                }
+            ],
+        },
+    }
+    h.create(h.manifest(resources=INDEXED_RESOURCES, podTemplate=overlay))
+    (first,) = h.pods.wait_for_pods(1, job="quickstart-a1")
+    assert first["spec"]["nodeName"] == h.nodes[0]
+    h.wait(lambda: _says(h, "Unschedulable", "Insufficient rdma/hca"), "the second pod did not wait for a device")
+    publish_device(h.nodes[1])
+    pods = h.pods.wait_for_pods(2, job="quickstart-a1")
+    assert sorted(p["spec"]["nodeName"] for p in pods) == sorted(h.nodes)
+    for pod in pods:
+        assert pod["metadata"]["labels"]["network"] == "ib"
+        assert pod["metadata"]["labels"]["stagerun.io/run"] == "quickstart"  # the operator's labels are intact
+        assert pod["spec"]["schedulerName"] == "default-scheduler"
+        assert {"name": "nccl", "emptyDir": {}} in pod["spec"]["volumes"]
+        (trainer,) = pod["spec"]["containers"]
+        assert {"name": "NCCL_IB_HCA", "value": "mlx5"} in trainer["env"]
+        assert any(m["name"] == "nccl" and m["mountPath"] == "/etc/nccl" for m in trainer["volumeMounts"])
+        limits, requests = trainer["resources"]["limits"], trainer["resources"]["requests"]
+        assert limits["rdma/hca"] == requests["rdma/hca"] == "1" and limits["nvidia.com/gpu"] == "1"
+    h.wait(lambda: h.status().get("state") == "Running", "the gang never ran")
+
+
+def test_a_job_the_apiserver_refuses_fails_the_run_with_its_words_and_a_fix_starts_it(harness: Harness):
+    """What only the apiserver checks (here a volume with two sources in spec.podTemplate) is found by a dry run of
+    the Job before the attempt is recorded: the run is Failed quoting the apiserver, not retried forever."""
+    h = harness
+    overlay = {"spec": {"volumes": [{"name": "scratch", "emptyDir": {}, "hostPath": {"path": "/scratch"}}]}}
+    h.create(h.manifest(podTemplate=overlay))
+    h.wait_state("Failed")
+    failed = h.condition("Failed")
+    assert failed["reason"] == "InvalidSpec", failed
+    assert "the apiserver refuses the attempt's Job" in failed["message"] and "spec.podTemplate" in failed["message"]
+    assert "volumes[" in failed["message"], failed  # the apiserver's own words name the field
+    assert h.jobs() == [] and h.status().get("attempt", 0) == 0
+    h.patch_spec({"podTemplate": {"spec": {"volumes": [{"name": "scratch", "emptyDir": {}}]}}})
+    h.wait(lambda: h.jobs() == ["quickstart-a1"], "the fixed manifest did not start")

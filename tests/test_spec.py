@@ -94,7 +94,7 @@ MALFORMED = [
     (mutate("spec.phases[0].tokens", 0), "spec.phases[0].tokens", "at least 1"),
     (mutate("spec.phases[0].tokens", True), "spec.phases[0].tokens", "boolean"),
     (mutate("spec.phases[0].name", DELETE), "spec.phases[0].name", "required"),
-    (mutate("spec.phases[1].name", "core"), "spec.phases[1].name", "duplicate phase name"),
+    (mutate("spec.phases[1].name", "core"), "spec.phases[1].name", "duplicate name 'core': spec.phases[0] has"),
     (mutate("spec.phases[0].batch.ramp[1].size", "4Ki"), "spec.phases[0].batch.ramp[1].size", "must increase"),
     (mutate("spec.phases[0].batch.ramp[1].tokens", 0), "spec.phases[0].batch.ramp[1].tokens", "increasing token order"),
     (mutate("spec.phases[0].batch.ramp[0].tokens", 10), "spec.phases[0].batch.ramp[0].tokens", "must be at tokens 0"),
@@ -274,6 +274,16 @@ def test_every_problem_is_reported_not_just_the_first():
     manifest["spec"]["bogus"] = 1
     paths = {p.path for p in validate_manifest(manifest)}
     assert {"spec.phases[1].seqLen", "spec.phases[2].data.weights", "spec.model.kvHeads", "spec.bogus"} <= paths
+
+
+def test_a_duplicate_phase_name_is_reported_with_the_other_problems():
+    """Phases are a list keyed by name (the CRD's list-map): a repeated name is reported, and the phases are still
+    resolved, so their own problems are reported too (not only the first problem the reader found)."""
+    manifest = base_manifest()
+    manifest["spec"]["phases"][2]["name"] = "core"
+    manifest["spec"]["phases"][1]["seqLen"] = 1001
+    paths = [p.path for p in validate_manifest(manifest)]
+    assert paths[:2] == ["spec.phases[2].name", "spec.phases[1].seqLen"]
 
 
 def test_problem_messages_carry_a_fix():

@@ -6,6 +6,11 @@ problem with its field path instead of stopping at the first; the same metadata 
 the reference docs, so each concept is described once.
 
 Manifest keys are the camelCase form of the attribute names (``seq_len`` -> ``seqLen``), as in Kubernetes.
+
+A list field with ``map_keys`` is a Kubernetes list-map (phases by name, env vars by name): the reader refuses two
+items with the same key, as the apiserver does for the CRD's ``x-kubernetes-list-type: map``. A class may name
+fields that belong elsewhere in ``_fields_set_elsewhere`` (``{"nodeSelector": "spec.scheduling.nodeSelector"}``),
+so an unknown-field problem says where to write them.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ import typing
 from dataclasses import MISSING, dataclass
 from typing import Any, Literal
 
-from .quantities import QuantityError, parse_count, parse_duration, parse_float
+from .quantities import QuantityError, parse_count, parse_duration, parse_float, parse_resource_quantity
 
 COUNT = "count"  # an integer that may be written with a suffix: 2T, 252M, 4Mi
 DURATION = "duration"  # whole seconds, written as 900 or "15m", "1h30m"
+QUANTITY = "quantity"  # a Kubernetes resource quantity (1, "500m", "64Gi"), kept as the string a pod spec carries
 
 
 @dataclass(frozen=True)
@@ -56,14 +62,19 @@ def spec_field(
     maximum: float | None = None,
     exclusive_minimum: bool = False,
     default_factory: Any = MISSING,
+    map_keys: tuple[str, ...] | None = None,
 ) -> Any:
-    """A manifest field with its documentation and the constraints the schema can state."""
+    """A manifest field with its documentation and the constraints the schema can state.
+
+    ``map_keys``: a list whose items are unique by these (required, string) fields: a Kubernetes list-map.
+    """
     metadata = {
         "doc": doc,
         "kind": kind,
         "minimum": minimum,
         "maximum": maximum,
         "exclusive_minimum": exclusive_minimum,
+        "map_keys": map_keys,
     }
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
@@ -74,6 +85,11 @@ def camel(name: str) -> str:
     """``seq_len`` -> ``seqLen``."""
     head, *rest = name.split("_")
     return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def _snake(key: str) -> str:
+    """``mountPath`` -> ``mount_path`` (the inverse of :func:`camel`)."""
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in key)
 
 
 def explicit_fields(obj: Any) -> frozenset[str]:
@@ -112,10 +128,13 @@ class Reader:
             return None
         hints = typing.get_type_hints(cls)
         fields = {camel(f.name): f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+        elsewhere = getattr(cls, "_fields_set_elsewhere", {})
         for key in raw:
             if key not in fields:
                 close = difflib.get_close_matches(str(key), list(fields), n=1)
                 fix = f"did you mean '{close[0]}'?" if close else f"allowed fields: {', '.join(sorted(fields))}"
+                if key in elsewhere:
+                    fix = f"set it as {elsewhere[key]}"
                 self.problem(f"{path}.{key}", "unknown field", fix)
         values: dict[str, Any] = {}
         explicit: set[str] = set()
@@ -161,7 +180,11 @@ class Reader:
                 return _INVALID
             (item_tp, *_) = typing.get_args(tp)
             items = [self.value(item_tp, item, f"{path}[{i}]", metadata) for i, item in enumerate(raw)]
-            return _INVALID if any(i is _INVALID for i in items) else tuple(items)
+            if any(i is _INVALID for i in items):
+                return _INVALID
+            if metadata.get("map_keys") and not self._check_map_keys(items, metadata["map_keys"], path):
+                return _INVALID
+            return tuple(items)
         if origin is dict:
             if not isinstance(raw, dict):
                 self.problem(path, f"expected a mapping, got {_describe(raw)}")
@@ -176,6 +199,35 @@ class Reader:
             return _INVALID if any(i is _INVALID for i in mapping.values()) else mapping
         return self.scalar(tp, raw, path, metadata)
 
+    def _check_map_keys(self, items: list, keys: tuple[str, ...], path: str) -> bool:
+        """Records a problem for each list-map item that repeats an earlier item's keys; False only when a
+        free-form item lacks its keys. Duplicates keep the list readable, so the checks after reading still
+        report their own problems."""
+        seen: dict[tuple, int] = {}
+        complete = True
+        for index, item in enumerate(items):
+            if isinstance(item, dict):  # a free-form Kubernetes item (a volume): its key fields are checked here
+                values = tuple(item.get(key) for key in keys)
+                missing = [(k, v) for k, v in zip(keys, values, strict=True) if not isinstance(v, str) or not v]
+                for key, value in missing:
+                    what = "required field is missing" if value is None else f"expected a name, got {_describe(value)}"
+                    self.problem(f"{path}[{index}].{key}", what, f"give each item a {key}")
+                if missing:
+                    complete = False
+                    continue
+            else:  # a spec dataclass: its key fields are required, so the reader has them
+                values = tuple(getattr(item, _snake(key)) for key in keys)
+            if values in seen:
+                shown = ", ".join(f"{key} {value!r}" for key, value in zip(keys, values, strict=True))
+                self.problem(
+                    f"{path}[{index}].{keys[0]}",
+                    f"duplicate {shown}: {path.lstrip('.')}[{seen[values]}] has it too",
+                    f"give each item a unique {'/'.join(keys)}",
+                )
+            else:
+                seen[values] = index
+        return complete
+
     def scalar(self, tp: Any, raw: Any, path: str, metadata: Any) -> Any:
         kind = metadata.get("kind")
         if tp is Any:  # free-form (e.g. an operator-written status): taken as it is
@@ -189,6 +241,8 @@ class Reader:
                 value = parse_count(raw)
             elif tp is int and kind == DURATION:
                 value = parse_duration(raw)
+            elif tp is str and kind == QUANTITY:
+                value = parse_resource_quantity(raw)
             elif tp is int:
                 if isinstance(raw, bool) or not isinstance(raw, int):
                     raise QuantityError(f"expected an integer, got {_describe(raw)}")

@@ -124,6 +124,45 @@ def parse_duration(value: object) -> int:
     raise QuantityError(f"cannot read {value!r} as a duration; write e.g. '90s', '15m', '1h30m' or seconds as a number")
 
 
+# A Kubernetes resource quantity (resource.Quantity) as a string: a non-negative decimal with an optional SI suffix
+# (m, k, M, G, T, P, E), binary suffix (Ki ... Ei) or exponent, e.g. '1', '500m', '64Gi', '1e3'. The CRD states it
+# for the string form of extra container resources (operator/crd.py); an integer is a quantity as it is.
+RESOURCE_QUANTITY_PATTERN = r"^(\+)?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[mkMGTPE]|[eE][+-]?[0-9]+)?$"
+_RESOURCE_QUANTITY = re.compile(RESOURCE_QUANTITY_PATTERN)
+
+
+def parse_resource_quantity(value: object) -> str:
+    """A Kubernetes resource quantity as the string a pod spec carries: ``1`` -> ``'1'``, ``'500m'`` as it is."""
+    if isinstance(value, float):  # the CRD takes an integer or a string, as Kubernetes does for quantities
+        raise QuantityError(f"expected a Kubernetes quantity, got the number {value}: quote it ('{value}') or use m")
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        kind = f"the boolean {str(value).lower()}" if isinstance(value, bool) else type(value).__name__
+        raise QuantityError(f"expected a Kubernetes quantity such as 1, '500m' or '64Gi', got {kind}")
+    text = str(value)
+    if not _RESOURCE_QUANTITY.match(text):
+        raise QuantityError(f"cannot read {value!r} as a Kubernetes quantity; write e.g. 1, '500m', '64Gi' or '1e3'")
+    return text
+
+
+_RESOURCE_SUFFIXES = {
+    "": Decimal(1),
+    "m": Decimal("0.001"),
+    **{s: Decimal(10) ** (3 * (i + 1)) for i, s in enumerate("kMGTPE")},
+    **{f"{s}i": Decimal(2) ** (10 * (i + 1)) for i, s in enumerate("KMGTPE")},
+}
+
+
+def resource_quantity_value(text: str) -> Decimal:
+    """The amount a (valid) resource quantity stands for: ``'1'``, ``'1000m'`` and ``'1e0'`` are all 1."""
+    match = _RESOURCE_QUANTITY.match(text)
+    if not match:
+        raise QuantityError(f"cannot read {text!r} as a Kubernetes quantity")
+    number, suffix = Decimal(match.group(2)), match.group(4) or ""
+    if suffix[:1] in ("e", "E"):
+        return number * Decimal(10) ** int(suffix[1:])
+    return number * _RESOURCE_SUFFIXES[suffix]
+
+
 def format_duration(seconds: float, style: Literal["exact", "approx"] = "exact") -> str:
     """A duration for people, in one of two styles.
 

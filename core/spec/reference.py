@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from .fields import COUNT, camel, is_required
+from .fields import COUNT, QUANTITY, camel, is_required
 from .presets import MODEL_DEFAULTS
 from .run import TrainingRun
 
@@ -34,6 +34,8 @@ def _type_text(tp, meta) -> str:
         return f"map of {_type_text(typing.get_args(tp)[1], meta)}"
     if tp is int and meta.get("kind") == COUNT:
         return "count"
+    if tp is str and meta.get("kind") == QUANTITY:
+        return "Kubernetes quantity"
     return {int: "integer", float: "number", str: "string", bool: "boolean"}.get(tp, "any")
 
 

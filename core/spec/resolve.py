@@ -93,18 +93,12 @@ def resolve_phases(run: TrainingRun, model: ModelSpec, problems: list[Problem], 
     resolved: list[ResolvedPhase] = []
     start = 0
     prev: ResolvedPhase | None = None
-    names: set[str] = set()
     failed = False
     for index, phase in enumerate(spec.phases):
         path = f"spec.phases[{index}]"
         if failed and prev is None:
             break  # every later phase inherits from the broken first one: their problems would only echo it
-        if phase.name in names:
-            problems.append(
-                Problem(f"{path}.name", f"duplicate phase name {phase.name!r}", "give each phase a unique name")
-            )
-        names.add(phase.name)
-        ok = True
+        ok = True  # (unique phase names: the reader checks spec.phases, a list keyed by name)
 
         seq_len = phase.seq_len if phase.seq_len is not None else (prev.seq_len if prev else None)
         if seq_len is None:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from .fields import COUNT, DURATION, spec_field
 from .model import ModelSpec
+from .pod_template import PodTemplateSpec
 
 API_GROUP = "stagerun.io"
 API_VERSION = f"{API_GROUP}/v1alpha1"
@@ -301,7 +302,7 @@ class RunSpec:
     model: ModelSpec = spec_field(doc="model architecture: a preset and/or explicit fields")
     tokenizer: TokenizerSpec = spec_field(doc="tokenizer: a file, or train one on the sources")
     data: DataSpec = spec_field(doc="data sources and their default weights")
-    phases: tuple[PhaseSpec, ...] = spec_field(doc="training phases, run in order")
+    phases: tuple[PhaseSpec, ...] = spec_field(doc="training phases, run in order", map_keys=("name",))
     parallelism: ParallelismSpec = spec_field(default_factory=ParallelismSpec, doc="how ranks split the model")
     resources: ResourcesSpec = spec_field(default_factory=ResourcesSpec, doc="pods, GPUs and processes")
     checkpoint: CheckpointSpec = spec_field(default_factory=CheckpointSpec, doc="where and how often to checkpoint")
@@ -309,6 +310,11 @@ class RunSpec:
     metrics: MetricsSpec = spec_field(default_factory=MetricsSpec, doc="Prometheus metrics of the trainer")
     image: str | None = spec_field(None, doc="container image of the trainer pods (required on Kubernetes)")
     scheduling: SchedulingSpec = spec_field(default_factory=SchedulingSpec, doc="where and how the pods are placed")
+    pod_template: PodTemplateSpec | None = spec_field(
+        None,
+        doc="additions to every trainer pod, all phases (labels, env, volumes, extra resources, security context): "
+        "see docs/operator.md",
+    )
     queue_name: str | None = spec_field(None, doc="Kueue LocalQueue: sets kueue.x-k8s.io/queue-name on the Jobs")
     suspend: bool = spec_field(False, doc="true: checkpoint, stop the pods and free the GPUs; false: resume")
     max_restarts: int = spec_field(10, doc="relaunches after failures before the run is Failed", minimum=0)

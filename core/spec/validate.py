@@ -7,6 +7,7 @@ import re
 from ..layout import BatchSplitError, LayoutError, ParallelLayout
 from .fields import Problem, explicit_fields
 from .model import ModelSpec, resolved_value
+from .pod_template import check_pod_template
 from .presets import PRESETS, REQUIRED_WITHOUT_PRESET
 from .resolve import ResolvedPhase, check_weights_sum
 from .run import API_VERSION, KIND, TrainingRun
@@ -50,6 +51,11 @@ def check_run(run: TrainingRun, problems: list[Problem]) -> None:
     for index, phase in enumerate(spec.phases):
         if phase.resources is not None:
             _check_resources(phase.resources, f"spec.phases[{index}].resources", problems)
+    gpu_resources = {spec.resources.gpu_resource} | {
+        p.resources.gpu_resource for p in spec.phases if p.resources is not None
+    }
+    checkpoint_mount = spec.checkpoint.path if spec.checkpoint.volume_claim else None
+    check_pod_template(spec.pod_template, problems, gpu_resources=gpu_resources, checkpoint_mount=checkpoint_mount)
 
 
 def check_model_fields(model: ModelSpec, problems: list[Problem]) -> bool:
