@@ -5,6 +5,8 @@
 
 --resume  loads CheckpointManager(DIR).latest() first; with --dump the loaded state is written to
           DUMPDIR/loaded-w{N}.pt (rank 0) so the test can compare it with what was saved.
+--resume-intact  as --resume, but as the trainer resumes: rank 0's listing for every rank, the newest intact
+          checkpoint, damaged ones de-committed (checkpoint_resume.load_newest_intact).
 --save-at saves at those steps; with --dump, DUMPDIR/saved-{step}-w{N}.pt holds the state just saved.
 --losses  rank 0 writes {step: global mean loss} as JSON.
 --async   saves with CheckpointManager.save_async: training goes on while the files are written; --slow-write makes
@@ -32,6 +34,7 @@ from torch.distributed.tensor import DTensor
 
 import stagerun.trainer.checkpoint as checkpoint_module
 from stagerun.trainer.checkpoint import CheckpointManager, ModelOptimizerState
+from stagerun.trainer.checkpoint_resume import agreed_candidates, load_newest_intact
 
 GLOBAL_BATCH, D_IN, D_HID, D_OUT = 8, 16, 32, 5  # D_OUT=5: uneven shards over 2 and 4 ranks, on purpose
 
@@ -72,7 +75,7 @@ def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
 
 def patch_writes(slow: float, kill_rank: int | None) -> None:
     """Make every shard write slower and/or kill one rank right after its shard is on disk."""
-    base = checkpoint_module.FsspecWriter
+    base = checkpoint_module.ChecksumWriter  # the writer CheckpointManager uses (it hashes what it writes)
 
     class FaultyWriter(base):  # type: ignore[misc,valid-type]
         def write_data(self, plan, planner):
@@ -83,7 +86,7 @@ def patch_writes(slow: float, kill_rank: int | None) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             return written
 
-    checkpoint_module.FsspecWriter = FaultyWriter
+    checkpoint_module.ChecksumWriter = FaultyWriter
 
 
 def main() -> None:
@@ -92,6 +95,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--save-at", default="")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--resume-intact", action="store_true")
     ap.add_argument("--dump")
     ap.add_argument("--losses")
     ap.add_argument("--async", dest="async_save", action="store_true")
@@ -111,10 +115,13 @@ def main() -> None:
         patch_writes(args.slow_write, args.kill_during_write)
 
     start = 0
-    if args.resume:
-        info = mgr.latest()
-        assert info is not None, f"no committed checkpoint under {args.dir}"
-        meta = mgr.load(info, app_state)
+    if args.resume or args.resume_intact:
+        if args.resume_intact:
+            info, meta = load_newest_intact(mgr, app_state, agreed_candidates(mgr))
+        else:
+            info = mgr.latest()
+            assert info is not None, f"no committed checkpoint under {args.dir}"
+            meta = mgr.load(info, app_state)
         start = meta["step"]
         if args.dump:
             state = full_state(model, opt)
@@ -146,8 +153,8 @@ def main() -> None:
     info = mgr.wait()  # the async save still in flight commits before the gang ends
     if info is not None and rank == 0:
         print(f"async step {info.step} committed after {mgr.last_save_seconds:.3f} s", flush=True)
-    if args.resume and rank == 0:
-        print(f"load: {mgr.last_load_seconds:.3f} s", flush=True)
+    if (args.resume or args.resume_intact) and rank == 0:
+        print(f"load: {mgr.last_load_seconds:.3f} s from step {start}", flush=True)
     if args.losses and rank == 0:
         with open(args.losses, "w") as f:
             json.dump(losses, f)

@@ -14,8 +14,13 @@ from pathlib import Path
 
 from stagerun.core.spec import SpecError, load_run
 
+_PARENT = os.getppid()  # as early as possible: the parent the worker must not outlive
+
 
 def main(argv: list[str] | None = None) -> int:
+    from .gang_life import die_with_parent
+
+    die_with_parent(parent=_PARENT)  # torchrun killed (it was, if `stagerun run` was): this worker stops too
     parser = argparse.ArgumentParser(prog="python -m stagerun.trainer")
     parser.add_argument("--manifest", required=True, help="TrainingRun manifest (YAML)")
     parser.add_argument("--run-dir", required=True, type=Path, help="prepared data, metrics and status live here")

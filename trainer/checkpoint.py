@@ -5,7 +5,8 @@ Layout under the manager's URL (local path, PVC, ``memory://``, ``s3://``, ``gs:
     step-00000123/
         __0_0.distcp, __1_0.distcp, .metadata   DCP shards + index (model and optimizer, any sharding)
         meta.json                                global state: tokens, phase, loader state, RNG, ... (rank 0)
-        COMMITTED                                written LAST; its presence is what makes the folder a checkpoint
+        COMMITTED                                written LAST; its presence is what makes the folder a checkpoint;
+                                                 it records every file's sha256 and size (checkpoint_checksums.py)
 
 A crash at any point before ``COMMITTED`` exists leaves a folder that :meth:`CheckpointManager.committed`
 ignores, so a run always resumes from a complete checkpoint. An async save (:meth:`CheckpointManager.save_async`)
@@ -13,19 +14,23 @@ copies the state to (pinned) host memory, returns, and writes and commits it in 
 (checkpoint_async.py); the marker still comes last. Loading goes through DCP's resharding, so the world size (and
 the FSDP sharding) may differ between save and load.
 
-This module is what a checkpoint is: its folder, ``meta.json`` and marker, listing, loading and retention.
+Loading verifies the files against the marker's digests first; a damaged checkpoint raises ChecksumError, and
+checkpoint_resume.py falls back to the previous one. Retention lives in checkpoint_retention.py.
+
+This module is what a checkpoint is: its folder, ``meta.json`` and marker, saving, listing and loading.
 Without an initialised process group everything runs as rank 0 of 1 (DCP's no-dist mode; barriers vanish,
 checkpoint_ranks.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -43,8 +48,10 @@ from torch.distributed.checkpoint.stateful import Stateful
 from stagerun.core import storage
 
 from .checkpoint_async import AsyncSaves
+from .checkpoint_checksums import ALGORITHM, ChecksumWriter, digest_of, gather_digests, verify_files
 from .checkpoint_ranks import dist_on, on_rank0, rank, single_process_ok, world
-from .compat import FsspecReader, FsspecWriter
+from .checkpoint_retention import apply_retention, disk_full_error, is_disk_full
+from .compat import FsspecReader
 
 __all__ = ["CheckpointInfo", "CheckpointManager", "ModelOptimizerState", "MARKER", "META"]
 
@@ -52,7 +59,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMMITTED"
 META = "meta.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+_STEP_DIR = re.compile(r"^step-(\d+)$")  # also checkpoint_retention.py's
 
 
 @dataclass(frozen=True)
@@ -117,13 +124,16 @@ class CheckpointManager:
         # after meta.json too). Tests install faults here to reproduce "a pod died mid-save".
         self.before_commit: list[Callable[[int], None]] = []
         self._async = AsyncSaves()  # the async save in flight, if any, and what async saves reuse
+        # Kept by retention whatever ``keep`` says: the newest checkpoint a gang resumed and stepped from
+        # (checkpoint_resume.py sets it).
+        self.protected_steps: set[int] = set()
 
     def _folder(self, step: int) -> str:
         return storage.join(self.root, f"step-{step:08d}")
 
-    def _writer(self, folder: str) -> FsspecWriter:
+    def _writer(self, folder: str) -> ChecksumWriter:
         # overwrite=False: _begin() emptied the folder, so an existing .metadata would mean a concurrent writer.
-        return FsspecWriter(storage.to_url(self.fs, folder), overwrite=False, **self.storage_options)
+        return ChecksumWriter(storage.to_url(self.fs, folder), overwrite=False, **self.storage_options)
 
     # ---- listing
 
@@ -184,9 +194,10 @@ class CheckpointManager:
         start = time.perf_counter()
         self.wait()  # an async save still in flight commits (or fails) first: one save at a time
         meta_bytes, folder = self._begin(step, meta)
-        with single_process_ok():  # collective; ends with .metadata
-            dcp.save(app_state, storage_writer=self._writer(folder), no_dist=not dist_on())
-        info = self._commit(step, folder, meta, meta_bytes, phase_boundary, None)
+        writer = self._writer(folder)
+        with self._disk_full_explained(step), single_process_ok():  # collective; ends with .metadata
+            dcp.save(app_state, storage_writer=writer, no_dist=not dist_on())
+            info = self._commit(step, folder, meta, meta_bytes, phase_boundary, None, writer)
         self.last_save_seconds = self.last_stall_seconds = time.perf_counter() - start
         self._log_commit(info)
         return info
@@ -204,27 +215,30 @@ class CheckpointManager:
         start = time.perf_counter()
         previous = self.wait()
         meta_bytes, folder = self._begin(step, meta)
+        writer = self._writer(folder)
 
         def commit(group: dist.ProcessGroup | None) -> CheckpointInfo:  # in the background thread
-            info = self._commit(step, folder, meta, meta_bytes, phase_boundary, group)
+            info = self._commit(step, folder, meta, meta_bytes, phase_boundary, group, writer)
             self.last_save_seconds = time.perf_counter() - start
             return info
 
-        self._async.start(step, app_state, self._writer(folder), pinned=pinned, commit=commit)
+        self._async.start(step, app_state, writer, pinned=pinned, commit=commit)
         self.last_stall_seconds = time.perf_counter() - start
         return previous
 
     def poll(self) -> CheckpointInfo | None:
         """The in-flight async save's info if it has committed since the last call (raising its error if it
         failed); None while it is still being written, or when there is none. Never blocks."""
-        return self._logged(self._async.poll())
+        with self._disk_full_explained(self._async.step):
+            return self._logged(self._async.poll())
 
     def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
         """Block until the in-flight async save is committed and return its info (None when there is none).
 
         With ``timeout`` (seconds) it gives up after that long: the save is abandoned (it writes no marker, so
         it is never loaded) and TimeoutError is raised. A failed save raises its error here, once."""
-        return self._logged(self._async.wait(timeout))
+        with self._disk_full_explained(self._async.step):
+            return self._logged(self._async.wait(timeout))
 
     def _begin(self, step: int, meta: dict[str, Any]) -> tuple[bytes, str]:
         """Validate ``meta`` and prepare an empty folder for ``step`` (collective); returns meta.json's bytes."""
@@ -266,8 +280,12 @@ class CheckpointManager:
         meta_bytes: bytes,
         phase_boundary: bool,
         group: dist.ProcessGroup | None,
+        writer: ChecksumWriter,
     ) -> CheckpointInfo:
-        """After DCP's save returned on this rank: hooks, then rank 0 writes meta.json and the marker (collective)."""
+        """After DCP's save returned on this rank: hooks, then rank 0 writes meta.json and the marker (collective).
+
+        The marker records every file's digest, as each rank computed it while writing (checkpoint_checksums.py)."""
+        files = gather_digests(writer.digests, group)
 
         def commit() -> tuple[dict[str, Any], int]:
             self.fs.pipe_file(storage.join(folder, META), meta_bytes)
@@ -283,6 +301,8 @@ class CheckpointManager:
                 "savedAt": datetime.now(UTC).isoformat(timespec="seconds"),
                 "worldSize": world(),
                 "bytes": nbytes,
+                "checksum": ALGORITHM,
+                "files": {**files, META: digest_of(meta_bytes)},
             }
             storage.write_bytes_atomic(self.fs, storage.join(folder, MARKER), json.dumps(marker, indent=1).encode())
             return marker, nbytes
@@ -349,6 +369,11 @@ class CheckpointManager:
             )
         if check_meta is not None:
             check_meta(meta)
+        files = marker.get("files")
+        if files:  # before any tensor is read: a damaged file is named instead of loading garbage
+            verify_files(self.fs, folder, files)
+        else:
+            log.warning("checkpoint %s predates checksums (no file digests in its %s): loaded unverified", url, MARKER)
         with single_process_ok():
             dcp.load(app_state, storage_reader=FsspecReader(url, **self.storage_options), no_dist=not dist_on())
         self.last_load_seconds = time.perf_counter() - start
@@ -364,31 +389,19 @@ class CheckpointManager:
     # ---- retention
 
     def apply_retention(self) -> list[str]:
-        """Delete what retention no longer needs; returns the deleted folders' URLs.
+        """Delete what retention no longer needs (rank 0 only; [] elsewhere); see checkpoint_retention.py.
 
-        Call it after :meth:`save`. Only rank 0 deletes (concurrent deleters would race); elsewhere it returns [].
+        :attr:`protected_steps` are kept whatever ``keep`` says."""
+        return apply_retention(self, self.protected_steps)
 
-        Kept: the newest ``keep`` committed checkpoints, every phase boundary, and uncommitted folders newer than
-        the newest committed one (possibly a save in flight). Deleted: everything else committed, and
-        uncommitted leftovers older than the newest committed checkpoint.
-        """
-        if rank() != 0:
-            return []
-        infos = self.committed()
-        if not infos:
-            return []
-        newest = infos[-1].step
-        keep = {i.step for i in infos[-self.keep :]} | {i.step for i in infos if i.phase_boundary} | {newest}
-        doomed = [self._folder(i.step) for i in infos if i.step not in keep]
-        committed_steps = {i.step for i in infos}
-        for name in storage.list_subdirs(self.fs, self.root):
-            m = _STEP_DIR.match(name)
-            if m and int(m.group(1)) not in committed_steps and int(m.group(1)) < newest:
-                doomed.append(storage.join(self.root, name))
-        deleted = []
-        for folder in sorted(doomed):
-            storage.delete_folder_marker_first(self.fs, folder, MARKER)
-            deleted.append(storage.to_url(self.fs, folder))
-        if deleted:
-            log.info("checkpoint retention deleted %s", ", ".join(deleted))
-        return deleted
+    # ---- disk full
+
+    @contextlib.contextmanager
+    def _disk_full_explained(self, step: int | None) -> Iterator[None]:
+        """A save that fails for lack of space says how much is needed (checkpoint_retention.py)."""
+        try:
+            yield
+        except Exception as e:
+            if is_disk_full(e):
+                raise disk_full_error(self, step) from e
+            raise

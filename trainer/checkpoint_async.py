@@ -34,6 +34,7 @@ class AsyncSaves:
 
     def __init__(self) -> None:
         self._in_flight: Future[CheckpointInfo] | None = None  # the async save being written, if any
+        self.step: int | None = None  # its step (for error messages)
         self._abandon = threading.Event()  # set: the in-flight save must not write its marker
         self._group: dist.ProcessGroup | None = None  # gloo group of async saves' background collectives
         self._stager: Any = None  # async saves' host-memory stager, reused where torch allows (compat.py)
@@ -65,6 +66,7 @@ class AsyncSaves:
             )
         assert isinstance(upload, Future)  # synchronous staging: no separate staging future
         self._abandon.clear()
+        self.step = step
         done: Future[CheckpointInfo] = Future()
 
         def finish() -> None:  # the background thread: every rank's upload, then the marker

@@ -3,6 +3,9 @@
 The runner validates the manifest before any process starts, prepares the tokenizer and token shards once, then
 starts a torchrun gang for the phase the newest checkpoint points at. When the gang reports that the next phase
 needs another topology it starts a new gang; when it was stopped (Ctrl-C, SIGTERM) it says how to resume.
+
+One gang per run: the run lock (run_lock.py) is taken before anything is prepared, so a second `stagerun run` of
+the same run fails at once naming the holder; torchrun inherits the lock and dies with this process (gang_life.py).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,9 +22,12 @@ from stagerun.core.plan import phase_at
 from stagerun.core.protocol import GangState, PodEnv, PreparedData, RunStatus
 from stagerun.core.spec import ResolvedRun
 
+from .gang_life import descendants, die_with_parent, stop_tree
+from .run_lock import HELD_ENV, RunLocked, acquire
 from .telemetry import read_status
 
 EXIT_STOPPED = 130  # the shell convention for "interrupted": rerun the command to resume
+ABORT_WAIT_SECONDS = 30.0  # a second Ctrl-C waits this long for the workers' checkpoint, then kills them
 
 
 def default_run_dir(run: ResolvedRun) -> Path:
@@ -85,10 +92,24 @@ def run_local(
     max_source_bytes: int | None = None,
     metrics_port: int | None = None,
 ) -> int:
-    from .checkpoint import CheckpointManager
     from .train import checkpoint_url
 
     run_dir = Path(run_dir or default_run_dir(run))
+    try:  # before anything is written: a second run of the same run must not touch its files
+        lock = acquire(checkpoint_url(run, run_dir), on_lost=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    except RunLocked as exc:
+        print(f"{run.name}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _run_locked(run, manifest, lock, nproc, run_dir, max_restarts, max_source_bytes, metrics_port)
+    finally:
+        lock.release()
+
+
+def _run_locked(run, manifest, lock, nproc, run_dir, max_restarts, max_source_bytes, metrics_port) -> int:
+    from .checkpoint import CheckpointManager
+    from .train import checkpoint_url
+
     if run.model.init is not None:  # a shape mismatch with the released weights is reported before anything starts
         from .hf.load import check_hf_folder
 
@@ -108,11 +129,13 @@ def run_local(
         print(f"{run.name}: phase {phase.name}, {world} worker process(es), {where}", flush=True)
         status_file = run_dir / RunStatus.FILE
         status_file.unlink(missing_ok=True)
-        code = _run_gang(
-            torchrun_command(manifest, run_dir, world, nproc, max_restarts), worker_env(run, world, metrics_port)
-        )
+        env = {**worker_env(run, world, metrics_port), HELD_ENV: lock.holder["owner"]}
+        code = _run_gang(torchrun_command(manifest, run_dir, world, nproc, max_restarts), env, lock.fd)
         status = read_status(run_dir)
         stopped = status is not None and status.state == GangState.STOPPED  # torchrun exits non-zero on Ctrl-C
+        if status is not None and status.state == GangState.FAILED:  # rerunning cannot help: say what can
+            print(f"{run.name}: workers failed: {status.message}", file=sys.stderr)
+            return code or 1
         if status is None or (code != 0 and not stopped):
             newest = manager.latest()
             resume = f"step {newest.step}" if newest else "the start (no checkpoint was committed)"
@@ -139,27 +162,49 @@ def run_local(
         raise RuntimeError(f"unknown run state {asdict(status)}")
 
 
-def _run_gang(cmd: list[str], env: dict[str, str]) -> int:
-    """Run torchrun; on Ctrl-C let the workers checkpoint (they got the signal too) instead of dying with them."""
-    process = subprocess.Popen(cmd, env=env)
+def _run_gang(cmd: list[str], env: dict[str, str], lock_fd: int | None = None) -> int:
+    """Run torchrun; on Ctrl-C let the workers checkpoint (they got the signal too) instead of dying with them.
+
+    A second Ctrl-C waits (at most ABORT_WAIT_SECONDS) for the checkpoint to commit, then kills the gang and waits
+    until every worker is gone: the prompt never returns while workers still write. A third kills at once.
+    torchrun gets SIGTERM if this process dies (even by kill -9), and inherits the run lock's descriptor."""
+    parent = os.getpid()
+    process = subprocess.Popen(
+        cmd,
+        env=env,
+        pass_fds=(lock_fd,) if lock_fd is not None else (),
+        preexec_fn=lambda: die_with_parent(signal.SIGTERM, parent),  # noqa: PLW1509 - no threads run yet here
+    )
     interrupts = 0
+    abort_by: float | None = None
 
     def on_interrupt(signum, frame):
-        nonlocal interrupts
+        nonlocal interrupts, abort_by
         interrupts += 1
         if interrupts == 1:
-            print(
-                "\nstopping after the current step and a checkpoint (Ctrl-C again to abort at once)",
-                file=sys.stderr,
-                flush=True,
-            )
+            message = "stopping after the current step and a checkpoint (Ctrl-C again to abort)"
+        elif interrupts == 2:
+            abort_by = time.monotonic() + ABORT_WAIT_SECONDS
+            message = f"aborting: waiting up to {ABORT_WAIT_SECONDS:.0f} s for the checkpoint (Ctrl-C to kill now)"
         else:
-            process.kill()
+            abort_by = time.monotonic()
+            message = "killing the workers"
+        print(f"\n{message}", file=sys.stderr, flush=True)
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
     previous_term = signal.signal(signal.SIGTERM, lambda s, f: process.send_signal(signal.SIGTERM))
     try:
-        return process.wait()
+        while True:
+            try:
+                return process.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                if abort_by is not None and time.monotonic() >= abort_by:
+                    tree = descendants(process.pid)
+                    left = stop_tree([process.pid, *tree])
+                    process.wait()
+                    if left:
+                        print(f"workers {left} did not stop; kill them by hand", file=sys.stderr)
+                    return process.returncode
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -16,15 +17,19 @@ from stagerun.core.plan import phase_at
 from stagerun.core.protocol import GangState, PodEnv, PreparedData, RunStatus
 from stagerun.core.spec import ModelSpec, ResolvedRun
 from stagerun.core.spec.run import TrainingSpec
+from stagerun.core.storage import is_url
 
 from . import distributed as D
 from .callbacks import reload_manifest, standard_callbacks
 from .checkpoint import CheckpointInfo, CheckpointManager
+from .checkpoint_resume import NoIntactCheckpoint, agreed_candidates, refuse_scratch_after_damage
+from .checkpoint_retention import is_disk_full
 from .data.loader import PackedMixLoader
 from .data.shards import TokenShards
 from .distill import Teachers
 from .exporter import start_exporter
 from .model import Transformer, init_weights
+from .run_lock import HELD_ENV, LEASE_TTL_SECONDS, RunLock, acquire
 from .step import build_optimizer
 from .telemetry import write_status
 from .trainer import Trainer, load_extensions
@@ -102,9 +107,43 @@ def _exit_before_start(run: ResolvedRun, latest: CheckpointInfo | None) -> RunSt
 
 
 def train(run: ResolvedRun, run_dir: Path, manifest: Path | None = None, world_size: int | None = None) -> RunStatus:
-    run_dir = Path(run_dir)
+    """Train this gang's part of the run; a failure no rerun can fix (every checkpoint damaged, a full disk) is
+    also written to the status file, so `stagerun run` prints it instead of "run the same command again"."""
+    lock = _lock_if_unheld(run, Path(run_dir))
+    try:
+        return _train(run, Path(run_dir), manifest, world_size)
+    except (NoIntactCheckpoint, OSError) as exc:
+        if isinstance(exc, NoIntactCheckpoint) or is_disk_full(exc):
+            if D.global_rank() == 0:
+                write_status(Path(run_dir), RunStatus(GangState.FAILED, 0, 0, 0, "", None, str(exc)))
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_if_unheld(run: ResolvedRun, run_dir: Path) -> RunLock | None:
+    """Rank 0 takes the run lock when no parent holds it for the gang (operator pods, a bare torchrun). A lease a
+    dead attempt left is waited out (it expires); another live holder fails the gang with its name."""
+    if os.environ.get(HELD_ENV) or D.global_rank() != 0:
+        return None
+    url = checkpoint_url(run, run_dir)
+    wait = LEASE_TTL_SECONDS + 10 if is_url(url) else 0.0
+    return acquire(url, wait_seconds=wait, on_lost=lambda: os.kill(os.getpid(), signal.SIGTERM))
+
+
+def _relaunch_for(run: ResolvedRun, info: CheckpointInfo, phase) -> RunStatus | None:
+    """RELAUNCH when ``info`` (what rank 0 chose, or a fallback) lies in a phase of another topology than ``phase``."""
+    other = phase_at(run, info.tokens)
+    if other is None or other.topology == phase.topology:
+        return None
+    message = f"checkpoint {info.path} is in phase {other.name}, which needs another topology than this gang's"
+    return RunStatus(GangState.RELAUNCH, info.step, info.tokens, other.index, other.name, info.path, message)
+
+
+def _train(run: ResolvedRun, run_dir: Path, manifest: Path | None, world_size: int | None) -> RunStatus:
     manager = CheckpointManager(checkpoint_url(run, run_dir), run.checkpoint.keep)
-    latest = manager.latest()
+    latest = manager.latest()  # this rank's own listing: only to shape the gang (rank 0's choice is used below)
     early = _exit_before_start(run, latest)
     if early is not None:
         if D.global_rank() == 0:
@@ -113,7 +152,13 @@ def train(run: ResolvedRun, run_dir: Path, manifest: Path | None = None, world_s
     phase = phase_at(run, latest.tokens if latest else 0)
     assert phase is not None  # _exit_before_start returned otherwise
     topo = D.init_topology(phase)
-    model = build_model(run.model, run.training, topo, load_init=latest is None)  # a checkpoint supersedes them
+    candidates = agreed_candidates(manager)  # every rank uses rank 0's listing, newest first
+    if not candidates:
+        refuse_scratch_after_damage(manager)
+    relaunch = _relaunch_for(run, candidates[0], phase) if candidates else None
+    if relaunch is not None:
+        return _end(run_dir, topo, relaunch)
+    model = build_model(run.model, run.training, topo, load_init=not candidates)  # a checkpoint supersedes them
     teachers = Teachers(
         run.model, lambda spec: build_model(spec, run.training, topo, for_training=False, load_init=False)
     )
@@ -125,10 +170,15 @@ def train(run: ResolvedRun, run_dir: Path, manifest: Path | None = None, world_s
     exporter = start_exporter(run, topo.rank, topo.local_rank, topo.world_size, topo.device.type)
     trainer.callbacks.extend(standard_callbacks(trainer, run_dir, exporter, manifest, world_size))
     load_extensions(trainer)
-    trainer.resume(latest)
-    status = trainer.fit()
+    loaded = trainer.resume(candidates[0] if candidates else None, candidates)
+    relaunch = _relaunch_for(run, loaded, phase) if loaded else None  # fell back into another phase's shape
+    status = relaunch or trainer.fit()
+    del model, optimizer, teachers, trainer, exporter
+    return _end(run_dir, topo, status)
+
+
+def _end(run_dir: Path, topo: D.Topology, status: RunStatus) -> RunStatus:
     if topo.is_main:
         write_status(run_dir, status)
-    del model, optimizer, teachers, trainer, exporter
     D.shutdown()
     return status

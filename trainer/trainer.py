@@ -33,6 +33,7 @@ from . import distributed as D
 from .batch import StepBatch
 from .callback_api import Callback, StepRecord, load_extensions
 from .checkpoint import CheckpointInfo, CheckpointManager, ModelOptimizerState
+from .checkpoint_resume import Resumption, agreed_candidates, load_newest_intact
 from .data.loader import PackedMixLoader
 from .distill import Teachers
 from .prefetch import Prefetcher
@@ -134,14 +135,31 @@ class Trainer:
         self.prefetch = prefetch
         self.prefetcher: Prefetcher | None = None  # the running loop's
         self.async_save = run.checkpoint.uses_async_save(topo.device.type == "cuda")
+        self.resumption: Resumption | None = None  # set by resume(): what the fallback rules need
         self._window = _Window(time.perf_counter())
 
-    def resume(self, latest: CheckpointInfo | None) -> None:
-        if latest is None:
+    def resume(
+        self, latest: CheckpointInfo | None, candidates: list[CheckpointInfo] | None = None
+    ) -> CheckpointInfo | None:
+        """Load the newest intact checkpoint (collective) and return it; None starts from step 0.
+
+        ``candidates``: rank 0's committed checkpoints, newest first (checkpoint_resume.agreed_candidates; listed
+        here when not given, from ``latest`` down). A damaged one is de-committed and the previous one loaded."""
+        if candidates is None:
+            candidates = [] if latest is None else agreed_candidates(self.manager)
+            candidates = [c for c in candidates if latest is not None and c.step <= latest.step]
+        if not candidates:
             if self.topo.is_main:
                 log.warning("no committed checkpoint under %s: starting from step 0", self.manager.url)
-            return
-        meta = self.manager.load(latest, self.app_state, check_meta=_same_model(self.model_fields, latest.path))
+            return None
+        fields = self.model_fields
+        info, meta = load_newest_intact(self.manager, self.app_state, candidates, lambda c: _same_model(fields, c.path))
+        self.resumption = Resumption(self.manager, candidates, info)
+        self._restore(info, meta)
+        return info
+
+    def _restore(self, latest: CheckpointInfo, meta: dict[str, Any]) -> None:
+        """The rest of a loaded checkpoint's state: loader position, RNG, counters; then the callbacks hear of it."""
         self.loader.load_state_dict(meta["loader"])
         _restore_rng(meta["rng"])
         self.step, self.tokens, self.last_checkpoint = latest.step, latest.tokens, latest.path
@@ -180,7 +198,12 @@ class Trainer:
                     running_phase = plan.phase.index
                     for callback in self.callbacks:
                         callback.on_phase_start(plan)
-                record = self._train_step(plan, prefetcher, stop)
+                try:
+                    record = self._train_step(plan, prefetcher, stop)
+                except FloatingPointError as error:
+                    self._fall_back(error, prefetcher)  # once, right after a resume; else it raises
+                    running_phase = None
+                    continue
                 for callback in self.callbacks:
                     callback.on_step(record)
                 if plan.ends_phase:
@@ -269,6 +292,8 @@ class Trainer:
         if not (self._scheduled_sync(plan) or self.stopping):
             return record
         self._check_finite()  # the one host sync of the step (the result caches what it read)
+        if self.resumption is not None:
+            self.resumption.stepped_finite()  # the resumed-from checkpoint trains: retention keeps it
         now = time.perf_counter()
         elapsed, self._window = now - window.started, _Window(now)
         return dataclasses.replace(
@@ -326,7 +351,37 @@ class Trainer:
             self._committed(previous)
         return None
 
+    def _fall_back(self, error: FloatingPointError, prefetcher: Prefetcher) -> None:
+        """A non-finite loss right after a resume: load an older checkpoint, once, and go on; else raise ``error``.
+
+        Every rank gets here on the same step (the loss is the global mean). What was committed after the target
+        descends from the suspect state and is de-committed (checkpoint_resume.py)."""
+        resumption = self.resumption
+        target = resumption.fallback_target() if resumption is not None else None
+        if resumption is None or target is None:
+            raise error
+        target_phase = phase_at(self.run, target.tokens)
+        assert self.plan is not None  # the step that diverged
+        if target_phase is None or target_phase.topology != self.plan.phase.topology:
+            raise error  # another gang shape: this gang cannot train it (the next run resumes from there)
+        self._settle_failed_save()  # an async save in flight commits (then is de-committed below) or is abandoned
+        suspect = resumption.loaded
+        reason = f"{error} (right after resuming from {suspect.path}); fell back to {target.path}"
+        if self.topo.is_main:
+            log.error("NON-FINITE LOSS RIGHT AFTER A RESUME: falling back once to %s: %s", target.path, error)
+        resumption.decommit_after(target, reason)
+        prefetcher.discard()  # drawn for a step of the abandoned timeline
+        older = [c for c in resumption.candidates if c.step <= target.step]
+        fields = self.model_fields
+        info, meta = load_newest_intact(self.manager, self.app_state, older, lambda c: _same_model(fields, c.path))
+        self.resumption = Resumption(self.manager, older, info)
+        self.resumption.fell_back = True
+        self._restore(info, meta)
+        self._window = _Window(time.perf_counter())
+
     def _committed(self, info: CheckpointInfo) -> None:
+        if self.resumption is not None:
+            self.resumption.committed = True
         self.last_checkpoint = info.path
         for callback in self.callbacks:
             callback.on_checkpoint(info, self.manager.last_save_seconds)
