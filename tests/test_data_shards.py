@@ -1,4 +1,4 @@
-"""Shard sets (stagerun-tokens/v1): round trip, dtype choice, atomic writes and a clear error for each defect."""
+"""Shard sets (stagerun-tokens/v2): round trip, dtype choice, atomic writes and a clear error for each defect."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def decoded_documents(tokenizer, shards: TokenShards) -> list[str]:
 def test_round_trip(tokenizer, tmp_path):
     manifest = write_shards(DOCS, tokenizer, tmp_path / "set", progress=False)
     shards = TokenShards.open(tmp_path / "set")
-    assert manifest["format"] == "stagerun-tokens/v1" and manifest["dtype"] == "uint16"
+    assert manifest["format"] == "stagerun-tokens/v2" and manifest["dtype"] == "uint16"
     assert shards.num_documents == len(DOCS) and shards.num_shards == 1
     assert shards.num_tokens == shards.doc_ends[-1] == manifest["numTokens"]
     assert shards.doc_ends.dtype == np.int64

@@ -93,7 +93,7 @@ def test_documents_in_order_and_same_tokens_as_write_shards(tokenizer_path, corp
     write_shards(expected, tokenizer, tmp_path / "reference", progress=False)
     assert same_set(shards, TokenShards.open(tmp_path / "reference"))
     manifest = result.manifest
-    assert manifest["format"] == "stagerun-tokens/v1" and manifest["dtype"] == "uint16"
+    assert manifest["format"] == "stagerun-tokens/v2" and manifest["dtype"] == "uint16"
     info = manifest["tokenize"]
     assert [i["numDocuments"] for i in info["inputs"]] == per_input
     assert [i["files"] for i in info["inputs"]] == [2, 5, 1]

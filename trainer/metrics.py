@@ -20,6 +20,8 @@ from prometheus_client.core import GaugeMetricFamily
 
 from stagerun.core.spec.model import ModelSpec, resolved_value
 
+from .data import remote_io
+
 log = logging.getLogger("stagerun.trainer.metrics")
 
 # name -> (help, unit note). The documented set; tests/test_metrics_prometheus.py checks each appears.
@@ -55,6 +57,13 @@ STEP_GAUGES = {
     "stagerun_checkpoint_load_seconds": "duration of the last checkpoint load",
     "stagerun_checkpoint_load_bytes": "size of the last checkpoint loaded",
     "stagerun_checkpoints_saved": "checkpoints saved by this process",
+}
+# Remote shard reads of this process (data/remote_io.py's counters, read at scrape time).
+DATA_GAUGES = {
+    "stagerun_data_read_requests": ("requests", "ranged reads of remote shard files issued by this process"),
+    "stagerun_data_fetched_bytes": ("bytes_fetched", "bytes of remote shard files fetched by this process"),
+    "stagerun_data_read_retries": ("retries", "remote shard reads retried after a transient error"),
+    "stagerun_data_cache_hit_bytes": ("cache_hit_bytes", "bytes served from the node-local shard chunk cache"),
 }
 SOURCE_GAUGE = ("stagerun_source_tokens_seen", "tokens trained on per data source since the run started")
 GPU_GAUGES = {
@@ -263,6 +272,12 @@ class TrainerMetrics:
             if name in values:
                 family = GaugeMetricFamily(name, help_text, labels=names)
                 family.add_metric(label_values, values[name])
+                yield family
+        stats = remote_io.STATS
+        if stats.requests or stats.cache_hit_bytes:  # absent for a run on local shards
+            for name, (attribute, help_text) in DATA_GAUGES.items():
+                family = GaugeMetricFamily(name, help_text, labels=names)
+                family.add_metric(label_values, float(getattr(stats, attribute)))
                 yield family
         if sources:
             family = GaugeMetricFamily(SOURCE_GAUGE[0], SOURCE_GAUGE[1], labels=names + ["source"])

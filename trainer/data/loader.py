@@ -5,12 +5,13 @@ The stream of *global* batches is a deterministic function of (seed, each source
 by one whole global batch per step and reads only its own slice. So a checkpoint taken with 2 ranks resumes with
 1 or 4 ranks on exactly the next tokens, and the state is tiny (a few integers per source).
 
-Per source, an infinite stream: epoch e is the source's documents (each with its EOS) in a permutation seeded by
-(data seed, crc32 of the source name, e), concatenated. Stream position p lies in epoch p // num_tokens. A
-sequence of length L starting at p is the L + 1 tokens [p, p + L + 1): inputs the first L, targets the last L;
-the cursor then advances by L, so the last target is the next sequence's first input and no token is skipped or
-repeated. Documents are not padded: a sequence may span documents and epochs; ``doc_ids`` numbers the documents
-inside each sequence for intra-document attention masking.
+Per source, an infinite stream: epoch e is the source's documents (each with its EOS) in an order seeded by
+(data seed, crc32 of the source name, e), concatenated (order.py: a Feistel bijection for v2 sets, walked from an
+anchor the state keeps; the whole-epoch permutation they always had for v1 sets). Stream position p lies in
+epoch p // num_tokens. A sequence of length L starting at p is the L + 1 tokens [p, p + L + 1): inputs the first
+L, targets the last L; the cursor then advances by L, so the last target is the next sequence's first input and
+no token is skipped or repeated. Documents are not padded: a sequence may span documents and epochs; ``doc_ids``
+numbers the documents inside each sequence for intra-document attention masking.
 
 Sources mix by Megatron-LM's deterministic error-minimising blend (``BlendedDataset``'s helper): each next
 sequence comes from the source furthest behind its target share, weights[i] * (n + 1) - drawn[i].
@@ -25,10 +26,11 @@ import numpy as np
 
 from stagerun.core.layout import split_batch
 
+from .order import BijectionOrder, PermutationOrder
 from .shards import TokenShards
 
-STATE_VERSION = 1
-EPOCHS_CACHED = 2  # a sequence spans at most two epochs unless a source is shorter than a sequence
+STATE_VERSION = 2  # 2 adds each source's order and anchor; a version 1 state (v1 sets only) still loads
+READABLE_STATES = (1, 2)
 
 
 @dataclass
@@ -49,26 +51,13 @@ class _SourceStream:
         self.shards = shards
         self.total = shards.num_tokens
         self.num_docs = shards.num_documents
-        self._lengths = np.diff(shards.doc_ends, prepend=0)
-        self._starts = shards.doc_ends - self._lengths
         # Never Python's hash(): it is salted per process, and every rank and every resume must agree.
-        self._seed = (seed, zlib.crc32(name.encode("utf-8")))
-        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(end offsets of the permuted documents within the epoch, global token index minus epoch offset)."""
-        cached = self._epochs.get(epoch)
-        if cached is None:
-            rng = np.random.Generator(np.random.PCG64([*self._seed, epoch]))
-            order = rng.permutation(self.num_docs)
-            lengths = self._lengths[order]
-            ends = np.cumsum(lengths)
-            # Epoch offset o inside permuted document k is global token o + shift[k].
-            shift = self._starts[order] - (ends - lengths)
-            if len(self._epochs) >= EPOCHS_CACHED:
-                del self._epochs[min(self._epochs)]
-            cached = self._epochs[epoch] = (ends, shift)
-        return cached
+        key = (seed, zlib.crc32(name.encode("utf-8")))
+        self.order: BijectionOrder | PermutationOrder = (
+            PermutationOrder(shards.doc_ends, key)
+            if shards.order == "permutation"
+            else BijectionOrder(shards.index, key, self.total)
+        )
 
     def read(self, position: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens [position, position + count) of the stream (int64) and each token's document number (0, 1, ...)."""
@@ -78,15 +67,18 @@ class _SourceStream:
         while done < count:
             epoch, offset = divmod(position + done, self.total)
             take = min(count - done, self.total - offset)
-            ends, shift = self._epoch(epoch)
-            offsets = np.arange(offset, offset + take, dtype=np.int64)
-            docs = np.searchsorted(ends, offsets, side="right")
-            index[done : done + take] = offsets + shift[docs]
+            index[done : done + take], docs = self.order.locate(epoch, offset, take)
             doc_key[done : done + take] = docs + epoch * self.num_docs
             done += take
         doc_ids = np.zeros(count, dtype=np.int64)
         np.cumsum(doc_key[1:] != doc_key[:-1], out=doc_ids[1:])
         return self.shards.take(index), doc_ids
+
+    def anchor(self, position: int) -> list[int] | None:
+        """Where the order's walk resumes for a cursor at ``position`` (None: a v1 order needs none)."""
+        if not isinstance(self.order, BijectionOrder):
+            return None
+        return self.order.anchor(*divmod(position, self.total))
 
 
 class PackedMixLoader:
@@ -201,6 +193,7 @@ class PackedMixLoader:
                 "numTokens": s.shards.num_tokens,
                 "numDocuments": s.shards.num_documents,
                 "tokenizerSha256": s.shards.tokenizer_sha256,
+                "order": s.shards.order,
             }
             for name, s in zip(self.names, self._streams)
         }
@@ -216,11 +209,16 @@ class PackedMixLoader:
             "drawn": dict(zip(self.names, self.drawn)),
             "tokensPerSource": dict(self.tokens_per_source),
             "sources": self._fingerprints(),
+            "anchors": {
+                name: anchor
+                for name, stream, cursor in zip(self.names, self._streams, self.cursors)
+                if (anchor := stream.anchor(cursor)) is not None
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; the sources and seed must be the ones the state was saved with."""
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") not in READABLE_STATES:
             raise ValueError(
                 f"data-loader state version {state.get('version')!r} is not {STATE_VERSION}: resume "
                 f"with the stagerun version that wrote the checkpoint"
@@ -237,15 +235,31 @@ class PackedMixLoader:
                 f"resume with the same spec.data.sources (same names, same order)"
             )
         for name in self.names:
-            if saved[name] != current[name]:
-                changed = [k for k in current[name] if saved[name].get(k) != current[name][k]]
+            was = {"order": "permutation", **saved[name]}  # states before version 2 come from v1 sets
+            if was != current[name]:
+                changed = [k for k in current[name] if was.get(k) != current[name][k]]
                 raise ValueError(
                     f"source {name!r} differs from the one the checkpoint was taken with "
-                    f"({', '.join(changed)}: {saved[name]} then, {current[name]} now): resume with the "
+                    f"({', '.join(changed)}: {was} then, {current[name]} now): resume with the "
                     f"same shard set and tokenizer, or start a new run"
+                    + (
+                        " (a stagerun-tokens/v1 set converted to v2 reads its documents in another order: "
+                        "resume on the v1 set, or start the new run on the v2 one)"
+                        if "order" in changed
+                        else ""
+                    )
                 )
         self.phase_index = state["phaseIndex"]
         self.phase_sequences = int(state["phaseSequences"])
         self.cursors = [int(state["cursors"][name]) for name in self.names]
         self.drawn = [int(state["drawn"][name]) for name in self.names]
         self.tokens_per_source = {name: int(state["tokensPerSource"][name]) for name in self.names}
+        anchors = state.get("anchors", {})
+        for name, stream, cursor in zip(self.names, self._streams, self.cursors):
+            if isinstance(stream.order, BijectionOrder):
+                epoch, offset = divmod(cursor, stream.total)
+                anchor = anchors.get(name)
+                if anchor is not None and anchor[0] == epoch and anchor[2] <= offset:
+                    stream.order.set_anchor(*anchor)
+                else:  # no usable anchor: the walk starts at the epoch's first document (slow once, still exact)
+                    stream.order.set_anchor(epoch, 0, 0)

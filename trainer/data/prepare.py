@@ -141,7 +141,7 @@ def _tokenized(
         try:
             manifest = read_manifest(out)
             if manifest.get("source") == identity and manifest["tokenizerSha256"] == sha:
-                shards = TokenShards.open(out)  # full validation: a damaged cache is rebuilt, not trusted
+                shards = TokenShards.open(out, verify="all")  # every hash: a damaged cache is rebuilt, not trusted
                 log(
                     f"source {name}: reusing {shards.num_tokens:,} tokens in {shards.num_documents:,} documents "
                     f"at {out}"

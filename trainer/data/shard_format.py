@@ -1,17 +1,23 @@
-"""The shard set format ``stagerun-tokens/v1``: its constants, and reading a set's manifest and files with checks.
+"""The shard set format ``stagerun-tokens/v2`` (and v1, still read): its constants, and the manifest's checks.
 
 A shard set is a folder::
 
-    manifest.json        {"format": "stagerun-tokens/v1", "dtype": "uint16"|"uint32", "eosId", "vocabSize",
+    manifest.json        {"format": "stagerun-tokens/v2", "dtype": "uint16"|"uint32", "eosId", "vocabSize",
                           "tokenizerSha256", "numTokens", "numDocuments", "shards": [{"tokens", "index",
-                          "numTokens", "numDocuments"}, ...]}   (may carry more keys, e.g. "source", "tokenize")
+                          "numTokens", "numDocuments", "sha256", "indexSha256"}, ...]}
+                         (may carry more keys, e.g. "source", "tokenize")
     shard-00000.bin      raw tokens (np.memmap-able, little-endian); every document is followed by EOS
     shard-00000.idx      int64 cumulative document *end* offsets within the shard (the EOS belongs to its document)
 
+v2 adds a sha256 per shard file (``sha256`` of the tokens, ``indexSha256`` of the index; verified when a cache is
+reused and, sampled, when a worker opens the set) and changes the loader's epoch order: documents of a v2 set are
+shuffled by a seeded bijection (``order.py``), which needs no per-document array per process. A v1 set still opens,
+keeps the order it always had (a whole-epoch permutation: memory grows with its documents) so a run started on it
+resumes exactly, and has nothing to verify; ``upgrade_manifest`` (``stagerun shards upgrade``) turns it into v2.
+
 Shard files may have any name inside the folder (``stagerun tokenize`` names them after its work units); the
-manifest lists them in order. Documents never straddle shards. The manifest is written last (``write_shards``
-assembles a local set in a temporary folder renamed into place; ``stagerun tokenize`` commits unit by unit and
-assembles the manifest once every unit is done), so a folder without a manifest is never a complete set.
+manifest lists them in order. Documents never straddle shards. The manifest is written last, so a folder without a
+manifest is never a complete set.
 """
 
 from __future__ import annotations
@@ -25,12 +31,26 @@ import numpy as np
 
 from .corpora import DataError
 
-__all__ = ["DTYPES", "FORMAT", "MANIFEST", "REMAKE", "dtype_for_vocab", "has_manifest", "open_shard", "read_manifest"]
+__all__ = [
+    "DTYPES",
+    "FORMAT",
+    "FORMAT_V1",
+    "MANIFEST",
+    "REMAKE",
+    "check_ends",
+    "dtype_for_vocab",
+    "has_manifest",
+    "parse_manifest",
+    "read_manifest",
+]
 
-FORMAT = "stagerun-tokens/v1"
+FORMAT = "stagerun-tokens/v2"
+FORMAT_V1 = "stagerun-tokens/v1"
+FORMATS = (FORMAT_V1, FORMAT)
 MANIFEST = "manifest.json"
 DTYPES: dict[str, np.dtype] = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 REMAKE = "re-create the shard set (delete the folder and tokenize the source again)"
+HASH_KEYS = {"tokens": "sha256", "index": "indexSha256"}
 
 
 def has_manifest(path: str | os.PathLike[str]) -> bool:
@@ -44,24 +64,28 @@ def dtype_for_vocab(size: int) -> str:
 
 
 def read_manifest(folder: Path, *, shown: str | None = None) -> dict:
-    """The manifest of a shard set folder, checked for the fields and types format v1 requires."""
-    where = f"{shown or folder}/{MANIFEST}"
+    """The manifest of a local shard set folder, checked (``parse_manifest``)."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise DataError(
-            f"{where} not found: {shown or folder} is not a complete shard set (a set whose writing was "
-            f"interrupted has no manifest); point the source at a folder written by stagerun, or {REMAKE}"
+            f"{shown or folder}/{MANIFEST} not found: {shown or folder} is not a complete shard set (a set whose "
+            f"writing was interrupted has no manifest); point the source at a folder written by stagerun, or {REMAKE}"
         )
+    return parse_manifest(path.read_bytes(), f"{shown or folder}/{MANIFEST}")
+
+
+def parse_manifest(raw: bytes, where: str) -> dict:
+    """A manifest's bytes, checked for the fields and types its format (v1 or v2) requires."""
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{where}: not valid JSON ({exc}): {REMAKE}") from None
     if not isinstance(manifest, dict):
         raise DataError(f"{where}: expected a JSON object: {REMAKE}")
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") not in FORMATS:
         raise DataError(
-            f"{where}: format is {manifest.get('format')!r}, expected {FORMAT!r}: this reader only "
-            f"knows {FORMAT}; {REMAKE}"
+            f"{where}: format is {manifest.get('format')!r}, expected {FORMAT_V1!r} or {FORMAT!r}: this reader "
+            f"knows only these; {REMAKE}"
         )
     if manifest.get("dtype") not in DTYPES:
         raise DataError(f"{where}: dtype {manifest.get('dtype')!r} is not one of {', '.join(DTYPES)}: {REMAKE}")
@@ -75,14 +99,23 @@ def read_manifest(folder: Path, *, shown: str | None = None) -> dict:
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
         raise DataError(f"{where}: shards must be a list of objects: {REMAKE}")
+    v2 = manifest["format"] == FORMAT
     for i, shard in enumerate(shards):
         for key in ("tokens", "index"):
             name = shard.get(key)
             if not isinstance(name, str) or "/" in name or name.startswith("."):
                 raise DataError(f"{where}: shards[{i}].{key} must be a file name inside the folder, got {name!r}")
+            digest = shard.get(HASH_KEYS[key])
+            if v2 and not (isinstance(digest, str) and len(digest) == 64):
+                raise DataError(
+                    f"{where}: shards[{i}].{HASH_KEYS[key]} must be the sha256 (64 hex digits) of {name} in a "
+                    f"{FORMAT} set, got {digest!r}: {REMAKE}"
+                )
         for key in ("numTokens", "numDocuments"):
             if not isinstance(shard.get(key), int) or shard[key] < 0:
                 raise DataError(f"{where}: shards[{i}].{key} must be a non-negative integer: {REMAKE}")
+        if shard["numTokens"] and not shard["numDocuments"]:
+            raise DataError(f"{where}: shards[{i}] has {shard['numTokens']} tokens but no documents: {REMAKE}")
     for key in ("numTokens", "numDocuments"):
         total = sum(s[key] for s in shards)
         if total != manifest[key]:
@@ -90,37 +123,39 @@ def read_manifest(folder: Path, *, shown: str | None = None) -> dict:
     return manifest
 
 
-def open_shard(folder: Path, shown: str, manifest: dict, i: int, shard: dict) -> tuple[np.ndarray, np.ndarray]:
-    dtype = DTYPES[manifest["dtype"]]
-    tokens_path, index_path = folder / shard["tokens"], folder / shard["index"]
-    n_tokens, n_docs = shard["numTokens"], shard["numDocuments"]
-    for path, expected, what in (
-        (tokens_path, n_tokens * dtype.itemsize, f"{n_tokens} {manifest['dtype']} tokens"),
-        (index_path, n_docs * 8, f"{n_docs} int64 document ends"),
-    ):
-        if not path.is_file():
-            raise DataError(f"{shown}/{path.name}: missing (listed in {MANIFEST} shards[{i}]): {REMAKE}")
-        actual = path.stat().st_size
-        if actual != expected:
-            raise DataError(
-                f"{shown}/{path.name}: {actual} bytes, expected {expected} ({what}, as {MANIFEST} "
-                f"shards[{i}] says); the file is truncated or from another set: {REMAKE}"
-            )
-    tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.zeros(0, dtype)
-    ends = np.fromfile(index_path, dtype="<i8")
-    if n_docs:
-        steps = np.diff(ends, prepend=0)
-        bad = np.flatnonzero(steps <= 0)
-        if len(bad):
-            raise DataError(
-                f"{shown}/{index_path.name}: document end offsets must increase, entry {int(bad[0])} is "
-                f"{int(ends[bad[0]])} after {int(ends[bad[0] - 1]) if bad[0] else 0}: {REMAKE}"
-            )
-        if ends[-1] != n_tokens:
-            raise DataError(
-                f"{shown}/{index_path.name}: the last document ends at {int(ends[-1])}, but the shard "
-                f"holds {n_tokens} tokens: {REMAKE}"
-            )
-    elif n_tokens:
-        raise DataError(f"{shown}/{index_path.name}: {n_tokens} tokens but no documents: {REMAKE}")
-    return tokens, ends
+def expected_sizes(manifest: dict, i: int) -> dict[str, tuple[int, str]]:
+    """The byte size of shard ``i``'s two files, by manifest key, with what they hold (for messages)."""
+    shard = manifest["shards"][i]
+    itemsize = DTYPES[manifest["dtype"]].itemsize
+    return {
+        "tokens": (shard["numTokens"] * itemsize, f"{shard['numTokens']} {manifest['dtype']} tokens"),
+        "index": (shard["numDocuments"] * 8, f"{shard['numDocuments']} int64 document ends"),
+    }
+
+
+def size_error(shown: str, name: str, actual: int | None, expected: int, what: str, i: int) -> DataError:
+    if actual is None:
+        return DataError(f"{shown}/{name}: missing (listed in {MANIFEST} shards[{i}]): {REMAKE}")
+    return DataError(
+        f"{shown}/{name}: {actual} bytes, expected {expected} ({what}, as {MANIFEST} shards[{i}] says); the file is "
+        f"truncated or from another set: {REMAKE}"
+    )
+
+
+def check_ends(ends: np.ndarray, first: int, previous: int, n_tokens: int, shown: str, name: str) -> None:
+    """Entries [first, first + len(ends)) of a shard's document ends: they must increase and end at the shard's
+    token count. ``previous`` is the entry before ``first`` (0 for the first); checked in chunks, memory bounded."""
+    steps = np.diff(ends, prepend=previous)
+    bad = np.flatnonzero(steps <= 0)
+    if len(bad):
+        j = int(bad[0])
+        before = int(ends[j - 1]) if j else previous
+        raise DataError(
+            f"{shown}/{name}: document end offsets must increase, entry {first + j} is {int(ends[j])} after "
+            f"{before}: {REMAKE}"
+        )
+    if len(ends) and int(ends[-1]) > n_tokens:
+        raise DataError(
+            f"{shown}/{name}: entry {first + len(ends) - 1} ends at {int(ends[-1])}, beyond the shard's {n_tokens} "
+            f"tokens: {REMAKE}"
+        )

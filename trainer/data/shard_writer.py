@@ -6,6 +6,7 @@ file by file with its manifest removed first and written last, so an incomplete 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -81,6 +82,7 @@ class _ShardWriter:
         self.prefix, self.digits = prefix, digits
         self.shards: list[dict] = []
         self._handle: BinaryIO | None = None
+        self._digest = hashlib.sha256()  # of the open shard's tokens, as they are written (format v2)
         self._ends: list[np.ndarray] = []
         self._filled = 0
 
@@ -96,13 +98,16 @@ class _ShardWriter:
                 name = f"{self.prefix}{len(self.shards):0{self.digits}d}"
                 self.shards.append({"tokens": f"{name}.bin", "index": f"{name}.idx"})
                 self._handle = open(self.folder / self.shards[-1]["tokens"], "wb")
+                self._digest = hashlib.sha256()
             base = int(ends[first - 1]) if first else 0
             # The shard takes documents up to and including the one that fills it to shard_tokens.
             last = min(
                 int(np.searchsorted(ends, base + self.shard_tokens - self._filled, side="left")), len(lengths) - 1
             )
             stop = int(ends[last])
-            self._handle.write(np.ascontiguousarray(tokens[base:stop], dtype=self.dtype).tobytes())
+            data = np.ascontiguousarray(tokens[base:stop], dtype=self.dtype).tobytes()
+            self._handle.write(data)
+            self._digest.update(data)
             self._ends.append(ends[first : last + 1] - base + self._filled)
             self._filled += stop - base
             first = last + 1
@@ -116,13 +121,19 @@ class _ShardWriter:
         self._handle.close()
         self._handle = None
         ends = np.concatenate(self._ends).astype("<i8", copy=False)
-        ends.tofile(self.folder / self.shards[-1]["index"])
-        self.shards[-1].update(numTokens=int(ends[-1]), numDocuments=len(ends))
+        index = ends.tobytes()
+        (self.folder / self.shards[-1]["index"]).write_bytes(index)
+        self.shards[-1].update(
+            numTokens=int(ends[-1]),
+            numDocuments=len(ends),
+            sha256=self._digest.hexdigest(),
+            indexSha256=hashlib.sha256(index).hexdigest(),
+        )
         self._ends, self._filled = [], 0
 
 
 def manifest_head(tokenizer) -> dict:
-    """The format v1 fields that follow from the tokenizer alone."""
+    """The format fields that follow from the tokenizer alone."""
     size = vocab_size(tokenizer)
     return {
         "format": FORMAT,
@@ -155,7 +166,7 @@ def write_shards(
     eos = manifest["eosId"]
     clash = sorted(set(extra or {}) & {*manifest, "numTokens", "numDocuments", "shards"})
     if clash:
-        raise ValueError(f"extra manifest keys {clash} would replace format v1 fields: rename them")
+        raise ValueError(f"extra manifest keys {clash} would replace format fields: rename them")
     remote = is_url(out_dir)
     final = None if remote else Path(str(out_dir).removeprefix("file://"))
     if final is not None:

@@ -181,8 +181,12 @@ def committed_units(output: OutputFolder, units: Sequence[Unit], itemsize: int) 
         if marker is None:
             continue
         try:
+            # A unit committed by a version before format v2 has no hashes: it is simply tokenized again.
             intact = all(
-                sizes.get(s["tokens"]) == s["numTokens"] * itemsize and sizes.get(s["index"]) == s["numDocuments"] * 8
+                sizes.get(s["tokens"]) == s["numTokens"] * itemsize
+                and sizes.get(s["index"]) == s["numDocuments"] * 8
+                and isinstance(s.get("sha256"), str)
+                and isinstance(s.get("indexSha256"), str)
                 for s in marker["shards"]
             )
         except (KeyError, TypeError):

@@ -1,0 +1,125 @@
+"""Remote shard sets read in place (issue 15 item 1) from a real S3 API (moto's server on 127.0.0.1): only the
+manifest and index files reach the node cache, the batches fetch only the token ranges they need, transient errors
+are retried and counted, permanent ones stop with the URL."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_data_loader import random_docs, write_token_set
+from test_data_remote import BUCKET, s3  # noqa: F401 - the moto fixture
+
+from stagerun.trainer.data import DataError, PackedMixLoader, TokenShards, remote_io
+from stagerun.trainer.data.shard_verify import upgrade_manifest
+
+ARGS = dict(phase_index=0, weights={"web": 1.0}, seq_len=64, global_sequences=8, micro_batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def local_set(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inplace") / "set"
+    write_token_set(folder, random_docs(9, 3000, 1, max_len=60), tokens_per_shard=20_000)
+    upgrade_manifest(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def remote_url(s3, local_set):  # noqa: F811
+    prefix = "inplace/web"
+    for path in sorted(local_set.iterdir()):
+        s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{path.name}", Body=path.read_bytes())
+    return f"s3://{BUCKET}/{prefix}"
+
+
+def token_bytes(folder) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.bin"))
+
+
+def draw(shards, steps: int, dp_size: int = 1, rank: int = 0) -> list[np.ndarray]:
+    loader = PackedMixLoader({"web": shards}, 5)
+    return [
+        np.concatenate([mb.inputs for mb in loader.next_step(dp_rank=rank, dp_size=dp_size, **ARGS)])
+        for _ in range(steps)
+    ]
+
+
+def test_loads_without_a_full_download(remote_url, local_set, tmp_path):
+    before = remote_io.STATS.bytes_fetched
+    remote = TokenShards.open(remote_url, cache_dir=tmp_path / "cache", verify="off")
+    cached = {p.name for p in remote.path.iterdir()}
+    assert "manifest.json" in cached and not any(name.endswith(".bin") for name in cached)  # no token file copied
+    index_bytes = sum(p.stat().st_size for p in local_set.glob("*.idx"))
+    assert remote_io.STATS.bytes_fetched - before == index_bytes
+    local = TokenShards.open(local_set)
+    start = remote_io.STATS.bytes_fetched
+    batches = draw(remote, 6, dp_size=2, rank=1)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, draw(local, 6, dp_size=2, rank=1)))
+    fetched = remote_io.STATS.bytes_fetched - start
+    needed = 6 * 4 * (64 + 1) * remote.dtype.itemsize  # this rank's 4 sequences of 65 tokens per step
+    assert fetched <= 1.2 * needed and fetched < token_bytes(local_set) / 4
+
+
+def test_survives_transient_errors(remote_url, local_set, tmp_path, monkeypatch):
+    monkeypatch.setattr(remote_io, "BACKOFF_SECONDS", 0.001)
+    remote = TokenShards.open(remote_url, cache_dir=tmp_path / "cache", verify="off")
+    fs = remote.files.files.fs
+    real, calls = fs.cat_ranges, []
+
+    def flaky(paths, starts, ends, **kwargs):
+        calls.append(len(paths))
+        if len(calls) % 3 == 1:  # the whole request fails: a reset connection
+            raise ConnectionResetError("connection reset by peer")
+        results = real(paths, starts, ends, **kwargs)
+        if len(calls) % 3 == 2 and len(results) > 1:  # one range of the batch fails: a 503
+            results[0] = OSError("503 Service Unavailable")
+        return results
+
+    monkeypatch.setattr(fs, "cat_ranges", flaky)
+    retries = remote_io.STATS.retries
+    batches = draw(remote, 4)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, draw(TokenShards.open(local_set), 4)))
+    assert remote_io.STATS.retries - retries >= 4 and len(calls) > 4
+
+
+def test_permanent_errors_name_the_url(s3, remote_url, local_set, tmp_path, monkeypatch):  # noqa: F811
+    prefix = "inplace/broken"
+    for path in sorted(local_set.iterdir()):
+        s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{path.name}", Body=path.read_bytes())
+    url = f"s3://{BUCKET}/{prefix}"
+    shards = TokenShards.open(url, cache_dir=tmp_path / "cache", verify="off")
+    s3.delete_object(Bucket=BUCKET, Key=f"{prefix}/shard-00000.bin")
+    s3.delete_object(Bucket=BUCKET, Key=f"{prefix}/shard-00001.bin")
+    with pytest.raises(DataError, match=rf"{url}/shard-0000\d\.bin: not found .*restore it, or re-create it"):
+        for _ in range(20):
+            draw(shards, 3)
+    s3.put_object(Bucket=BUCKET, Key=f"{prefix}/shard-00000.bin", Body=b"\0" * 10)
+    with pytest.raises(DataError, match=rf"{url}/shard-00000\.bin: 10 bytes, expected \d+ .*truncated"):
+        TokenShards.open(url, cache_dir=tmp_path / "cache2")
+
+
+def test_remote_hashes_are_checked_sampled(s3, local_set, tmp_path):  # noqa: F811
+    prefix = "inplace/flipped"
+    for path in sorted(local_set.iterdir()):
+        body = path.read_bytes()
+        if path.name == "shard-00003.bin":
+            body = body[:4] + (1).to_bytes(2, "little") + body[6:]
+        s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{path.name}", Body=body)
+    with pytest.raises(DataError, match=r"flipped/shard-00003\.bin: does not match its sha256"):
+        TokenShards.open(f"s3://{BUCKET}/{prefix}", cache_dir=tmp_path / "cache", verify="all")
+
+
+def test_node_cache_is_bounded_and_serves_repeat_reads(remote_url, local_set, tmp_path, monkeypatch):
+    monkeypatch.setenv("STAGERUN_DATA_CACHE_BYTES", str(64 * 1024))
+    monkeypatch.setenv("STAGERUN_DATA_CACHE_DIR", str(tmp_path / "chunks"))
+    monkeypatch.setattr(remote_io, "CHUNK_BYTES", 4096)
+    remote = TokenShards.open(remote_url, cache_dir=tmp_path / "cache", verify="off")
+    remote.files.files.cache.chunk = 4096
+    hits = remote_io.STATS.cache_hit_bytes
+    first = draw(remote, 3)
+    again = draw(remote, 3)  # the same windows: served from the chunk cache
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert remote_io.STATS.cache_hit_bytes > hits
+    for _ in range(6):
+        draw(remote, 12)
+    remote.files.files.cache.evict()
+    assert sum(p.stat().st_size for p in (tmp_path / "chunks").iterdir()) <= 64 * 1024
