@@ -363,6 +363,14 @@ def test_operator_command_line_is_accepted_by_the_operator(default_objects, full
 # -- the values schema -------------------------------------------------------------------------------------------------
 
 
+def test_an_image_digest_replaces_the_tag(helm, tmp_path):
+    digest = "sha256:" + "ab" * 32
+    objects = template(
+        helm, {"image": {"repository": "registry.example/stagerun-operator", "digest": digest}}, tmp_path
+    )
+    assert container(objects)["image"] == f"registry.example/stagerun-operator@{digest}"
+
+
 @pytest.mark.parametrize(
     "bad, complaint",
     [
@@ -371,6 +379,7 @@ def test_operator_command_line_is_accepted_by_the_operator(default_objects, full
         (["--set", "podDisruptionBudget.enabled=maybe"], "enabled"),
         (["--set", "podDisruptionBudget.minAvailable=1"], "minAvailable"),
         (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),
+        (["--set", "image.digest=latest"], "digest"),
         (["--set", "surprise=1"], "surprise"),
         (["--set", "image.registry=example.com"], "registry"),
         (["--set", "resources.limits.cpu=-1"], "cpu"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 from stagerun.core.spec import SpecError, load_run, parse_count
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stagerun", description="Staged LLM pretraining from one TrainingRun manifest."
     )
+    # The installed distribution's version: what docker/build.sh tags the images with (tests/test_images.py).
+    parser.add_argument("--version", action="version", version=f"stagerun {version('stagerun')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     validate = sub.add_parser("validate", help="check a manifest and print every problem with its field and a fix")

@@ -59,7 +59,11 @@ app.kubernetes.io/component: operator
 
 {{/* The operator image, "repository:tag" (tag: image.tag or the chart's appVersion). */}}
 {{- define "stagerun.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion | toString) }}
+{{- end }}
 {{- end }}
 
 {{/*
