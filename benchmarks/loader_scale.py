@@ -175,8 +175,8 @@ def s3_rows(root: Path, sizes: list[int], steps: int) -> None:
             )
             raw_tps = float(raw.stdout.strip())
             print(
-                f"| {n:,} | {result['fetched'] / result['needed']:.3f} | {result['tps'] / 1e6:.2f}M | "
-                f"{raw_tps / 1e6:.2f}M | {result['tps'] / raw_tps:.2f} |"
+                f"| {n:,} | {result['fetched'] / result['needed']:.3f} | {result['tps'] / 1e6:.3g}M | "
+                f"{raw_tps / 1e6:.3g}M | {result['tps'] / raw_tps:.3g} |"
             )
     finally:
         server.stop()

@@ -219,3 +219,31 @@ def test_operator_scale_smallest_size_measures_every_column(tmp_path, benchmarks
     assert row["reconcile errors"] == "0", row
     assert "listening on ['127.0.0.1']" in out  # the operator's only listener: kopf's health endpoint, on loopback
     assert (tmp_path / "scale.md").read_text().startswith("operator settings: ")
+
+
+def markdown_tables(text: str) -> list[list[dict[str, str]]]:
+    """Every Markdown table of ``text`` (tables are separated by any non-table line), each as dicts."""
+    tables, block = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append(line)
+        elif block:
+            tables.append(table_rows("\n".join(block)))
+            block = []
+    return tables
+
+
+def test_loader_scale_smallest_set_local_and_s3():
+    """A 2,000-document set, 2 steps, read locally and in place from moto's S3 on 127.0.0.1: every column filled,
+    the bytes fetched within the 1.2x budget of the bytes needed."""
+    local, s3 = markdown_tables(run_script("loader_scale.py", "--docs", "2000", "--steps", "2", "--s3", timeout=90))
+    (row,) = local
+    assert row["documents"] == "2,000"
+    assert 0 <= number(row["open (first, s)"]) < 5 and 0 <= number(row["open (warm, s)"]) < 5, row
+    assert 0 <= number(row["RssAnon growth (MB)"]) < 64, row
+    assert number(row["loader tokens/s (rank 0)"].removesuffix("M")) > 0, row
+    (row,) = s3
+    assert row["documents (S3)"] == "2,000"
+    assert 0.9 <= number(row["bytes fetched / needed"]) <= 1.2, row
+    loader, raw = (number(row[c].removesuffix("M")) for c in ("loader tokens/s", "raw sequential tokens/s"))
+    assert loader > 0 and raw > 0 and number(row["ratio"]) == pytest.approx(loader / raw, rel=0.02), row

@@ -61,6 +61,11 @@ class _SourceStream:
 
     def read(self, position: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens [position, position + count) of the stream (int64) and each token's document number (0, 1, ...)."""
+        index, doc_ids = self.locate(position, count)
+        return self.shards.take(index), doc_ids
+
+    def locate(self, position: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The global token indices of stream positions [position, position + count) and their document numbers."""
         index = np.empty(count, dtype=np.int64)
         doc_key = np.empty(count, dtype=np.int64)
         done = 0
@@ -72,7 +77,7 @@ class _SourceStream:
             done += take
         doc_ids = np.zeros(count, dtype=np.int64)
         np.cumsum(doc_key[1:] != doc_key[:-1], out=doc_ids[1:])
-        return self.shards.take(index), doc_ids
+        return index, doc_ids
 
     def anchor(self, position: int) -> list[int] | None:
         """Where the order's walk resumes for a cursor at ``position`` (None: a v1 order needs none)."""
@@ -172,9 +177,15 @@ class PackedMixLoader:
     def _micro_batches(self, mine: list[tuple[int, int]], seq_len: int, micro: int) -> list[MicroBatch]:
         tokens = np.empty((len(mine), seq_len + 1), dtype=np.int64)
         doc_ids = np.empty((len(mine), seq_len), dtype=np.int32)
+        index = np.empty((len(mine), seq_len + 1), dtype=np.int64)
         for row, (source, position) in enumerate(mine):
-            tokens[row], docs = self._streams[source].read(position, seq_len + 1)
+            index[row], docs = self._streams[source].locate(position, seq_len + 1)
             doc_ids[row] = docs[:seq_len]
+        # One read per source for the whole step: a remote set fetches all its sequences' ranges in one batch.
+        sources = np.array([source for source, _ in mine], dtype=np.int64)
+        for source in np.unique(sources).tolist():
+            rows = np.flatnonzero(sources == source)
+            tokens[rows] = self._streams[source].shards.take(index[rows])
         names = [self.names[source] for source, _ in mine]
         return [
             MicroBatch(

@@ -140,7 +140,7 @@ class TokenShards:
         return self.take(np.arange(start, stop, dtype=np.int64))
 
     def take(self, indices: np.ndarray) -> np.ndarray:
-        """Tokens at arbitrary global positions (int64); the loader gathers a packed sequence with one call.
+        """Tokens at arbitrary global positions (int64); the loader gathers a step's sequences with one call.
 
         Every id is checked against the manifest's vocabSize: a corrupt shard stops with its name, not as an
         IndexError inside the model."""
@@ -156,8 +156,8 @@ class TokenShards:
             order = np.argsort(shard, kind="stable")
             cuts = np.flatnonzero(np.diff(shard[order])) + 1
             groups = [(int(shard[part[0]]), part) for part in np.split(order, cuts)]
-        for s, where in groups:
-            values = self.files.gather(s, flat[where] - self._shard_starts[s])
+        gathered = self.files.gather_many([(s, flat[where] - self._shard_starts[s]) for s, where in groups])
+        for (s, where), values in zip(groups, gathered):
             if self._check_ids and len(values) and int(values.max()) >= self.vocab_size:
                 self._bad_id(s, values, flat[where])
             out[where] = values

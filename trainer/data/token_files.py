@@ -1,6 +1,7 @@
 """The token files of a shard set, local (memory-mapped, opened on first use) or remote (read in place by byte
-range, ``remote_io``): ``gather`` returns the tokens at given positions of one shard; ``chunks`` streams a file's
-bytes for hashing."""
+range, ``remote_io``): ``gather`` returns the tokens at given positions of one shard, ``gather_many`` those of
+several shards at once (a remote set fetches them in one request batch); ``chunks`` streams a file's bytes for
+hashing."""
 
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ class LocalTokens:
     def gather(self, shard: int, positions: np.ndarray) -> np.ndarray:
         return self._tokens(shard)[positions]
 
+    def gather_many(self, groups: list[tuple[int, np.ndarray]]) -> list[np.ndarray]:
+        return [self.gather(shard, positions) for shard, positions in groups]
+
     def chunks(self, name: str) -> Iterator[bytes]:
         with open(self.folder / name, "rb") as handle:
             while block := handle.read(HASH_BLOCK):
@@ -50,15 +54,24 @@ class RemoteTokens:
         self._shards = manifest["shards"]
 
     def gather(self, shard: int, positions: np.ndarray) -> np.ndarray:
-        """Only the runs of consecutive positions are fetched (a packed sequence is a few runs inside documents)."""
-        unique, inverse = np.unique(positions, return_inverse=True)
-        breaks = np.flatnonzero(np.diff(unique) != 1) + 1
-        firsts = unique[np.concatenate([[0], breaks])]
-        lasts = unique[np.concatenate([breaks - 1, [len(unique) - 1]])] + 1
+        return self.gather_many([(shard, positions)])[0]
+
+    def gather_many(self, groups: list[tuple[int, np.ndarray]]) -> list[np.ndarray]:
+        """Only the runs of consecutive positions are fetched (a packed sequence is a few runs inside documents),
+        every shard's in one request batch (``RemoteFiles.read_many`` coalesces them per file)."""
         size = self.dtype.itemsize
-        data = self.files.read(self._shards[shard]["tokens"], (firsts * size).tolist(), (lasts * size).tolist())
-        values = np.frombuffer(b"".join(data), dtype=self.dtype)
-        return values[inverse.reshape(-1)]
+        parts, inverses = [], []
+        for shard, positions in groups:
+            unique, inverse = np.unique(positions, return_inverse=True)
+            breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+            firsts = unique[np.concatenate([[0], breaks])] if len(unique) else unique
+            lasts = unique[np.concatenate([breaks - 1, [len(unique) - 1]])] + 1 if len(unique) else unique
+            parts.append((self._shards[shard]["tokens"], (firsts * size).tolist(), (lasts * size).tolist()))
+            inverses.append(inverse.reshape(-1))
+        return [
+            np.frombuffer(b"".join(data), dtype=self.dtype)[inverse]
+            for data, inverse in zip(self.files.read_many(parts), inverses)
+        ]
 
     def chunks(self, name: str) -> Iterator[bytes]:
         size = self.files.sizes[name]
