@@ -401,7 +401,7 @@ class CheckpointManager:
         """A save that fails for lack of space says how much is needed (checkpoint_retention.py)."""
         try:
             yield
-        except Exception as e:
+        except BaseException as e:  # DCP's CheckpointException (how a rank's failed write arrives) is no Exception
             if is_disk_full(e):
                 raise disk_full_error(self, step) from e
             raise
