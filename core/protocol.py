@@ -43,6 +43,9 @@ class PodEnv(StrEnum):
     TERMINATION_LOG = "STAGERUN_TERMINATION_LOG"  # overrides /dev/termination-log (same)
     SHUTDOWN_SECONDS = "STAGERUN_SHUTDOWN_SECONDS"  # how long torchrun waits for workers after SIGTERM
     MAX_SOURCE_BYTES = "STAGERUN_MAX_SOURCE_BYTES"  # smoke runs: tokenize a sample of each source
+    # Node-local cache of remote shard sets (manifests, document indexes, the optional chunk cache): in a pod, on
+    # its local-disk emptyDir rather than the container's writable layer (trainer/data/remote_io.py).
+    CACHE = "STAGERUN_CACHE"
     # Set by Kubernetes, not by stagerun: the Job controller (index 0 holds global rank 0) and the downward API.
     JOB_COMPLETION_INDEX = "JOB_COMPLETION_INDEX"
     POD_IP = "POD_IP"

@@ -281,6 +281,7 @@ def _env(phase: ResolvedPhase, *, name: str, uid: str, attempt: int) -> list[dic
         # Unique per attempt: a pod left over from an earlier attempt can never join this rendezvous.
         PodEnv.RDZV_ID: f"{uid}-{attempt}",
         PodEnv.STATUS_PORT: str(naming.STATUS_PORT),
+        PodEnv.CACHE: f"{WORK_DIR}/cache",
     }
     # Names as plain str: a StrEnum member would not survive yaml.safe_dump (the golden files).
     env: list[dict] = [{"name": key.value, "value": value} for key, value in values.items()]

@@ -95,7 +95,8 @@ MALFORMED = {
     # so a wrong type or an unknown field is refused in its words; the schema's enum check then reports the rest.
     "resources.nodes": ("four", ".spec.resources.nodes: expected numeric (int or float), got string"),
     "phases.0.lr.schedule": ("sawtooth", 'spec.phases[0].lr.schedule: Unsupported value: "sawtooth"'),
-    "phases.0.seqLength": (128, ".spec.phases[0].seqLength: field not declared in schema"),
+    # phases is a list-map keyed by name: server-side apply names the item by its key.
+    "phases.0.seqLength": (128, '.spec.phases[name="core"].seqLength: field not declared in schema'),
 }
 
 

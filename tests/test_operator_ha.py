@@ -68,12 +68,13 @@ class Peers:
         return [(e.verb, e.resource, e.name) for e in self.requests(account) if e.resource not in PEERING_ONLY]
 
     def job_creations(self) -> list[tuple[str, str | None, int]]:
-        """(ServiceAccount, Job, response code) of every Job creation by either operator, in order."""
+        """(ServiceAccount, Job, response code) of every Job creation by either operator, in order (not the dry
+        runs the operator makes before each launch: they store nothing)."""
         return [
             (e.username.rsplit(":", 1)[1], e.name, e.code)
             for account in self.kubeconfigs
             for e in self.requests(account)
-            if (e.verb, e.group, e.resource) == ("create", "batch", "jobs")
+            if (e.verb, e.group, e.resource) == ("create", "batch", "jobs") and "dryRun=" not in e.uri
         ]
 
     def stop_all(self) -> None:

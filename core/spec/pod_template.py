@@ -45,6 +45,7 @@ OPERATOR_ENV = frozenset(
         PodEnv.RDZV_ENDPOINT,
         PodEnv.RDZV_ID,
         PodEnv.STATUS_PORT,
+        PodEnv.CACHE,
         PodEnv.POD_IP,
         PodEnv.POD_NAME,
         PodEnv.POD_NAMESPACE,
