@@ -22,6 +22,7 @@ FILES=(
   tests/test_layout.py
   tests/test_checkpoint.py
   tests/test_async_checkpoint.py
+  tests/test_checkpoint_integrity.py
   tests/test_prefetch.py
   tests/test_tensor_parallel.py
   tests/test_gpu_paths.py
