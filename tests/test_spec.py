@@ -14,6 +14,7 @@ from stagerun.core.spec import (
     load_run,
     parse_count,
     parse_float,
+    read_manifest,
     resolve_run,
     to_manifest,
     validate_manifest,
@@ -389,6 +390,34 @@ def test_unreadable_files_give_clear_errors(tmp_path):
     two.write_text("a: 1\n---\nb: 2\n")
     with pytest.raises(SpecError, match="2 YAML documents"):
         load_run(two)
+
+
+def test_a_key_given_twice_is_refused_with_its_line_not_silently_replaced(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second seqLen, or a source declared twice under one name, would
+    replace the first without a word (issue 19 item 5)."""
+    twice = tmp_path / "twice.yaml"
+    text = (ROOT / "examples" / "quickstart.yaml").read_text()
+    assert "\n  data:\n" in text
+    twice.write_text(text + "  data:\n    sources: {}\n")  # spec.data a second time, at the end of spec
+    with pytest.raises(SpecError) as caught:
+        load_run(twice)
+    message = str(caught.value)
+    last_line = len(twice.read_text().splitlines()) - 1
+    assert f"line {last_line}, column 3: the key 'data' is given a second time" in message, message
+    merged = tmp_path / "merged.yaml"  # a merge key may be overridden: that is what it is for
+    merged.write_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n")
+    assert read_manifest(merged) == {"base": {"x": 1, "y": 2}, "other": {"x": 3, "y": 2}}
+
+
+def test_non_utf8_and_absurdly_nested_files_give_clear_errors(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"apiVersion: \xff\xfe\n")
+    with pytest.raises(SpecError, match="is not UTF-8 text"):
+        load_run(binary)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(SpecError, match="nests too deeply"):
+        load_run(deep)
 
 
 def test_spec_and_plan_import_no_torch():

@@ -53,17 +53,53 @@ __all__ = [
 ]
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: object, mark: yaml.Mark, first: yaml.Mark) -> None:
+        super().__init__(
+            f"line {mark.line + 1}, column {mark.column + 1}: the key {key!r} is given a second time (first on line "
+            f"{first.line + 1}); YAML keeps only the last, so delete the one you did not mean"
+        )
+
+
+class _ManifestLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last one, which silently
+    dropped a second `seqLen`, or a data source declared twice under one name (YAML 1.2 forbids duplicates)."""
+
+
+def _mapping_without_duplicates(loader: _ManifestLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    first: dict[object, yaml.Mark] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden by the mapping's own keys
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, (str, int, float, bool)):
+            continue  # an unhashable key: the default constructor below says what is wrong with it
+        if key in first:
+            raise _DuplicateKey(key, key_node.start_mark, first[key])
+        first[key] = key_node.start_mark
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_ManifestLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def read_manifest(source: str | Path) -> dict:
     """The YAML document of a manifest file, with a clear error for unreadable files."""
     path = Path(source)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError([Problem(str(path), f"cannot read the file: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError([Problem(str(path), f"is not UTF-8 text (byte {exc.start}): save it as UTF-8")]) from None
     try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+        documents = [d for d in yaml.load_all(text, Loader=_ManifestLoader) if d is not None]
+    except _DuplicateKey as exc:
+        raise SpecError([Problem(str(path), str(exc))]) from None
     except yaml.YAMLError as exc:
         raise SpecError([Problem(str(path), f"is not valid YAML: {exc}")]) from None
+    except RecursionError:
+        raise SpecError([Problem(str(path), "nests too deeply to be a TrainingRun")]) from None
     if len(documents) != 1:
         raise SpecError([Problem(str(path), f"holds {len(documents)} YAML documents, expected one TrainingRun")])
     return documents[0]
