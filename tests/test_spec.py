@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from stagerun.core.spec import (
     SpecError,
@@ -407,6 +408,13 @@ def test_a_key_given_twice_is_refused_with_its_line_not_silently_replaced(tmp_pa
     merged = tmp_path / "merged.yaml"  # a merge key may be overridden: that is what it is for
     merged.write_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n")
     assert read_manifest(merged) == {"base": {"x": 1, "y": 2}, "other": {"x": 3, "y": 2}}
+
+
+def test_a_checkpoint_path_in_process_memory_is_refused():
+    manifest = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    manifest["spec"]["checkpoint"] = {"path": "memory://runs/quickstart"}
+    problems = validate_manifest(manifest)
+    assert any(p.path == "spec.checkpoint.path" and "memory://" in p.message for p in problems), problems
 
 
 def test_non_utf8_and_absurdly_nested_files_give_clear_errors(tmp_path):

@@ -40,6 +40,15 @@ def check_run(run: TrainingRun, problems: list[Problem]) -> None:
     _check_resources(spec.resources, "spec.resources", problems)
     if spec.checkpoint.path is not None:
         _check_url(spec.checkpoint.path, "spec.checkpoint.path", problems)
+        if spec.checkpoint.path.startswith("memory://"):
+            problems.append(
+                Problem(
+                    "spec.checkpoint.path",
+                    "memory:// keeps nothing past the process that wrote it (each worker has its own, and a resume "
+                    "would find no checkpoint)",
+                    "use a directory, a mounted volume (volumeClaim) or an object store such as s3://bucket/runs/NAME",
+                )
+            )
     if spec.checkpoint.volume_claim is not None and not (spec.checkpoint.path or "").startswith("/"):
         problems.append(
             Problem(
