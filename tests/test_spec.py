@@ -410,6 +410,17 @@ def test_a_key_given_twice_is_refused_with_its_line_not_silently_replaced(tmp_pa
     assert read_manifest(merged) == {"base": {"x": 1, "y": 2}, "other": {"x": 3, "y": 2}}
 
 
+def test_a_phase_shorter_than_one_batch_is_refused_not_skipped():
+    manifest = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    last = manifest["spec"]["phases"][-1]
+    last["tokens"] = 1000  # less than the batch it inherits: it would take zero steps
+    problems = validate_manifest(manifest)
+    index = len(manifest["spec"]["phases"]) - 1
+    assert any(p.path == f"spec.phases[{index}].tokens" and "would take no step" in p.message for p in problems), (
+        problems
+    )
+
+
 def test_a_checkpoint_path_in_process_memory_is_refused():
     manifest = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
     manifest["spec"]["checkpoint"] = {"path": "memory://runs/quickstart"}

@@ -78,6 +78,17 @@ def check_ramp(ramp, phase: PhaseSpec, seq_len: int, path: str, problems: list[P
                 )
             )
             ok = False
+    if ramp[0][0] == 0 and phase.tokens < ramp[0][1]:
+        problems.append(
+            Problem(
+                f"{path}.tokens",
+                f"{format_count(phase.tokens)} tokens is less than one batch of {format_count(ramp[0][1])} tokens"
+                + (" (inherited from the previous phase)" if inherited else "")
+                + ": the phase would take no step",
+                "raise tokens to at least one batch, or set a smaller batch for this phase",
+            )
+        )
+        ok = False
     for i, (tokens, size) in enumerate(ramp):
         if tokens >= phase.tokens:
             problems.append(
