@@ -132,7 +132,12 @@ def test_image_runs_as_65532_on_a_read_only_root_and_reports_the_package_version
     code, out = run_to_end(image, tmp_path / "version", args=["--version"])
     assert code == 0 and out.strip().splitlines()[-1] == f"stagerun {importlib.metadata.version('stagerun')}", out
     # The container is what the other tests rely on: the image's uid, /tmp writable, the root filesystem not.
-    probe = "import os; print('uid', os.getuid(), os.getgid()); open('/tmp/ok', 'w').close(); open('/probe', 'w')"
+    # Both lines on stderr, flushed: the container's stdout and stderr are collected apart, so a buffered stdout
+    # line could land in the middle of the traceback.
+    probe = (
+        "import os, sys; print('uid', os.getuid(), os.getgid(), file=sys.stderr, flush=True); "
+        "open('/tmp/ok', 'w').close(); open('/probe', 'w')"
+    )
     tmp = writable_dir(tmp_path / "tmp")
     code, out = run_to_end(image, tmp_path / "probe", command=["python3", "-c", probe], mounts=[Mount("/tmp", tmp)])
     assert code == 1 and f"uid {UID} {UID}" in out and "Read-only file system: '/probe'" in out, out
