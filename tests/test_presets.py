@@ -80,13 +80,13 @@ PUBLISHED: dict[str, list[Published]] = {
         ),
     ],
     "baichuan2-7b": [
-        # Baichuan 2 (Yang et al., 2023), Table 2 names the model "7B" without an exact count; the released
+        # Baichuan 2 (Yang et al., 2023), Table 3 names the model "7B" without an exact count; the released
         # checkpoint (config.json: vocab 125696, d 4096, 32 layers, 32 heads, FFN 11008, untied) has 7.506B.
         Published(
             7e9,
             "total",
             0.10,
-            "Baichuan 2 report, Table 2 (nominal 7B)",
+            "Baichuan 2 report, Table 3 (nominal 7B)",
             checkpoint=hf_count(vocab=125696, dim=4096, layers=32, heads=32, kv_heads=32, ffn=11008),
             checkpoint_vocab=125696,
         ),
@@ -149,6 +149,9 @@ def test_published_dimensions():
     afm = spec_for("afm-3b")
     assert (afm.head_dim, afm.heads, afm.kv_heads, afm.layers, afm.tied_embeddings) == (128, 24, 8, 26, True)
     assert spec_for("index-1.9b").norm_head and spec_for("baichuan2-7b").norm_head
+    # initializer_range in the released config.json files: 0.01 for Index-1.9B, 0.02 (the default) for the others.
+    assert spec_for("index-1.9b").init_std == 0.01
+    assert {spec_for(p).init_std for p in ("stablelm2-1.6b", "llama3-8b", "baichuan2-7b")} == {0.02}
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

@@ -14,7 +14,14 @@ import pytest
 from conftest import ROOT, run_tiny, stagerun, write_manifest
 from recipes import builtin_corpus, scale_to_tiny, tiny_teacher_manifest
 
-from stagerun.core.plan import lr_at, next_phase_needs_relaunch, segments, tokens_at_step, total_steps
+from stagerun.core.plan import (
+    grad_accumulation,
+    lr_at,
+    next_phase_needs_relaunch,
+    segments,
+    tokens_at_step,
+    total_steps,
+)
 from stagerun.core.plan_report import render_table
 from stagerun.core.spec import load_run, read_manifest, resolve_run
 from stagerun.core.spec.presets import resolve_model
@@ -115,8 +122,10 @@ def test_llama3_8b_reproduces_section_3_4():
     assert anneal.lr.peak == pytest.approx(3e-6) and lr_at(anneal, anneal.end_tokens) == 0.0
     assert anneal.weights != core.weights
     assert core.weights == {"general": 0.50, "math": 0.25, "code": 0.17, "multilingual": 0.08}  # §3.1.2
-    assert run.total_tokens == 15_600 * B + 40 * 10**6 and run.training.doc_masking
-    assert "8 phases, ~15.6T tokens" in table and "16Mi" in table and "131072" in table
+    # §1: 15.6T tokens at 8K *followed by* the ~800B long-context stages and the 40M-token anneal.
+    assert core.tokens == 15_600 * B and core.seq_len == 8192
+    assert run.total_tokens == 15_600 * B + 800 * B + 40 * 10**6 and run.training.doc_masking
+    assert "8 phases, ~16.4T tokens" in table and "16Mi" in table and "131072" in table
 
 
 def test_stablelm2_reproduces_the_published_schedule():
@@ -130,12 +139,18 @@ def test_stablelm2_reproduces_the_published_schedule():
         4096,
     )
     main, cooldown = run.phases
-    assert run.total_tokens == 2 * T and all(p.seq_len == 4096 for p in run.phases)
-    assert (main.lr.peak, main.lr.warmup_tokens // (4 * Mi)) == (1e-3, 9720)
+    # 512 A100s (card) x micro-batch 2 x accumulation 2 (config) x 4096 = 8Mi tokens per step; 64 nodes x 8.
+    assert all(p.world_size == 512 for p in run.phases) and run.manifest.spec.resources.nodes == 64
+    assert [s.batch_tokens for s in segments(run)] == [8 * Mi, 8 * Mi] and main.micro_batch_size == 2
+    assert grad_accumulation(8 * Mi // 4096, 512, main.micro_batch_size) == 2
+    # "2T tokens for two epochs" = 4T seen; 420,000 steps before the cooldown = 3.52T.
+    assert run.total_tokens == 4 * T and all(p.seq_len == 4096 for p in run.phases)
+    assert segments(run)[0].steps == 420_000 and main.tokens == 420_000 * 8 * Mi
+    assert (main.lr.peak, main.lr.warmup_tokens // (8 * Mi)) == (1e-3, 9720)  # warmup 0.018 x 540,000 steps
     assert lr_at(main, main.end_tokens) == pytest.approx(2.529e-4)  # the LR at the pre-cooldown checkpoint
-    assert segments(run)[0].steps == 420_000
     assert cooldown.lr.schedule == "linear" and lr_at(cooldown, cooldown.end_tokens) == 0.0
-    assert total_steps(run) == math.ceil(main.tokens / (4 * Mi)) + math.ceil(cooldown.tokens / (4 * Mi))
+    assert total_steps(run) == 420_000 + math.ceil(cooldown.tokens / (8 * Mi)) == 476_838
+    assert run.manifest.spec.checkpoint.every_tokens == 2_000 * 8 * Mi  # config checkpoint-factor
     training = run.training
     assert training.z_loss == 0.0 and training.doc_masking
     assert (training.optimizer.beta2, training.optimizer.eps, training.optimizer.weight_decay) == (0.95, 1e-8, 0.1)
@@ -150,8 +165,12 @@ def test_index_1_9b_is_wsd_with_a_quality_decay_phase():
     assert lr_at(stable, stable.start_tokens + stable.lr.warmup_tokens) == lr_at(stable, stable.end_tokens) == 3e-4
     assert decay.tokens == run.total_tokens // 10 and decay.lr.peak == 3e-4
     assert lr_at(decay, decay.end_tokens) == pytest.approx(3e-5)
+    # Published proportions: zh:en 4:5, code 6 %, curated data 10 %; instruction share 7 % in the decay phase.
+    assert stable.weights["web-zh"] / stable.weights["web-en"] == pytest.approx(4 / 5, rel=1e-6)
+    assert (stable.weights["code"], stable.weights["quality"]) == (0.06, 0.10)
+    assert decay.weights["instruct"] == 0.07 > stable.weights["instruct"]
     assert decay.weights["quality"] > stable.weights["quality"]
-    assert decay.weights["instruct"] > stable.weights["instruct"]
+    assert run.model.init_std == 0.01  # config.json initializer_range
     assert not next_phase_needs_relaunch(run, stable)  # the mix and LR change in the running job
 
 
@@ -184,7 +203,8 @@ def test_baichuan2_7b_reproduces_section_2():
     assert (training.optimizer.beta1, training.optimizer.beta2, training.optimizer.weight_decay) == (0.9, 0.95, 0.1)
     assert (phase.tokens, phase.seq_len, phase.lr.schedule, phase.lr.peak) == (2_600 * B, 4096, "cosine", 2e-4)
     assert steps_until(run, phase.lr.warmup_tokens) == 2000
-    assert phase.world_size == 1024
+    # §2.7: 1,024 A800s; tensor parallelism inside a node, ZeRO (here FSDP) across the nodes.
+    assert phase.world_size == 1024 and phase.parallelism.tensor_parallel == 8
 
 
 # --- scaled to tiny: the same phases, end to end on 2 CPU processes ------------------------------------------------
