@@ -21,10 +21,14 @@ from typing import Any
 
 import yaml
 
+from stagerun.core import credentials
 from stagerun.core.protocol import PodEnv
 from stagerun.core.spec import ResolvedPhase, ResolvedRun, to_manifest
+from stagerun.core.spec.quantities import resource_quantity_value
+from stagerun.core.spec.run import DataCacheSpec
 
 from . import naming
+from .network_policy import NetworkPolicySettings, build_network_policy
 from .pod_overlay import apply_pod_template
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -34,6 +38,7 @@ _SERVER_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
 RESOLVED_FILE = "resolved.json"
 SHM_DIR = "/dev/shm"
 WORK_DIR = posixpath.dirname(naming.RUN_DIR)  # an emptyDir: the run dir (tokenizer, shards) lives on local disk
+DATA_CACHE_DIR = f"{WORK_DIR}/data-cache"  # spec.data.cache's volume, mounted inside the work emptyDir's path
 TERMINATION_LOG = "/dev/termination-log"
 
 
@@ -49,13 +54,28 @@ def owner_reference(run_name: str, uid: str) -> dict:
     }
 
 
-def build_attempt(run: ResolvedRun, *, namespace: str, uid: str, attempt: int, phase_index: int) -> list[dict]:
-    """[ConfigMap, Service, Job] for one attempt, all named ``naming.attempt_name(run.name, attempt)``.
+def build_attempt(
+    run: ResolvedRun,
+    *,
+    namespace: str,
+    uid: str,
+    attempt: int,
+    phase_index: int,
+    network_policy: NetworkPolicySettings | None = None,
+) -> list[dict]:
+    """[ConfigMap, Service, NetworkPolicy, Job] for one attempt, all named ``naming.attempt_name(run.name, attempt)``
+    (no NetworkPolicy without ``network_policy`` settings or when they disable it).
 
-    Create them in this order: the Job's pods mount the ConfigMap and resolve each other through the Service.
+    Create them in this order: the Job's pods mount the ConfigMap and resolve each other through the Service, and
+    their ports are closed to strangers (operator/network_policy.py) before the first of them starts.
     """
     kwargs: dict[str, Any] = dict(namespace=namespace, uid=uid, attempt=attempt, phase_index=phase_index)
-    return [build_configmap(run, **kwargs), build_service(run, **kwargs), build_job(run, **kwargs)]
+    objects = [build_configmap(run, **kwargs), build_service(run, **kwargs)]
+    if network_policy is not None and network_policy.enabled:
+        phase = _phase(run, phase_index)
+        metadata = _metadata(run, namespace=namespace, uid=uid, attempt=attempt, phase=phase)
+        objects.append(build_network_policy(run, phase, metadata=metadata, attempt=attempt, settings=network_policy))
+    return [*objects, build_job(run, **kwargs)]
 
 
 def build_configmap(run: ResolvedRun, *, namespace: str, uid: str, attempt: int, phase_index: int) -> dict:
@@ -217,8 +237,9 @@ def _pod_spec(run: ResolvedRun, phase: ResolvedPhase, *, name: str, uid: str, at
     }
     if scheduling.service_account_name:
         pod["serviceAccountName"] = scheduling.service_account_name
-    else:
-        pod["automountServiceAccountToken"] = False  # the trainer never calls the Kubernetes API
+    # The trainer never calls the Kubernetes API: no token in its pods unless the run asks for one (code of its own
+    # that calls the API, or a cloud workload identity that reads the mounted token; docs/security.md).
+    pod["automountServiceAccountToken"] = scheduling.automount_service_account_token is True
     # What PodSecurity `restricted` asks for (non-root, no privilege escalation, no capabilities, RuntimeDefault
     # seccomp), so trainer pods are admitted in namespaces that enforce it.
     pod["securityContext"] = {
@@ -249,10 +270,8 @@ def _container(run: ResolvedRun, phase: ResolvedPhase, *, name: str, uid: str, a
         "name": naming.CONTAINER,
         "image": spec.image,
         "command": ["stagerun", "launch"],
-        "env": _env(phase, name=name, uid=uid, attempt=attempt),
+        "env": _env(run, phase, name=name, uid=uid, attempt=attempt),
     }
-    if run.checkpoint.credentials_secret:
-        container["envFrom"] = [{"secretRef": {"name": run.checkpoint.credentials_secret}}]
     container["ports"] = [
         {"name": "rdzv", "containerPort": naming.RDZV_PORT, "protocol": "TCP"},
         {"name": "status", "containerPort": naming.STATUS_PORT, "protocol": "TCP"},
@@ -267,9 +286,9 @@ def _container(run: ResolvedRun, phase: ResolvedPhase, *, name: str, uid: str, a
     return container
 
 
-def _env(phase: ResolvedPhase, *, name: str, uid: str, attempt: int) -> list[dict]:
+def _env(run: ResolvedRun, phase: ResolvedPhase, *, name: str, uid: str, attempt: int) -> list[dict]:
     """The contract with ``stagerun launch``: where the manifest is, the gang's shape, and how to rendezvous."""
-    values = {
+    values: dict[str, str] = {
         PodEnv.MANIFEST: f"{naming.MANIFEST_DIR}/{naming.MANIFEST_FILE}",
         PodEnv.RUN_DIR: naming.RUN_DIR,
         PodEnv.ATTEMPT: str(attempt),
@@ -283,8 +302,14 @@ def _env(phase: ResolvedPhase, *, name: str, uid: str, attempt: int) -> list[dic
         PodEnv.STATUS_PORT: str(naming.STATUS_PORT),
         PodEnv.CACHE: f"{WORK_DIR}/cache",
     }
+    if (cache := run.manifest.spec.data.cache) is not None:  # the chunk cache on its own volume (_volumes)
+        values[PodEnv.DATA_CACHE_DIR] = DATA_CACHE_DIR
+        values[PodEnv.DATA_CACHE_BYTES] = str(data_cache_bytes(cache.size_limit))
+    if run.checkpoint.credentials_secret:  # paths only: the keys stay in files (core/credentials.py)
+        values[PodEnv.CREDENTIALS_DIR] = credentials.CREDENTIALS_MOUNT
+        values[credentials.SHARED_CREDENTIALS_FILE_ENV] = credentials.SHARED_CREDENTIALS_FILE
     # Names as plain str: a StrEnum member would not survive yaml.safe_dump (the golden files).
-    env: list[dict] = [{"name": key.value, "value": value} for key, value in values.items()]
+    env: list[dict] = [{"name": str(key), "value": value} for key, value in values.items()]
     for key, path in (
         (PodEnv.POD_IP, "status.podIP"),
         (PodEnv.POD_NAME, "metadata.name"),
@@ -318,7 +343,31 @@ def _volumes(run: ResolvedRun, phase: ResolvedPhase, name: str) -> list[dict]:
     ]
     if run.checkpoint.volume_claim:
         volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": run.checkpoint.volume_claim}})
+    if (cache := run.manifest.spec.data.cache) is not None:
+        volumes.append(_data_cache_volume(cache))
+    if run.checkpoint.credentials_secret:
+        volumes.append(credentials.projected_volume(run.checkpoint.credentials_secret))
     return volumes
+
+
+def data_cache_bytes(size_limit: str) -> int:
+    """The chunk cache's LRU limit: 7/8 of the volume, room for chunks being written and eviction lag (the node's
+    ranks each evict after writing 1/16 of the limit / ranks: remote_io.ChunkCache)."""
+    return int(resource_quantity_value(size_limit) * 7 / 8)
+
+
+def _data_cache_volume(cache: DataCacheSpec) -> dict:
+    """spec.data.cache's volume: an emptyDir of sizeLimit (the kubelet evicts a pod that outgrows it), or a per-pod
+    ephemeral claim of its StorageClass (e.g. local NVMe), deleted with the pod."""
+    if cache.storage_class:
+        claim = {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": cache.storage_class,
+            "resources": {"requests": {"storage": cache.size_limit}},
+        }
+        return {"name": "data-cache", "ephemeral": {"volumeClaimTemplate": {"spec": claim}}}
+    empty_dir = {"sizeLimit": cache.size_limit, **({"medium": cache.medium} if cache.medium else {})}
+    return {"name": "data-cache", "emptyDir": empty_dir}
 
 
 def _volume_mounts(run: ResolvedRun) -> list[dict]:
@@ -329,6 +378,10 @@ def _volume_mounts(run: ResolvedRun) -> list[dict]:
     ]
     if run.checkpoint.volume_claim:
         mounts.append({"name": "checkpoints", "mountPath": run.checkpoint.path})
+    if run.manifest.spec.data.cache is not None:
+        mounts.append({"name": "data-cache", "mountPath": DATA_CACHE_DIR})
+    if run.checkpoint.credentials_secret:
+        mounts.append(credentials.VOLUME_MOUNT)
     return mounts
 
 

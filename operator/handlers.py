@@ -23,7 +23,7 @@ import kopf
 from stagerun.core.protocol import Progress
 from stagerun.core.spec.changes import immutable_changes
 
-from . import builders, kube, metrics, naming, workers
+from . import allow_list, builders, kube, metrics, naming, network_policy, workers
 from .observe import (
     Observation,
     failed_create_messages,
@@ -179,6 +179,12 @@ def accepted_run(body: dict, status: dict):
     if run is None:
         text = "; ".join(str(p) for p in problems)
         return accepted, ("InvalidSpec", f"the manifest is invalid: {text}")
+    # The admin's allow-list (operator/allow_list.py): a new run naming anything outside it fails, an edit that does
+    # is refused like an invalid one (the accepted spec was allowed when it was accepted).
+    namespace = body["metadata"].get("namespace", "")
+    refused = allow_list.refusals(manifest.get("spec") or {}, namespace, allow_list.from_env())
+    if refused:
+        return accepted, ("InvalidSpec", f"the manifest is not allowed here: {'; '.join(refused)}")
     if accepted is not None and status.get("attempt", 0) > 0:
         changed = immutable_changes(accepted, run, status.get("phaseIndex", 0))
         if changed:
@@ -380,7 +386,12 @@ def _accept(namespace: str, name: str, run, body: dict, status: dict) -> None:
 def _apply(action, run, namespace: str, name: str, uid: str) -> None:
     if isinstance(action, Launch):
         for obj in builders.build_attempt(
-            run, namespace=namespace, uid=uid, attempt=action.attempt, phase_index=action.phase_index
+            run,
+            namespace=namespace,
+            uid=uid,
+            attempt=action.attempt,
+            phase_index=action.phase_index,
+            network_policy=network_policy.settings_from_env(),
         ):
             kube.create(obj)
     elif isinstance(action, DeleteAttempt):

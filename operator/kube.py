@@ -46,6 +46,10 @@ def batch() -> client.BatchV1Api:
     return client.BatchV1Api(api_client())
 
 
+def networking() -> client.NetworkingV1Api:
+    return client.NetworkingV1Api(api_client())
+
+
 def _read(call, *args, **kwargs) -> dict:
     """A read's JSON as plain dicts. The client's typed models cost most of the operator's CPU per reconcile (each
     object is built as models, then turned back into dicts); the views in observe.py want dicts anyway."""
@@ -62,11 +66,13 @@ def _ignore(status: int, call, *args, **kwargs):
 
 
 def create(obj: dict) -> None:
-    """Create a ConfigMap, Service or Job; one that already exists (a repeated action) is left as it is."""
+    """Create a ConfigMap, Service, NetworkPolicy or Job; one that already exists (a repeated action) is left as it
+    is."""
     namespace, kind = obj["metadata"]["namespace"], obj["kind"]
     calls = {
         "ConfigMap": core().create_namespaced_config_map,
         "Service": core().create_namespaced_service,
+        "NetworkPolicy": networking().create_namespaced_network_policy,
         "Job": batch().create_namespaced_job,
     }
     _ignore(409, calls[kind], namespace, obj)
@@ -126,7 +132,8 @@ def get_nodes(names: list[str]) -> list[dict] | None:
 
 
 def delete_attempt(namespace: str, run: str, attempt: int, grace_seconds: int) -> None:
-    """The attempt's Job, pods, Service and ConfigMap. Pods get ``grace_seconds`` to exit (SIGTERM first)."""
+    """The attempt's Job, pods, Service, ConfigMap and NetworkPolicy. Pods get ``grace_seconds`` to exit (SIGTERM
+    first)."""
     name = naming.attempt_name(run, attempt)
     # The pods' deletions go out first and together, with our grace period: the Job's garbage collection would use
     # the pods' own (long) one. A pod the Job controller or the collector is already deleting (backoffLimit 0: the
@@ -145,6 +152,8 @@ def delete_attempt(namespace: str, run: str, attempt: int, grace_seconds: int) -
         deletion.result()  # an error other than 404 fails the action (it is repeated at the next reconcile)
     _ignore(404, core().delete_namespaced_service, name, namespace)
     _ignore(404, core().delete_namespaced_config_map, name, namespace)
+    # Last: the pods deleted above may still be finishing their checkpoint within their grace period.
+    _ignore(404, networking().delete_namespaced_network_policy, name, namespace)
 
 
 def _grace_left_longer_than(pod: dict, grace_seconds: int) -> bool:
@@ -161,7 +170,8 @@ def force_delete_pod(namespace: str, name: str) -> None:
 
 
 def delete_everything(namespace: str, run: str) -> int:
-    """Every Job, pod, Service and ConfigMap of the run (all attempts); returns how many objects were deleted."""
+    """Every Job, pod, Service, ConfigMap and NetworkPolicy of the run (all attempts); returns how many objects were
+    deleted."""
     selector = f"{naming.LABEL_RUN}={run}"
     count = 0
     body = client.V1DeleteOptions(propagation_policy="Background")
@@ -173,6 +183,11 @@ def delete_everything(namespace: str, run: str) -> int:
         count += _ignore(404, core().delete_namespaced_service, service.metadata.name, namespace) is not None
     for cm in core().list_namespaced_config_map(namespace, label_selector=selector).items:
         count += _ignore(404, core().delete_namespaced_config_map, cm.metadata.name, namespace) is not None
+    policies = networking().list_namespaced_network_policy(namespace, label_selector=selector).items
+    for policy in policies:
+        count += (
+            _ignore(404, networking().delete_namespaced_network_policy, policy.metadata.name, namespace) is not None
+        )
     return count
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import secrets
+import sys
 import time
 
 TIEBREAK_RANGE = 1000
@@ -64,7 +65,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the address the metrics endpoint binds (in a pod every interface, so Prometheus reaches the pod IP; "
         "127.0.0.1 on a workstation or in tests)",
     )
+    for flag, what in (
+        ("service-accounts", "ServiceAccounts"),
+        ("secrets", "Secrets"),
+        ("volume-claims", "PersistentVolumeClaims"),
+    ):
+        parser.add_argument(
+            f"--allowed-{flag}",
+            metavar="PATTERNS",
+            default=None,
+            help=f"the only {what} a TrainingRun may name: comma-separated fnmatch patterns, NAME or NAMESPACE/NAME "
+            "('' for none); default: all (docs/security.md)",
+        )
+    parser.add_argument(
+        "--allowed-mount-prefixes",
+        metavar="PATHS",
+        default=None,
+        help="comma-separated absolute paths a TrainingRun's volumes may be mounted under; default: anywhere",
+    )
+    network = parser.add_mutually_exclusive_group()
+    network.add_argument(
+        "--no-network-policy",
+        action="store_true",
+        help="create no NetworkPolicy per attempt (the trainer pods' ports stay open to every pod of the cluster)",
+    )
+    network.add_argument(
+        "--network-policy-status-from",
+        metavar="JSON",
+        default=None,
+        help="who may reach the trainer pods' status port 8090 (the operator, Prometheus): a JSON list of Kubernetes "
+        "NetworkPolicyPeers; default: pods labelled as the chart's operator or as Prometheus, in any namespace",
+    )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
+
+
+def _settings_to_env(args: argparse.Namespace, env) -> None:
+    """The flags as the environment variables the handlers read (the chart sets those directly)."""
+    from . import allow_list, network_policy
+
+    for field, variable in allow_list.ENV.items():
+        value = getattr(args, f"allowed_{field}", None)
+        if value is not None:
+            env[variable] = value
+    if args.no_network_policy:
+        env[network_policy.ENABLED_ENV] = "false"
+    if args.network_policy_status_from is not None:
+        env[network_policy.STATUS_FROM_ENV] = args.network_policy_status_from
+    allow_list.from_env(env)  # a malformed setting stops the operator here, with its name
+    network_policy.settings_from_env(env)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
     if args.metrics_port:
         os.environ["STAGERUN_METRICS_PORT"] = str(args.metrics_port)  # read by the startup handler
         os.environ["STAGERUN_METRICS_ADDRESS"] = args.metrics_address
+    try:
+        _settings_to_env(args, os.environ)
+    except ValueError as exc:
+        print(f"stagerun operator: {exc}", file=sys.stderr)
+        return 2
     from . import handlers  # noqa: F401  (registers the handlers with kopf)
 
     logging.basicConfig(

@@ -1,4 +1,4 @@
-"""Operator builders: the ConfigMap, headless Service and Indexed Job of one attempt, as pure data.
+"""Operator builders: the ConfigMap, headless Service, NetworkPolicy and Indexed Job of one attempt, as pure data.
 
 The golden files in ``tests/golden/`` are the spec of what the operator creates: the test compares the full
 rendered list with them exactly (as parsed YAML). After an intended change, rewrite them with
@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stagerun.core import credentials
 from stagerun.core.spec import read_manifest, resolve_run
 from stagerun.operator import builders, naming
+from stagerun.operator.network_policy import NetworkPolicySettings
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -60,8 +62,14 @@ MANIFESTS = {"quickstart": quickstart_manifest, "multinode": multinode_manifest}
 
 
 def build(raw: dict, *, attempt: int = 1, phase_index: int = 0, namespace: str = "default", uid: str = "uid-1234"):
+    """What the operator creates (with the NetworkPolicy of the default settings)."""
     return builders.build_attempt(
-        resolve_run(raw), namespace=namespace, uid=uid, attempt=attempt, phase_index=phase_index
+        resolve_run(raw),
+        namespace=namespace,
+        uid=uid,
+        attempt=attempt,
+        phase_index=phase_index,
+        network_policy=NetworkPolicySettings(),
     )
 
 
@@ -145,8 +153,16 @@ def all_cases():
 def test_every_object_is_owned_labelled_and_named(key, attempt, phase_index):
     raw = MANIFESTS[key]()
     run = resolve_run(raw)
-    objects = builders.build_attempt(run, namespace="ns", uid="uid-9", attempt=attempt, phase_index=phase_index)
-    assert [o["kind"] for o in objects] == ["ConfigMap", "Service", "Job"]
+    objects = builders.build_attempt(
+        run,
+        namespace="ns",
+        uid="uid-9",
+        attempt=attempt,
+        phase_index=phase_index,
+        network_policy=NetworkPolicySettings(),
+    )
+    # The NetworkPolicy before the Job: no pod of the gang starts with its ports open.
+    assert [o["kind"] for o in objects] == ["ConfigMap", "Service", "NetworkPolicy", "Job"]
     phase = run.phases[phase_index]
     labels = naming.attempt_labels(run.name, attempt, phase.name)
     for obj in objects:
@@ -226,6 +242,16 @@ def test_cpu_and_memory_are_requests_and_limits():
     assert "resources" not in container_of(quick)  # a CPU run that asks for nothing gets no requests
 
 
+def test_an_integer_cpu_is_a_quantity_and_reaches_the_pod_as_a_string():
+    # Kubernetes quantities are int-or-string: `cpu: 8` in YAML is an integer and was refused as "expected a string".
+    raw = multinode_manifest()
+    raw["spec"]["resources"].update(cpu=8, memory="64Gi", sharedMemory="8Gi")
+    job = builders.build_job(resolve_run(raw), namespace="ns", uid="u", attempt=1, phase_index=0)
+    assert container_of(job)["resources"]["limits"]["cpu"] == "8"
+    shm = [v for v in job["spec"]["template"]["spec"]["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+    assert [v["emptyDir"]["sizeLimit"] for v in shm] == ["8Gi"]
+
+
 @pytest.mark.parametrize("key", sorted(MANIFESTS))
 def test_rendezvous_names_pod_zero_through_the_headless_service(key):
     run = resolve_run(MANIFESTS[key]())
@@ -250,9 +276,11 @@ def test_rendezvous_names_pod_zero_through_the_headless_service(key):
 
 @pytest.mark.parametrize("key", sorted(MANIFESTS))
 def test_env_is_exactly_the_launch_contract(key):
-    job = builders.build_job(resolve_run(MANIFESTS[key]()), namespace="ns", uid="u", attempt=1, phase_index=0)
+    run = resolve_run(MANIFESTS[key]())
+    job = builders.build_job(run, namespace="ns", uid="u", attempt=1, phase_index=0)
     env = env_of(job)
-    assert set(env) == CONTRACT_ENV
+    with_credentials = {"STAGERUN_CREDENTIALS_DIR", "AWS_SHARED_CREDENTIALS_FILE"}
+    assert set(env) == CONTRACT_ENV | (with_credentials if run.checkpoint.credentials_secret else set())
     assert len(env) == len(container_of(job)["env"])  # no duplicates
     assert env["STAGERUN_MANIFEST"]["value"] == f"{naming.MANIFEST_DIR}/{naming.MANIFEST_FILE}"
     assert env["STAGERUN_RUN_DIR"]["value"] == naming.RUN_DIR
@@ -290,8 +318,47 @@ def test_credentials_secret_only_when_set():
     quick = by_kind(build(quickstart_manifest()))["Job"]
     assert "envFrom" not in container_of(quick)
     assert not any(k.startswith("AWS") for k in env_of(quick))
+    assert "STAGERUN_CREDENTIALS_DIR" not in env_of(quick)
+    assert not any("projected" in v for v in quick["spec"]["template"]["spec"]["volumes"])
+
+
+def test_credentials_are_files_with_only_the_keys_needed():
+    """Not the whole Secret as env (issue 19 item 7): a read-only projected volume of the S3 keys, the two that
+    must be there required (the kubelet refuses to mount without them), the rest optional; the environment holds
+    paths only."""
     multi = by_kind(build(multinode_manifest()))["Job"]
-    assert container_of(multi)["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+    container = container_of(multi)
+    assert "envFrom" not in container
+    env = env_of(multi)
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env)
+    assert env["STAGERUN_CREDENTIALS_DIR"]["value"] == credentials.CREDENTIALS_MOUNT
+    assert env["AWS_SHARED_CREDENTIALS_FILE"]["value"] == credentials.SHARED_CREDENTIALS_FILE
+    assert credentials.SHARED_CREDENTIALS_FILE.startswith("/dev/shm/")  # the memory-backed emptyDir
+    volumes = {v["name"]: v for v in multi["spec"]["template"]["spec"]["volumes"]}
+    required, optional = volumes["credentials"]["projected"]["sources"]
+    assert required == {
+        "secret": {
+            "name": "s3-credentials",
+            "items": [
+                {"key": "AWS_ACCESS_KEY_ID", "path": "AWS_ACCESS_KEY_ID"},
+                {"key": "AWS_SECRET_ACCESS_KEY", "path": "AWS_SECRET_ACCESS_KEY"},
+            ],
+        }
+    }
+    assert optional["secret"]["name"] == "s3-credentials" and optional["secret"]["optional"] is True
+    assert [i["key"] for i in optional["secret"]["items"]] == [
+        "AWS_SESSION_TOKEN",
+        "AWS_DEFAULT_REGION",
+        "AWS_REGION",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+    ]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["credentials"] == {
+        "name": "credentials",
+        "mountPath": credentials.CREDENTIALS_MOUNT,
+        "readOnly": True,
+    }
 
 
 def test_pvc_only_with_volume_claim():
@@ -347,8 +414,12 @@ def test_scheduling_fields_reach_the_pod():
         "imagePullSecrets",
     ):
         assert key not in quick
-    # A chosen ServiceAccount keeps its token (workload identity may need it); without one the trainer gets none.
-    assert "automountServiceAccountToken" not in pod and quick["automountServiceAccountToken"] is False
+    # No API token, with or without a chosen ServiceAccount (the trainer never calls the API; cloud workload
+    # identity webhooks project tokens of their own): only an explicit opt-in mounts it.
+    assert pod["automountServiceAccountToken"] is False and quick["automountServiceAccountToken"] is False
+    opted = multinode_manifest()
+    opted["spec"]["scheduling"]["automountServiceAccountToken"] = True
+    assert by_kind(build(opted))["Job"]["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
     for spec in (pod, quick):  # restricted Pod Security either way (tests/test_operator.py proves admission)
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert spec["securityContext"]["runAsUser"] == naming.TRAINER_UID

@@ -51,6 +51,13 @@ FULL_VALUES = {
     "priorityClassName": "system-cluster-critical",
     "serviceAccount": {"name": "trainer-operator", "annotations": {"iam.example.com/role": "stagerun"}},
     "rbac": {"readNodes": False},
+    "networkPolicy": {"enabled": False},
+    "allowList": {
+        "serviceAccounts": [],
+        "secrets": ["s3-*", "team-a/registry"],
+        "volumeClaims": ["ckpt-*"],
+        "mountPathPrefixes": ["/data", "/scratch"],
+    },
     "metrics": {
         "port": 9091,
         "serviceMonitor": {"enabled": True, "interval": "15s", "scrapeTimeout": "10s", "labels": {"release": "kps"}},
@@ -160,7 +167,8 @@ def test_default_install_renders_the_operator_and_its_clusterwide_rbac(default_o
         "--liveness=http://0.0.0.0:8080/healthz",
         "--metrics-port=8081",
     ]
-    assert args[5:] == ["-A"]
+    assert args[5] == "-A"
+    assert len(args) == 7 and args[6].startswith("--network-policy-status-from=")  # the next test reads it
     assert container(default_objects)["image"] == f"ghcr.io/stagerun/stagerun-operator:{chart()['appVersion']}"
 
 
@@ -199,7 +207,18 @@ def test_full_values_render_every_optional_part(full_objects):
         "team-b",
     }
     main = container(full_objects)
-    assert main["command"][5:] == ["-n", "team-a", "-n", "team-b", "--verbose"]
+    assert main["command"][5:] == [
+        "-n",
+        "team-a",
+        "-n",
+        "team-b",
+        "--verbose",
+        "--no-network-policy",
+        "--allowed-service-accounts=",
+        "--allowed-secrets=s3-*,team-a/registry",
+        "--allowed-volume-claims=ckpt-*",
+        "--allowed-mount-prefixes=/data,/scratch",
+    ]
     assert "--metrics-port=9091" in main["command"]
     assert main["image"] == "registry.example.com/ml/stagerun-operator:0.2.0-rc1"
     assert main["imagePullPolicy"] == "Always"
@@ -360,6 +379,60 @@ def test_operator_command_line_is_accepted_by_the_operator(default_objects, full
         assert args.all_namespaces or args.namespace
 
 
+def operator_settings(command: list[str]) -> dict[str, str]:
+    """The settings the operator takes from its command line (the flags as the environment it reads)."""
+    import argparse
+
+    from stagerun.operator.main import _settings_to_env, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    env: dict[str, str] = {}
+    _settings_to_env(parser.parse_args(command[2:]), env)
+    return env
+
+
+def test_network_policy_lets_the_operators_own_pods_and_prometheus_reach_the_status_port(default_objects):
+    """By default the operator creates a NetworkPolicy per attempt whose status-port peers are the chart's operator
+    pods (their namespace and exactly the labels the Deployment gives them) and the documented Prometheus."""
+    from stagerun.operator import allow_list, network_policy
+
+    env = operator_settings(container(default_objects)["command"])
+    settings = network_policy.settings_from_env(env)
+    assert settings.enabled
+    operator_pods, prometheus = settings.status_from
+    pod_labels = only(default_objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert operator_pods["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": RELEASE_NS}}
+    assert operator_pods["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert operator_pods["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
+    assert prometheus == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }
+    assert allow_list.from_env(env) == allow_list.AllowList()  # by default everything is allowed
+
+
+def test_allow_list_and_disabled_policy_reach_the_operator(full_objects):
+    from stagerun.operator import allow_list, network_policy
+
+    env = operator_settings(container(full_objects)["command"])
+    assert not network_policy.settings_from_env(env).enabled
+    assert allow_list.from_env(env) == allow_list.AllowList(
+        service_accounts=(),
+        secrets=("s3-*", "team-a/registry"),
+        volume_claims=("ckpt-*",),
+        mount_prefixes=("/data", "/scratch"),
+    )
+
+
+def test_rbac_lets_the_operator_manage_the_attempts_network_policies(default_objects, full_objects):
+    """Granted with the policy disabled too: the operator still removes the policies of runs it launched before."""
+    for objects in (default_objects, full_objects):
+        rules = [r for o in objects if o["kind"] in ("ClusterRole", "Role") for r in o["rules"]]
+        granted = {v for r in rules if "networkpolicies" in r["resources"] for v in r["verbs"]}
+        assert granted == {"create", "list", "delete"}
+
+
 # -- the values schema -------------------------------------------------------------------------------------------------
 
 
@@ -392,6 +465,11 @@ def test_an_image_digest_replaces_the_tag(helm, tmp_path):
         (["--set", "metrics.port=8080"], "port"),
         (["--set", "metrics.serviceMonitor.interval=often"], "interval"),
         (["--set", "serviceAccount.create=false"], "serviceAccount.name"),
+        (["--set", "networkPolicy.enabled=sometimes"], "enabled"),
+        (["--set", "networkPolicy.metricsFrom[0].podLabels.app=prometheus"], "podLabels"),
+        (["--set", "allowList.secrets=s3-credentials"], "secrets"),
+        (["--set", "allowList.secrets={Bad Name}"], "secrets"),
+        (["--set", "allowList.mountPathPrefixes={data}"], "mountPathPrefixes"),
     ],
 )
 def test_bad_values_are_refused(helm, bad, complaint):

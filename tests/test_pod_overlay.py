@@ -83,7 +83,7 @@ def test_the_overlay_is_added_to_the_generated_pod():
     trainer, plain_trainer = pod["containers"][0], before["containers"][0]
     change = NCCL_OVERLAY["spec"]["containers"][0]
     assert trainer["env"] == [*plain_trainer["env"], *change["env"]]  # after the operator's: $(POD_IP) works
-    assert trainer["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}, {"configMapRef": {"name": "nccl-tuning"}}]
+    assert trainer["envFrom"] == [{"configMapRef": {"name": "nccl-tuning"}}]  # credentials are files, not env
     assert trainer["volumeMounts"] == [*plain_trainer["volumeMounts"], *change["volumeMounts"]]
     # Extra resources key by key (quantities as the strings a pod spec carries); cpu, memory and the GPUs stay
     # spec.resources's (requests = limits).
@@ -173,7 +173,7 @@ def test_the_merge_refuses_a_clash_even_when_the_checks_were_skipped():
 def test_the_reserved_names_cover_what_the_operator_builds():
     """The checks live in stagerun.core (no operator import): their lists must cover what the builders make."""
     manifest = multinode_manifest()
-    manifest["spec"]["checkpoint"] = {"path": "/checkpoints", "volumeClaim": "runs"}
+    manifest["spec"]["checkpoint"] = {"path": "/checkpoints", "volumeClaim": "runs", "credentialsSecret": "s3"}
     template = pod_template(manifest)
     trainer = template["spec"]["containers"][0]
     assert {e["name"] for e in trainer["env"]} | {"JOB_COMPLETION_INDEX"} == OPERATOR_ENV

@@ -86,6 +86,9 @@ empty.
 - pods: listed by label (the gang's state) and deleted (teardown, force-delete of pods stuck on dead nodes).
 - jobs are also watched (kopf, label selector stagerun.io/run on the server): a Job whose pod failed, or that
   ended or was suspended, reconciles its run at once.
+- networkpolicies: one created per attempt (the trainer pods' ingress, operator/network_policy.py), deleted with
+  the attempt, found by label (list) when the run is deleted. Granted with networkPolicy.enabled false too: the
+  operator still removes the policies of runs launched while it was on.
 - kopfpeerings (only with watchNamespaces set): kopf lists and watches the namespace's peering object and patches
   its keep-alive record into the status (leader election among the replicas, templates/peering.yaml).
 */}}
@@ -114,6 +117,9 @@ empty.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["create", "get", "list", "watch", "delete"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["create", "list", "delete"]
 {{- if .Values.watchNamespaces }}
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
