@@ -181,7 +181,7 @@ MALFORMED = [
     (mutate("spec.model.dims", 64), "spec.model.dims", "did you mean 'dim'"),
     (mutate("spec.phases[0].seqlen", 128), "spec.phases[0].seqlen", "did you mean 'seqLen'"),
     (mutate("spec.parallelism", {"tensorParallel": 3}), "spec.parallelism.tensorParallel", "not divisible"),
-    (mutate("spec.parallelism", {"contextParallel": 2}), "spec.parallelism.contextParallel", "not supported yet"),
+    (mutate("spec.parallelism", {"contextParallel": 3}), "spec.parallelism.contextParallel", "not divisible"),
     (mutate("spec.parallelism", {"fsdp": 4}), "spec.parallelism.fsdp", "!= world size 2"),
     (
         mutate("spec.resources", {"gpusPerNode": 8, "processesPerNode": 4}),
@@ -457,3 +457,104 @@ def test_operator_folder_never_shadows_the_standard_library():
         "assert hasattr(operator, 'itemgetter')"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# -- issue 19 item 5: absurd sizes, non-ASCII digits, Kubernetes values (the corpus: tests/test_hostile_manifests.py)
+
+
+@pytest.mark.parametrize("text", ["١٠٠", "١e-3", "１e3", "０.5", "𝟏", "1_0e-4", "3e-4\n", "٣"])
+def test_parse_float_reads_only_ascii_digits(text):
+    """Python's float() reads Arabic-Indic, full-width and mathematical digits (and '1_0'): a manifest must not."""
+    assert float(text) is not None  # the trap: Python itself accepts every one of these
+    with pytest.raises(QuantityError, match="ASCII digits"):
+        parse_float(text)
+
+
+@pytest.mark.parametrize("text", ["١٠٠", "１２８", "64K\u3000", "1e999999999", "1e-999999999"])
+def test_parse_count_refuses_non_ascii_and_absurd_exponents_at_once(text):
+    with pytest.raises(QuantityError):
+        parse_count(text)
+
+
+def test_parse_duration_refuses_non_ascii_digits():
+    from stagerun.core.spec.quantities import parse_duration
+
+    assert parse_duration("1h30m") == 5400
+    for bad in ("٣٠m", "１h", "9" * 30 + "s"):
+        with pytest.raises(QuantityError):
+            parse_duration(bad)
+
+
+@pytest.mark.parametrize(
+    "mutation, path",
+    [
+        (lambda m: m["spec"]["model"].update(layers=10**9), "spec.model.layers"),
+        (lambda m: m["spec"]["model"].update(vocabSize=10**10), "spec.model.vocabSize"),
+        (lambda m: m["spec"]["phases"][0]["lr"].update(peak="1e300"), "spec.phases[0].lr.peak"),
+        (lambda m: m["spec"]["phases"][0].update(tokens="1e18"), "spec.phases[0].tokens"),
+        (lambda m: m["spec"]["resources"].update(nodes=10**6), "spec.resources.nodes"),
+    ],
+)
+def test_absurd_sizes_are_refused_with_the_field_and_the_bound(mutation, path):
+    manifest = base_manifest()
+    mutation(manifest)
+    problems = validate_manifest(manifest)
+    assert [p.path for p in problems] == [path]
+    assert "beyond any real run: at most" in problems[0].message
+
+
+def test_every_size_bound_names_a_real_field_and_admits_the_presets():
+    import dataclasses
+
+    from stagerun.core.spec import model, presets, run
+    from stagerun.core.spec.limits import BOUNDS
+
+    classes = {c.__name__: c for module in (model, run) for c in vars(module).values() if dataclasses.is_dataclass(c)}
+    for class_name, attribute in BOUNDS:
+        assert attribute in {f.name for f in dataclasses.fields(classes[class_name])}, (class_name, attribute)
+    for name, preset in presets.PRESETS.items():
+        for attribute, value in {**presets.MODEL_DEFAULTS, **preset}.items():
+            bound = BOUNDS.get(("ModelSpec", attribute))
+            if bound is not None and isinstance(value, (int, float)):
+                assert value <= bound.maximum, (name, attribute)
+
+
+def test_kubernetes_value_rules():
+    from stagerun.core.spec import k8s_values as k8s
+
+    assert k8s.dns1123_label("run-1") is None and k8s.dns1123_label("run\n") and k8s.dns1123_label("a" * 64)
+    assert k8s.object_name("ServiceAccount", "stagerun-trainer") is None and k8s.object_name("Secret", "My_Secret")
+    assert k8s.qualified_name("kueue.x-k8s.io/queue-name") is None and k8s.qualified_name("/x")
+    assert k8s.label_value("") is None and k8s.label_value("-x") and k8s.label_value("x" * 64)
+    assert k8s.env_var_name("NCCL_DEBUG") is None and k8s.env_var_name("1X") and k8s.env_var_name("A B")
+    assert k8s.resource_name("nvidia.com/gpu") is None and k8s.resource_name("gpu")
+    assert [k8s.quantity(q, positive=True) is None for q in ("500m", "64Gi", "1e3", "lots", "-1", "0", "1\n")] == [
+        True, True, True, False, False, False, False,
+    ]  # fmt: skip
+    good = ("ghcr.io/example/stagerun:0.1", "localhost:5000/a/b", "busybox", "x@sha256:" + "a" * 64)
+    assert all(k8s.image_reference(i) is None for i in good)
+    assert all(k8s.image_reference(i) for i in ("Ghcr.io/x/Y", "a b", "x:", ""))
+
+
+@pytest.mark.parametrize(
+    "path, refused",
+    [
+        ("/", True),
+        ("/proc/sys", True),
+        ("/etc", True),
+        ("/usr/", True),
+        ("/opt", True),
+        ("/dev/shm", True),
+        ("/var/lib/stagerun/x", True),
+        ("/data/../sys", True),
+        ("relative", True),
+        ("/etc/ssl/certs/ca.pem", False),  # a single file inside /etc: common for CA bundles
+        ("/tmp", False),
+        ("/mnt/datasets", False),
+        ("/var/lib/data", False),
+    ],
+)
+def test_mount_paths_over_system_or_operator_paths_are_refused(path, refused):
+    from stagerun.core.spec.pod_template import OPERATOR_MOUNT_PATHS, mount_path_problem
+
+    assert (mount_path_problem(path, OPERATOR_MOUNT_PATHS) is not None) is refused

@@ -63,7 +63,14 @@ class _DuplicateKey(yaml.YAMLError):
 
 class _ManifestLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last one, which silently
-    dropped a second `seqLen`, or a data source declared twice under one name (YAML 1.2 forbids duplicates)."""
+    dropped a second `seqLen`, or a data source declared twice under one name (YAML 1.2 forbids duplicates).
+    It also stops at the hundredth nested '[' or '{': PyYAML's scanner takes time quadratic in that depth (10,000
+    levels, 20 KB of brackets, took 8 s before the recursion limit stopped it); a TrainingRun nests about ten."""
+
+    def fetch_flow_collection_start(self, TokenClass):
+        if self.flow_level >= MAX_NESTING:
+            raise _NotAManifest(f"line {self.get_mark().line + 1}: nests too deeply to be a TrainingRun")
+        super().fetch_flow_collection_start(TokenClass)
 
 
 def _mapping_without_duplicates(loader: _ManifestLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -83,18 +90,108 @@ def _mapping_without_duplicates(loader: _ManifestLoader, node: yaml.MappingNode,
 _ManifestLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
+def _with_position(construct):
+    """PyYAML's scalar constructors fail with bare Python errors on values their tag does not fit: ValueError for a
+    date 2024-13-45, an integer of 5000 digits or `!!float abc`, KeyError for `!!bool eight`, AttributeError for
+    `!!timestamp soon`, IndexError for an empty `!!int`. Each is a property of the node alone, so it becomes a
+    YAML error with its line and column."""
+
+    def guarded(loader: _ManifestLoader, node: yaml.Node):
+        try:
+            return construct(loader, node)
+        except (ValueError, KeyError, AttributeError, IndexError) as exc:
+            text = str(node.value)
+            shown = text if len(text) <= 40 else f"{text[:40]}..."
+            reason = f": {exc}" if isinstance(exc, ValueError) else f" as {node.tag.rpartition(':')[2]}"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {shown!r}{reason}", node.start_mark
+            ) from None
+
+    return guarded
+
+
+for _tag in ("int", "float", "bool", "timestamp"):
+    _tag = f"tag:yaml.org,2002:{_tag}"
+    _ManifestLoader.add_constructor(_tag, _with_position(yaml.SafeLoader.yaml_constructors[_tag]))
+
+MAX_NESTING = 100
+# A TrainingRun is a few KB. The apiserver refuses objects past etcd's 1.5 MiB request limit, so a larger file is
+# not a manifest; reading it whole first would spend memory on whatever it is.
+MAX_MANIFEST_BYTES = 3 * 2**20
+# Values a manifest may hold once its YAML aliases are expanded: a run with a thousand phases has ~30,000, while
+# ten levels of ten aliases ("billion laughs") are 10^10 and would hang every reader after the parser.
+MAX_EXPANDED_VALUES = 100_000
+
+
+def _expanded_values(node: yaml.Node) -> int:
+    """How many values ``node`` stands for with every alias expanded, counted once per node (linear time); raises
+    _NotAManifest for an alias that contains itself (PyYAML would build a recursive structure for it)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(current: yaml.Node) -> int:
+        key = id(current)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise _NotAManifest(f"line {current.start_mark.line + 1}: an alias refers to the node that contains it")
+        open_nodes.add(key)
+        children: list = []
+        if isinstance(current, yaml.SequenceNode):
+            children = current.value
+        elif isinstance(current, yaml.MappingNode):
+            children = [part for pair in current.value for part in pair]
+        total = 1 + sum(size(child) for child in children)
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(node)
+
+
+def _load_documents(text: str) -> list:
+    loader = _ManifestLoader(text)
+    try:
+        documents = []
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:  # pragma: no cover - check_node said a document follows
+                break
+            expanded = _expanded_values(node)
+            if expanded > MAX_EXPANDED_VALUES:
+                raise _NotAManifest(
+                    f"expands to {expanded:.3g} values through its YAML aliases (anchors '&' and '*'), at most "
+                    f"{MAX_EXPANDED_VALUES}: a 'billion laughs' file, not a TrainingRun"
+                )
+            documents.append(loader.construct_document(node))
+        return [d for d in documents if d is not None]
+    finally:
+        loader.dispose()
+
+
+class _NotAManifest(ValueError):
+    """YAML that parses but cannot be a TrainingRun (an alias bomb, a self-containing alias)."""
+
+
 def read_manifest(source: str | Path) -> dict:
     """The YAML document of a manifest file, with a clear error for unreadable files."""
     path = Path(source)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            data = file.read(MAX_MANIFEST_BYTES + 1)
+        text = data.decode("utf-8")
     except OSError as exc:
         raise SpecError([Problem(str(path), f"cannot read the file: {exc.strerror}")]) from None
     except UnicodeDecodeError as exc:
-        raise SpecError([Problem(str(path), f"is not UTF-8 text (byte {exc.start}): save it as UTF-8")]) from None
+        if len(data) <= MAX_MANIFEST_BYTES or exc.start < MAX_MANIFEST_BYTES - 4:
+            raise SpecError([Problem(str(path), f"is not UTF-8 text (byte {exc.start}): save it as UTF-8")]) from None
+        text = ""  # a multi-byte character cut at the limit: the size problem below is the one to report
+    if len(data) > MAX_MANIFEST_BYTES:
+        message = f"is larger than {MAX_MANIFEST_BYTES // 2**20} MiB: not a TrainingRun (Kubernetes stores objects up "
+        raise SpecError([Problem(str(path), message + "to 1.5 MiB)")])
     try:
-        documents = [d for d in yaml.load_all(text, Loader=_ManifestLoader) if d is not None]
-    except _DuplicateKey as exc:
+        documents = _load_documents(text)
+    except (_DuplicateKey, _NotAManifest) as exc:
         raise SpecError([Problem(str(path), str(exc))]) from None
     except yaml.YAMLError as exc:
         raise SpecError([Problem(str(path), f"is not valid YAML: {exc}")]) from None

@@ -22,6 +22,7 @@ import typing
 from dataclasses import MISSING, dataclass
 from typing import Any, Literal
 
+from .limits import INT64_MAX, bound_of, format_bound
 from .quantities import QuantityError, parse_count, parse_duration, parse_float, parse_resource_quantity
 
 COUNT = "count"  # an integer that may be written with a suffix: 2T, 252M, 4Mi
@@ -39,7 +40,16 @@ class Problem:
 
     def __str__(self) -> str:
         text = f"{self.path}: {self.message}"
-        return f"{text} (fix: {self.fix})" if self.fix else text
+        return printable(f"{text} (fix: {self.fix})" if self.fix else text)
+
+
+def printable(text: str) -> str:
+    """``text`` with invisible and unprintable characters escaped (a zero-width space, a right-to-left override, a
+    lone surrogate from a YAML "\\ud800" escape): a message must show what the manifest holds, and a lone
+    surrogate would make printing it fail."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else f"\\u{ord(c):04x}" for c in text)
 
 
 class SpecError(ValueError):
@@ -48,7 +58,7 @@ class SpecError(ValueError):
     def __init__(self, problems: list[Problem], source: str | None = None):
         self.problems = list(problems)
         self.source = source
-        where = f" in {source}" if source else ""
+        where = f" in {printable(source)}" if source else ""
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{len(self.problems)} problem(s){where}:\n{lines}")
 
@@ -148,6 +158,8 @@ class Reader:
                     ok = False
                 continue
             value = self.value(hints[f.name], raw[key], f"{path}.{key}", f.metadata)
+            if value is not _INVALID and not self._within_bound(cls.__name__, f, value, raw[key], f"{path}.{key}"):
+                value = _INVALID
             if value is _INVALID:
                 ok = False
                 continue
@@ -199,6 +211,20 @@ class Reader:
             return _INVALID if any(i is _INVALID for i in mapping.values()) else mapping
         return self.scalar(tp, raw, path, metadata)
 
+    def _within_bound(self, class_name: str, f: dataclasses.Field, value: Any, raw: Any, path: str) -> bool:
+        """Whether a number stays below its sanity bound (limits.py): past it, it is a typo, never a recipe."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return True
+        bound = bound_of(class_name, f.name, f.metadata.get("kind"))
+        if bound is None or value <= bound.maximum:
+            return True
+        self.problem(
+            path,
+            f"{raw!r} is beyond any real run: at most {format_bound(bound.maximum)} ({bound.why})",
+            "check the value for a typo or a missing suffix",
+        )
+        return False
+
     def _check_map_keys(self, items: list, keys: tuple[str, ...], path: str) -> bool:
         """Records a problem for each list-map item that repeats an earlier item's keys; False only when a
         free-form item lacks its keys. Duplicates keep the list readable, so the checks after reading still
@@ -246,6 +272,8 @@ class Reader:
             elif tp is int:
                 if isinstance(raw, bool) or not isinstance(raw, int):
                     raise QuantityError(f"expected an integer, got {_describe(raw)}")
+                if abs(raw) > INT64_MAX:  # Kubernetes and torch carry integers as int64
+                    raise QuantityError(f"{raw!r} does not fit in a 64-bit integer")
                 value = raw
             elif tp is float:
                 value = parse_float(raw)

@@ -21,12 +21,13 @@ sets, the labels it selects its pods by, its volumes and mount paths, the CPU, m
 from __future__ import annotations
 
 import posixpath
-import re
 from collections.abc import Set
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .. import credentials
 from ..protocol import PodEnv
+from . import k8s_values
 from .fields import QUANTITY, Problem, spec_field
 from .quantities import resource_quantity_value
 
@@ -46,10 +47,14 @@ OPERATOR_ENV = frozenset(
         PodEnv.RDZV_ID,
         PodEnv.STATUS_PORT,
         PodEnv.CACHE,
+        PodEnv.DATA_CACHE_DIR,  # with spec.data.cache, as is the next
+        PodEnv.DATA_CACHE_BYTES,
         PodEnv.POD_IP,
         PodEnv.POD_NAME,
         PodEnv.POD_NAMESPACE,
         PodEnv.JOB_COMPLETION_INDEX,
+        PodEnv.CREDENTIALS_DIR,  # with spec.checkpoint.credentialsSecret, as is the next
+        credentials.SHARED_CREDENTIALS_FILE_ENV,
     }
 )
 # Labels the operator selects its pods by (stagerun.operator.naming.attempt_labels) and those the Job controller
@@ -58,15 +63,23 @@ RESERVED_LABELS = frozenset({"app.kubernetes.io/name", "app.kubernetes.io/manage
 RESERVED_PREFIXES = ("stagerun.io/", "batch.kubernetes.io/")
 # The pod's own volumes and where the trainer container mounts them (stagerun.operator.builders; tests check that
 # these cover what it builds). A checkpoint volume is mounted at spec.checkpoint.path.
-OPERATOR_VOLUMES = frozenset({"manifest", "shm", "work", "checkpoints"})
+OPERATOR_VOLUMES = frozenset({"manifest", "shm", "work", "checkpoints", "data-cache", credentials.CREDENTIALS_VOLUME})
 MANIFEST_MOUNT = "/etc/stagerun"  # read-only (a ConfigMap): nothing can be mounted inside it
-OPERATOR_MOUNT_PATHS = frozenset({MANIFEST_MOUNT, "/dev/shm", "/var/lib/stagerun"})
+OPERATOR_MOUNT_PATHS = frozenset({MANIFEST_MOUNT, "/dev/shm", "/var/lib/stagerun", credentials.CREDENTIALS_MOUNT})
+# Where the trainer image keeps its Python and the stagerun install (docker/trainer.Dockerfile): a volume mounted
+# there, or above it, hides the trainer from its own container.
+IMAGE_PATHS = ("/opt/venv", "/opt/python")
+# Directories of every Linux container that a volume may not replace: the root, the kernel's /proc, /sys and /dev
+# (runc refuses mounts inside /proc; the kubelet owns /dev/termination-log), and the system's programs, libraries
+# and configuration. Inside /etc or /usr one file or folder may still be mounted (a CA bundle at /etc/ssl/certs is
+# common); /tmp, /mnt, /data and the like are free.
+SYSTEM_PATHS = frozenset(
+    {"/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/root", "/run", "/sbin", "/sys"}
+    | {"/usr", "/var"}
+)
+KERNEL_PATHS = ("/proc", "/sys", "/dev")
 # Amounts spec.resources owns (requests = limits, per phase); the GPU resource is added per run.
 OPERATOR_RESOURCES = {"cpu": "spec.resources.cpu", "memory": "spec.resources.memory"}
-
-_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 @dataclass(frozen=True)
@@ -125,7 +138,7 @@ class TrainerContainerOverlay:
         None, doc="environment variables added after the operator's (e.g. NCCL_*)", map_keys=("name",)
     )
     env_from: tuple[dict[str, Any], ...] | None = spec_field(
-        None, doc="Kubernetes EnvFromSources (configMapRef, secretRef) added after spec.checkpoint.credentialsSecret"
+        None, doc="Kubernetes EnvFromSources (configMapRef, secretRef) added to the trainer's environment"
     )
     volume_mounts: tuple[VolumeMountSpec, ...] | None = spec_field(
         None, doc="mounts added to the operator's", map_keys=("mountPath",)
@@ -207,18 +220,23 @@ def check_pod_template(
         where = f"{path}.volumes[{index}].name"
         if name in OPERATOR_VOLUMES:
             problems.append(Problem(where, f"{name!r} is a volume of the operator's pod", "choose another name"))
-        elif not _DNS_LABEL.match(name) or len(name) > 63:
-            problems.append(Problem(where, f"{name!r} is not a DNS-1123 label", "use lowercase letters, digits, '-'"))
+        elif k8s_values.dns1123_label(name):
+            problems.append(Problem(where, k8s_values.dns1123_label(name) or "", "e.g. 'datasets'"))
     for index, init in enumerate(spec.init_containers or ()):
         where = f"{path}.initContainers[{index}]"
         if init["name"] == TRAINER_CONTAINER:
             problems.append(Problem(f"{where}.name", f"{TRAINER_CONTAINER!r} is the trainer's", "choose another name"))
+        elif k8s_values.dns1123_label(init["name"]):
+            problems.append(Problem(f"{where}.name", k8s_values.dns1123_label(init["name"]) or ""))
         if not isinstance(init.get("image"), str) or not init["image"]:
             problems.append(Problem(f"{where}.image", "required field is missing", "give the init container's image"))
     if spec.scheduler_name is not None and not spec.scheduler_name.strip():
         problems.append(Problem(f"{path}.schedulerName", "is empty", "drop it to use the cluster's default"))
-    if spec.runtime_class_name is not None and not _DNS_SUBDOMAIN.match(spec.runtime_class_name):
-        problems.append(Problem(f"{path}.runtimeClassName", f"{spec.runtime_class_name!r} is not a RuntimeClass name"))
+    elif spec.scheduler_name is not None and k8s_values.dns1123_subdomain(spec.scheduler_name):
+        problems.append(Problem(f"{path}.schedulerName", k8s_values.dns1123_subdomain(spec.scheduler_name) or ""))
+    if spec.runtime_class_name is not None and k8s_values.dns1123_subdomain(spec.runtime_class_name):
+        message = f"{spec.runtime_class_name!r} is not a RuntimeClass name: a DNS-1123 subdomain"
+        problems.append(Problem(f"{path}.runtimeClassName", message, "e.g. nvidia"))
     mountable = set(volumes) | (OPERATOR_VOLUMES - {"checkpoints"}) | ({"checkpoints"} if checkpoint_mount else set())
     for index, container in enumerate(spec.containers or ()):
         where = f"{path}.containers[{index}]"
@@ -231,6 +249,7 @@ def check_pod_template(
                 )
             )
         _check_env(container.env or (), f"{where}.env", problems)
+        _check_env_from(container.env_from or (), f"{where}.envFrom", problems)
         reserved_paths = OPERATOR_MOUNT_PATHS | ({checkpoint_mount} if checkpoint_mount else set())
         for j, mount in enumerate(container.volume_mounts or ()):
             _check_mount(mount, f"{where}.volumeMounts[{j}]", mountable, reserved_paths, problems)
@@ -239,8 +258,7 @@ def check_pod_template(
 
 
 def _check_key(key: str, path: str, problems: list[Problem], reserved: frozenset[str] = frozenset()) -> bool:
-    prefix, _, name = key.rpartition("/")
-    if (prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix))) or not _LABEL_NAME.match(name):
+    if k8s_values.qualified_name(key):
         problems.append(
             Problem(
                 path,
@@ -259,19 +277,16 @@ def _check_key(key: str, path: str, problems: list[Problem], reserved: frozenset
 
 def _check_labels(labels: dict[str, str], path: str, problems: list[Problem]) -> None:
     for key, value in labels.items():
-        if _check_key(key, f"{path}.{key}", problems, RESERVED_LABELS) and value and not _LABEL_NAME.match(value):
-            problems.append(
-                Problem(
-                    f"{path}.{key}",
-                    f"{value!r} is not a label value",
-                    "at most 63 letters, digits, '-', '_', '.', starting and ending with a letter or digit",
-                )
-            )
+        if _check_key(key, f"{path}.{key}", problems, RESERVED_LABELS) and k8s_values.label_value(value):
+            problems.append(Problem(f"{path}.{key}", k8s_values.label_value(value) or ""))
 
 
 def _check_annotations(annotations: dict[str, str], path: str, problems: list[Problem]) -> None:
     for key in annotations:
         _check_key(key, f"{path}.{key}", problems)
+    too_large = k8s_values.annotations_size(annotations)
+    if too_large:
+        problems.append(Problem(path, too_large, "keep large data in a ConfigMap or a volume"))
 
 
 def _check_env(env: tuple[EnvVarSpec, ...], path: str, problems: list[Problem]) -> None:
@@ -285,10 +300,31 @@ def _check_env(env: tuple[EnvVarSpec, ...], path: str, problems: list[Problem]) 
                     "drop it; the operator's value describes the gang",
                 )
             )
-        elif not var.name or "=" in var.name:
-            problems.append(Problem(f"{where}.name", f"{var.name!r} is not an environment variable name"))
+        elif k8s_values.env_var_name(var.name):
+            problems.append(Problem(f"{where}.name", k8s_values.env_var_name(var.name) or "", "e.g. NCCL_DEBUG"))
         if var.value is not None and var.value_from is not None:
             problems.append(Problem(where, "sets both value and valueFrom", "keep one of them"))
+
+
+def _check_env_from(sources: tuple[dict[str, Any], ...], path: str, problems: list[Problem]) -> None:
+    """EnvFromSources: the Secret or ConfigMap named, and the prefix (core validateEnvFrom: a prefixed key must be
+    an env var name, so the prefix must start like one)."""
+    for index, source in enumerate(sources):
+        where = f"{path}[{index}]"
+        refs = [(key, kind) for key, kind in (("secretRef", "Secret"), ("configMapRef", "ConfigMap")) if key in source]
+        if len(refs) != 1:
+            problems.append(Problem(where, "needs exactly one of secretRef and configMapRef", "secretRef: {name: X}"))
+            continue
+        key, kind = refs[0]
+        ref = source[key]
+        name = ref.get("name") if isinstance(ref, dict) else None
+        if not isinstance(name, str):
+            problems.append(Problem(f"{where}.{key}.name", "required field is missing", f"name the {kind}"))
+        elif k8s_values.object_name(kind, name):
+            problems.append(Problem(f"{where}.{key}.name", k8s_values.object_name(kind, name) or ""))
+        prefix = source.get("prefix")
+        if prefix is not None and (not isinstance(prefix, str) or k8s_values.env_var_name(prefix + "X")):
+            problems.append(Problem(f"{where}.prefix", f"{prefix!r} cannot start an environment variable name"))
 
 
 def _check_mount(
@@ -298,24 +334,45 @@ def _check_mount(
         problems.append(
             Problem(f"{path}.name", f"names no volume: {mount.name!r}", "add it to spec.podTemplate.spec.volumes")
         )
-    target = posixpath.normpath(mount.mount_path) if mount.mount_path.startswith("/") else None
-    if target is None:
-        problems.append(Problem(f"{path}.mountPath", f"{mount.mount_path!r} is not an absolute path"))
-    elif target in reserved or target.startswith(MANIFEST_MOUNT + "/"):
-        problems.append(
-            Problem(
-                f"{path}.mountPath",
-                f"{mount.mount_path!r} is where the operator mounts its own volume",
-                "mount it elsewhere",
-            )
-        )
+    message = mount_path_problem(mount.mount_path, reserved)
+    if message:
+        problems.append(Problem(f"{path}.mountPath", message, "mount it elsewhere, e.g. under /mnt or /data"))
+
+
+def mount_path_problem(mount_path: str, operator_mounts: Set[str]) -> str | None:
+    """Why a volume may not be mounted at ``mount_path`` in the trainer container (None: it may): not absolute, a
+    system directory, inside the kernel's, over the trainer's install, or at or inside one of ``operator_mounts``."""
+    if not mount_path.startswith("/"):
+        return f"{mount_path!r} is not an absolute path"
+    if any(not c.isprintable() for c in mount_path) or ":" in mount_path:  # core validateVolumeMounts: no ':'
+        return f"{mount_path!r} holds a ':' or an unprintable character"
+    target = posixpath.normpath(mount_path)
+    target = "/" if target == "//" else target  # POSIX keeps a leading '//': it is still the root here
+
+    def inside(root: str) -> bool:
+        return target == root or target.startswith(root.rstrip("/") + "/")
+
+    for own in sorted(operator_mounts):
+        if inside(own):
+            return f"{mount_path!r} is at or inside {own}, where the operator mounts its own volume"
+    if target in SYSTEM_PATHS:
+        return f"{mount_path!r} would replace the container's system directory {target}"
+    for kernel in KERNEL_PATHS:
+        if inside(kernel):
+            return f"{mount_path!r} is inside {kernel}, which belongs to the kernel and the kubelet"
+    for image_path in IMAGE_PATHS:
+        if image_path == target or image_path.startswith(target.rstrip("/") + "/"):
+            return f"{mount_path!r} would hide {image_path}, where the trainer image keeps its Python and stagerun"
+    return None
 
 
 def _check_resources(resources: ResourceAmounts, path: str, gpu_resources: set[str], problems: list[Problem]) -> None:
     for kind in ("limits", "requests"):
         for key in getattr(resources, kind) or {}:
             where = f"{path}.{kind}.{key}"
-            if key in OPERATOR_RESOURCES:
+            if k8s_values.resource_name(key):
+                problems.append(Problem(where, k8s_values.resource_name(key) or ""))
+            elif key in OPERATOR_RESOURCES:
                 problems.append(
                     Problem(where, "is set by spec.resources (requests = limits)", f"set {OPERATOR_RESOURCES[key]}")
                 )

@@ -24,10 +24,17 @@ _SUFFIXES = {
     "Gi": 2**30,
     "Ti": 2**40,
 }
-_QUANTITY = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\s*([KMBGT]i?)?\s*$")
+_QUANTITY = re.compile(r"^\s*([0-9][0-9_]*(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\s*([KMBGT]i?)?\s*$", re.ASCII)
 # What a count or duration written as a string must look like; the CRD states the same patterns, so the apiserver
-# refuses `seqLen: long` at `kubectl apply` (operator/crd.py). RE2-compatible: Kubernetes evaluates them in Go.
+# refuses `seqLen: long` at `kubectl apply` (operator/crd.py). RE2-compatible: Kubernetes evaluates them in Go, where
+# \s and \d are ASCII only; re.ASCII and fullmatch give Python the same reading (its \d takes '١٠٠' and its $ a
+# trailing newline).
 COUNT_PATTERN = _QUANTITY.pattern
+# Counts are carried as int64 by Kubernetes and torch; refusing larger ones before int() also keeps '1e999999999'
+# from building a billion-digit integer (limits.py has the tighter bound of each field).
+_MAX_COUNT_DIGITS = 19
+# A float written as a string: ASCII digits only (float() also reads '١٠٠' and '１e3' as numbers, and '1_0').
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
 
 
 class QuantityError(ValueError):
@@ -46,7 +53,7 @@ def parse_count(value: object) -> int:
         raise QuantityError(f"expected a whole number, got {value}")
     if not isinstance(value, str):
         raise QuantityError(f"expected a count such as 4096, '252M' or '4Mi', got {type(value).__name__}")
-    match = _QUANTITY.match(value)
+    match = _QUANTITY.fullmatch(value)
     if not match or match.group(2) not in _SUFFIXES and match.group(2) is not None:
         raise QuantityError(
             f"cannot read {value!r} as a count; write a number with an optional suffix "
@@ -54,9 +61,15 @@ def parse_count(value: object) -> int:
         )
     number, suffix = match.group(1).replace("_", ""), match.group(2) or ""
     try:
-        exact = Decimal(number) * _SUFFIXES[suffix]
+        mantissa = Decimal(number)
     except InvalidOperation as exc:  # pragma: no cover - the regex admits only valid decimals
         raise QuantityError(f"cannot read {value!r} as a count") from exc
+    # Checked before multiplying: Decimal overflows (an exception) past 10^999999 and rounds to 0 below 10^-999999.
+    if mantissa and mantissa.adjusted() <= -_MAX_COUNT_DIGITS:
+        raise QuantityError(f"{value!r} is not a whole number")
+    exact = mantissa * _SUFFIXES[suffix] if mantissa.adjusted() < _MAX_COUNT_DIGITS else mantissa
+    if exact.adjusted() >= _MAX_COUNT_DIGITS:
+        raise QuantityError(f"{value!r} is too large for any count (more than 10^{_MAX_COUNT_DIGITS - 1})")
     if exact != exact.to_integral_value():
         raise QuantityError(f"{value!r} is {exact} tokens, not a whole number")
     return int(exact)
@@ -69,10 +82,9 @@ def parse_float(value: object) -> float:
     if isinstance(value, (int, float)):
         result = float(value)
     elif isinstance(value, str):
-        try:
-            result = float(value.strip())
-        except ValueError:
-            raise QuantityError(f"cannot read {value!r} as a number; write e.g. 3e-4 or 0.0003") from None
+        if not _FLOAT.fullmatch(value.strip(" ")):
+            raise QuantityError(f"cannot read {value!r} as a number; write e.g. 3e-4 or 0.0003 (ASCII digits)")
+        result = float(value.strip(" "))
     else:
         raise QuantityError(f"expected a number, got {type(value).__name__}")
     if not math.isfinite(result):
@@ -106,7 +118,7 @@ def format_count(count: int) -> str:
     return str(count)  # pragma: no cover
 
 
-_DURATION = re.compile(r"^\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?\s*$")
+_DURATION = re.compile(r"^\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?\s*$", re.ASCII)
 DURATION_PATTERN = _DURATION.pattern
 
 
@@ -117,8 +129,8 @@ def parse_duration(value: object) -> int:
     if isinstance(value, int):
         return value
     if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match and any(match.groups()):
+        match = _DURATION.fullmatch(value)
+        if match and any(match.groups()) and all(len(g or "") <= _MAX_COUNT_DIGITS for g in match.groups()):
             hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
             return hours * 3600 + minutes * 60 + seconds
     raise QuantityError(f"cannot read {value!r} as a duration; write e.g. '90s', '15m', '1h30m' or seconds as a number")
@@ -139,7 +151,7 @@ def parse_resource_quantity(value: object) -> str:
         kind = f"the boolean {str(value).lower()}" if isinstance(value, bool) else type(value).__name__
         raise QuantityError(f"expected a Kubernetes quantity such as 1, '500m' or '64Gi', got {kind}")
     text = str(value)
-    if not _RESOURCE_QUANTITY.match(text):
+    if not _RESOURCE_QUANTITY.fullmatch(text):
         raise QuantityError(f"cannot read {value!r} as a Kubernetes quantity; write e.g. 1, '500m', '64Gi' or '1e3'")
     return text
 
@@ -154,12 +166,14 @@ _RESOURCE_SUFFIXES = {
 
 def resource_quantity_value(text: str) -> Decimal:
     """The amount a (valid) resource quantity stands for: ``'1'``, ``'1000m'`` and ``'1e0'`` are all 1."""
-    match = _RESOURCE_QUANTITY.match(text)
+    match = _RESOURCE_QUANTITY.fullmatch(text)
     if not match:
         raise QuantityError(f"cannot read {text!r} as a Kubernetes quantity")
     number, suffix = Decimal(match.group(2)), match.group(4) or ""
     if suffix[:1] in ("e", "E"):
-        return number * Decimal(10) ** int(suffix[1:])
+        # Kubernetes refuses quantities past 2^63 milli-units; clamping far beyond that keeps '1e999999999' from
+        # overflowing Decimal while still comparing as larger than any real amount.
+        return number * Decimal(10) ** max(-100, min(100, int(suffix[1:])))
     return number * _RESOURCE_SUFFIXES[suffix]
 
 
