@@ -360,3 +360,18 @@ def test_registering_the_commands_loads_no_data_module():
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "['stagerun.trainer.data', 'stagerun.trainer.data.commands']"
+
+
+def test_the_hostile_input_options_default_to_the_library_bounds():
+    from stagerun.core.spec.quantities import parse_count
+    from stagerun.trainer.data import commands, tokenize_units
+
+    assert parse_count(commands.DEFAULT_MAX_RECORD_BYTES) == tokenize_units.DEFAULT_MAX_RECORD_BYTES
+    assert commands.DEFAULT_MAX_EXPANSION == tokenize_units.DEFAULT_MAX_EXPANSION
+    # Resuming keeps working for runs at the default: the limit enters a unit's key only when changed.
+    (file,) = expand_inputs([__file__])
+    keys = [
+        plan_units([file], unit_bytes=2**20, tokenizer_sha="x", text_field="text", shard_tokens=9, **extra)[0].key
+        for extra in ({}, {"max_record_bytes": tokenize_units.DEFAULT_MAX_RECORD_BYTES}, {"max_record_bytes": 5})
+    ]
+    assert keys[0] == keys[1] != keys[2]

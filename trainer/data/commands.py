@@ -13,8 +13,21 @@ import sys
 
 from . import usable_cpus
 
-# readers.FORMATS, repeated so that building the parser imports nothing heavy (a test checks they agree).
+# readers.FORMATS and tokenize_units' hostile-input bounds, repeated so that building the parser imports nothing
+# heavy (a test checks they agree).
 FORMATS = ("auto", "text", "jsonl", "parquet")
+DEFAULT_MAX_RECORD_BYTES = "64Mi"
+DEFAULT_MAX_EXPANSION = 100.0
+
+
+class _Upgrade(argparse.Action):
+    """``--upgrade``: shard_upgrade.UpgradeAction, imported when the option is given (building the parser, on every
+    ``stagerun`` call, loads no data module)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .shard_upgrade import UpgradeAction
+
+        UpgradeAction(self.option_strings, self.dest)(parser, namespace, values, option_string)
 
 
 def _count(text: str) -> int:
@@ -37,6 +50,21 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _printable(text: str) -> str:
+    """``text`` with what the terminal cannot encode (file names that are not UTF-8) escaped, not a crash."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _add_inputs(parser: argparse.ArgumentParser) -> None:
@@ -109,7 +137,7 @@ def cmd_tokenize(args) -> int:
     from .tokenize import tokenize
 
     def log(message: str) -> None:
-        print(f"tokenize: {message}", file=sys.stderr, flush=True)
+        print(_printable(f"tokenize: {message}"), file=sys.stderr, flush=True)
 
     try:
         result = tokenize(
@@ -123,13 +151,27 @@ def cmd_tokenize(args) -> int:
             shard_tokens=args.shard_tokens,
             unit_bytes=args.unit_bytes,
             skip_bad_records=args.skip_bad_records,
+            max_record_bytes=args.max_record_bytes,
+            max_expansion=args.max_expansion,
             progress=not args.no_progress,
             log=log,
         )
     except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(_printable(f"error: {exc}"), file=sys.stderr)
         return 1
-    print(result.report())
+    except OSError as exc:  # the output folder or an input became unwritable/unreadable while working
+        print(
+            _printable(
+                f"error: {exc}: check that path and its permissions; units already done are kept, rerun the "
+                f"same command to resume"
+            ),
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: units already done are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(_printable(result.report()))
     return 0
 
 
@@ -192,5 +234,26 @@ def add_data_commands(sub) -> None:
         default=None,
         help="input bytes per unit of work (default: about 1/256 of the input, a power of two "
         "between 1Mi and 256Mi); a rerun must use the same value to resume",
+    )
+    tok.add_argument(
+        "--max-record-bytes",
+        type=_count,
+        default=DEFAULT_MAX_RECORD_BYTES,
+        help="the largest record (a JSONL line, a text file, a Parquet value) read; a bigger one is a malformed "
+        "record (default 64Mi). Long documents within it are encoded in pieces, in bounded memory",
+    )
+    tok.add_argument(
+        "--max-expansion",
+        type=_ratio,
+        default=DEFAULT_MAX_EXPANSION,
+        help="a compressed input may decompress to at most this many times its size (after its first 16 MiB), "
+        "else the run stops naming it: a decompression bomb (default 100)",
+    )
+    tok.add_argument(
+        "--upgrade",
+        metavar="DIR_OR_URL",
+        action=_Upgrade,
+        help="instead: convert the stagerun-tokens/v1 shard set at DIR_OR_URL to v2 in place (hashes its files, "
+        "rewrites its manifest) and exit; needs no other option",
     )
     tok.set_defaults(func=cmd_tokenize)

@@ -12,11 +12,20 @@ Big uncompressed JSONL files can be read in byte ranges (every line *starting* i
 range), and Parquet files by row groups, so one huge file can be split over many workers. Line numbers in a range
 that does not start at byte 0 are made absolute only when a message needs one (by counting the newlines before the
 range once).
+
+Hostile input is bounded (``ReadLimits``): a record (a JSONL line, a text file, a Parquet value) over
+``max_record_bytes`` is a malformed record, found without holding it (the line is read on to its end and dropped);
+lines are scanned once, so a range never reads past its end looking for where its first line starts (a line of
+gigabytes without a newline costs one pass, not one per range). A text with a lone UTF-16 surrogate (``"\\ud800"``,
+which JSON allows and UTF-8 cannot encode) is a malformed record, and so is a file that cannot be read (no
+permission, a symbolic link loop, a FIFO: see :mod:`.inputs`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +39,7 @@ from .inputs import (
     DataError,
     InputFile,
     InputStats,
+    ReadLimits,
     expand_inputs,
     file_format,
     open_input,
@@ -44,6 +54,7 @@ __all__ = [
     "DataError",
     "InputFile",
     "InputStats",
+    "ReadLimits",
     "Record",
     "expand_inputs",
     "file_format",
@@ -56,6 +67,14 @@ READ_BLOCK = 8 * 2**20
 MIN_READ = 64 * 2**10
 PARQUET_BATCH_ROWS = 4096
 NO_TEXT_FIELD_FIX = "set textField (--text-field on the command line) to the field that holds the document text"
+UNREADABLE_FIX = "fix it (its permissions, the link), or remove it from the inputs"
+# Errors that say this file cannot be read whatever is retried; others (timeouts, resets) propagate as they are.
+UNREADABLE = (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
+UNREADABLE_ERRNOS = frozenset({errno.ELOOP, errno.EIO, errno.ENXIO, errno.EACCES})
+# A lone surrogate can only come from a \u escape (\ud800-\udfff) or the bytes UTF-8 would give one (json.loads
+# reads bytes with "surrogatepass"): a cheap test of the line before the exact one of the text.
+SURROGATE_IN_LINE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _ParquetSource:
@@ -93,9 +112,11 @@ def read_texts(
     start: int = 0,
     end: int | None = None,
     row_groups: tuple[int, int] | None = None,
+    limits: ReadLimits | None = None,
 ) -> Iterator[str]:
     """The documents of one file (or of a byte range / row groups of it), non-empty strings in file order."""
-    for _, text in _records(file, text_field, bad or BadRecords(), stats or InputStats(), start, end, row_groups):
+    reading = _Reading(file, text_field, bad or BadRecords(), stats or InputStats(), limits or ReadLimits())
+    for _, text in _records(reading, start, end, row_groups):
         yield text
 
 
@@ -106,10 +127,16 @@ class Record:
 
 
 def read_records(
-    file: InputFile, *, text_field: str = "text", bad: BadRecords | None = None, stats: InputStats | None = None
+    file: InputFile,
+    *,
+    text_field: str = "text",
+    bad: BadRecords | None = None,
+    stats: InputStats | None = None,
+    limits: ReadLimits | None = None,
 ) -> Iterator[Record]:
     """Like ``read_texts`` for a whole file, each document with its provenance."""
-    for locator, text in _records(file, text_field, bad or BadRecords(), stats or InputStats(), 0, None, None):
+    reading = _Reading(file, text_field, bad or BadRecords(), stats or InputStats(), limits or ReadLimits())
+    for locator, text in _records(reading, 0, None, None):
         if locator is None:
             where = file.shown
         elif file.format == "parquet":
@@ -119,45 +146,98 @@ def read_records(
         yield Record(text, where)
 
 
+@dataclass(frozen=True)
+class _Reading:
+    """One file being read, and how: what every reader function takes."""
+
+    file: InputFile
+    text_field: str
+    policy: BadRecords
+    stats: InputStats
+    limits: ReadLimits
+
+    def too_big(self, where: str, size: str) -> None:
+        """A record over ``max_record_bytes``: malformed (an error, or skipped and counted)."""
+        cap = self.limits.max_record_bytes
+        self.bad(
+            where,
+            f"record of {size} bytes, over the {_size(cap)} limit",
+            f"raise {self.limits.record_option} (now {cap}) if it really is one document, or split or remove it",
+        )
+
+    def bad(self, where: str, problem: str, fix: str, *, whole_file: bool = False) -> None:
+        self.policy(self.stats, where, problem, fix, whole_file=whole_file)
+
+
+def _size(count: int | None) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count is not None and count >= scale:
+            return f"{count / scale:,.4g} {unit}"
+    return f"{count} bytes" if count is not None else "unlimited"
+
+
+def _unreadable(exc: OSError) -> bool:
+    return isinstance(exc, UNREADABLE) or exc.errno in UNREADABLE_ERRNOS
+
+
 def _records(
-    file: InputFile,
-    text_field: str,
-    bad: BadRecords,
-    stats: InputStats,
-    start: int,
-    end: int | None,
-    row_groups: tuple[int, int] | None,
+    r: _Reading, start: int, end: int | None, row_groups: tuple[int, int] | None
 ) -> Iterator[tuple[int | None, str]]:
+    file, stats = r.file, r.stats
+    if file.problem is not None:
+        if start == 0 and (row_groups is None or row_groups[0] == 0):
+            r.bad(file.shown, file.problem, UNREADABLE_FIX, whole_file=True)
+        return
     if file.size == 0 and start == 0:
-        bad(
-            stats,
+        r.bad(
             file.shown,
             "empty file (0 bytes)",
             "remove it from the inputs, or replace it with the complete file (an interrupted download?)",
             whole_file=True,
         )
         return
-    if file.format == "jsonl":
-        yield from _jsonl(file, text_field, bad, stats, start, end)
-    elif file.format == "parquet":
-        yield from _parquet(file, text_field, bad, stats, row_groups)
-    else:
-        yield from _text(file, bad, stats)
+    try:
+        if file.format == "jsonl":
+            yield from _jsonl(r, start, end)
+        elif file.format == "parquet":
+            yield from _parquet(r, row_groups)
+        else:
+            yield from _text(r)
+    except OSError as exc:
+        if not _unreadable(exc):
+            raise
+        first = start == 0 and (row_groups is None or row_groups[0] == 0)
+        if first:
+            stats.bytes += file.size or 0
+        if first or not r.policy.skip:  # a file split in ranges is skipped (and counted) once, by its first
+            r.bad(file.shown, f"cannot be read ({exc.strerror or exc})", UNREADABLE_FIX, whole_file=True)
 
 
-def _text(file: InputFile, bad: BadRecords, stats: InputStats) -> Iterator[tuple[None, str]]:
-    with open_input(file) as handle:
-        data = handle.read()
+def _read_at_most(handle, count: int) -> bytes:
+    """Up to ``count`` bytes (fewer only at the end of the file), whatever the stream returns per read."""
+    parts, left = [], count
+    while left > 0 and (block := handle.read(min(left, READ_BLOCK))):
+        parts.append(block)
+        left -= len(block)
+    return b"".join(parts)
+
+
+def _text(r: _Reading) -> Iterator[tuple[None, str]]:
+    file, stats, cap = r.file, r.stats, r.limits.max_record_bytes
+    with open_input(file, r.limits) as handle:
+        data = handle.read() if cap is None else _read_at_most(handle, cap + 1)
     stats.bytes += file.size if file.size is not None else len(data)
     if not data:
-        bad(stats, file.shown, "empty file (nothing after decompressing)", "remove it from the inputs", whole_file=True)
+        r.bad(file.shown, "empty file (nothing after decompressing)", "remove it from the inputs", whole_file=True)
+        return
+    if cap is not None and len(data) > cap:
+        r.too_big(file.shown, f"more than {cap}")  # the whole file is one document
         return
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        bad(
-            stats,
+        r.bad(
             file.shown,
             f"not UTF-8 text (invalid byte at offset {exc.start}, line {line})",
             "convert the file to UTF-8 or remove it from the source",
@@ -191,41 +271,103 @@ class _LineNumbers:
         return f"{self.file.shown}:{self._base + relative}"
 
 
-def _lines(handle, start: int, end: int | None, numbers: _LineNumbers | None = None) -> Iterator[bytes]:
-    """Each line (without its newline) that starts in [start, end) of the file (end None: to the end)."""
-    skip_first = start > 0
-    if skip_first:
-        handle.seek(start - 1)  # the line holding byte start - 1 belongs to the previous range
-    position = start - 1 if skip_first else 0
-    carry = b""
+class _Overlong:
+    """Stands for a line longer than ``max_line`` in what ``_lines`` yields (the line itself is not kept)."""
+
+    __slots__ = ("length", "offset")
+
+    def __init__(self, offset: int, length: int | None = None):
+        self.offset = offset  # where the line starts in the file
+        self.length = length  # None until its end is found (set before the next line is yielded)
+
+
+def _lines(
+    handle, start: int, end: int | None, numbers: _LineNumbers | None = None, max_line: int | None = None
+) -> Iterator[bytes | _Overlong]:
+    """Each line (without its newline) that starts in [start, end) of the file (end None: to the end).
+
+    Every byte is looked at once (no re-scanning of a growing line), and a range reads no further than its end
+    while looking for where its first line starts, so a huge line costs one pass in all. A line longer than
+    ``max_line`` is yielded as an ``_Overlong`` as soon as it is known to be, and then read on to its end and
+    dropped (memory stays bounded).
+    """
+    seeking = start > 0  # the line holding byte start - 1 belongs to the previous range
+    if seeking:
+        handle.seek(start - 1)
+    offset = start - 1 if seeking else 0  # file offset of the next byte read
+    line_start = offset  # file offset of the current line's first byte
+    pending = bytearray()  # the current line so far, when it spans blocks
+    dropping: _Overlong | None = None  # the current line is overlong: read to its end, not kept
     while True:
-        size = READ_BLOCK if end is None else max(MIN_READ, min(READ_BLOCK, end - position))
+        if end is None:
+            size = READ_BLOCK
+        elif offset < end:
+            size = max(MIN_READ, min(READ_BLOCK, end - offset))
+        elif dropping is not None:
+            size = READ_BLOCK
+        else:  # finishing the range's last line: grow the reads with it
+            size = min(READ_BLOCK, max(MIN_READ, len(pending)))
         block = handle.read(size)
         if not block:
             break
-        parts = (carry + block).split(b"\n") if carry else block.split(b"\n")
-        carry = parts.pop()
-        for line in parts:
-            if skip_first:
-                skip_first = False
-                if numbers is not None:
-                    numbers.first = position + len(line) + 1
+        base, offset = offset, offset + len(block)
+        i = 0
+        if seeking:
+            j = block.find(b"\n")
+            if j < 0 or (end is not None and base + j >= end - 1):
+                if j >= 0 or (end is not None and offset >= end - 1):
+                    return  # no line starts in [start, end)
+                continue
+            seeking = False
+            i = j + 1
+            line_start = base + i
+            if numbers is not None:
+                numbers.first = line_start
+        parts = (block[i:] if i else block).split(b"\n")  # this block only: each byte is split once
+        tail = parts.pop()  # after the block's last newline: the start of a line that goes on
+        position = base + i  # where the next part starts
+        for part in parts:
+            if end is not None and line_start >= end:
+                return
+            position += len(part) + 1
+            if dropping is not None:
+                dropping.length, dropping = position - 1 - line_start, None
             else:
-                if end is not None and position >= end:
-                    return
-                yield line
-            position += len(line) + 1
-    if carry and not skip_first and (end is None or position < end):
-        yield carry
+                if pending:
+                    pending += part
+                    line, pending = bytes(pending), bytearray()
+                else:
+                    line = part
+                yield line if max_line is None or len(line) <= max_line else _Overlong(line_start, len(line))
+            line_start = position
+        if end is not None and line_start >= end:
+            return
+        if dropping is None and tail:
+            pending += tail
+            if max_line is not None and len(pending) > max_line:
+                pending, dropping = bytearray(), _Overlong(line_start)
+                yield dropping
+    if dropping is not None:
+        dropping.length = offset - line_start
+    elif pending and not seeking and (end is None or line_start < end):
+        yield bytes(pending)
 
 
-def _jsonl(
-    file: InputFile, text_field: str, bad: BadRecords, stats: InputStats, start: int, end: int | None
-) -> Iterator[tuple[int, str]]:
+def _jsonl(r: _Reading, start: int, end: int | None) -> Iterator[tuple[int, str]]:
+    file, stats, text_field = r.file, r.stats, r.text_field
     lines = _LineNumbers(file, start)
     compressed = file.compression is not None
-    with open_input(file) as handle:
-        for lineno, line in enumerate(_lines(handle, start, end, lines), start=1):
+    cap = r.limits.max_record_bytes
+    overlong: _Overlong | None = None  # the last overlong line: its bytes are counted once its end is known
+    with open_input(file, r.limits) as handle:
+        for lineno, line in enumerate(_lines(handle, start, end, lines, cap), start=1):
+            if overlong is not None and not compressed:
+                stats.bytes += (overlong.length or 0) + 1
+            overlong = None
+            if isinstance(line, _Overlong):
+                overlong = line
+                r.too_big(f"{lines.where(lineno)} (at byte {line.offset})", f"more than {cap}")
+                continue
             if not compressed:
                 stats.bytes += len(line) + 1
             if not line.strip():
@@ -233,32 +375,41 @@ def _jsonl(
             try:
                 record = json.loads(line)
             except UnicodeDecodeError as exc:
-                bad(
-                    stats,
+                r.bad(
                     lines.where(lineno),
                     f"not UTF-8 text (invalid byte at column {exc.start + 1})",
                     "convert the file to UTF-8, or fix or remove the line",
                 )
                 continue
             except json.JSONDecodeError as exc:
-                bad(
-                    stats,
+                r.bad(
                     lines.where(lineno),
                     f"not valid JSON at column {exc.colno} ({exc.msg})",
                     "fix or remove the line (JSONL holds one JSON object per line)",
                 )
                 continue
+            except (RecursionError, ValueError) as exc:  # nested thousands deep; an integer of 5,000 digits
+                problem = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+                r.bad(lines.where(lineno), f"JSON that Python cannot read ({problem})", "fix or remove the line")
+                continue
             if not isinstance(record, dict) or text_field not in record:
                 keys = f" (it has {', '.join(map(repr, list(record)[:8]))})" if isinstance(record, dict) else ""
-                bad(stats, lines.where(lineno), f"no field {text_field!r} in this record{keys}", NO_TEXT_FIELD_FIX)
+                r.bad(lines.where(lineno), f"no field {text_field!r} in this record{keys}", NO_TEXT_FIELD_FIX)
                 continue
             text = record[text_field]
             if not isinstance(text, str):
-                bad(
-                    stats,
+                r.bad(
                     lines.where(lineno),
                     f"field {text_field!r} is {type(text).__name__}, not a string",
                     NO_TEXT_FIELD_FIX,
+                )
+                continue
+            if SURROGATE_IN_LINE.search(line) and (lone := SURROGATE.search(text)):
+                r.bad(
+                    lines.where(lineno),
+                    f"field {text_field!r} holds a lone surrogate (\\u{ord(lone.group()):04x} at character "
+                    f"{lone.start()}), which is no character and cannot be encoded",
+                    "fix the escapes (a surrogate needs its pair: \\ud83d\\ude00), or remove the line",
                 )
                 continue
             if not text:
@@ -266,6 +417,8 @@ def _jsonl(
                 continue
             stats.documents += 1
             yield lineno, text
+    if overlong is not None and not compressed:
+        stats.bytes += (overlong.length or 0) + 1
     if compressed:
         stats.bytes += file.size or 0
 
@@ -294,19 +447,17 @@ def parquet_row_groups(file: InputFile) -> list[tuple[int, int]]:
     return groups
 
 
-def _parquet(
-    file: InputFile, text_field: str, bad: BadRecords, stats: InputStats, row_groups: tuple[int, int] | None
-) -> Iterator[tuple[int, str]]:
+def _parquet(r: _Reading, row_groups: tuple[int, int] | None) -> Iterator[tuple[int, str]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    file, stats, text_field, cap = r.file, r.stats, r.text_field, r.limits.max_record_bytes
     with _ParquetSource(file) as handle:
         try:
             parquet = pq.ParquetFile(handle)
         except (pa.ArrowInvalid, OSError) as exc:
             stats.bytes += (file.size or 0) if row_groups is None or row_groups[0] == 0 else 0
-            bad(
-                stats,
+            r.bad(
                 file.shown,
                 f"not a Parquet file ({exc})",
                 "remove it from the inputs, or replace it with the complete file",
@@ -326,7 +477,7 @@ def _parquet(
         if schema.get_field_index(text_field) < 0:
             stats.bytes += sum(share[first:last])
             columns = ", ".join(repr(n) for n in schema.names[:12])
-            bad(stats, file.shown, f"no column {text_field!r} (it has {columns})", NO_TEXT_FIELD_FIX, whole_file=True)
+            r.bad(file.shown, f"no column {text_field!r} (it has {columns})", NO_TEXT_FIELD_FIX, whole_file=True)
             return
         kind = schema.field(text_field).type
         if pa.types.is_dictionary(kind):
@@ -339,8 +490,7 @@ def _parquet(
         is_binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
         if not (is_text or is_binary):
             stats.bytes += sum(share[first:last])
-            bad(
-                stats,
+            r.bad(
                 file.shown,
                 f"column {text_field!r} holds {kind}, not strings",
                 NO_TEXT_FIELD_FIX,
@@ -352,8 +502,7 @@ def _parquet(
             for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group], columns=[text_field]):
                 for value in batch.column(0).to_pylist():
                     if value is None:
-                        bad(
-                            stats,
+                        r.bad(
                             f"{file.shown}: row {row}",
                             f"{text_field!r} is null",
                             "fill in the text or drop the row",
@@ -363,15 +512,16 @@ def _parquet(
                             try:
                                 value = value.decode("utf-8")
                             except UnicodeDecodeError as exc:
-                                bad(
-                                    stats,
+                                r.bad(
                                     f"{file.shown}: row {row}",
                                     f"not UTF-8 text (invalid byte at offset {exc.start})",
                                     "convert the column to UTF-8 or drop the row",
                                 )
                                 row += 1
                                 continue
-                        if value:
+                        if cap is not None and len(value) * 4 > cap and len(value.encode("utf-8")) > cap:
+                            r.too_big(f"{file.shown}: row {row}", f"{len(value.encode('utf-8')):,}")
+                        elif value:
                             stats.documents += 1
                             yield row, value
                         else:

@@ -16,6 +16,10 @@ last, after every unit is committed: until then the folder has no ``manifest.jso
 Documents keep the input order (units in order, each unit's documents in order), so the same inputs give the same
 shard set whatever the number of processes.
 
+Hostile input is bounded: a record over ``max_record_bytes`` is a malformed record (its file, line and byte named),
+a compressed file that expands more than ``max_expansion`` times stops the run, long documents are encoded in
+pieces (:mod:`.tokenize_worker`), and ``--out`` must be a folder that no input lies in.
+
 The parts: planning the units (:mod:`.tokenize_units`), the work of one unit (:mod:`.tokenize_worker`) and the
 output folder units are committed into (:mod:`.tokenize_output`); this module runs them and writes the manifest.
 """
@@ -33,10 +37,18 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import usable_cpus
-from .readers import DataError, InputFile, InputStats, expand_inputs
+from .readers import DataError, InputFile, InputStats, ReadLimits, expand_inputs
 from .shards import DEFAULT_SHARD_TOKENS, DTYPES, MANIFEST, manifest_head
 from .tokenize_output import PROCESS_LOCAL_PROTOCOLS, OutputFolder, committed_units, protocol_of
-from .tokenize_units import Piece, Unit, auto_unit_bytes, plan_sha, plan_units
+from .tokenize_units import (
+    DEFAULT_MAX_EXPANSION,
+    DEFAULT_MAX_RECORD_BYTES,
+    Piece,
+    Unit,
+    auto_unit_bytes,
+    plan_sha,
+    plan_units,
+)
 from .tokenize_worker import SKIP_HINT, Job, init_worker, pool_unit, run_unit
 from .tokenizer import load_tokenizer
 
@@ -111,6 +123,8 @@ def tokenize(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     unit_bytes: int | None = None,
     skip_bad_records: bool = False,
+    max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES,
+    max_expansion: float | None = DEFAULT_MAX_EXPANSION,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> TokenizeResult:
@@ -119,12 +133,20 @@ def tokenize(
     ``tokenizer``: a path/URL of a tokenizers JSON file, or a Tokenizer. ``processes``: worker processes (1: this
     process). ``threads``: tokenizer threads per worker (default: the CPUs divided among the workers).
     ``unit_bytes``: the size of a unit of work (default: about 1/256 of the input, 1 MiB to 256 MiB).
+    ``max_record_bytes``: the largest record (JSONL line, text file, Parquet value); ``max_expansion``: how many
+    times its size a compressed file may decompress to (None: unbounded).
     """
     log = log or (lambda message: None)
     if processes < 1:
         raise DataError(f"--processes must be at least 1, got {processes}")
     if shard_tokens < 1:
         raise DataError(f"--shard-tokens must be positive, got {shard_tokens}")
+    if max_record_bytes is not None and max_record_bytes < 1:
+        raise DataError(f"--max-record-bytes must be positive, got {max_record_bytes}")
+    if max_expansion is not None and not max_expansion > 0:
+        raise DataError(f"--max-expansion must be positive, got {max_expansion}")
+    output = OutputFolder(str(out))
+    output.check()  # before any work: a file in the way would only fail at the first commit
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer_source = str(tokenizer)
         tokenizer = load_tokenizer(tokenizer)
@@ -132,6 +154,7 @@ def tokenize(
         tokenizer_source = None
     head = manifest_head(tokenizer)
     files = expand_inputs(inputs, fmt, what="--input")
+    output.check_apart([str(i) for i in inputs], files)
     total_bytes = sum(f.size or 0 for f in files)
     unit_bytes = unit_bytes or auto_unit_bytes(total_bytes)
     units = plan_units(
@@ -140,9 +163,9 @@ def tokenize(
         tokenizer_sha=head["tokenizerSha256"],
         text_field=text_field,
         shard_tokens=shard_tokens,
+        max_record_bytes=max_record_bytes,
     )
     sha = plan_sha(units, inputs)
-    output = OutputFolder(str(out))
 
     existing = output.read_manifest()
     if existing is not None:
@@ -175,6 +198,7 @@ def tokenize(
         eos=head["eosId"],
         skip_bad_records=skip_bad_records,
         staging=staging,
+        limits=ReadLimits(max_record_bytes=max_record_bytes, max_expansion=max_expansion),
     )
     work_bytes = sum(u.bytes for u in pending)
     bar = tqdm(

@@ -20,6 +20,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from stagerun.core import storage
 
+from .readers import DataError, InputFile
 from .shards import MANIFEST
 from .tokenize_units import Unit
 
@@ -51,6 +52,42 @@ class OutputFolder:
         if self.local is None:
             raise RuntimeError(f"{self.url} is not a local folder")
         return self.local
+
+    def check(self) -> None:
+        """A DataError if the folder cannot be one: an existing file, or below one."""
+        if self.remote:
+            if self.fs.isfile(self.root):
+                raise DataError(f"--out {self.url} is a file, not a folder: name a folder (new, or an earlier run's)")
+            return
+        path = self.folder
+        if path.exists() and not path.is_dir():
+            raise DataError(f"--out {self.url} is a file, not a folder: name a folder (new, or an earlier run's)")
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise DataError(f"--out {self.url}: {parent} is a file, so no folder can be made there")
+                break
+
+    def check_apart(self, inputs: Sequence[str], files: Sequence[InputFile]) -> None:
+        """A DataError if an input lies in the (local) output folder or the folder in an input folder: a rerun
+        would read the shards as text."""
+        if self.remote:
+            return
+        out = os.path.realpath(self.folder)
+        for pattern in inputs:
+            if not storage.is_url(pattern) and os.path.isdir(pattern):
+                folder = os.path.realpath(pattern)
+                if out == folder or out.startswith(folder.rstrip(os.sep) + os.sep):
+                    raise DataError(
+                        f"--out {self.url} is inside the input {pattern}: a rerun would read the shards as text; "
+                        f"put the output elsewhere"
+                    )
+        for file in files:
+            if not storage.is_url(file.url) and os.path.realpath(file.url).startswith(out.rstrip(os.sep) + os.sep):
+                raise DataError(
+                    f"{file.shown} is inside --out {self.url}: the output folder must hold no inputs; choose "
+                    f"another --out, or move the file"
+                )
 
     @property
     def process_local(self) -> bool:

@@ -3,7 +3,8 @@
 The input files in order, small files packed together and big ones split (uncompressed JSONL by byte ranges at line
 starts, Parquet by row groups) into pieces of about ``unit_bytes``. A unit's key hashes what it reads (each file's
 URL, size and fingerprint, the range) and what it makes (the tokenizer's fingerprint, the text field, the shard
-size), so a unit's output is only ever reused for exactly the same work.
+size, and the record size limit when it is not the default), so a unit's output is only ever reused for exactly
+the same work.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .readers import InputFile, parquet_row_groups
+from .readers import DataError, InputFile, parquet_row_groups
 
 UNIT_KEY_VERSION = 1
 MIN_UNIT_BYTES = 2**20
 MAX_UNIT_BYTES = 256 * 2**20
 UNITS_PER_RUN = 256  # auto unit size: about this many units, a power of two between the bounds
+# Hostile-input bounds of `stagerun tokenize` (commands.py repeats them as the options' defaults).
+DEFAULT_MAX_RECORD_BYTES = 64 * 2**20
+DEFAULT_MAX_EXPANSION = 100.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class Piece:
             self.start,
             self.end,
             list(self.row_groups) if self.row_groups else None,
+            *([f.problem] if f.problem is not None else []),
         ]
 
 
@@ -69,8 +74,11 @@ def _pieces(file: InputFile, unit_bytes: int) -> list[Piece]:
         count = size // unit_bytes  # pieces of at least unit_bytes: each is a unit of its own
         edges = [size * i // count for i in range(count + 1)]
         return [Piece(file, b - a, start=a, end=b) for a, b in zip(edges, edges[1:])]
-    if file.format == "parquet" and size >= 2 * unit_bytes and not file.streaming:
-        groups = parquet_row_groups(file)
+    if file.format == "parquet" and size >= 2 * unit_bytes and not file.streaming and file.problem is None:
+        try:
+            groups = parquet_row_groups(file)
+        except (DataError, PermissionError, FileNotFoundError):
+            return [Piece(file, size)]  # read whole: the reader reports the problem (or skips the file)
         pieces, first, run = [], 0, 0
         for i, (_, group_bytes) in enumerate(groups):
             run += group_bytes
@@ -84,7 +92,13 @@ def _pieces(file: InputFile, unit_bytes: int) -> list[Piece]:
 
 
 def plan_units(
-    files: Sequence[InputFile], *, unit_bytes: int, tokenizer_sha: str, text_field: str, shard_tokens: int
+    files: Sequence[InputFile],
+    *,
+    unit_bytes: int,
+    tokenizer_sha: str,
+    text_field: str,
+    shard_tokens: int,
+    max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES,
 ) -> list[Unit]:
     """The units of work, in document order: small files packed together, big ones split."""
     common = {
@@ -93,6 +107,8 @@ def plan_units(
         "textField": text_field,
         "shardTokens": shard_tokens,
     }
+    if max_record_bytes != DEFAULT_MAX_RECORD_BYTES:  # which records are skipped depends on it
+        common["maxRecordBytes"] = max_record_bytes
     units: list[Unit] = []
     current: list[Piece] = []
 
