@@ -46,6 +46,9 @@ class PodEnv(StrEnum):
     # Node-local cache of remote shard sets (manifests, document indexes, the optional chunk cache): in a pod, on
     # its local-disk emptyDir rather than the container's writable layer (trainer/data/remote_io.py).
     CACHE = "STAGERUN_CACHE"
+    DATA_CACHE_DIR = "STAGERUN_DATA_CACHE_DIR"  # spec.data.cache: the chunk cache's own volume, and its LRU limit
+    DATA_CACHE_BYTES = "STAGERUN_DATA_CACHE_BYTES"
+    CREDENTIALS_DIR = "STAGERUN_CREDENTIALS_DIR"  # credentialsSecret's keys, as files (core/credentials.py)
     # Set by Kubernetes, not by stagerun: the Job controller (index 0 holds global rank 0) and the downward API.
     JOB_COMPLETION_INDEX = "JOB_COMPLETION_INDEX"
     POD_IP = "POD_IP"
@@ -73,6 +76,16 @@ class FailureReason(StrEnum):
     # Transient: storage or network trouble (a timeout, a reset connection, a 5xx) or an unforeseen error while
     # preparing data; the operator restarts the gang with backoff, within spec.maxRestarts.
     DATA_PREPARATION_ERROR = "DataPreparationError"
+    # Permanent, found by the pre-flight checks (trainer/preflight.py) before any worker started: a path, a
+    # credential, a teacher, the devices or the memory do not fit the manifest. The message names each field.
+    PREFLIGHT_FAILED = "PreflightFailed"
+    # Permanent failures of a running gang (``RunStatus.reason``, written by the rank that hit them): running the
+    # same gang again fails the same way, so the operator fails the run instead of restarting it.
+    CHECKPOINT_DISK_FULL = "CheckpointDiskFull"  # keep + 1 checkpoints do not fit where spec.checkpoint.path is
+    NO_INTACT_CHECKPOINT = "NoIntactCheckpoint"  # every committed checkpoint is damaged: no fallback is left
+    TEACHER_UNUSABLE = "TeacherUnusable"  # a distillation teacher is missing or of another architecture
+    TRAINING_DATA_ERROR = "TrainingDataError"  # the token shards are unusable (DataError in a worker)
+    TRAINING_INVALID_SPEC = "TrainingInvalidSpec"  # the manifest does not fit what the worker found (SpecError)
 
 
 T = TypeVar("T")
@@ -157,6 +170,7 @@ class RunStatus:
     checkpoint: str | None
     message: str = ""
     updated_at: float = 0.0
+    reason: str = ""  # state failed: a FailureReason (every failed status is permanent: a rerun cannot help)
 
     FILE = "status.json"
 
@@ -196,7 +210,9 @@ class TerminationMessage:
     FREE_TEXT = ("message", "text")  # shortened first when the message is too long
 
     @classmethod
-    def from_status(cls, status: RunStatus) -> TerminationMessage:
+    def from_status(cls, status: RunStatus, exit_code: int | None = None) -> TerminationMessage:
+        """The gang's status as the operator reads it; a failed status is permanent (see ``RunStatus.reason``)."""
+        failed = status.state == GangState.FAILED
         return cls(
             state=status.state,
             step=status.step,
@@ -205,6 +221,9 @@ class TerminationMessage:
             phase=status.phase,
             checkpoint=status.checkpoint,
             message=status.message,
+            reason=(status.reason or None) if failed else None,
+            permanent=True if failed else None,
+            exit_code=exit_code,
         )
 
     @classmethod
@@ -292,6 +311,7 @@ class Progress:
     last_checkpoint: CheckpointRef | None = field(
         default=None, metadata={"json": "lastCheckpoint", "nested": CheckpointRef}
     )
+    evaluation: dict[str, Any] | None = None  # the latest spec.phases[].eval result (trainer/evaluation.py)
 
     PATH = "/progress"
 

@@ -204,6 +204,8 @@ class _Machine:
             self.s["lastStepTime"] = iso(progress.last_step_at)
         if progress.tokens_per_source:
             self.s["tokensPerSource"] = dict(progress.tokens_per_source)
+        if progress.evaluation:  # the latest spec.phases[].eval result (held-out loss, needle accuracy)
+            self.s["evaluation"] = dict(progress.evaluation)
         index = progress.phase_index
         if index is not None and index != previous_phase and 0 <= index < len(self.run.phases):
             self.event("Normal", "PhaseFinished", f"phase {self.run.phases[previous_phase].name} finished")
@@ -262,7 +264,8 @@ class _Machine:
                     f"{erring.waiting_reason}: {erring.waiting_message or ''}; {_fix_for(erring.waiting_reason)}",
                     permanent=True,
                 )
-        for pod in obs.pods:
+        # A permanent cause any pod reports explains more than its peers' exits (they only lost a collective).
+        for pod in sorted(obs.pods, key=lambda p: not (p.message is not None and p.message.permanent)):
             known.setdefault(str(pod.index), pod.name)
             if pod.waiting_reason in PERMANENT_WAITING:
                 return Failure(

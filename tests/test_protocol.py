@@ -79,7 +79,7 @@ def test_wire_names_are_the_documented_keys():
     }
     # The status file keeps its snake_case keys, null checkpoint included (it predates the protocol module).
     assert set(json.loads(STATUS.to_json())) == {
-        "state", "step", "tokens", "phase_index", "phase", "checkpoint", "message", "updated_at",
+        "state", "step", "tokens", "phase_index", "phase", "checkpoint", "message", "updated_at", "reason",
     }  # fmt: skip
     assert json.loads(RunStatus("stopped", 1, 2, 0, "core", None).to_json())["checkpoint"] is None
     assert json.loads(PREPARED.to_json()) == {

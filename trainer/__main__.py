@@ -38,9 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return 2
+    from .failure_advice import classify
     from .train import train  # torch is imported only once the manifest is known to be valid
 
-    train(run, args.run_dir, Path(args.manifest), args.world_size)
+    try:
+        train(run, args.run_dir, Path(args.manifest), args.world_size)
+    except Exception as exc:
+        if classify(exc) is None:
+            raise  # a bug, or trouble that may pass: the traceback is what helps
+        print(f"[rank {rank}] {exc}", file=sys.stderr)  # the user's to fix, named in the message: no traceback
+        return 1
     return 0
 
 

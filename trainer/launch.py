@@ -8,8 +8,11 @@ relaunch / stopped / failed), which the operator reads from the pod status. Pod 
 ``node_address``), so its message carries the run's state.
 
 A failure before training is permanent (the run fails at once) only when retrying cannot help: an invalid manifest or
-environment, or data the user must fix (``DataError``). Anything else while preparing data, such as a storage timeout
-or a reset connection, is transient: the pod exits non-zero and the operator restarts the gang with backoff.
+environment, a pre-flight problem (preflight.py: a missing path, teacher or credential, the wrong devices, a model
+too big for the memory), or data the user must fix (``DataError``). Anything else while preparing data, such as a
+storage timeout or a reset connection, is transient: the pod exits non-zero and the operator restarts the gang with
+backoff. While training, a worker that hits a permanent failure (failure_advice.py) leaves it in its pod's
+``status.json``, and every pod passes it on with ``permanent: true``, so the run fails with that reason.
 
 The tokenizer of a run with ``tokenizer.train`` is trained once, by pod 0 of the first attempt, and published next to
 the checkpoints (``<checkpoint.path>/tokenizer.json``): every other pod and every later attempt uses that file, so
@@ -27,6 +30,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from stagerun.core.credentials import CredentialsError, write_shared_credentials
 from stagerun.core.protocol import FailureReason, GangState, PodEnv, TerminationMessage
 from stagerun.core.spec import SpecError, kubernetes_problems, load_run
 
@@ -68,7 +72,7 @@ def torchrun_command(env: Mapping[str, str], manifest: str, run_dir: str) -> lis
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "stagerun.trainer.torchrun",  # torch.distributed.run without its traceback for a failed worker
         f"--nnodes={_env(PodEnv.NNODES, env)}",
         f"--nproc-per-node={_env(PodEnv.NPROC_PER_NODE, env)}",
         "--rdzv-backend=c10d",
@@ -123,6 +127,18 @@ def is_permanent(exc: BaseException) -> bool:
     return isinstance(exc, (SpecError, DataError))
 
 
+def _preflight(run, run_dir: Path, phase, processes: int) -> str:
+    """The pre-flight problems of this pod's part of the run, as one message ("" when there are none). Teachers and
+    paths of every phase are checked; devices and memory only for the phase this Job was shaped for."""
+    from .preflight import PreflightError, preflight
+
+    root = run.checkpoint.path or str(run_dir / "checkpoints")  # validation requires the path on Kubernetes
+    found = preflight(run, root, phases=[phase], processes=lambda phase: processes, pod=True)
+    for warning in found.warnings:
+        print(f"stagerun launch: warning: {warning}", file=sys.stderr)
+    return str(PreflightError(found.problems, "the pre-flight checks")) if found.problems else ""
+
+
 def launch(env: Mapping[str, str] = os.environ) -> int:
     try:
         manifest, run_dir = _env(PodEnv.MANIFEST, env), Path(_env(PodEnv.RUN_DIR, env))
@@ -138,9 +154,19 @@ def launch(env: Mapping[str, str] = os.environ) -> int:
                 f"this pod was started for {world} processes but phase {phase.name} needs "
                 f"{phase.world_size}: the Job does not match the manifest"
             )
-    except (SpecError, KeyError, ValueError, IndexError) as exc:
+        settings = write_shared_credentials(env)  # spec.checkpoint.credentialsSecret: keys as files, not env
+        if settings:
+            env = {**env, **settings}
+            os.environ.update(settings)  # this process prepares the data itself
+    except (SpecError, KeyError, ValueError, IndexError, CredentialsError) as exc:
         write_termination_message(TerminationMessage.failure(FailureReason.INVALID_SPEC, str(exc)), env)
         print(f"stagerun launch: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+
+    refused = _preflight(run, run_dir, phase, int(_env(PodEnv.NPROC_PER_NODE, env)))
+    if refused:
+        write_termination_message(TerminationMessage.failure(FailureReason.PREFLIGHT_FAILED, refused), env)
+        print(f"stagerun launch: {refused}", file=sys.stderr)
         return EXIT_INVALID
 
     from .runner import prepare
@@ -162,13 +188,18 @@ def launch(env: Mapping[str, str] = os.environ) -> int:
     child_env = dict(env)
     # Give the trainer the pod's grace period to commit its checkpoint after SIGTERM (torchrun's default is 30 s).
     child_env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(env.get(PodEnv.SHUTDOWN_SECONDS, "540"))))
+    from .telemetry import read_status
+
     process = subprocess.Popen(torchrun_command(env, manifest, str(run_dir)), env=child_env)
     signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signal.SIGTERM))
     code = process.wait()
 
-    from .telemetry import read_status
-
-    status = read_status(run_dir) if index == 0 else None
+    status = read_status(run_dir)
+    if status is not None and status.state == GangState.FAILED:  # any pod: a rerun fails the same way
+        write_termination_message(TerminationMessage.from_status(status, exit_code=code), env)
+        print(f"stagerun launch: the run cannot continue ({status.reason}): {status.message}", file=sys.stderr)
+        return code or EXIT_INVALID
+    status = status if index == 0 else None
     if status is not None and (code == 0 or status.state == GangState.STOPPED):
         write_termination_message(TerminationMessage.from_status(status), env)
         return 0

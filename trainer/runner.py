@@ -6,6 +6,10 @@ needs another topology it starts a new gang; when it was stopped (Ctrl-C, SIGTER
 
 One gang per run: the run lock (run_lock.py) is taken before anything is prepared, so a second `stagerun run` of
 the same run fails at once naming the holder; torchrun inherits the lock and dies with this process (gang_life.py).
+
+Before the lock, the pre-flight checks (preflight.py) look at paths, credentials, teachers, devices and memory and
+report every problem at once. When a gang fails, the advice depends on why (failure_advice.py): "run the same
+command again" only for what a rerun can fix.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from stagerun.core.plan import phase_at
 from stagerun.core.protocol import GangState, PodEnv, PreparedData, RunStatus
 from stagerun.core.spec import ResolvedRun
 
+from .failure_advice import permanent_advice, rerun_advice
 from .gang_life import descendants, die_with_parent, stop_tree
+from .preflight import PreflightError, preflight
 from .run_lock import HELD_ENV, RunLocked, acquire
 from .telemetry import read_status
 
@@ -55,7 +61,7 @@ def torchrun_command(
     cmd = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "stagerun.trainer.torchrun",  # torch.distributed.run without its traceback for a failed worker
         "--standalone",
         f"--nproc-per-node={nproc}",
         f"--max-restarts={max_restarts}",
@@ -95,6 +101,7 @@ def run_local(
     from .train import checkpoint_url
 
     run_dir = Path(run_dir or default_run_dir(run))
+    check_before_start(run, manifest, checkpoint_url(run, run_dir))
     try:  # before anything is written: a second run of the same run must not touch its files
         lock = acquire(checkpoint_url(run, run_dir), on_lost=lambda: os.kill(os.getpid(), signal.SIGTERM))
     except RunLocked as exc:
@@ -106,15 +113,22 @@ def run_local(
         lock.release()
 
 
+def check_before_start(run: ResolvedRun, manifest: Path, root_url: str) -> None:
+    """Pre-flight (preflight.py): print the warnings, raise PreflightError listing every problem. Every phase runs
+    on this machine with the whole world (``--nproc`` is already in ``phase.world_size``)."""
+    field = "spec.checkpoint.path" if run.checkpoint.path else "--run-dir (spec.checkpoint.path is unset)"
+    found = preflight(run, root_url, root_field=field)
+    for warning in found.warnings:
+        print(f"{run.name}: warning: {warning}", file=sys.stderr)
+    if found.problems:
+        raise PreflightError(found.problems, f"{manifest} (found before starting any worker)")
+
+
 def _run_locked(run, manifest, lock, nproc, run_dir, max_restarts, max_source_bytes, metrics_port) -> int:
     from .checkpoint import CheckpointManager
     from .train import checkpoint_url
 
-    if run.model.init is not None:  # a shape mismatch with the released weights is reported before anything starts
-        from .hf.load import check_hf_folder
-
-        check_hf_folder(run.model, run.model.init.path)
-    prepare(run, run_dir, max_source_bytes)
+    prepare(run, run_dir, max_source_bytes)  # spec.model.init was checked by the pre-flight
     manager = CheckpointManager(checkpoint_url(run, run_dir), run.checkpoint.keep)
     while True:
         latest = manager.latest()
@@ -134,15 +148,11 @@ def _run_locked(run, manifest, lock, nproc, run_dir, max_restarts, max_source_by
         status = read_status(run_dir)
         stopped = status is not None and status.state == GangState.STOPPED  # torchrun exits non-zero on Ctrl-C
         if status is not None and status.state == GangState.FAILED:  # rerunning cannot help: say what can
-            print(f"{run.name}: workers failed: {status.message}", file=sys.stderr)
+            print(permanent_advice(run.name, status), file=sys.stderr)
             return code or 1
         if status is None or (code != 0 and not stopped):
             newest = manager.latest()
-            resume = f"step {newest.step}" if newest else "the start (no checkpoint was committed)"
-            print(
-                f"{run.name}: workers failed (exit code {code}); run the same command again to resume from {resume}",
-                file=sys.stderr,
-            )
+            print(rerun_advice(run.name, code, newest.step if newest else None), file=sys.stderr)
             return code or 1
         if status.state == GangState.RELAUNCH:
             print(f"{run.name}: {status.message}; starting the next gang", flush=True)
