@@ -10,6 +10,7 @@ from test_data_loader import random_docs, write_token_set
 from test_data_remote import BUCKET, s3  # noqa: F401 - the moto fixture
 
 from stagerun.trainer.data import DataError, PackedMixLoader, TokenShards, remote_io
+from stagerun.trainer.data.readahead import WindowReader
 from stagerun.trainer.data.shard_verify import upgrade_manifest
 
 ARGS = dict(phase_index=0, weights={"web": 1.0}, seq_len=64, global_sequences=8, micro_batch_size=2)
@@ -59,26 +60,31 @@ def test_loads_without_a_full_download(remote_url, local_set, tmp_path):
     assert fetched <= 1.2 * needed and fetched < token_bytes(local_set) / 4
 
 
-def test_survives_transient_errors(remote_url, local_set, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["ranges", "blocks"])
+def test_survives_transient_errors(remote_url, local_set, tmp_path, monkeypatch, mode):
     monkeypatch.setattr(remote_io, "BACKOFF_SECONDS", 0.001)
+    monkeypatch.setenv("STAGERUN_DATA_READ_AHEAD", mode)
+    monkeypatch.setenv("STAGERUN_DATA_BLOCK_TOKENS", "4000")  # several windows: several request batches
     remote = TokenShards.open(remote_url, cache_dir=tmp_path / "cache", verify="off")
     fs = remote.files.files.fs
-    real, calls = fs.cat_ranges, []
+    real, calls, injected = fs.cat_ranges, [], []
 
     def flaky(paths, starts, ends, **kwargs):
         calls.append(len(paths))
         if len(calls) % 3 == 1:  # the whole request fails: a reset connection
+            injected.append("reset")
             raise ConnectionResetError("connection reset by peer")
         results = real(paths, starts, ends, **kwargs)
         if len(calls) % 3 == 2 and len(results) > 1:  # one range of the batch fails: a 503
+            injected.append("503")
             results[0] = OSError("503 Service Unavailable")
         return results
 
     monkeypatch.setattr(fs, "cat_ranges", flaky)
     retries = remote_io.STATS.retries
-    batches = draw(remote, 4)
-    assert all(np.array_equal(a, b) for a, b in zip(batches, draw(TokenShards.open(local_set), 4)))
-    assert remote_io.STATS.retries - retries >= 4 and len(calls) > 4
+    batches = draw(remote, 12)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, draw(TokenShards.open(local_set), 12)))
+    assert len(injected) >= 3 and remote_io.STATS.retries - retries == len(injected)
 
 
 def test_permanent_errors_name_the_url(s3, remote_url, local_set, tmp_path, monkeypatch):  # noqa: F811
@@ -111,6 +117,8 @@ def test_remote_hashes_are_checked_sampled(s3, local_set, tmp_path):  # noqa: F8
 def test_node_cache_is_bounded_and_serves_repeat_reads(remote_url, local_set, tmp_path, monkeypatch):
     monkeypatch.setenv("STAGERUN_DATA_CACHE_BYTES", str(64 * 1024))
     monkeypatch.setenv("STAGERUN_DATA_CACHE_DIR", str(tmp_path / "chunks"))
+    # Ranged reads: whole blocks (what `auto` picks with a cache) would scan past a cache smaller than a window.
+    monkeypatch.setenv("STAGERUN_DATA_READ_AHEAD", "ranges")
     monkeypatch.setattr(remote_io, "CHUNK_BYTES", 4096)
     remote = TokenShards.open(remote_url, cache_dir=tmp_path / "cache", verify="off")
     remote.files.files.cache.chunk = 4096
@@ -123,3 +131,23 @@ def test_node_cache_is_bounded_and_serves_repeat_reads(remote_url, local_set, tm
         draw(remote, 12)
     remote.files.files.cache.evict()
     assert sum(p.stat().st_size for p in (tmp_path / "chunks").iterdir()) <= 64 * 1024
+
+
+def test_whole_blocks_a_window_ahead_give_the_same_batches(remote_url, local_set, tmp_path, monkeypatch):
+    """Read-ahead of whole blocks (dp 1): the batches of ranged reads, each block fetched once per epoch, also when a
+    step is longer than an epoch (it then reads several windows at once)."""
+    monkeypatch.setenv("STAGERUN_DATA_BLOCK_TOKENS", "3000")
+    remote = TokenShards.open(remote_url, cache_dir=tmp_path / "cache", verify="off")
+    local = TokenShards.open(local_set)
+    for seq_len, sequences, steps in ((64, 8, 30), (2048, 64, 3)):  # 3 steps of 131K tokens: > 1 epoch each
+        args = dict(ARGS, seq_len=seq_len, global_sequences=sequences, micro_batch_size=sequences)
+        loaders = [PackedMixLoader({"web": s}, 5) for s in (remote, local)]
+        start, requests = remote_io.STATS.bytes_fetched, remote_io.STATS.requests
+        for _ in range(steps):
+            a, b = (np.concatenate([mb.inputs for mb in ld.next_step(dp_rank=0, dp_size=1, **args)]) for ld in loaders)
+            assert np.array_equal(a, b)
+        consumed = steps * sequences * seq_len * remote.dtype.itemsize
+        epochs = -(-steps * sequences * seq_len // remote.num_tokens) + 1  # + the window read ahead
+        assert remote_io.STATS.bytes_fetched - start <= consumed + 2 * token_bytes(local_set) * epochs
+        assert remote_io.STATS.requests - requests < steps * sequences  # a few large reads, not one per document
+    assert isinstance(loaders[0]._streams[0].reader, WindowReader)

@@ -1,8 +1,10 @@
-"""Data at scale (issue 15, issue 19 item 2): the v2 order (a seeded bijection walked from an anchor), memory that
-does not grow with the documents, the memory-mapped index, shard hashes and token-id checks.
+"""Data at scale (issue 15, issue 19 item 2): the v2 order (seeded blocks of documents shuffled within windows,
+walked from an anchor; the earlier bijection order for runs begun in it), memory that does not grow with the
+documents, the memory-mapped index, shard hashes and token-id checks.
 
 The loader's exactness properties are the ones of test_data_loader, run again here on v2 sets (the ``sources``
-fixture below replaces that module's v1 one for the imported tests)."""
+fixture below replaces that module's v1 one for the imported tests), with blocks small enough that every test
+crosses many blocks and windows."""
 
 from __future__ import annotations
 
@@ -26,9 +28,18 @@ from test_data_loader import (  # noqa: F401 - collected here again, on v2 sets
 )
 
 from stagerun.trainer.data import DataError, PackedMixLoader, TokenShards, doc_index
+from stagerun.trainer.data.block_order import KEEP_WINDOWS, BlockOrder
 from stagerun.trainer.data.loader import _SourceStream
 from stagerun.trainer.data.order import BijectionOrder, FeistelPermutation
 from stagerun.trainer.data.shard_verify import files_to_check, upgrade_manifest
+
+BLOCK_TOKENS, WINDOW_BLOCKS = 64, 3
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setenv("STAGERUN_DATA_BLOCK_TOKENS", str(BLOCK_TOKENS))
+    monkeypatch.setenv("STAGERUN_DATA_WINDOW_BLOCKS", str(WINDOW_BLOCKS))
 
 
 def v2_set(folder, docs, tokens_per_shard=10**9) -> TokenShards:
@@ -47,9 +58,11 @@ def sources(tmp_path_factory):
     }
 
 
-def test_sources_are_v2_and_read_in_the_bijection_order(sources):
-    assert all(s.format == "stagerun-tokens/v2" and s.order == "bijection" for s in sources.values())
+def test_sources_are_v2_and_read_in_the_block_order(sources):
+    assert all(s.format == "stagerun-tokens/v2" and s.order == "blocks" for s in sources.values())
     assert sources["web"].num_shards > 3
+    order = PackedMixLoader(sources, 0)._streams[0].order
+    assert isinstance(order, BlockOrder) and order.num_windows > 10  # the property tests cross many windows
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 1000, 4097])
@@ -83,19 +96,77 @@ def test_v2_epochs_are_new_orders_with_no_token_lost(sources, name):
     assert len(orders[0][0]) > 0 and first > 0
 
 
-def test_window_stays_about_one_global_batch(tmp_path):
-    """The order holds the documents a global batch passes, never an array of all of them."""
+def test_window_memory_is_bounded_by_the_layout(tmp_path):
+    """The order holds the documents of at most KEEP_WINDOWS windows, never an array of all of them."""
     shards = v2_set(tmp_path / "many", random_docs(4, 20_000, 1, max_len=8))
     loader = PackedMixLoader({"a": shards}, 0)
-    stream = loader._streams[0]
-    assert isinstance(stream.order, BijectionOrder)
+    order = loader._streams[0].order
+    assert isinstance(order, BlockOrder)
     seen = []
     for _ in range(200):  # about 1.4 epochs of 64 x 16 tokens
         loader.next_step(dp_rank=0, dp_size=2, **step_args(16, 64, 4, 0, {"a": 1.0}))
         loader.state_dict()
-        seen.append(len(stream.order._ends))
-    per_step_docs = 64 * 16 / (shards.num_tokens / shards.num_documents)
-    assert max(seen) < 4 * per_step_docs + 2 * 1024 < shards.num_documents / 4
+        seen.append(sum(len(w.ends) for w in order._windows.values()))
+    per_window_docs = WINDOW_BLOCKS * BLOCK_TOKENS / 2 + WINDOW_BLOCKS  # documents hold at least 2 tokens
+    assert max(seen) <= KEEP_WINDOWS * per_window_docs < shards.num_documents / 20
+
+
+def test_a_window_reads_a_few_contiguous_ranges(tmp_path):
+    """Locality: the tokens a window's sequences read are its blocks, one contiguous range of the set each."""
+    shards = v2_set(tmp_path / "set", random_docs(8, 3000, 1, max_len=30), tokens_per_shard=5_000)
+    stream = _SourceStream("a", shards, 3)
+    order = stream.order
+    assert isinstance(order, BlockOrder) and order.num_windows > 20
+    window = order.window(0, 5, 0)
+    index, _ = stream.locate(0, shards.num_tokens)  # epoch 0 whole: every token once
+    assert np.array_equal(np.sort(index), np.arange(shards.num_tokens))
+    starts, stops = order.block_tokens_range(window.blocks)
+    size = int((stops - starts).sum())
+    offset = sum(order.window_tokens(0, w) for w in range(5))
+    inside = index[offset : offset + size]
+    assert np.array_equal(np.sort(inside), np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]))
+    assert len(window.blocks) == WINDOW_BLOCKS and not np.array_equal(inside, np.sort(inside))  # shuffled inside
+
+
+def test_a_run_begun_in_the_bijection_order_resumes_in_it(sources):
+    args = step_args(seq_len=24, global_sequences=6, micro=3)
+    first = PackedMixLoader(sources, 3)
+    for stream in first._streams:
+        stream.use_order("bijection", (0, 0))
+    expected = [global_batch([first], **args) for _ in range(30)]
+    replay = PackedMixLoader(sources, 3)
+    for stream in replay._streams:
+        stream.use_order("bijection", (0, 0))
+    for _ in range(12):
+        global_batch([replay], **args)
+    state = json.loads(json.dumps(replay.state_dict()))
+    assert {f["order"] for f in state["sources"].values()} == {"bijection"} and not state["layouts"]
+    resumed = PackedMixLoader(sources, 3)  # a new loader starts in the block order; the state says otherwise
+    resumed.load_state_dict(state)
+    assert all(isinstance(s.order, BijectionOrder) for s in resumed._streams)
+    for i in range(12, 30):
+        for x, y in zip(global_batch([resumed], **args)[:3], expected[i][:3]):
+            assert np.array_equal(x, y)
+
+
+def test_a_resumed_run_keeps_its_block_layout(sources, monkeypatch):
+    args = step_args(seq_len=24, global_sequences=6, micro=3)
+    straight = PackedMixLoader(sources, 3)
+    expected = [global_batch([straight], **args) for _ in range(20)]
+    for _ in range(8):
+        global_batch([PackedMixLoader(sources, 3)], **args)
+    saved = PackedMixLoader(sources, 3)
+    for _ in range(8):
+        global_batch([saved], **args)
+    state = json.loads(json.dumps(saved.state_dict()))
+    monkeypatch.setenv("STAGERUN_DATA_BLOCK_TOKENS", "1000")  # another layout for new runs only
+    resumed = PackedMixLoader(sources, 3)
+    assert resumed._streams[0].order.block_tokens == 1000
+    resumed.load_state_dict(state)
+    assert resumed._streams[0].order.block_tokens == BLOCK_TOKENS
+    for i in range(8, 20):
+        for x, y in zip(global_batch([resumed], **args)[:3], expected[i][:3]):
+            assert np.array_equal(x, y)
 
 
 def test_resume_from_an_anchor_is_exact_and_a_lost_anchor_only_slower(sources):

@@ -6,9 +6,10 @@ by one whole global batch per step and reads only its own slice. So a checkpoint
 1 or 4 ranks on exactly the next tokens, and the state is tiny (a few integers per source).
 
 Per source, an infinite stream: epoch e is the source's documents (each with its EOS) in an order seeded by
-(data seed, crc32 of the source name, e), concatenated (order.py: a Feistel bijection for v2 sets, walked from an
-anchor the state keeps; the whole-epoch permutation they always had for v1 sets). Stream position p lies in
-epoch p // num_tokens. A sequence of length L starting at p is the L + 1 tokens [p, p + L + 1): inputs the first
+(data seed, crc32 of the source name, e), concatenated (block_order.py for v2 sets: seeded blocks of documents,
+shuffled within windows, walked from an anchor the state keeps, the layout recorded in the state; order.py: the
+earlier v2 bijection for runs begun in it, and the whole-epoch permutation v1 sets always had). Stream position p
+lies in epoch p // num_tokens. A sequence of length L starting at p is the L + 1 tokens [p, p + L + 1): inputs the first
 L, targets the last L; the cursor then advances by L, so the last target is the next sequence's first input and
 no token is skipped or repeated. Documents are not padded: a sequence may span documents and epochs; ``doc_ids``
 numbers the documents inside each sequence for intra-document attention masking.
@@ -26,11 +27,15 @@ import numpy as np
 
 from stagerun.core.layout import split_batch
 
+from .block_order import BlockOrder, layout_from_env
 from .order import BijectionOrder, PermutationOrder
+from .readahead import WindowReader, read_mode
 from .shards import TokenShards
+from .token_files import RemoteTokens
 
-STATE_VERSION = 2  # 2 adds each source's order and anchor; a version 1 state (v1 sets only) still loads
+STATE_VERSION = 2  # 2 adds each source's order, its layout and anchor; a version 1 state (v1 sets only) still loads
 READABLE_STATES = (1, 2)
+V2_ORDERS = ("blocks", "bijection")  # a state saved in either resumes in it on a v2 set
 
 
 @dataclass
@@ -44,7 +49,7 @@ class MicroBatch:
 class _SourceStream:
     """One source's infinite stream of shuffled epochs; turns stream positions into tokens."""
 
-    def __init__(self, name: str, shards: TokenShards, seed: int):
+    def __init__(self, name: str, shards: TokenShards, seed: int, layout: tuple[int, int] | None = None):
         if shards.num_tokens == 0:
             raise ValueError(f"source {name!r} ({shards.source}) holds no tokens: give it a non-empty path or drop it")
         self.name = name
@@ -52,12 +57,30 @@ class _SourceStream:
         self.total = shards.num_tokens
         self.num_docs = shards.num_documents
         # Never Python's hash(): it is salted per process, and every rank and every resume must agree.
-        key = (seed, zlib.crc32(name.encode("utf-8")))
-        self.order: BijectionOrder | PermutationOrder = (
-            PermutationOrder(shards.doc_ends, key)
-            if shards.order == "permutation"
-            else BijectionOrder(shards.index, key, self.total)
-        )
+        self.key = (seed, zlib.crc32(name.encode("utf-8")))
+        self.reader: WindowReader | None = None
+        self.use_order(shards.order, layout or layout_from_env())
+
+    def use_order(self, name: str, layout: tuple[int, int]) -> None:
+        """Read in order ``name`` (``blocks`` with ``layout`` = (block tokens, window blocks), or what a resumed
+        state was saved with: ``bijection``, a v1 set's ``permutation``)."""
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        self.order: BlockOrder | BijectionOrder | PermutationOrder
+        if name == "permutation":
+            self.order = PermutationOrder(self.shards.doc_ends, self.key)
+        elif name == "bijection":
+            self.order = BijectionOrder(self.shards.index, self.key, self.total)
+        else:
+            self.order = BlockOrder(self.shards.index, self.key, self.total, *layout)
+        self.order_name = name
+
+    @property
+    def layout(self) -> dict[str, int] | None:
+        if not isinstance(self.order, BlockOrder):
+            return None
+        return {"blockTokens": self.order.block_tokens, "windowBlocks": self.order.window_blocks}
 
     def read(self, position: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens [position, position + count) of the stream (int64) and each token's document number (0, 1, ...)."""
@@ -79,9 +102,24 @@ class _SourceStream:
         np.cumsum(doc_key[1:] != doc_key[:-1], out=doc_ids[1:])
         return index, doc_ids
 
+    def take(self, index: np.ndarray, dp_size: int) -> np.ndarray:
+        """The tokens at ``index`` (located just before): whole windows read ahead for a remote set when the read
+        mode says so (readahead.py), else only these positions."""
+        if not isinstance(self.order, BlockOrder):
+            return self.shards.take(index)
+        windows, self.order.touched = self.order.touched, set()
+        files = self.shards.files
+        remote = isinstance(files, RemoteTokens)
+        mode = read_mode(remote, isinstance(files, RemoteTokens) and files.files.cache is not None, dp_size)
+        if mode == "ranges":
+            return self.shards.take(index)
+        if self.reader is None:
+            self.reader = WindowReader(self.shards, self.order)
+        return self.reader.take(index, windows)
+
     def anchor(self, position: int) -> list[int] | None:
         """Where the order's walk resumes for a cursor at ``position`` (None: a v1 order needs none)."""
-        if not isinstance(self.order, BijectionOrder):
+        if isinstance(self.order, PermutationOrder):
             return None
         return self.order.anchor(*divmod(position, self.total))
 
@@ -135,7 +173,7 @@ class PackedMixLoader:
                 mine.append((source, self.cursors[source]))
             self.cursors[source] += seq_len
             self.tokens_per_source[self.names[source]] += seq_len
-        return self._micro_batches(mine, seq_len, micro_batch_size)
+        return self._micro_batches(mine, seq_len, micro_batch_size, dp_size)
 
     def _check_step(self, seq_len: int, global_sequences: int, dp_rank: int, dp_size: int, micro: int) -> int:
         if seq_len < 1 or global_sequences < 1 or micro < 1 or dp_size < 1:
@@ -174,7 +212,7 @@ class PackedMixLoader:
         self.phase_sequences = n
         return choices
 
-    def _micro_batches(self, mine: list[tuple[int, int]], seq_len: int, micro: int) -> list[MicroBatch]:
+    def _micro_batches(self, mine: list[tuple[int, int]], seq_len: int, micro: int, dp_size: int) -> list[MicroBatch]:
         tokens = np.empty((len(mine), seq_len + 1), dtype=np.int64)
         doc_ids = np.empty((len(mine), seq_len), dtype=np.int32)
         index = np.empty((len(mine), seq_len + 1), dtype=np.int64)
@@ -185,7 +223,7 @@ class PackedMixLoader:
         sources = np.array([source for source, _ in mine], dtype=np.int64)
         for source in np.unique(sources).tolist():
             rows = np.flatnonzero(sources == source)
-            tokens[rows] = self._streams[source].shards.take(index[rows])
+            tokens[rows] = self._streams[source].take(index[rows], dp_size)
         names = [self.names[source] for source, _ in mine]
         return [
             MicroBatch(
@@ -204,7 +242,7 @@ class PackedMixLoader:
                 "numTokens": s.shards.num_tokens,
                 "numDocuments": s.shards.num_documents,
                 "tokenizerSha256": s.shards.tokenizer_sha256,
-                "order": s.shards.order,
+                "order": s.order_name,
             }
             for name, s in zip(self.names, self._streams)
         }
@@ -220,6 +258,7 @@ class PackedMixLoader:
             "drawn": dict(zip(self.names, self.drawn)),
             "tokensPerSource": dict(self.tokens_per_source),
             "sources": self._fingerprints(),
+            "layouts": {name: layout for name, s in zip(self.names, self._streams) if (layout := s.layout)},
             "anchors": {
                 name: anchor
                 for name, stream, cursor in zip(self.names, self._streams, self.cursors)
@@ -245,13 +284,17 @@ class PackedMixLoader:
                 f"the checkpoint was taken with data sources {list(saved)} but this run has {self.names}: "
                 f"resume with the same spec.data.sources (same names, same order)"
             )
-        for name in self.names:
+        orders = {}
+        for name, stream in zip(self.names, self._streams):
             was = {"order": "permutation", **saved[name]}  # states before version 2 come from v1 sets
-            if was != current[name]:
-                changed = [k for k in current[name] if was.get(k) != current[name][k]]
+            now = dict(current[name])
+            if was["order"] in V2_ORDERS and stream.shards.order in V2_ORDERS:
+                now["order"] = was["order"]  # a v2 set reads in whichever v2 order the run began with
+            if was != now:
+                changed = [k for k in now if was.get(k) != now[k]]
                 raise ValueError(
                     f"source {name!r} differs from the one the checkpoint was taken with "
-                    f"({', '.join(changed)}: {was} then, {current[name]} now): resume with the "
+                    f"({', '.join(changed)}: {was} then, {now} now): resume with the "
                     f"same shard set and tokenizer, or start a new run"
                     + (
                         " (a stagerun-tokens/v1 set converted to v2 reads its documents in another order: "
@@ -260,6 +303,13 @@ class PackedMixLoader:
                         else ""
                     )
                 )
+            layout = state.get("layouts", {}).get(name)
+            orders[name] = (was["order"], (layout["blockTokens"], layout["windowBlocks"]) if layout else None)
+        for name, stream in zip(self.names, self._streams):
+            order, layout = orders[name]
+            saved_layout = None if layout is None else {"blockTokens": layout[0], "windowBlocks": layout[1]}
+            if order != stream.order_name or (order == "blocks" and saved_layout != stream.layout):
+                stream.use_order(order, layout or layout_from_env())
         self.phase_index = state["phaseIndex"]
         self.phase_sequences = int(state["phaseSequences"])
         self.cursors = [int(state["cursors"][name]) for name in self.names]
@@ -267,10 +317,10 @@ class PackedMixLoader:
         self.tokens_per_source = {name: int(state["tokensPerSource"][name]) for name in self.names}
         anchors = state.get("anchors", {})
         for name, stream, cursor in zip(self.names, self._streams, self.cursors):
-            if isinstance(stream.order, BijectionOrder):
+            if not isinstance(stream.order, PermutationOrder):
                 epoch, offset = divmod(cursor, stream.total)
                 anchor = anchors.get(name)
                 if anchor is not None and anchor[0] == epoch and anchor[2] <= offset:
                     stream.order.set_anchor(*anchor)
-                else:  # no usable anchor: the walk starts at the epoch's first document (slow once, still exact)
+                else:  # no usable anchor: the walk starts at the epoch's start (slow once, still exact)
                     stream.order.set_anchor(epoch, 0, 0)

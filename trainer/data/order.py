@@ -1,15 +1,17 @@
-"""The epoch order of one source's documents, and where a stream position falls in it.
+"""The seeded bijection every v2 order is built from (``FeistelPermutation``), and two epoch orders kept so that the
+runs begun in them resume exactly: the first v2 order (``BijectionOrder``: new runs use ``block_order.py``) and the
+v1 order (``PermutationOrder``).
 
-A v2 set's epoch e visits its documents in the order p_e(0), p_e(1), ..., p_e(n - 1), where p_e is a seeded
-bijection of [0, n): a balanced Feistel network over the smallest even number of bits covering n, cycle-walked
-back into [0, n) (each step of the walk stays a bijection of the larger domain, so the walk ends, after fewer than
-four steps on average). p_e(k) costs a few integer operations for any k, so nothing per document is held: the
-order walks forward from an anchor (the document holding the source's cursor, part of the loader state) over the
-documents the global batches pass, a window of about one global batch. A new epoch needs only its round keys, so
-an epoch boundary costs a step nothing extra.
+In the bijection order, a v2 set's epoch e visits its documents in the order p_e(0), p_e(1), ..., p_e(n - 1), where
+p_e is a seeded bijection of [0, n): a balanced Feistel network over the smallest even number of bits covering n,
+cycle-walked back into [0, n) (each step of the walk stays a bijection of the larger domain, so the walk ends, after
+fewer than four steps on average). p_e(k) costs a few integer operations for any k, so nothing per document is held:
+the order walks forward from an anchor (the document holding the source's cursor, part of the loader state) over the
+documents the global batches pass, a window of about one global batch. A new epoch needs only its round keys, so an
+epoch boundary costs a step nothing extra.
 
-A v1 set keeps the order it always had, a whole-epoch ``rng.permutation`` (two epochs cached), so a run begun on
-one resumes exactly; it costs about 40 bytes per document per process, which is why v2 exists.
+A v1 set keeps the order it always had, a whole-epoch ``rng.permutation`` (two epochs cached), so a run begun on one
+resumes exactly; it costs about 40 bytes per document per process, which is why v2 exists.
 """
 
 from __future__ import annotations

@@ -123,6 +123,11 @@ def _check_shard_source(name: str, source, sha: str, log) -> str:
             f"tokenize it again"
         )
     log(f"source {name}: {shards.num_tokens:,} tokens in {shards.num_documents:,} documents ({source.path})")
+    if shards.order == "permutation":
+        log(
+            f"source {name}: {source.path} is a stagerun-tokens/v1 set (no hashes; its order holds ~40 bytes per "
+            f"document per process): convert it between runs with `stagerun tokenize --upgrade {source.path}`"
+        )
     return source.path
 
 

@@ -4,11 +4,10 @@ metrics export, and the optional node-local chunk cache.
 Only the byte ranges the batches need are fetched: a step's ranges, of all its sequences and shards, are coalesced
 per file (``coalesce``: touching ranges always, the smallest gaps too while the bytes fetched stay within
 ``1 + OVERFETCH`` times the bytes needed) and fetched in one concurrent ``cat_ranges`` call. With short shuffled
-documents a step is thousands of small ranges, and the number of requests, not the bytes, sets the throughput. The
-prefetcher draws the next step's batch while the current one trains, which is the read-ahead that helps with
-shuffled documents: reading ahead inside a file would fetch neighbours the shuffle does not want. With the cache
-on, reads go through aligned chunks kept on a node-local folder shared by the node's ranks, bounded in size and
-evicted least recently used first: worth it for sources read for several epochs that fit the limit.
+documents a step is thousands of small ranges, and the number of requests, not the bytes, sets the throughput: which
+is why the block order reads whole blocks a window ahead where it can (``readahead.py``). With the cache on
+(``spec.data.cache``), reads go through aligned chunks kept on a node-local folder shared by the node's ranks,
+bounded in size and evicted least recently used first.
 """
 
 from __future__ import annotations
@@ -34,6 +33,8 @@ CHUNK_BYTES = 4 << 20
 OVERFETCH = 0.2  # the bytes a merge of ranges may add, as a share of the bytes needed (issue 15: <= 1.2x)
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
 TRANSIENT_CODES = ("SlowDown", "Throttling", "RequestTimeout", "InternalError", "ServiceUnavailable", "503", "500")
+# A connection dropped in the middle of a response body (aiohttp's and urllib3's names for it): not an OSError.
+TRANSIENT_NAMES = ("ClientPayloadError", "ContentLengthError", "IncompleteRead", "ServerDisconnected")
 
 
 @dataclass
@@ -62,6 +63,8 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
         return True
     text = f"{type(exc).__name__} {exc}"
+    if any(name in text for name in TRANSIENT_NAMES):
+        return True
     return any(code in text for code in TRANSIENT_CODES) or "Timeout" in text or "Connection" in text
 
 
@@ -249,7 +252,10 @@ class ChunkCache:
             out.write(data)
         os.replace(tmp, path)  # atomic: another rank sees the whole chunk or none
         self._written += len(data)
-        if self._written >= max(self.chunk, self.limit // 16):
+        # Each of the node's ranks evicts after adding 1/16 of the limit between them: the folder outgrows the limit
+        # by at most ~1/16 (what the operator's 7/8 of the volume leaves room for, with the chunks being written).
+        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+        if self._written >= max(self.chunk, self.limit // (16 * local_ranks)):
             self.evict()
 
     def evict(self) -> None:

@@ -11,19 +11,14 @@ on every read whatever the setting (``TokenShards.take``).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import zlib
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
-
-from stagerun.core import storage
 
 from .corpora import DataError
-from .shard_format import FORMAT, FORMAT_V1, HASH_KEYS, MANIFEST, REMAKE, read_manifest
+from .shard_format import FORMAT, HASH_KEYS, MANIFEST, REMAKE
 
 DEFAULT_BUDGET = 1 << 30
 MODES = ("sample", "all", "off")
@@ -97,20 +92,7 @@ def worker_rank() -> int:
 
 
 def upgrade_manifest(folder: str | os.PathLike[str]) -> dict:
-    """Turn a local stagerun-tokens/v1 set into v2 in place: hash its files and rewrite its manifest (atomically).
+    """Turn a stagerun-tokens/v1 set into v2 in place (``stagerun tokenize --upgrade``: shard_upgrade.py)."""
+    from .shard_upgrade import upgrade_set
 
-    The set's documents and tokens stay as they are; the loader then reads them in the v2 order, so convert a set
-    between runs, not under a run that resumes on it."""
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    if manifest["format"] == FORMAT:
-        return manifest
-    assert manifest["format"] == FORMAT_V1
-    for shard in manifest["shards"]:
-        for key, field in HASH_KEYS.items():
-            with open(folder / shard[key], "rb") as handle:
-                shard[field] = sha256_of(iter(lambda: handle.read(8 << 20), b""))
-    manifest["format"] = FORMAT
-    data = (json.dumps(manifest, indent=1) + "\n").encode()
-    storage.write_bytes_atomic(LocalFileSystem(), str(folder / MANIFEST), data)
-    return manifest
+    return upgrade_set(folder)[0]

@@ -80,8 +80,9 @@ class TokenShards:
         self.source = source  # what the caller opened
         self.manifest = manifest
         self.format: str = manifest["format"]
-        # v1 sets keep the whole-epoch permutation they were always read in (a run on one resumes exactly).
-        self.order = "permutation" if self.format == FORMAT_V1 else "bijection"
+        # v1 sets keep the whole-epoch permutation they were always read in (a run on one resumes exactly); v2 sets
+        # read in the block order (block_order.py; a run begun in the earlier v2 order, "bijection", keeps it).
+        self.order = "permutation" if self.format == FORMAT_V1 else "blocks"
         self.dtype = DTYPES[manifest["dtype"]]
         self.eos_id: int = manifest["eosId"]
         self.vocab_size: int = manifest["vocabSize"]
@@ -162,6 +163,28 @@ class TokenShards:
                 self._bad_id(s, values, flat[where])
             out[where] = values
         return out.reshape(indices.shape)
+
+    def read_ranges(self, starts: np.ndarray, stops: np.ndarray) -> list[np.ndarray]:
+        """The tokens [starts[i], stops[i]) of the whole set (in the set's dtype), each range whole: one request batch
+        for a remote set (the read-ahead of whole blocks); ids are checked as ``take`` checks them."""
+        pieces, owner = [], []
+        for i, (start, stop) in enumerate(zip(np.asarray(starts).tolist(), np.asarray(stops).tolist())):
+            shard = int(np.searchsorted(self._shard_starts, start, side="right")) - 1
+            while start < stop:  # a range may cross shard boundaries
+                base, end = int(self._shard_starts[shard]), int(self._shard_starts[shard + 1])
+                piece_stop = min(stop, end)
+                if piece_stop > start:
+                    pieces.append((shard, start - base, piece_stop - base))
+                    owner.append(i)
+                start, shard = piece_stop, shard + 1
+        values = self.files.spans(pieces)
+        for (shard, first, _), part in zip(pieces, values):
+            if self._check_ids and len(part) and int(part.max()) >= self.vocab_size:
+                self._bad_id(shard, part, first + int(self._shard_starts[shard]) + np.arange(len(part)))
+        out: list[list[np.ndarray]] = [[] for _ in range(len(np.asarray(starts)))]
+        for i, part in zip(owner, values):
+            out[i].append(part)
+        return [np.concatenate(parts) if parts else np.zeros(0, self.dtype) for parts in out]
 
     def _bad_id(self, shard: int, values: np.ndarray, positions: np.ndarray) -> None:
         j = int(np.flatnonzero(values >= self.vocab_size)[0])

@@ -42,6 +42,10 @@ class LocalTokens:
     def gather_many(self, groups: list[tuple[int, np.ndarray]]) -> list[np.ndarray]:
         return [self.gather(shard, positions) for shard, positions in groups]
 
+    def spans(self, pieces: list[tuple[int, int, int]]) -> list[np.ndarray]:
+        """The tokens [start, stop) of shard ``shard`` for each (shard, start, stop) of ``pieces``."""
+        return [np.array(self._tokens(shard)[start:stop]) for shard, start, stop in pieces]
+
     def chunks(self, name: str) -> Iterator[bytes]:
         with open(self.folder / name, "rb") as handle:
             while block := handle.read(HASH_BLOCK):
@@ -72,6 +76,22 @@ class RemoteTokens:
             np.frombuffer(b"".join(data), dtype=self.dtype)[inverse]
             for data, inverse in zip(self.files.read_many(parts), inverses)
         ]
+
+    def spans(self, pieces: list[tuple[int, int, int]]) -> list[np.ndarray]:
+        """The tokens [start, stop) of shard ``shard`` for each (shard, start, stop): whole ranges, one batch."""
+        size = self.dtype.itemsize
+        by_shard: dict[int, list[int]] = {}
+        for i, (shard, _, _) in enumerate(pieces):
+            by_shard.setdefault(shard, []).append(i)
+        parts = [
+            (self._shards[shard]["tokens"], [pieces[i][1] * size for i in at], [pieces[i][2] * size for i in at])
+            for shard, at in by_shard.items()
+        ]
+        out: list[np.ndarray] = [np.zeros(0, self.dtype)] * len(pieces)
+        for at, data in zip(by_shard.values(), self.files.read_many(parts)):
+            for i, raw in zip(at, data):
+                out[i] = np.frombuffer(raw, dtype=self.dtype)
+        return out
 
     def chunks(self, name: str) -> Iterator[bytes]:
         size = self.files.sizes[name]
