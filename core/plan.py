@@ -11,7 +11,6 @@ at LR 0, and the last step of a decay to 0 still moves the weights.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from .layout import split_batch
@@ -79,28 +78,18 @@ def batch_tokens_at(phase: ResolvedPhase, tokens: int) -> int:
 
 
 def lr_at(phase: ResolvedPhase, tokens: float) -> float:
-    """The phase's LR schedule at ``tokens`` (absolute), clamped to the phase."""
-    lr = phase.lr
-    x = min(max(tokens - phase.start_tokens, 0.0), float(phase.tokens))
-    if lr.warmup_tokens and x < lr.warmup_tokens:
-        return lr.peak * x / lr.warmup_tokens
-    span = phase.tokens - lr.warmup_tokens
-    progress = (x - lr.warmup_tokens) / span if span else 1.0
-    if lr.schedule == "constant":
-        return lr.peak
-    if lr.schedule == "linear":
-        return lr.peak + (lr.end - lr.peak) * progress
-    if lr.schedule == "cosine":
-        return lr.end + (lr.peak - lr.end) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if lr.schedule == "wsd":
-        decay_start = phase.tokens - int(phase.tokens * lr.decay_fraction)
-        if x < decay_start or decay_start >= phase.tokens:
-            return lr.peak
-        decay = (x - decay_start) / (phase.tokens - decay_start)
-        if lr.decay_shape == "cosine":
-            return lr.end + (lr.peak - lr.end) * 0.5 * (1.0 + math.cos(math.pi * decay))
-        return lr.peak + (lr.end - lr.peak) * decay
-    raise ValueError(f"unknown LR schedule {lr.schedule!r}")
+    """The phase's LR schedule at ``tokens`` (absolute), clamped to the phase.
+
+    The schedule's shape is :class:`ResolvedLR`'s: it may start before the phase (``schedule: continue``) and end
+    after it (``horizonTokens``). The clamp keeps a phase on its part of the curve; where the next phases continue
+    it, a step that straddles the boundary reads the curve on past it, as it would were they one phase."""
+    clamped = min(max(tokens, float(phase.start_tokens)), float(_lr_end(phase)))
+    return phase.lr.value(clamped - phase.lr.origin_tokens)
+
+
+def _lr_end(phase: ResolvedPhase) -> int:
+    """Where the phase's schedule stops running: its end, or the end of the phases that continue it."""
+    return max(phase.end_tokens, phase.lr.running_end_tokens)
 
 
 def step_plan(run: ResolvedRun, tokens: int, step: int) -> StepPlan | None:
@@ -109,7 +98,7 @@ def step_plan(run: ResolvedRun, tokens: int, step: int) -> StepPlan | None:
     if phase is None:
         return None
     batch = batch_tokens_at(phase, tokens)
-    middle = min(tokens + batch / 2, phase.end_tokens)
+    middle = min(tokens + batch / 2, _lr_end(phase))
     return StepPlan(step=step, tokens=tokens, phase=phase, batch_tokens=batch, lr=lr_at(phase, middle))
 
 

@@ -29,6 +29,7 @@ from stagerun.trainer.batch import StepBatch
 from stagerun.trainer.data.loader import MicroBatch
 from stagerun.trainer.losses import LossConfig
 from stagerun.trainer.model import Transformer, init_weights
+from stagerun.trainer.model.positions import document_positions
 from stagerun.trainer.step import build_optimizer, train_step
 
 SEQUENCES, SEQ_LEN, MICRO_BATCH, LR = 8, 16, 2, 1e-3
@@ -37,6 +38,8 @@ CASES = {
     "tied-normhead-docmask": dict(
         model=dict(tied_embeddings=True, norm_head=True), training=dict(doc_masking=True, loss_chunk_tokens=5)
     ),
+    # Per-head query/key norms (replicated weights under TP) and per-document RoPE positions without the mask.
+    "qknorm-docpositions": dict(model=dict(qk_norm=True, position_ids="perDocument"), training=dict(z_loss=1e-3)),
     "alibi-normhead-distill": dict(
         model=dict(tied_embeddings=False, norm_head=True, position="alibi"), training=dict(max_z_loss=1e-3), distill=0.3
     ),
@@ -97,6 +100,7 @@ def reference_step(spec, training: TrainingSpec, batch: MicroBatch, distill: flo
         targets=torch.from_numpy(batch.targets),
         loss=config,
         teacher_tokens=teacher_tokens,
+        positions=document_positions(torch.from_numpy(batch.doc_ids)),
     )
     count = terms.count.item()
     (terms.total / count).backward()

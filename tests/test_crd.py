@@ -279,7 +279,7 @@ def test_schema_mirrors_the_field_metadata():
     assert props["hangTimeout"]["x-kubernetes-int-or-string"] and props["hangTimeout"]["minimum"] == 60
     assert "'15m'" in props["hangTimeout"]["description"]
     lr = phase["properties"]["lr"]["properties"]
-    assert lr["schedule"]["enum"] == ["constant", "linear", "cosine", "wsd"]
+    assert lr["schedule"]["enum"] == ["constant", "linear", "cosine", "wsd", "invSqrt", "continue"]
     assert (lr["peak"]["type"], lr["peak"]["minimum"], lr["peak"]["exclusiveMinimum"]) == ("number", 0, True)
     assert (lr["decayFraction"]["minimum"], lr["decayFraction"]["maximum"]) == (0, 1)
     assert phase["properties"]["data"]["properties"]["weights"] == {

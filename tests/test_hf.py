@@ -23,6 +23,7 @@ from conftest import ROOT, run_tiny, stagerun, tiny_run, write_manifest  # noqa:
 from stagerun.core.spec import to_manifest  # noqa: E402
 from stagerun.core.spec.model import ModelSpec  # noqa: E402
 from stagerun.core.spec.presets import resolve_model  # noqa: E402
+from stagerun.core.spec.rope import ResolvedRope, RopeScalingSpec  # noqa: E402
 from stagerun.trainer.checkpoint import CheckpointManager, ModelOptimizerState  # noqa: E402
 from stagerun.trainer.hf.export import ExportError, export_checkpoint, export_model  # noqa: E402
 from stagerun.trainer.hf.load import load_hf_weights  # noqa: E402
@@ -45,6 +46,9 @@ SHAPES = {
     # Baichuan 2 / Index-like: NormHead, untied and tied
     "llama-normhead": (dict(norm_head=True, norm_eps=1e-6), "LlamaForCausalLM"),
     "llama-normhead-tied": (dict(norm_head=True, tied_embeddings=True), "LlamaForCausalLM"),
+    # AFM / OLMo 2-like query/key norms (per head, as Qwen3), GQA; and with q/k/v biases, tied
+    "qwen3-qk-norm": (dict(qk_norm=True, heads=8, kv_heads=2, norm_eps=1e-6), "Qwen3ForCausalLM"),
+    "qwen3-qk-norm-qkv-bias-tied": (dict(qk_norm=True, qkv_bias=True, tied_embeddings=True), "Qwen3ForCausalLM"),
     # StableLM 2-like: partial rotary 0.25 (4 of 16 head dims), LayerNorm with bias, qkv bias, GQA
     "stablelm": (dict(norm="layernorm", norm_bias=True, qkv_bias=True, rotary_fraction=0.25), "StableLmForCausalLM"),
     # LayerNorm without bias (exported as zero biases), tied, half rotary
@@ -299,6 +303,20 @@ def test_import_mismatches_name_every_field(tmp_path):
             load_hf_weights(Transformer(other), other, str(tmp_path / "hf"))
 
 
+def test_qk_norm_must_match_the_hf_architecture(tmp_path):
+    qwen3, llama = make_spec(qk_norm=True), make_spec()
+    hf_random_folder(qwen3, tmp_path / "qwen3")
+    hf_random_folder(llama, tmp_path / "llama")
+    for spec, folder, found in ((llama, "qwen3", "model_type: 'qwen3'"), (qwen3, "llama", "model_type: 'llama'")):
+        with pytest.raises(HFMismatchError, match="spec.model.qkNorm") as caught:
+            load_hf_weights(Transformer(spec), spec, str(tmp_path / folder))
+        assert found in str(caught.value)
+    sliding = tmp_path / "qwen3-sliding"
+    hf_random_folder(qwen3, sliding, use_sliding_window=True, sliding_window=16)
+    with pytest.raises(HFMismatchError, match="use_sliding_window"):
+        load_hf_weights(Transformer(qwen3), qwen3, str(sliding))
+
+
 def test_nonzero_layernorm_bias_needs_norm_bias(tmp_path):
     spec = make_spec(norm="layernorm", norm_bias=True)
     hf_random_folder(spec, tmp_path / "hf")
@@ -318,6 +336,9 @@ def test_alibi_and_rmsnorm_partial_rotary_are_refused_naming_the_field(tmp_path)
     partial = make_spec(rotary_fraction=0.5)
     with pytest.raises(UnsupportedArchitecture, match=r"spec\.model\.rotaryFraction"):
         export_model(random_model(partial), partial, tmp_path / "b")
+    layernorm_qk = make_spec(norm="layernorm", qk_norm=True)  # StableLM's qk_layernorm is another function
+    with pytest.raises(UnsupportedArchitecture, match=r"spec\.model\.qkNorm: true with norm: layernorm"):
+        export_model(random_model(layernorm_qk), layernorm_qk, tmp_path / "d")
 
     # The CLI says the same, from the checkpoint's meta.json, with exit code 1.
     save_checkpoint(random_model(alibi), alibi, tmp_path / "ckpt")
@@ -437,6 +458,63 @@ def test_real_run_exports_and_a_run_initialised_from_it_starts_at_the_original_m
     # (run A's first step read that same first batch from the random init).
     assert metrics_a[0]["batchChecksum"] == first["batchChecksum"]
     assert abs(metrics_a[0]["loss"] - first["loss"]) > 0.1, (metrics_a[0]["loss"], first["loss"])
+
+
+# ------------------------------------------------------------------------------------------ RoPE scaling
+
+# A tiny original window (32) so that T=96 runs past it; head dim 16 at theta 10000 puts one frequency in each
+# of llama3's bands (kept, blended, divided by the factor).
+SCALINGS = {
+    "llama3": RopeScalingSpec(
+        type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=32
+    ),
+    "yarn": RopeScalingSpec(type="yarn", factor=4.0, original_max_position=32),
+    "linear": RopeScalingSpec(type="linear", factor=3.0),
+}
+
+
+@pytest.mark.parametrize("kind", list(SCALINGS))
+def test_scaled_rope_exports_and_imports_with_transformers_logits_beyond_the_original_window(kind, tmp_path):
+    spec = make_spec(rope_scaling=SCALINGS[kind])
+    model = random_model(spec).eval()
+    save_checkpoint(model, spec, tmp_path / "ckpt")
+    export_checkpoint(str(tmp_path / "ckpt"), tmp_path / "hf", require_tokenizer=False)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == config["rope_scaling"]["rope_type"] == kind
+    hf = load_hf(tmp_path / "hf")
+    x = tokens(2, 96)
+    with torch.no_grad():
+        ours, theirs = model(x), hf(x).logits
+        model.set_rope(ResolvedRope(10000.0))  # the same weights, RoPE unscaled
+        unscaled = model(x)
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert (ours - unscaled)[:, 32:].abs().max().item() > 1e-3  # the scaling is what both compute
+
+    # Import: a transformers-made model with that config loads into the scaled spec, and only into it.
+    hf_in = hf_random_folder(spec, tmp_path / "hf-in", seed=3)
+    loaded = Transformer(spec)
+    load_hf_weights(loaded, spec, str(tmp_path / "hf-in"))
+    with torch.no_grad():
+        assert (loaded(x) - hf_in(x).logits).abs().max().item() < 1e-4
+    plain = make_spec()
+    with pytest.raises(HFMismatchError) as caught:
+        load_hf_weights(Transformer(plain), plain, str(tmp_path / "hf-in"))
+    assert f"spec.model.ropeScaling: RoPE base 10000 here, but config.json has base 10000, {kind} x" in str(
+        caught.value
+    )
+    assert "(fix: set ropeScaling: {type: " + kind in str(caught.value)
+
+
+def test_transformers_4_rope_scaling_and_unknown_types(tmp_path):
+    from stagerun.trainer.hf.mapping import check_hf_config
+
+    spec = make_spec(rope_theta=500000.0, rope_scaling=SCALINGS["llama3"])
+    legacy = {k: v for k, v in hf_config(spec).items() if k != "rope_parameters"}  # 4.x: rope_scaling + rope_theta
+    legacy["rope_scaling"] = {**legacy["rope_scaling"], "type": legacy["rope_scaling"].pop("rope_type")}
+    assert check_hf_config(spec, legacy) == []
+    dynamic = {**legacy, "rope_scaling": {"type": "dynamic", "factor": 2.0}}
+    [problem] = check_hf_config(spec, dynamic)
+    assert problem.path == "spec.model.init.path" and "rope_type 'dynamic'" in problem.message
 
 
 def test_docs_page_exists():

@@ -366,6 +366,115 @@ def test_gqa_equals_mha_with_repeated_kv_weights():
     torch.testing.assert_close(gqa(x, doc_ids), mha(x, doc_ids))
 
 
+# -- query/key normalisation -------------------------------------------------------------------------------------
+
+
+def test_qk_norm_normalises_each_head_before_rope():
+    spec = tiny(qk_norm=True)
+    model = build(spec)
+    attention = model.layers[0].attention
+    assert tuple(attention.q_norm.weight.shape) == tuple(attention.k_norm.weight.shape) == (spec.head_dim,)
+    assert sum(p.numel() for p in model.parameters()) == spec.parameter_count()
+    assert spec.parameter_count() == tiny().parameter_count() + spec.layers * 2 * spec.head_dim
+    with torch.no_grad():  # a learned, non-trivial gain, so the reference below checks where it is applied
+        attention.q_norm.weight.copy_(torch.linspace(0.5, 1.5, spec.head_dim))
+        attention.k_norm.weight.copy_(torch.linspace(1.5, 0.5, spec.head_dim))
+    x = torch.randn(2, 12, spec.dim)
+    # Reference (Qwen3's Qwen3Attention): RMSNorm over each head's dims, then RoPE, then causal attention.
+    b, t, hd = 2, 12, spec.head_dim
+    q = attention.wq(x).view(b, t, -1, hd)
+    k = attention.wk(x).view(b, t, -1, hd)
+    v = attention.wv(x).view(b, t, -1, hd)
+
+    def rms(y, w):
+        return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + spec.norm_eps) * w
+
+    q, k = rms(q, attention.q_norm.weight), rms(k, attention.k_norm.weight)
+    cos, sin = rope_cos_sin(t, spec.rotary_dims, spec.rope_theta, x.device, x.dtype)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+    )
+    expected = attention.wo(out.transpose(1, 2).reshape(b, t, -1))
+    torch.testing.assert_close(attention(x), expected)
+
+
+def test_qk_norm_makes_attention_invariant_to_the_scale_of_a_query_head():
+    x = tokens()
+    for qk_norm in (True, False):
+        model = build(tiny(qk_norm=qk_norm))
+        before = model(x)
+        with torch.no_grad():  # scale query head 1 of layer 0 (rows 16..31 of wq) by 8
+            model.layers[0].attention.wq.weight[16:32] *= 8.0
+        after = model(x)
+        if qk_norm:  # RMSNorm removes the scale (up to its eps)
+            torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+        else:
+            assert not torch.allclose(after, before, atol=1e-3)
+
+
+# -- per-document positions ----------------------------------------------------------------------------------------
+
+
+def test_document_positions_restart_at_each_document():
+    from stagerun.trainer.model.positions import document_positions
+
+    doc_ids = packed_doc_ids(batch=1)  # doc 0: 0..4, doc 1: 5..13, doc 2: 14..23
+    expected = list(range(5)) + list(range(9)) + list(range(10))
+    assert document_positions(doc_ids)[0].tolist() == expected
+    assert document_positions(torch.zeros(2, 7, dtype=torch.long)).tolist() == [list(range(7))] * 2
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_per_document_positions_with_masking_compute_each_document_as_if_alone(kv_heads):
+    # build() draws from (seed, parameter name): the same seed gives both models the same weights.
+    spec = tiny(position_ids="perDocument", kv_heads=kv_heads, qk_norm=True)
+    model = build(spec)
+    x, doc_ids = tokens(batch=1), packed_doc_ids(batch=1)
+    packed = model(x, doc_ids)
+    for start, stop in ((0, 5), (5, 14), (14, 24)):  # every document, alone at the start of a sequence
+        torch.testing.assert_close(packed[:, start:stop], model(x[:, start:stop]), rtol=1e-5, atol=1e-5)
+    # RoPE scores depend only on query-key offsets, so under the mask sequence positions give the same function
+    # (up to rounding); the reset matters without the mask (next test).
+    sequence = build(tiny(kv_heads=kv_heads, qk_norm=True))
+    torch.testing.assert_close(sequence(x, doc_ids), packed, rtol=1e-5, atol=1e-5)
+
+
+def test_per_document_positions_without_masking_and_explicit_positions():
+    from stagerun.trainer.model.positions import document_positions
+
+    per_doc, sequence = tiny(position_ids="perDocument"), tiny()
+    model, plain = build(per_doc), build(sequence)  # the same weights: position ids add no parameter
+    plain.load_state_dict(model.state_dict())
+    x, doc_ids = tokens(), packed_doc_ids()
+    positions = document_positions(doc_ids).to(torch.int32)  # what the batch carries (trainer/batch.py)
+    # The positions are used without the mask: attention still crosses documents, RoPE restarts.
+    unmasked = model(x, positions=positions)
+    assert not torch.allclose(unmasked, plain(x), atol=1e-4)
+    torch.testing.assert_close(unmasked[:, :5], plain(x)[:, :5])  # the first document starts at 0 either way
+    # Given with the mask, explicit positions are what the model derives from doc_ids itself.
+    torch.testing.assert_close(model(x, doc_ids, positions=positions), model(x, doc_ids))
+    # A sequence model ignores positions; one document spanning the row is the sequence positions.
+    torch.testing.assert_close(plain(x, positions=positions), plain(x))
+    torch.testing.assert_close(model(x, positions=torch.arange(24).expand(2, 24)), plain(x))
+
+
+def test_batches_carry_per_document_positions():
+    import numpy as np
+
+    from stagerun.trainer.batch import StepBatch
+    from stagerun.trainer.data.loader import MicroBatch
+    from stagerun.trainer.model.positions import document_positions
+
+    doc_ids = packed_doc_ids().numpy().astype(np.int32)
+    inputs = tokens().numpy()
+    mb = MicroBatch(inputs=inputs, targets=inputs, doc_ids=doc_ids, sources=["a", "b"])
+    batch = StepBatch.from_micro_batches([mb], torch.device("cpu"), doc_masking=False)
+    carried = batch.micro_batches[0]
+    assert carried.doc_ids is None  # no mask without docMasking ...
+    assert torch.equal(carried.positions.long(), document_positions(torch.from_numpy(doc_ids)))  # ... positions yes
+
+
 # -- initialisation --------------------------------------------------------------------------------------------
 
 
@@ -548,3 +657,14 @@ def test_tiny_model_fits_a_fixed_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_per_document_positions_need_rope():
+    from conftest import tiny_run
+
+    from stagerun.core.spec import validate_manifest
+
+    manifest = tiny_run(model={"preset": "tiny", "position": "alibi", "positionIds": "perDocument"})
+    (problem,) = [p for p in validate_manifest(manifest) if "positionIds" in p.path]
+    assert problem.path == "spec.model.positionIds" and "ALiBi has none" in problem.message
+    assert not validate_manifest(tiny_run(model={"preset": "tiny", "qkNorm": True, "positionIds": "perDocument"}))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,8 @@ from stagerun.core.plan import (
 )
 from stagerun.core.plan_report import curve_points, plot_schedule, render_table
 from stagerun.core.spec import load_run, resolve_run
+
+REPO = Path(__file__).resolve().parent.parent
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -307,3 +311,26 @@ def test_llama3_scale_arithmetic_is_instant():
     t2 = t1 + second * 2**23
     third = -(-(15 * 10**12 - t2) // 2**24)
     assert first == 61 and steps == first + second + third
+
+
+def test_plan_table_names_each_phases_schedule(run):
+    rows = render_table(run).splitlines()[4:]
+    assert "cosine 0 -> " in rows[0]  # core starts at the bottom of its warmup
+    assert [row.split()[0] for row in rows if row.split()[0] in ("long", "anneal")] == ["long", "anneal"]
+    by_name = {row.split()[0]: row for row in rows if row.split()[0] in ("long", "anneal")}
+    assert "constant 0.0001 -> 0.0001" in by_name["long"]  # lr unset: holds where core ended
+    assert "linear 8.1e-05 -> 0 " in by_name["anneal"]  # its first step starts past the boundary (long overshoots)
+
+
+def test_plan_into_a_pipe_closed_early_prints_no_traceback():
+    # `stagerun plan FILE | head -1` when the reader has left: Python used to print a BrokenPipeError traceback
+    # (twice: once more flushing stdout at exit). The read end closes before the child can have written anything
+    # (it writes only after importing and reading the manifest), so its first write fails.
+    command = [sys.executable, "-c", "from stagerun.trainer.cli import main; raise SystemExit(main())"]
+    process = subprocess.Popen(
+        [*command, "plan", str(REPO / "examples" / "llama3-8b.yaml")], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert process.stdout is not None
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 141 and b"Traceback" not in stderr, stderr.decode()

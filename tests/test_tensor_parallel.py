@@ -2,8 +2,9 @@
 
 Each layout runs tests/_tp_worker.py under torchrun (gloo, CPU): the real train_step on the tiny model, against a
 plain single-process reference on the same seed and global batch. Cases: untied RoPE with z-loss and max-z;
-tied embeddings + NormHead + document masking with 5-token loss chunks; ALiBi + NormHead + distillation. Each runs
-with the global token count given (StepBatch.global_tokens) and counted on the device.
+tied embeddings + NormHead + document masking with 5-token loss chunks; query/key norms with per-document positions;
+ALiBi + NormHead + distillation. Each runs with the global token count given (StepBatch.global_tokens) and counted
+on the device.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def run_layout(tmp_path: Path, dp: int, tp: int) -> dict:
 
 
 def check_matches_single_process(results: dict) -> None:
-    assert len(results) == 6
+    assert len(results) == 8
     for case, r in results.items():
         assert r["finite"], case
         assert r["tokens"][0] == r["tokens"][1], case

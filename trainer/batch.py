@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .data.loader import MicroBatch
+
+if TYPE_CHECKING:
+    from .context_parallel import ContextShard
 
 IGNORE_INDEX = -100
 
@@ -26,6 +29,9 @@ class DeviceMicroBatch:
     inputs: torch.Tensor  # int64 [m, L] on the training device
     targets: torch.Tensor  # int64 [m, L]; IGNORE_INDEX where no loss is taken
     doc_ids: torch.Tensor | None  # int32 [m, L] when document masking is on, else None
+    # int32 [m, L]: each token's position in its document (0 at every document start). Always carried (half the int64
+    # inputs' bytes): the model uses it when spec.model.positionIds is perDocument, a teacher by its own spec.
+    positions: torch.Tensor | None = None
 
 
 def batch_checksum(micro_batches: Sequence[MicroBatch]) -> float:
@@ -35,6 +41,16 @@ def batch_checksum(micro_batches: Sequence[MicroBatch]) -> float:
         weights = np.arange(1, mb.inputs.shape[1] + 1, dtype=np.int64)
         total += int((mb.inputs * weights).sum())
     return float(total)
+
+
+def document_positions(doc_ids: np.ndarray) -> np.ndarray:
+    """Each token's position inside its document, int32 [m, L], from the loader's doc ids (0, 1, 2, ... along a
+    row); the host twin of ``model.positions.document_positions``, computed in the prefetch thread."""
+    index = np.broadcast_to(np.arange(doc_ids.shape[1], dtype=np.int32), doc_ids.shape)
+    starts = np.ones(doc_ids.shape, dtype=bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    return (index - first).astype(np.int32)
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -68,15 +84,20 @@ class StepBatch:
         loader_state: dict[str, Any] | None = None,
         tokens_per_source: dict[str, int] | None = None,
         global_tokens: int | None = None,
+        context: ContextShard | None = None,
     ) -> StepBatch:
+        positions = [document_positions(mb.doc_ids) for mb in micro_batches]
+        checksum = batch_checksum(micro_batches)
+        if context is not None:  # context parallelism: this rank's part of every sequence (context_parallel.py)
+            micro_batches, positions, checksum = context.shard(micro_batches, positions, checksum)
         local_tokens = sum(int(np.count_nonzero(mb.targets != IGNORE_INDEX)) for mb in micro_batches)
         moved = [
             DeviceMicroBatch(
                 inputs=_to_device(mb.inputs, device),
                 targets=_to_device(mb.targets, device),
                 doc_ids=_to_device(mb.doc_ids, device) if doc_masking else None,
+                positions=_to_device(pos, device),
             )
-            for mb in micro_batches
+            for mb, pos in zip(micro_batches, positions)
         ]
-        checksum = batch_checksum(micro_batches)
         return cls(moved, local_tokens, checksum, loader_state, dict(tokens_per_source or {}), global_tokens)

@@ -1,4 +1,4 @@
-"""One optimizer step: gradient accumulation over this rank's micro-batches, clipping, AdamW update.
+"""One optimizer step: gradient accumulation over this rank's micro-batches, clipping, the optimizer's update.
 
 The step never waits for the device: the global token count is known on the host (``StepBatch.global_tokens``) or
 all-reduced on the device, the gradient norm stays a device tensor through clipping, and the step's metrics (loss
@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch.distributed.tensor import DTensor
 
+from stagerun.core.spec.optimizer import ResolvedOptimizer
 from stagerun.core.spec.run import TrainingSpec
 
 from .batch import StepBatch
@@ -90,11 +91,31 @@ class StepResult:
         return self.resolve().batch_checksum
 
 
-def build_optimizer(model: torch.nn.Module, training: TrainingSpec, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (norm weights and biases are not decayed).
+class RMSpropMomentum(torch.optim.RMSprop):
+    """torch's RMSprop with heavy-ball momentum (not centered), plus decoupled weight decay (AFM).
 
-    Fused (one kernel for all parameters) on CUDA, foreach (multi-tensor kernels) elsewhere; torch's fused AdamW
-    does not take DTensor parameters (every trainer parameter, under FSDP2) on CPU, so asking for it there fails.
+    Before each update p <- p - lr x decoupled_weight_decay x p, as AdamW decays. torch's own RMSprop
+    ``weight_decay`` adds wd x p to the gradient (L2: coupled, so divided by the root of the squared-gradient
+    average like the gradient is); it is kept at 0 and the decay lives in the group's ``decoupled_weight_decay``.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            decay = group["decoupled_weight_decay"]
+            params = [p for p in group["params"] if p.grad is not None]
+            if decay and params:
+                torch._foreach_mul_(params, 1.0 - group["lr"] * decay)
+        return super().step(closure)
+
+
+def build_optimizer(model: torch.nn.Module, training: TrainingSpec, device: torch.device) -> torch.optim.Optimizer:
+    """``spec.training.optimizer``, with weight decay on matrices only (norm weights and biases are not decayed).
+
+    AdamW: fused (one kernel for all parameters) on CUDA, foreach (multi-tensor kernels) elsewhere; torch's fused
+    AdamW does not take DTensor parameters (every trainer parameter, under FSDP2) on CPU, so asking for it there
+    fails. rmspropMomentum: :class:`RMSpropMomentum`, foreach. Each group's ``decay`` says whether weight decay
+    applies to it (:func:`apply_phase_optimizer` sets the phase's values at each phase start).
     """
     fused = training.uses_fused_adamw(device.type == "cuda")
     if fused and device.type != "cuda":
@@ -108,14 +129,46 @@ def build_optimizer(model: torch.nn.Module, training: TrainingSpec, device: torc
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     opt = training.optimizer
+    if opt.type == "rmspropMomentum":
+        return RMSpropMomentum(
+            [
+                {"params": decay, "decoupled_weight_decay": opt.weight_decay, "decay": True},
+                {"params": no_decay, "decoupled_weight_decay": 0.0, "decay": False},
+            ],
+            lr=0.0,
+            alpha=opt.beta2,
+            eps=opt.eps,
+            weight_decay=0.0,
+            momentum=opt.momentum,
+            centered=False,
+            foreach=True,
+        )
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": opt.weight_decay, "decay": True},
+            {"params": no_decay, "weight_decay": 0.0, "decay": False},
+        ],
         lr=0.0,
         betas=(opt.beta1, opt.beta2),
         eps=opt.eps,
         fused=fused,
         foreach=not fused,
     )
+
+
+def apply_phase_optimizer(optimizer: torch.optim.Optimizer, settings: ResolvedOptimizer) -> None:
+    """Set a phase's optimizer settings on every param group (in-process, at the phase's first step; after a
+    resume too, as a loaded checkpoint restores the groups' values from when it was saved). A group without a
+    ``decay`` key (an optimizer built elsewhere) counts as decayed."""
+    for group in optimizer.param_groups:
+        weight_decay = settings.weight_decay if group.get("decay", True) else 0.0
+        group["eps"] = settings.eps
+        if isinstance(optimizer, RMSpropMomentum):
+            group["alpha"], group["momentum"] = settings.beta2, settings.momentum
+            group["decoupled_weight_decay"] = weight_decay
+        else:
+            group["betas"] = (settings.beta1, settings.beta2)
+            group["weight_decay"] = weight_decay
 
 
 @torch.no_grad()
@@ -158,9 +211,12 @@ def train_step(
     teacher=None,
     distill_weight: float = 0.0,
     vocab_size: int | None = None,
+    grad_clip: float | None = None,
 ) -> StepResult:
     """One step over ``batch`` (a StepBatch, or the loader's micro-batches, moved here). Collectives: the token
-    count when ``batch.global_tokens`` is unset, FSDP's, the gradient norm's and one for the metrics."""
+    count when ``batch.global_tokens`` is unset, FSDP's, the gradient norm's and one for the metrics.
+
+    ``grad_clip``: the phase's (ResolvedOptimizer.grad_clip); unset: ``training.grad_clip``. 0 disables."""
     if not isinstance(batch, StepBatch):
         batch = StepBatch.from_micro_batches(batch, topo.device, doc_masking=training.doc_masking)
     for group in optimizer.param_groups:
@@ -175,15 +231,23 @@ def train_step(
         teacher_tokens = None
         if teacher is not None:
             assert vocab_size is not None, "distillation needs the student's vocab_size"
-            teacher_tokens = teacher_targets(teacher, mb.inputs, mb.doc_ids, vocab_size)
-        terms = model(mb.inputs, mb.doc_ids, targets=mb.targets, loss=config, teacher_tokens=teacher_tokens)
+            teacher_tokens = teacher_targets(teacher, mb.inputs, mb.doc_ids, vocab_size, mb.positions)
+        terms = model(
+            mb.inputs,
+            mb.doc_ids,
+            targets=mb.targets,
+            loss=config,
+            teacher_tokens=teacher_tokens,
+            positions=mb.positions,
+        )
         # Dividing by the *global* token count (and summing gradients across ranks) gives the exact mean
         # over the global batch, however it is split into ranks and micro-batches.
         (terms.total / divisor).backward()
         distill_sum = terms.distill_sum if terms.distill_sum is not None else torch.zeros_like(terms.ce_sum)
         sums += torch.stack([terms.ce_sum, terms.z_sum, terms.max_z_sum, distill_sum]).detach().double()
         del terms
-    max_norm = training.grad_clip if training.grad_clip > 0 else math.inf
+    clip = training.grad_clip if grad_clip is None else grad_clip
+    max_norm = clip if clip > 0 else math.inf
     grad_norm = clip_grad_norm(model.parameters(), max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -22,12 +22,12 @@ from stagerun.core.storage import is_url
 from . import distributed as D
 from .callbacks import reload_manifest, standard_callbacks
 from .checkpoint import CheckpointInfo, CheckpointManager
-from .checkpoint_resume import NoIntactCheckpoint, agreed_candidates, refuse_scratch_after_damage
-from .checkpoint_retention import is_disk_full
+from .checkpoint_resume import agreed_candidates, refuse_scratch_after_damage
 from .data.loader import PackedMixLoader
 from .data.shards import TokenShards
 from .distill import Teachers
 from .exporter import start_exporter
+from .failure_advice import classify, failed_status
 from .model import Transformer, init_weights
 from .run_lock import HELD_ENV, LEASE_TTL_SECONDS, RunLock, acquire
 from .step import build_optimizer
@@ -57,6 +57,8 @@ def build_model(
         D.apply_float8(model, topo)  # refuses off Hopper or without torchao, naming spec.training.float8
     if topo.tp_size > 1:
         D.apply_tensor_parallel(model, topo)
+    if topo.layout.cp > 1:
+        D.apply_context_parallel(model, topo)  # the teacher too: it reads the same sequence shards
     mode = training.checkpointing_mode(gpu)
     if mode != "none" and for_training:
         D.apply_activation_checkpointing(model, mode)
@@ -67,10 +69,10 @@ def build_model(
     if not load_init:
         return model  # resuming, or a teacher: a checkpoint supersedes both
     if spec.init is not None and for_training:
-        # Continued pretraining: the released weights cover every parameter (a missing one is an error).
-        from .hf.load import load_hf_weights
+        # Continued pretraining: released weights or another run's checkpoint cover every parameter.
+        from .model.initial_weights import load_initial_weights
 
-        load_hf_weights(model, spec, spec.init.path)
+        load_initial_weights(model, spec)
     else:
         init_weights(model, training.seed)
     return model
@@ -112,10 +114,13 @@ def train(run: ResolvedRun, run_dir: Path, manifest: Path | None = None, world_s
     lock = _lock_if_unheld(run, Path(run_dir))
     try:
         return _train(run, Path(run_dir), manifest, world_size)
-    except (NoIntactCheckpoint, OSError) as exc:
-        if isinstance(exc, NoIntactCheckpoint) or is_disk_full(exc):
-            if D.global_rank() == 0:
-                write_status(Path(run_dir), RunStatus(GangState.FAILED, 0, 0, 0, "", None, str(exc)))
+    except Exception as exc:
+        failure = classify(exc)  # failure_advice.py: only transient failures are worth rerunning
+        if failure is not None:  # any rank that hits it (its peers may only see a broken collective)
+            try:
+                write_status(Path(run_dir), failed_status(failure))
+            except OSError as write_error:  # a full disk may refuse the status file too
+                log.error("cannot write %s: %s", RunStatus.FILE, write_error)
         raise
     finally:
         if lock is not None:

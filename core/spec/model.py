@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
-from .fields import COUNT, spec_field
+from .fields import COUNT, spec_field, to_manifest
+from .rope import RopeScalingSpec
 
 _T = TypeVar("_T")
 
@@ -24,8 +25,14 @@ def resolved_value(value: _T | None, name: str) -> _T:
 
 @dataclass(frozen=True)
 class ModelInitSpec:
-    from_: Literal["hf"] = spec_field(doc="where the initial weights come from: hf (a Hugging Face model folder)")
-    path: str = spec_field(doc="the folder (local path or fsspec URL) with config.json and *.safetensors")
+    from_: Literal["hf", "checkpoint"] = spec_field(
+        doc="where the initial weights come from: hf (a Hugging Face model folder) or checkpoint (a stagerun "
+        "checkpoint; weights only, not the optimizer or the data position)"
+    )
+    path: str = spec_field(
+        doc="hf: the folder (local path or fsspec URL) with config.json and *.safetensors; checkpoint: a checkpoint "
+        "root (its newest committed checkpoint) or one committed step-XXXXXXXX folder"
+    )
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,18 @@ class ModelSpec:
     norm_eps: float | None = spec_field(None, doc="epsilon of the norm layers", minimum=0, exclusive_minimum=True)
     norm_bias: bool | None = spec_field(None, doc="learned bias in LayerNorm (rmsnorm has none)")
     qkv_bias: bool | None = spec_field(None, doc="bias on the query/key/value projections (StableLM 2: true)")
+    qk_norm: bool | None = spec_field(
+        None,
+        doc="RMSNorm on each query and key head before RoPE, one learned weight per head dim shared by the heads "
+        "(Qwen3's placement; AFM does not say which; OLMo 2 normalises the whole q and k projections instead)",
+    )
     position: Literal["rope", "alibi"] | None = spec_field(None, doc="position encoding: rotary (RoPE) or ALiBi biases")
     rope_theta: float | None = spec_field(None, doc="RoPE base (Llama 3: 500000)", minimum=0, exclusive_minimum=True)
+    rope_scaling: RopeScalingSpec | None = spec_field(
+        None,
+        doc="RoPE frequency scaling (Llama 3.1: {type: llama3, factor: 8, lowFreqFactor: 1, highFreqFactor: 4, "
+        "originalMaxPosition: 8192}); with ropeTheta, the first phase's RoPE, which phases[].rope can change",
+    )
     rotary_fraction: float | None = spec_field(
         None,
         doc="fraction of each head's dims that RoPE rotates (StableLM 2: 0.25)",
@@ -67,12 +84,19 @@ class ModelSpec:
         exclusive_minimum=True,
         maximum=1,
     )
+    position_ids: Literal["sequence", "perDocument"] | None = spec_field(
+        None,
+        doc="RoPE positions of a packed sequence: sequence (0..seqLen-1) or perDocument (restart at 0 at each "
+        "document start, StableLM 2's reset_position_ids); works with and without training.docMasking",
+    )
     norm_head: bool | None = spec_field(None, doc="NormHead: normalise the LM-head rows (Baichuan 2, Index-1.9B)")
     tied_embeddings: bool | None = spec_field(None, doc="share the input embedding with the LM head")
     max_seq_len: int | None = spec_field(None, doc="longest sequence the model is built for", kind=COUNT, minimum=8)
     init_std: float | None = spec_field(None, doc="std of the normal weight init", minimum=0, exclusive_minimum=True)
     init: ModelInitSpec | None = spec_field(
-        None, doc="start from released weights instead of a random init (continued pretraining)"
+        None,
+        doc="start from released weights or another run's checkpoint instead of a random init (continued "
+        "pretraining, post-training)",
     )
 
     # -- derived quantities (valid on a resolved spec, see presets.resolve_model) --------------------------------
@@ -109,6 +133,7 @@ class ModelSpec:
         )
         norm_params = d * (2 if self.norm == "layernorm" and self.norm_bias else 1)
         attention = d * d + 2 * d * kv_dim + d * d + (d + 2 * kv_dim if self.qkv_bias else 0)
+        attention += 2 * self.head_dim if self.qk_norm else 0
         block = attention + 3 * d * hidden + 2 * norm_params
         body = resolved_value(self.layers, "layers") * block + norm_params
         if not include_embedding:
@@ -125,3 +150,21 @@ class ModelSpec:
 
     def replace(self, **changes) -> ModelSpec:
         return dataclasses.replace(self, **changes)
+
+
+# Fields added after checkpoints already recorded the model (meta.json "model"), with the value that builds the
+# model those checkpoints hold. architecture_fields leaves them out at that value, so a checkpoint written before
+# a field existed still matches a spec that leaves it at its default.
+_ADDED_LATER = {"qkNorm": False, "positionIds": "sequence"}
+
+
+def architecture_fields(spec: ModelSpec) -> dict:
+    """The manifest form of a resolved model that checkpoints record and compare (``meta.json``'s ``model``):
+    without ``init`` (where the weights began is no part of the architecture) and without later-added fields at
+    their original behaviour."""
+    return comparable_model_fields(to_manifest(spec))
+
+
+def comparable_model_fields(fields: dict) -> dict:
+    """``fields`` (a model's manifest form, as a meta.json records it) as :func:`architecture_fields` gives it."""
+    return {k: v for k, v in fields.items() if k != "init" and not (k in _ADDED_LATER and v == _ADDED_LATER[k])}

@@ -2,10 +2,13 @@
 
 - ``norm: rmsnorm``, RoPE on every head dim -> ``LlamaForCausalLM``. ``qkvBias: true`` is written as Llama's
   ``attention_bias: true`` with an all-zero ``o_proj`` bias (Llama's flag also adds that bias; zero is exact).
+- ``norm: rmsnorm`` with ``qkNorm: true`` -> ``Qwen3ForCausalLM``: Llama's block plus ``q_norm``/``k_norm``, an
+  RMSNorm over each head's dims shared by the heads, before RoPE, with ``rms_norm_eps`` (stagerun's placement).
 - ``norm: layernorm``, RoPE on any fraction -> ``StableLmForCausalLM`` (``partial_rotary_factor``,
   ``num_key_value_heads``, ``use_qkv_bias``).
-- Refused (no native transformers class computes the same function): ALiBi (``spec.model.position``), and RMSNorm
-  with partial RoPE (``spec.model.rotaryFraction``: ``LlamaForCausalLM`` rotates every head dim).
+- Refused (no native transformers class computes the same function): ALiBi (``spec.model.position``), RMSNorm
+  with partial RoPE (``spec.model.rotaryFraction``: ``LlamaForCausalLM`` rotates every head dim), and LayerNorm with
+  ``qkNorm`` (StableLM's ``qk_layernorm`` is a mean-subtracting LayerNorm with its own weights per head).
 
 Also the names both directions share: the architecture constants, the errors and the manifest path of a field.
 """
@@ -16,12 +19,16 @@ import math
 from typing import Any
 
 from stagerun.core.spec.fields import Problem, SpecError, camel
+from stagerun.core.spec.rope import default_rope
+
+from .rope import hf_rope_entries
 
 __all__ = [
     "ARCHITECTURES",
     "INIT_PATH",
     "LLAMA",
     "MODEL_TYPES",
+    "QWEN3",
     "STABLELM",
     "HFMismatchError",
     "UnsupportedArchitecture",
@@ -34,7 +41,8 @@ __all__ = [
 
 LLAMA = "LlamaForCausalLM"
 STABLELM = "StableLmForCausalLM"
-MODEL_TYPES = {LLAMA: "llama", STABLELM: "stablelm"}
+QWEN3 = "Qwen3ForCausalLM"
+MODEL_TYPES = {LLAMA: "llama", STABLELM: "stablelm", QWEN3: "qwen3"}
 ARCHITECTURES = {model_type: arch for arch, model_type in MODEL_TYPES.items()}
 
 INIT_PATH = "spec.model.init.path"
@@ -76,15 +84,27 @@ def export_problems(spec) -> list[Problem]:
                 "use rotaryFraction: 1 with rmsnorm, or norm: layernorm for partial rotary",
             )
         )
+    if spec.norm == "layernorm" and spec.qk_norm:
+        problems.append(
+            Problem(
+                field("qk_norm"),
+                "true with norm: layernorm: StableLmForCausalLM's qk_layernorm is a LayerNorm (mean-subtracting) "
+                "with separate weights per head, not stagerun's RMSNorm shared by the heads",
+                "export qkNorm models with norm: rmsnorm (they become Qwen3ForCausalLM)",
+            )
+        )
     return problems
 
 
 def hf_architecture(spec) -> str:
-    """``LlamaForCausalLM`` or ``StableLmForCausalLM``; raises UnsupportedArchitecture naming the field."""
+    """``LlamaForCausalLM``, ``Qwen3ForCausalLM`` or ``StableLmForCausalLM``; raises UnsupportedArchitecture naming
+    the field."""
     problems = export_problems(spec)
     if problems:
         raise UnsupportedArchitecture(problems, "Hugging Face export")
-    return LLAMA if spec.norm == "rmsnorm" else STABLELM
+    if spec.norm == "rmsnorm":
+        return QWEN3 if spec.qk_norm else LLAMA
+    return STABLELM
 
 
 def _rotary_factor(spec) -> float:
@@ -112,6 +132,8 @@ def hf_config(
     ``rope_theta`` / ``partial_rotary_factor``) and 5.x (``rope_parameters``)."""
     arch = hf_architecture(spec)
     rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": float(spec.rope_theta)}
+    rope = default_rope(spec)  # the model-level RoPE; an export of a phase's checkpoint sets it (hf/rope.py)
+    rope_scaling = hf_rope_entries(rope, rope_parameters) if rope is not None else None
     config: dict[str, Any] = {
         "architectures": [arch],
         "model_type": MODEL_TYPES[arch],
@@ -126,7 +148,7 @@ def hf_config(
         "initializer_range": spec.init_std,
         "tie_word_embeddings": exports_tied(spec),
         "rope_theta": float(spec.rope_theta),
-        "rope_scaling": None,
+        "rope_scaling": rope_scaling,
         "attention_dropout": 0.0,
         "use_cache": True,
         "bos_token_id": bos_token_id,
@@ -143,6 +165,18 @@ def hf_config(
                 "mlp_bias": False,
                 "head_dim": spec.head_dim,
                 "pretraining_tp": 1,
+            }
+        )
+    elif arch == QWEN3:
+        config.update(
+            {
+                "rms_norm_eps": spec.norm_eps,  # also q_norm's and k_norm's
+                "attention_bias": bool(spec.qkv_bias),  # covers o_proj too, as Llama's
+                "head_dim": spec.head_dim,  # Qwen3's default is 128, not hidden_size / heads
+                "use_sliding_window": False,
+                "sliding_window": None,
+                "max_window_layers": spec.layers,
+                "layer_types": ["full_attention"] * spec.layers,
             }
         )
     else:

@@ -37,6 +37,14 @@ def add_export_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-shard-size", default="5GB", help="split model.safetensors into shards of at most this size (default 5GB)"
     )
+    parser.add_argument(
+        "--average",
+        type=int,
+        default=1,
+        metavar="N",
+        help="export the mean weights of the N newest committed checkpoints of the chosen checkpoint's phase, "
+        "ending with it (Polyak / Llama 3 checkpoint averaging; default 1: no averaging)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=cmd_export)
@@ -56,6 +64,7 @@ def cmd_export(args) -> int:
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
             progress=False if args.no_progress else None,
+            average=args.average,
         )
     except (ValueError, FileNotFoundError) as exc:  # ExportError, UnsupportedArchitecture, a bad tokenizer file
         print(f"error: {exc}", file=sys.stderr)

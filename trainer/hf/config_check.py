@@ -7,8 +7,10 @@ import math
 from typing import Any
 
 from stagerun.core.spec.fields import Problem, camel
+from stagerun.core.spec.rope import default_rope
 
 from .architecture import ARCHITECTURES, INIT_PATH, MODEL_TYPES, field
+from .rope import SUPPORTED, hf_rope, hf_rope_type, same_scaling, scaling_manifest
 
 __all__ = [
     "check_hf_config",
@@ -27,6 +29,14 @@ _DEFAULTS = {
         "attention_bias": False,
         "mlp_bias": False,
         "hidden_act": "silu",
+    },
+    "qwen3": {
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "hidden_act": "silu",
+        "head_dim": 128,
+        "use_sliding_window": False,
     },
     "stablelm": {
         "layer_norm_eps": 1e-5,
@@ -96,8 +106,8 @@ def check_hf_config(spec, config: dict) -> list[Problem]:
             Problem(
                 INIT_PATH,
                 f"config.json is a {found!r} model; stagerun reads Hugging Face llama "
-                "(LlamaForCausalLM) and stablelm (StableLmForCausalLM) models",
-                "point spec.model.init.path at a Llama- or StableLM-architecture folder",
+                "(LlamaForCausalLM), qwen3 (Qwen3ForCausalLM) and stablelm (StableLmForCausalLM) models",
+                "point spec.model.init.path at a Llama-, Qwen3- or StableLM-architecture folder",
             )
         ]
 
@@ -111,9 +121,11 @@ def check_hf_config(spec, config: dict) -> list[Problem]:
             )
         )
 
-    wanted_norm = "rmsnorm" if model_type == "llama" else "layernorm"
+    wanted_norm = "layernorm" if model_type == "stablelm" else "rmsnorm"
     if spec.norm != wanted_norm:
         differ("norm", spec.norm, "model_type", model_type, wanted_norm)
+    if bool(spec.qk_norm) != (model_type == "qwen3"):  # only Qwen3 has stagerun's q/k norms (stablelm's: below)
+        differ("qk_norm", spec.qk_norm, "model_type", model_type, model_type == "qwen3")
     if spec.position != "rope":
         problems.append(
             Problem(
@@ -128,7 +140,7 @@ def check_hf_config(spec, config: dict) -> list[Problem]:
     kv_heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
     if kv_heads != spec.kv_heads:
         differ("kv_heads", spec.kv_heads, "num_key_value_heads", kv_heads)
-    head_dim = config.get("head_dim")
+    head_dim = _get(config, "head_dim", model_type)
     if head_dim is not None and config.get("hidden_size") == spec.dim and head_dim != spec.head_dim:
         problems.append(
             Problem(
@@ -157,20 +169,28 @@ def check_hf_config(spec, config: dict) -> list[Problem]:
                 f"set vocabSize: {vocab} (and use the model's tokenizer)",
             )
         )
-    rope = _rope(config)
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in (None, "default"):
-        problems.append(
-            Problem(
-                INIT_PATH,
-                f"config.json scales RoPE (rope_type {rope_type!r}); stagerun implements "
-                "plain RoPE only, so the loaded model would compute another function",
-                "load a model without rope scaling",
-            )
-        )
     theta = hf_rope_theta(config)
     if not math.isclose(theta, spec.rope_theta, rel_tol=1e-9):
         differ("rope_theta", spec.rope_theta, "rope_theta", theta)
+    theirs, unsupported = hf_rope(config, theta)
+    ours = default_rope(spec)
+    if unsupported:
+        problems.append(
+            Problem(
+                INIT_PATH,
+                f"config.json scales RoPE with {unsupported}, so the loaded model would compute another function",
+                f"load a model whose RoPE is one of {', '.join(SUPPORTED)}",
+            )
+        )
+    elif theirs is not None and ours is not None and not same_scaling(ours.scaling, theirs.scaling):
+        problems.append(
+            Problem(
+                field("rope_scaling"),
+                f"RoPE {ours.describe()} here, but config.json has {theirs.describe()} "
+                f"(rope_type {hf_rope_type(config)!r})",
+                f"set ropeScaling: {scaling_manifest(theirs.scaling)} to load these weights",
+            )
+        )
     if model_type == "stablelm":
         factor = hf_rotary_factor(config, model_type)
         hf_dims = int(spec.head_dim * factor)
@@ -192,7 +212,15 @@ def check_hf_config(spec, config: dict) -> list[Problem]:
     else:
         factor = hf_rotary_factor(config, model_type)
         if spec.rotary_dims != spec.head_dim:
-            differ("rotary_fraction", spec.rotary_fraction, "model_type", "llama (rotates every head dim)", 1.0)
+            differ("rotary_fraction", spec.rotary_fraction, "model_type", f"{model_type} (rotates every head dim)", 1.0)
+        if model_type == "qwen3" and _get(config, "use_sliding_window", model_type):
+            problems.append(
+                Problem(
+                    INIT_PATH,
+                    "config.json sets use_sliding_window: true; stagerun attends over the whole context",
+                    "load a model without sliding-window attention",
+                )
+            )
         if _get(config, "mlp_bias", model_type):
             problems.append(
                 Problem(

@@ -31,6 +31,7 @@ from stagerun.core.protocol import PreparedData, from_json_dict
 from stagerun.core.spec.model import ModelSpec
 
 from .mapping import hf_architecture, hf_config, hf_entries
+from .rope import checkpoint_rope, spec_with_rope
 from .weights import (
     DEFAULT_MAX_SHARD_SIZE,
     DTYPES,
@@ -317,6 +318,13 @@ def _manifest_model(manifest: str | Path) -> ModelSpec:
     return load_run(manifest).model.replace(init=None)
 
 
+def _manifest_run(manifest: str | Path | None, meta: dict[str, Any]):
+    """The manifest's resolved run, when it is needed for the RoPE (a checkpoint whose meta.json has none)."""
+    from stagerun.core.spec import load_run
+
+    return load_run(manifest) if manifest is not None and "rope" not in meta else None
+
+
 def _find_tokenizer(candidates: Iterable[str]) -> str | None:
     for url in candidates:
         fs, path = storage.resolve(url)
@@ -336,10 +344,13 @@ def export_checkpoint(
     overwrite: bool = False,
     progress: bool | None = None,
     require_tokenizer: bool = True,
+    average: int = 1,
 ) -> ExportResult:
     """Export the newest committed checkpoint of a run dir or checkpoint root, or one ``step-XXXXXXXX`` folder.
 
     The architecture comes from the checkpoint's meta.json, or from ``manifest`` (which must then agree with it).
+    ``average`` > 1: export the mean weights of that many committed checkpoints of the chosen one's phase, ending
+    with it (checkpoint_average.py).
     """
     from stagerun.core.spec import to_manifest
 
@@ -363,6 +374,8 @@ def export_checkpoint(
         raise ExportError(
             f"{checkpoint.url}/meta.json does not record the model; pass the run's manifest with --manifest"
         )
+    # config.json states the RoPE of the checkpoint's phase (spec.phases[].rope), not only the model's first one.
+    spec = spec_with_rope(spec, checkpoint_rope(checkpoint.meta, _manifest_run(manifest, checkpoint.meta)))
     hf_architecture(spec)  # refuse before reading any tensor
     if tokenizer is None:
         tokenizer = _find_tokenizer(checkpoint.tokenizer_candidates)
@@ -372,7 +385,7 @@ def export_checkpoint(
                 + ", ".join(checkpoint.tokenizer_candidates)
                 + "); pass the run's tokenizer with --tokenizer"
             )
-    source = CheckpointSource(checkpoint.url)
+    source, averaged = _source(checkpoint, average)
     result = _export(
         spec,
         source,
@@ -383,5 +396,38 @@ def export_checkpoint(
         overwrite=overwrite,
         progress=progress,
     )
-    result.notes.insert(0, f"step {checkpoint.step}")
+    result.notes.insert(0, f"step {checkpoint.step}" if not averaged else f"mean of steps {', '.join(averaged)}")
     return result
+
+
+def _source(checkpoint: ResolvedCheckpoint, average: int) -> tuple[Any, list[str]]:
+    """The tensors to export: ``checkpoint``'s, or the mean over the ``average`` newest committed checkpoints of its
+    phase up to it (all of the same model); and the averaged steps ([] without averaging)."""
+    if average < 1:
+        raise ExportError(f"--average {average}: give the number of checkpoints to average (1: no averaging)")
+    if average == 1:
+        return CheckpointSource(checkpoint.url), []
+    from ..checkpoint import CheckpointManager
+    from ..checkpoint_average import AveragedSource, checkpoints_to_average
+
+    root = checkpoint.url.rstrip("/").rsplit("/", 1)[0]
+    committed = CheckpointManager(root, keep=1_000_000).committed()
+    newest = next(c for c in committed if c.step == checkpoint.step)
+    chosen = checkpoints_to_average(committed, newest, average)
+    if len(chosen) < average:
+        raise ExportError(
+            f"--average {average}: phase {newest.phase_index} of {root} has {len(chosen)} committed checkpoint(s) up "
+            f"to step {checkpoint.step} (steps {', '.join(str(c.step) for c in chosen)}); average at most "
+            f"{len(chosen)}, or keep more (spec.checkpoint.keep)"
+        )
+    for info in chosen:
+        meta = resolve_checkpoint(info.path).meta
+        if meta.get("model") and checkpoint.meta.get("model") and _comparable(meta) != _comparable(checkpoint.meta):
+            raise ExportError(f"--average: {info.path} holds another model than {checkpoint.url}; average fewer")
+    return AveragedSource([CheckpointSource(c.path) for c in chosen]), [str(c.step) for c in chosen]
+
+
+def _comparable(meta: dict[str, Any]) -> dict[str, Any]:
+    from stagerun.core.spec.model import comparable_model_fields
+
+    return comparable_model_fields(meta["model"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .architecture import LLAMA, hf_architecture
+from .architecture import LLAMA, QWEN3, hf_architecture
 
 __all__ = ["COPY", "NORMHEAD", "UNIT_NORM_TOLERANCE", "ZEROS", "Entry", "export_tensor", "hf_entries"]
 
@@ -57,10 +57,15 @@ def hf_entries(spec) -> list[Entry]:
             entries.append(Entry(f"{hf}.self_attn.{proj}.weight", f"{st}.attention.{src}.weight", (rows, d), unit=unit))
             if spec.qkv_bias:
                 entries.append(Entry(f"{hf}.self_attn.{proj}.bias", f"{st}.attention.{src}.bias", (rows,), unit=unit))
+        if spec.qk_norm:  # Qwen3: one RMSNorm weight over the head dims each for queries and keys
+            for name in ("q_norm", "k_norm"):
+                entries.append(
+                    Entry(f"{hf}.self_attn.{name}.weight", f"{st}.attention.{name}.weight", (hd,), unit=unit)
+                )
         entries.append(
             Entry(f"{hf}.self_attn.o_proj.weight", f"{st}.attention.wo.weight", (d, spec.heads * hd), unit=unit)
         )
-        if arch == LLAMA and spec.qkv_bias:  # Llama's attention_bias covers o_proj too
+        if arch in (LLAMA, QWEN3) and spec.qkv_bias:  # their attention_bias covers o_proj too
             entries.append(Entry(f"{hf}.self_attn.o_proj.bias", None, (d,), ZEROS, unit, "qkv_bias"))
         entries += norm(f"{hf}.post_attention_layernorm", f"{st}.ffn_norm", unit)
         hidden = spec.ffn_width

@@ -5,7 +5,7 @@ with torch.device("meta"):
     model = Transformer(spec)
 model.to_empty(device="cpu")
 init_weights(model, seed=0)
-logits = model(tokens, doc_ids)          # [B, T, spec.padded_vocab]
+logits = model(tokens, doc_ids)          # [B, T, spec.padded_vocab]; positions=: per-document RoPE positions
 """
 
 from .attention import (
@@ -18,7 +18,7 @@ from .attention import (
     uses_flex,
 )
 from .init import canonical_name, fill_local_shard, init_weights, parameter_seed
-from .positions import alibi_bias, alibi_slopes, apply_rotary, rope_cos_sin, rotate_half
+from .positions import alibi_bias, alibi_slopes, apply_rotary, document_positions, rope_at, rope_cos_sin, rotate_half
 from .transformer import FeedForward, NormHead, Transformer, TransformerBlock, build_norm
 
 __all__ = [
@@ -34,12 +34,14 @@ __all__ = [
     "build_norm",
     "canonical_name",
     "dense_attention",
+    "document_positions",
     "document_block_mask",
     "document_causal_mask",
     "fill_local_shard",
     "flex_document_attention",
     "init_weights",
     "parameter_seed",
+    "rope_at",
     "rope_cos_sin",
     "rotate_half",
     "uses_flex",

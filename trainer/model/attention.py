@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from stagerun.core.spec.rope import default_rope
+
 from .positions import alibi_bias, alibi_slopes, apply_rotary, rope_cos_sin
 
 _FLEX_EAGER_WARNING = "flex_attention called without torch.compile"
@@ -149,9 +151,14 @@ class Attention(nn.Module):
         self.wk = nn.Linear(spec.dim, spec.kv_heads * spec.head_dim, bias=spec.qkv_bias)
         self.wv = nn.Linear(spec.dim, spec.kv_heads * spec.head_dim, bias=spec.qkv_bias)
         self.wo = nn.Linear(spec.heads * spec.head_dim, spec.dim, bias=False)
+        # Query/key normalisation (Qwen3's placement, so it exports as Qwen3ForCausalLM): one RMSNorm over each
+        # head's dims, its weight shared by the heads, before RoPE. Per head, so tensor parallelism (a split by head)
+        # leaves it local; OLMo 2's norm over the whole projection would need the full width on every rank.
+        self.q_norm = nn.RMSNorm(spec.head_dim, eps=spec.norm_eps) if spec.qk_norm else None
+        self.k_norm = nn.RMSNorm(spec.head_dim, eps=spec.norm_eps) if spec.qk_norm else None
         self.position = spec.position
         self.rotary_dims = spec.rotary_dims
-        self.rope_theta = spec.rope_theta
+        self.rope = default_rope(spec)  # only for a call without ``rotary``: the Transformer passes its phase's tables
         self.head_offset = 0  # first global head held by this rank under tensor parallelism
         self.use_flex: bool | None = None  # forces the document-mask kernel (tests); None: the uses_flex rule
 
@@ -162,18 +169,36 @@ class Attention(nn.Module):
         slopes = alibi_slopes(self.n_heads)[self.head_offset : self.head_offset + local_heads]
         return torch.tensor(slopes, dtype=torch.float32, device=device)
 
-    def forward(self, x: torch.Tensor, mask: DocumentMask | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: DocumentMask | None = None,
+        *,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``rotary``: (cos, sin) [T, r] or [B, T, r] (per-document positions), from the phase's RoPE (the
+        Transformer builds them once per forward); None: the model's RoPE at positions 0..T-1. A keyword, so tensor
+        parallelism's input hook (two positional inputs) passes it through untouched."""
         batch, seq_len, _ = x.shape
         q = self.wq(x).view(batch, seq_len, -1, self.head_dim)
         k = self.wk(x).view(batch, seq_len, -1, self.head_dim)
         v = self.wv(x).view(batch, seq_len, -1, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.position == "rope":
-            cos, sin = rope_cos_sin(seq_len, self.rotary_dims, self.rope_theta, x.device, q.dtype)
+            if rotary is not None:
+                cos, sin = (t.to(q.dtype) for t in rotary)
+            else:
+                assert self.rope is not None  # set whenever position is rope
+                cos, sin = rope_cos_sin(seq_len, self.rotary_dims, self.rope, x.device, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         slopes = self.local_alibi_slopes(q.shape[1], x.device) if self.position == "alibi" else None
 
-        if mask is not None and mask.block is not None:
+        attend = getattr(mask, "attend", None)  # context parallelism (trainer/context_parallel.py)
+        if attend is not None:
+            out = attend(q, k, v, slopes)
+        elif mask is not None and mask.block is not None:
             out = flex_document_attention(q, k, v, mask.block, slopes)
         else:
             out = dense_attention(q, k, v, None if mask is None else mask.dense, slopes)

@@ -7,16 +7,21 @@ Module names (``tok_embeddings``, ``layers[i].attention.wq/wk/wv/wo``, ``layers[
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+from stagerun.core.spec.rope import ResolvedRope, default_rope
 
 from ..losses import LossConfig, LossTerms, VocabShard, lm_losses
 from .attention import Attention, DocumentMask
 
 # Re-exported: callers import the init from here (trainer/hf, tests) as before it moved to init.py.
 from .init import _initial_value, canonical_name, init_weights, parameter_seed  # noqa: F401
+from .positions import document_positions, rope_at, rope_cos_sin
 
 
 def build_norm(spec) -> nn.Module:
@@ -67,8 +72,13 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = build_norm(spec)
         self.feed_forward = FeedForward(spec.dim, spec.ffn_width)
 
-    def forward(self, x: torch.Tensor, mask: DocumentMask | None = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), mask)
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: DocumentMask | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), mask, rotary=rotary)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -78,6 +88,9 @@ class Transformer(nn.Module):
     def __init__(self, spec):
         super().__init__()
         self.spec = spec
+        self.context_parallel: Any = None  # trainer/context_parallel.py: set when the sequences are sharded over cp
+        # The RoPE the tables are built from: the model's (the first phase's) until the trainer sets a phase's.
+        self.rope: ResolvedRope | None = default_rope(spec)
         self.tok_embeddings = nn.Embedding(spec.padded_vocab, spec.dim)
         self.layers: nn.ModuleList = nn.ModuleList(TransformerBlock(spec) for _ in range(spec.layers))
         self.norm = build_norm(spec)
@@ -95,6 +108,7 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         loss: LossConfig | None = None,
         teacher_tokens: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor | LossTerms:
         """Logits [B, T, padded_vocab], or with ``targets`` [B, T] the loss terms (``losses.lm_losses`` with
         ``loss``, default LossConfig(), and ``teacher_tokens``). With ``doc_ids`` [B, T], a token attends only to
@@ -102,16 +116,47 @@ class Transformer(nn.Module):
 
         The loss runs here, inside forward, because FSDP2 gathers the root's parameters (embedding, final norm,
         head) for the root's forward only: outside it the head is sharded. It is fused with the head, so the
-        logits are never materialised whole (see losses.py)."""
+        logits are never materialised whole (see losses.py).
+
+        ``positions`` [B, T]: each token's position in its document (StableLM 2's reset position ids), used when
+        ``spec.positionIds`` is perDocument (else ignored); without them a perDocument model derives them from
+        ``doc_ids``, and with neither a sequence is one document."""
         h = self.tok_embeddings(tokens)
-        mask = DocumentMask.for_model(self, doc_ids) if doc_ids is not None else None
+        if self.context_parallel is not None:  # sequence shards: masks and RoPE at global positions
+            mask, rotary = self.context_parallel.prepare(self, tokens, doc_ids, positions)
+        else:
+            mask = DocumentMask.for_model(self, doc_ids) if doc_ids is not None else None
+            rotary = self._rotary(tokens, positions, doc_ids)
         for layer in self.layers:
-            h = layer(h, mask)
+            h = layer(h, mask, rotary)
         hidden = _replicated(self.norm(h))
         weight, shard = self._head_weight()
         if targets is None:
             return shard.gather(F.linear(hidden, weight))
         return lm_losses(hidden, weight, targets, loss or LossConfig(), teacher_tokens=teacher_tokens, shard=shard)
+
+    def set_rope(self, rope: ResolvedRope | None) -> bool:
+        """Build the rotary tables from ``rope`` from the next forward on (a phase's RoPE, in-process); True when it
+        changed. The tables are keyed by the RoPE, so nothing is rebuilt for a phase that keeps its predecessor's."""
+        if rope is None or rope == self.rope:
+            return False
+        self.rope = rope
+        return True
+
+    def _rotary(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None, doc_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """RoPE's cos/sin, built once per forward for all layers: [T, r] at positions 0..T-1, or [B, T, r] at
+        per-document positions. float32; each layer casts them to its compute dtype (bf16 under mixed precision)."""
+        if self.spec.position != "rope" or self.rope is None:
+            return None
+        if self.spec.position_ids == "perDocument":
+            if positions is None and doc_ids is not None:
+                positions = document_positions(doc_ids)
+            if positions is not None:
+                return rope_at(positions, self.spec.rotary_dims, self.rope, torch.float32)
+        # One document per row (or positionIds: sequence): the sequence's own positions.
+        return rope_cos_sin(tokens.shape[1], self.spec.rotary_dims, self.rope, tokens.device, torch.float32)
 
     def _head_weight(self) -> tuple[torch.Tensor, VocabShard]:
         """The head's rows this rank holds (all without tensor parallelism; NormHead applied) and where they sit."""
