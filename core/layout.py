@@ -8,8 +8,8 @@ Mesh order is (dp_replicate, dp_shard, cp, tp), row-major, so tensor-parallel pe
 fast links) and the replicas of HSDP are furthest apart. Three groups matter:
 
 - ``dp`` = dp_replicate x dp_shard ranks read different sequences of the global batch;
-- ``loss`` = dp x cp ranks split the global batch's tokens (cp ranks split each sequence): token counts and loss
-  sums are reduced over them;
+- ``loss`` = dp x cp ranks split the global batch's tokens (cp ranks split each sequence, trainer/context_parallel.py):
+  token counts and loss sums are reduced over them;
 - ``tp`` ranks hold identical copies of the batch and of every reduced scalar.
 """
 
@@ -111,18 +111,22 @@ class ParallelLayout:
         """
         replicate, tp, cp = par.data_parallel_replicate, par.tensor_parallel, par.context_parallel
         model_parallel = tp * cp * replicate
+        # contextParallel is named only where it is set, so the messages of the common case stay short.
+        with_cp = " x contextParallel" if cp > 1 else ""
         if world_size % model_parallel:
             raise LayoutError(
-                "tensorParallel",
-                f"world size {world_size} is not divisible by tensorParallel x dataParallelReplicate = "
+                "contextParallel" if cp > 1 and world_size % (tp * replicate) == 0 else "tensorParallel",
+                f"world size {world_size} is not divisible by tensorParallel{with_cp} x dataParallelReplicate = "
                 f"{model_parallel}",
                 "choose degrees that divide the number of processes",
             )
         fsdp = par.fsdp if par.fsdp != -1 else world_size // model_parallel
         if fsdp <= 0 or fsdp * model_parallel != world_size:
+            cp_part = f" x contextParallel {cp}" if cp > 1 else ""
             raise LayoutError(
                 "fsdp",
-                f"fsdp {par.fsdp} x tensorParallel {tp} x dataParallelReplicate {replicate} != world size {world_size}",
+                f"fsdp {par.fsdp} x tensorParallel {tp}{cp_part} x dataParallelReplicate {replicate} != world size "
+                f"{world_size}",
                 "set fsdp: -1 to use every remaining rank",
             )
         return cls(dp_replicate=replicate, dp_shard=fsdp, cp=cp, tp=tp)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from .layout import BatchSplitError, split_batch
 from .plan import Segment, lr_at, segments, total_steps
 from .spec import format_count, quantities
-from .spec.resolve import ResolvedRun
+from .spec.resolve import ResolvedPhase, ResolvedRun
 from .spec.validate import phase_layout
 
-COLUMNS = ("phase", "budget", "steps", "batch tok", "batch seq", "micro x accum", "seqLen", "LR start -> end", "world")
+COLUMNS = ("phase", "budget", "steps", "batch tok", "batch seq", "micro x accum", "seqLen", "LR: start -> end", "world")
 
 
 def schedule_rows(run: ResolvedRun, throughput: float | None = None) -> list[tuple[str, ...]]:
@@ -25,7 +25,7 @@ def schedule_rows(run: ResolvedRun, throughput: float | None = None) -> list[tup
             split = f"{phase.micro_batch_size} x {split_batch(seqs, dp, phase.micro_batch_size).grad_accum}"
         except BatchSplitError:
             split = "does not split"
-        lr_text = f"{lr_at(phase, seg.start_tokens):.3g} -> {lr_at(phase, seg.end_tokens):.3g}"
+        lr_text = f"{_schedule_name(phase)} {lr_at(phase, seg.start_tokens):.3g} -> {lr_at(phase, seg.end_tokens):.3g}"
         row: tuple[str, ...] = (
             phase.name if first_of_phase else "",
             format_count(phase.tokens) if first_of_phase else "",
@@ -43,6 +43,12 @@ def schedule_rows(run: ResolvedRun, throughput: float | None = None) -> list[tup
     return rows
 
 
+def _schedule_name(phase: ResolvedPhase) -> str:
+    lr = phase.lr
+    name = f"{lr.schedule}-{lr.decay_shape}" if lr.schedule == "wsd" and lr.decay_shape != "linear" else lr.schedule
+    return f"{name} (continued)" if lr.continued else name
+
+
 def format_duration(seconds: float) -> str:
     return quantities.format_duration(seconds, style="approx")  # ETAs: one rounded unit
 
@@ -55,8 +61,9 @@ def render_table(run: ResolvedRun, throughput: float | None = None) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     steps = total_steps(run)
     model = run.model
+    phases = f"{len(run.phases)} phase{'' if len(run.phases) == 1 else 's'}"
     summary = (
-        f"{run.name}: {len(run.phases)} phases, {format_count(run.total_tokens)} tokens, {steps:,} steps; "
+        f"{run.name}: {phases}, {format_count(run.total_tokens)} tokens, {steps:,} steps; "
         f"model {model.parameter_count() / 1e6:,.1f}M parameters, {model.layers} layers, d={model.dim}"
     )
     if throughput:
@@ -80,13 +87,69 @@ def training_lines(run: ResolvedRun) -> list[str]:
             "bf16" if training.uses_bf16(gpu) else "fp32",
             "compiled" if training.uses_compile(gpu) else "eager",
             _checkpointing_words[training.checkpointing_mode(gpu)],
-            ("fused" if training.uses_fused_adamw(gpu) else "foreach") + " AdamW",
+            _optimizer_words(training, gpu),
             ("async" if run.checkpoint.uses_async_save(gpu) else "synchronous") + " checkpoints",
         ]
         if training.float8:
             parts.insert(1, "float8 matmuls")
         lines.append(f"training on {'GPU' if gpu else 'CPU'}: " + ", ".join(parts))
+    changes = optimizer_lines(run)
+    lines += changes if len(changes) > 1 else []  # only when a phase changes them: then every change
+    ropes = rope_lines(run)
+    return lines + ropes if len(ropes) > 1 else lines
+
+
+def rope_lines(run: ResolvedRun) -> list[str]:
+    """The RoPE each phase starts with, where it differs from the phase before (spec.phases[].rope)."""
+    lines, before = [], None
+    for phase in run.phases:
+        if phase.rope is not None and phase.rope != before:
+            lines.append(f"RoPE from {phase.name}: {phase.rope.describe()}")
+            before = phase.rope
     return lines
+
+
+def _optimizer_words(training, gpu: bool) -> str:
+    if training.optimizer.type == "rmspropMomentum":
+        return "foreach RMSProp with momentum and decoupled weight decay"
+    return ("fused" if training.uses_fused_adamw(gpu) else "foreach") + " AdamW"
+
+
+def optimizer_lines(run: ResolvedRun) -> list[str]:
+    """The optimizer settings each phase starts with, where they differ from the phase before (the first always)."""
+    lines, before = [], None
+    for phase in run.phases:
+        opt = phase.optimizer
+        if opt == before:
+            continue
+        betas = (
+            f"betas ({opt.beta1:g}, {opt.beta2:g})"
+            if opt.type == "adamw"
+            else (f"alpha {opt.beta2:g}, momentum {opt.momentum:g}")
+        )
+        clip = f"clip {opt.grad_clip:g}" if opt.grad_clip > 0 else "no clipping"
+        lines.append(
+            f"optimizer from {phase.name}: weight decay {opt.weight_decay:g}, {betas}, eps {opt.eps:g}, {clip}"
+        )
+        before = opt
+    return lines
+
+
+MEMORY_COLUMNS = ("phase", "parameters", "gradients", "optimizer", "activations", "loss", "peak per rank")
+
+
+def memory_table(run: ResolvedRun) -> str:
+    """Estimated memory per rank of each phase (core/memory_estimate.py), with the share of resources.gpuMemory."""
+    from .memory_estimate import gpu_memory_of, memory_rows
+
+    known = {phase.name: gpu_memory_of(phase) for phase in run.phases}
+    header = MEMORY_COLUMNS + (("of gpuMemory",) if any(known.values()) else ())
+    rows = [header] + memory_rows(run, known if any(known.values()) else None)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    title = "estimated memory per rank at the peak of a step (the parts do not all peak at once: docs/manifest.md)"
+    return title + ":\n" + "\n".join(lines)
 
 
 def curve_points(run: ResolvedRun, samples: int = 2000) -> dict[str, list[float]]:

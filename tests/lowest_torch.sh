@@ -29,5 +29,7 @@ FILES=(
   tests/test_training.py
   tests/test_trainer_extensions.py
   tests/test_hf.py
+  tests/test_context_parallel.py
+  tests/test_optimizer.py
 )
 exec "$VENV/bin/python" -m pytest -p no:cacheprovider "${FILES[@]}" "$@"

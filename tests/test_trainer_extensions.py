@@ -147,7 +147,14 @@ class Harness:
         self.agreements: list[int] = []  # steps after which the ranks agreed on a stop
         model = torch.nn.Linear(2, 2)
         topo = SimpleNamespace(
-            device=torch.device("cpu"), rank=0, world_size=1, is_main=True, dp_rank=0, dp_size=1, any_rank=self._agree
+            device=torch.device("cpu"),
+            rank=0,
+            world_size=1,
+            is_main=True,
+            dp_rank=0,
+            dp_size=1,
+            any_rank=self._agree,
+            context_shard=None,  # no context parallelism
         )
         self.trainer = Trainer(
             run=self.run,

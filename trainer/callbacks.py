@@ -19,6 +19,8 @@ from stagerun.core.spec.changes import immutable_changes
 
 from .callback_api import Callback, StepRecord
 from .checkpoint import CheckpointInfo
+from .evaluation import Evaluation
+from .exporter import Exporter
 from .telemetry import MetricsLog
 from .trainer import Trainer
 
@@ -182,4 +184,7 @@ def standard_callbacks(
     logs: list[Callback] = []
     if trainer.topo.is_main:  # the bar counts up to the last step's overshoot of the budget
         logs = [MetricsLogger(Path(run_dir) / "metrics.jsonl"), ProgressBar(segments(trainer.run)[-1].end_tokens)]
-    return [GcSchedule(), *logs, exporter, CheckpointPolicy(), ManifestReload(manifest, world_size)]
+    # Evaluation after the checkpoint policy: a phase's end is saved before the evaluation's forwards run, and
+    # before the manifest reload (the phase just ended is evaluated as it was trained).
+    evaluation = Evaluation(Path(run_dir), exporter if isinstance(exporter, Exporter) else None)
+    return [GcSchedule(), *logs, exporter, CheckpointPolicy(), evaluation, ManifestReload(manifest, world_size)]

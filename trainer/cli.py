@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -21,19 +22,31 @@ def _add_manifest(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args) -> int:
+    """Every problem of the manifest, or one line saying it is valid. A user's mistake (a SpecError, which main()
+    prints as its list of problems) never shows a traceback; anything else is a bug in stagerun and still does."""
+    from stagerun.core.spec.fields import printable
+
+    if args.nproc is not None and args.nproc < 1:
+        print(f"error: --nproc {args.nproc}: give at least 1 worker process (or leave it out)", file=sys.stderr)
+        return 2
     run = load_run(args.manifest, world_size=args.nproc)
     phases = ", ".join(p.name for p in run.phases)
     count = f"{len(run.phases)} phase{'s' if len(run.phases) != 1 else ''}"
-    print(f"{args.manifest}: valid TrainingRun {run.name!r} ({count}: {phases})")
+    print(f"{printable(str(args.manifest))}: valid TrainingRun {run.name!r} ({count}: {phases})")
+    from stagerun.core.memory_estimate import memory_warnings
+
+    for warning in memory_warnings(run):  # a model of the peak, not a measurement: a warning, never a refusal
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
 def cmd_plan(args) -> int:
-    from stagerun.core.plan_report import plot_schedule, render_table, training_lines
+    from stagerun.core.plan_report import memory_table, plot_schedule, render_table, training_lines
 
     run = load_run(args.manifest, world_size=args.nproc)
     print(render_table(run, args.throughput))
     print("\n" + "\n".join(training_lines(run)))
+    print("\n" + memory_table(run))
     if args.plot:
         plot_schedule(run, str(args.plot))
         print(f"\nschedule plot written to {args.plot}")
@@ -41,18 +54,29 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
+    """A user's mistake (the manifest, a pre-flight problem, unusable data) is one message, never a traceback."""
+    from .data import DataError
+    from .preflight import PreflightError, check_nproc
+
+    problems = check_nproc(args.nproc)
+    if problems:  # before the manifest: --nproc -1 would read as a world size there and blame spec.parallelism
+        raise PreflightError(problems, "the command line")
     run = load_run(args.manifest, world_size=args.nproc)  # every problem is reported before anything starts
     from .runner import run_local
 
-    return run_local(
-        run,
-        args.manifest,
-        nproc=args.nproc,
-        run_dir=args.run_dir,
-        max_restarts=args.max_restarts,
-        max_source_bytes=args.max_source_bytes,
-        metrics_port=args.metrics_port,
-    )
+    try:
+        return run_local(
+            run,
+            args.manifest,
+            nproc=args.nproc,
+            run_dir=args.run_dir,
+            max_restarts=args.max_restarts,
+            max_source_bytes=args.max_source_bytes,
+            metrics_port=args.metrics_port,
+        )
+    except DataError as exc:  # found while preparing the data, before any worker started
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_launch(args) -> int:
@@ -132,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # `stagerun plan FILE | head`: the reader left; say nothing more (as other Unix tools do). Python would
+        # print a traceback at exit flushing stdout into the closed pipe: point stdout at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
 if __name__ == "__main__":

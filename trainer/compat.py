@@ -17,7 +17,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 # 2.11, nor in 2.13 (checked) or main: they live only in the private module, the one path for every supported torch.
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
-__all__ = ["FsspecReader", "FsspecWriter", "checkpoint_wrapper", "flatten_mesh"]
+__all__ = ["FsspecReader", "FsspecWriter", "all_gather_autograd", "checkpoint_wrapper", "flatten_mesh"]
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -78,3 +78,23 @@ def checkpoint_stager(pinned: bool, cached: DefaultStager | None) -> DefaultStag
         use_non_blocking_copy=pinned,  # pinned: async D2H copies, then one synchronize
     )
     return DefaultStager(options)
+
+
+if TYPE_CHECKING:
+    import torch
+    from torch.distributed import ProcessGroup
+
+
+def all_gather_autograd(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """``tensor`` from every rank of ``group`` concatenated along dim 0, differentiable: the backward is a
+    reduce-scatter of the gradient (context parallelism's K/V gather). A functional collective, so dynamo traces it
+    into a compiled block; checked on gloo (CPU) with torch 2.11 and 2.13 (not yet on NCCL: no GPU was lent).
+
+    torch.distributed._functional_collectives is private in every supported release. 2.13 deprecates
+    ``all_gather_tensor_autograd`` for ``all_gather_single_autograd`` (same maths), which 2.11 lacks; the public
+    torch.distributed.nn.functional.all_gather is deprecated in 2.13 and not traceable.
+    """
+    import torch.distributed._functional_collectives as funcol
+
+    gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+    return funcol.wait_tensor(gather(tensor.contiguous(), 0, group))

@@ -5,7 +5,8 @@ The degrees and every rank's coordinates come from stagerun.core.layout.Parallel
 over (dp_replicate, dp_shard, cp, tp) with the flattened sub-meshes ``batch`` (dp_replicate x dp_shard: ranks that
 read different sequences) and ``loss`` (dp x cp: ranks that split the global batch's tokens, where token counts and
 loss sums are reduced). FSDP2 shards over dp_shard (HSDP when dp_replicate > 1), tensor parallelism splits heads
-and MLP columns over tp; cp is 1 until context parallelism exists. The model is built on the meta device, split,
+and MLP columns over tp, context parallelism splits every sequence over cp (context_parallel.py; FSDP then
+shards over dp_shard x cp, the ``dp_shard_cp`` mesh, as torchtitan does). The model is built on the meta device, split,
 then materialised and initialised shard by shard (see model.init_weights), so no rank ever holds the whole model.
 """
 
@@ -26,6 +27,8 @@ from stagerun.core.spec import ResolvedPhase
 from stagerun.core.spec.model import resolved_value
 
 from .compat import flatten_mesh
+from .context_parallel import ContextShard
+from .context_parallel import apply_context_parallel as attach_context_parallel
 from .model import Transformer
 
 
@@ -41,6 +44,7 @@ class Topology:
     mesh: DeviceMesh  # (dp_replicate, dp_shard, cp, tp)
     batch_mesh: DeviceMesh  # dp_replicate x dp_shard, flattened
     loss_mesh: DeviceMesh  # dp_replicate x dp_shard x cp, flattened
+    shard_cp_mesh: DeviceMesh | None = None  # dp_shard x cp, flattened: FSDP's mesh when cp > 1 (build_shard_cp_mesh)
 
     @property
     def is_main(self) -> bool:
@@ -71,9 +75,19 @@ class Topology:
         return self.mesh["cp"]
 
     @property
+    def context_shard(self) -> ContextShard | None:
+        """How this rank's batches keep its part of every sequence; None without context parallelism."""
+        return ContextShard(self.coordinates.cp, self.layout.cp) if self.layout.cp > 1 else None
+
+    @property
     def fsdp_mesh(self) -> DeviceMesh:
-        """2-D for HSDP (replicate over dim 0, shard over dim 1), else the dp_shard dim alone. With cp > 1 this
-        would become dp_shard x cp: context-parallel peers hold the same parameters."""
+        """2-D for HSDP (replicate over dim 0, shard over dim 1), else the dp_shard dim alone. With cp > 1 it is
+        dp_shard x cp: context-parallel peers hold the same parameters, so FSDP shards them over both and its
+        reduce-scatter sums their gradients (each peer's loss covers its own tokens)."""
+        if self.layout.cp > 1:
+            if self.shard_cp_mesh is None or self.layout.dp_replicate > 1:
+                raise RuntimeError("context parallelism needs Topology.shard_cp_mesh and dataParallelReplicate: 1")
+            return self.shard_cp_mesh
         if self.layout.dp_replicate > 1:
             return self.mesh["dp_replicate", "dp_shard"]
         return self.mesh["dp_shard"]
@@ -112,6 +126,11 @@ def build_mesh(layout: ParallelLayout, device_type: str) -> tuple[DeviceMesh, De
     return mesh, batch, loss
 
 
+def build_shard_cp_mesh(mesh: DeviceMesh, layout: ParallelLayout) -> DeviceMesh | None:
+    """FSDP's dp_shard x cp mesh when cp > 1 (collective: every rank calls it), else None."""
+    return flatten_mesh(mesh["dp_shard", "cp"], "dp_shard_cp") if layout.cp > 1 else None
+
+
 def init_topology(phase: ResolvedPhase, *, timeout_minutes: float = 30.0) -> Topology:
     """Initialise torch.distributed from torchrun's environment and build the phase's device mesh."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -126,8 +145,11 @@ def init_topology(phase: ResolvedPhase, *, timeout_minutes: float = 30.0) -> Top
         layout = ParallelLayout.of_phase(phase)
     except LayoutError as exc:
         raise RuntimeError(f"phase {phase.name!r}: {exc}") from None
-    if layout.cp > 1:
-        raise RuntimeError(f"phase {phase.name!r}: context parallelism is not supported yet (contextParallel: 1)")
+    if layout.cp > 1 and layout.dp_replicate > 1:
+        raise RuntimeError(
+            f"phase {phase.name!r}: contextParallel > 1 with dataParallelReplicate > 1 is not supported; "
+            "set dataParallelReplicate: 1 (FSDP shards over fsdp x contextParallel)"
+        )
     use_gpu = phase.resources.gpus_per_node > 0
     if use_gpu and not torch.cuda.is_available():
         raise RuntimeError("spec.resources.gpusPerNode > 0 but no CUDA device is visible; set gpusPerNode: 0 for CPU")
@@ -147,7 +169,12 @@ def init_topology(phase: ResolvedPhase, *, timeout_minutes: float = 30.0) -> Top
     # The loader picks this rank's sequences from the pure arithmetic: it must agree with torch's mesh.
     if tuple(mesh.get_coordinate() or ()) != (coords.dp_replicate, coords.dp_shard, coords.cp, coords.tp):
         raise RuntimeError(f"rank {rank}: DeviceMesh coordinates {mesh.get_coordinate()} disagree with {coords}")
-    return Topology(rank, world, local_rank, device, layout, mesh, batch, loss)
+    return Topology(rank, world, local_rank, device, layout, mesh, batch, loss, build_shard_cp_mesh(mesh, layout))
+
+
+def apply_context_parallel(model: Transformer, topo: Topology) -> None:
+    """Every forward of ``model`` takes this rank's sequence shards and gathers K/V over cp (context_parallel.py)."""
+    attach_context_parallel(model, topo.cp_mesh.get_group())
 
 
 def apply_tensor_parallel(model: Transformer, topo: Topology) -> None:
@@ -198,6 +225,9 @@ def apply_tensor_parallel(model: Transformer, topo: Topology) -> None:
         "feed_forward.w3": ColwiseParallel(),
         "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
     }
+    if model.spec.qk_norm:  # per-head norms on [B, T, H, D] split by head: their weight replicated like the others
+        block_plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        block_plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
     heads = resolved_value(model.spec.heads, "heads")
     tp_rank = tp_mesh.get_local_rank()
     for block in model.blocks():

@@ -65,6 +65,15 @@ DATA_GAUGES = {
     "stagerun_data_read_retries": ("retries", "remote shard reads retried after a transient error"),
     "stagerun_data_cache_hit_bytes": ("cache_hit_bytes", "bytes served from the node-local shard chunk cache"),
 }
+# Per-phase evaluation (evaluation.py, spec.phases[].eval): the latest result, labelled with the phase it ran in.
+EVAL_GAUGES = {
+    "stagerun_eval_held_out_loss": ("held_out_loss", "mean cross-entropy on the held-out source (eval.heldOut)"),
+    "stagerun_eval_needle_accuracy": (
+        "needle_accuracy",
+        "fraction of needle-in-a-haystack samples whose passkey was retrieved in full (eval.needle)",
+    ),
+    "stagerun_eval_tokens": ("tokens", "tokens seen when the latest evaluation ran"),
+}
 SOURCE_GAUGE = ("stagerun_source_tokens_seen", "tokens trained on per data source since the run started")
 GPU_GAUGES = {
     "stagerun_gpu_utilization_ratio": "GPU busy fraction over the driver's last sample period",
@@ -196,6 +205,8 @@ class TrainerMetrics:
         self.phase = ""
         self.values: dict[str, float] = {"stagerun_restarts": 0.0, "stagerun_checkpoints_saved": 0.0}
         self.source_tokens: dict[str, float] = {}
+        self.eval_values: dict[str, float] = {}
+        self.eval_phase = ""
         self.peak_flops = peak_flops_per_device * world_size if peak_flops_per_device else None
         self.gpus = gpus
         self._lock = threading.Lock()
@@ -255,6 +266,15 @@ class TrainerMetrics:
             mfu_palm=mfu(tokens_per_second, palm_flops_per_token, self.peak_flops) if palm_flops_per_token else None,
         )
 
+    def evaluation(self, result: Any) -> None:
+        """The latest evaluation (an evaluation.EvalResult): its gauges carry the phase it ran in."""
+        with self._lock:
+            self.eval_phase = result.phase
+            self.eval_values.update(
+                {name: float(getattr(result, attr)) for name, (attr, _) in EVAL_GAUGES.items()
+                 if getattr(result, attr) is not None}
+            )  # fmt: skip
+
     def checkpoint_saved(self, seconds: float | None, size: int | None) -> None:
         with self._lock:
             self.values["stagerun_checkpoints_saved"] = self.values.get("stagerun_checkpoints_saved", 0.0) + 1
@@ -278,6 +298,13 @@ class TrainerMetrics:
             for name, (attribute, help_text) in DATA_GAUGES.items():
                 family = GaugeMetricFamily(name, help_text, labels=names)
                 family.add_metric(label_values, float(getattr(stats, attribute)))
+                yield family
+        with self._lock:
+            evals, eval_phase = dict(self.eval_values), self.eval_phase
+        for name, (_, help_text) in EVAL_GAUGES.items():
+            if name in evals:
+                family = GaugeMetricFamily(name, help_text, labels=names)
+                family.add_metric(label_values[:2] + [eval_phase, label_values[3]], evals[name])
                 yield family
         if sources:
             family = GaugeMetricFamily(SOURCE_GAUGE[0], SOURCE_GAUGE[1], labels=names + ["source"])

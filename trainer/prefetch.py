@@ -23,6 +23,7 @@ import torch
 from stagerun.core.plan import StepPlan
 
 from .batch import StepBatch
+from .context_parallel import ContextShard
 from .data.loader import PackedMixLoader
 
 
@@ -67,8 +68,10 @@ class Prefetcher:
         dp_size: int,
         doc_masking: bool,
         enabled: bool = True,
+        context: ContextShard | None = None,
     ) -> None:
         self.loader, self.device, self.enabled = loader, device, enabled
+        self.context = context  # context parallelism: each batch keeps this cp rank's part of every sequence
         self.dp_rank, self.dp_size, self.doc_masking = dp_rank, dp_size, doc_masking
         self.discarded = 0  # batches drawn ahead for a plan that did not happen (tests read it)
         self._pending: _Pending | None = None
@@ -132,6 +135,7 @@ class Prefetcher:
                 loader_state=state,
                 tokens_per_source=per_source,
                 global_tokens=global_tokens,
+                context=self.context,
             )
 
         if stream is None:
@@ -152,7 +156,7 @@ class Prefetcher:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_event(copied)  # the step's kernels read the tensors only once their copies are done
             for mb in batch.micro_batches:
-                for tensor in (mb.inputs, mb.targets, mb.doc_ids):
+                for tensor in (mb.inputs, mb.targets, mb.doc_ids, mb.positions):
                     if tensor is not None:
                         # Allocated on the side stream: without this the allocator could hand their memory to the
                         # next prefetch while the compute stream still reads them.

@@ -21,23 +21,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from stagerun.core.plan import StepPlan, checkpoint_due, next_phase_needs_relaunch, phase_at, step_plan
 from stagerun.core.protocol import GangState, RunStatus
 from stagerun.core.spec import ResolvedRun, to_manifest
+from stagerun.core.spec.model import architecture_fields
 
 from . import distributed as D
 from .batch import StepBatch
 from .callback_api import Callback, StepRecord, load_extensions
 from .checkpoint import CheckpointInfo, CheckpointManager, ModelOptimizerState
+from .checkpoint_average import average_at_phase_end
 from .checkpoint_resume import Resumption, agreed_candidates, load_newest_intact
 from .data.loader import PackedMixLoader
 from .distill import Teachers
+from .model import Transformer
 from .prefetch import Prefetcher
-from .step import StepResult, train_step
+from .step import StepResult, apply_phase_optimizer, train_step
 
 # Callback, StepRecord and load_extensions are callback_api.py's; docs, extensions and train.py import them here.
 __all__ = [
@@ -124,7 +127,7 @@ class Trainer:
         self.run, self.topo, self.manager = run, topo, manager
         self.model, self.optimizer, self.loader, self.teachers = model, optimizer, loader, teachers
         self.app_state = {"train": ModelOptimizerState(model, optimizer)}
-        self.model_fields = {k: v for k, v in to_manifest(run.model).items() if k != "init"}  # init: where it began
+        self.model_fields = architecture_fields(run.model)  # without init (where it began), as checkpoints record it
         self.callbacks: list[Callback] = []
         self.step, self.tokens, self.restarts = 0, 0, 0
         self.last_checkpoint: str | None = None
@@ -185,6 +188,7 @@ class Trainer:
             dp_size=topo.dp_size,
             doc_masking=training.doc_masking,
             enabled=self.prefetch,
+            context=topo.context_shard,
         )
         finished = False
         try:
@@ -196,6 +200,10 @@ class Trainer:
                 assert plan is not None  # the last phase's end stops the loop before the plan runs out
                 if plan.phase.index != running_phase:
                     running_phase = plan.phase.index
+                    apply_phase_optimizer(self.optimizer, plan.phase.optimizer)  # also after a resume's load
+                    rope = plan.phase.rope  # spec.phases[].rope: new rotary tables in-process, no relaunch
+                    if rope is not None and cast(Transformer, self.model).set_rope(rope):
+                        log.info("phase %s: RoPE %s", plan.phase.name, rope.describe())
                     for callback in self.callbacks:
                         callback.on_phase_start(plan)
                 try:
@@ -242,6 +250,7 @@ class Trainer:
             teacher=teacher,
             distill_weight=distill_weight,
             vocab_size=self.run.model.vocab_size,
+            grad_clip=plan.phase.optimizer.grad_clip,
         )
         self.step, self.tokens = self.step + 1, plan.tokens_after
         self.plan, self.batch, self.result = plan, batch, result
@@ -336,11 +345,15 @@ class Trainer:
             "loader": self.batch.loader_state,  # not self.loader's: that may be a prefetched step further
             "rng": _rng_state(),
             "model": self.model_fields,
+            "rope": to_manifest(phase.rope) if phase.rope else None,  # what `stagerun export` writes to config.json
             "run": self.run.name,
             "worldSize": self.topo.world_size,
             "restarts": self.restarts,
         }
         boundary = self.plan.ends_phase
+        averaged = average_at_phase_end(self) if boundary else None  # spec.phases[i].average (checkpoint_average.py)
+        if averaged is not None:
+            meta["averaged"] = averaged
         if not self.async_save:
             info = self.manager.save(self.step, self.app_state, meta, phase_boundary=boundary)
             self._committed(info)

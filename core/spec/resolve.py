@@ -4,9 +4,11 @@ Inheritance rules (documented in docs/manifest.md):
 - seqLen, batch, microBatchSize, data weights, parallelism and resources: unset means "as the previous phase
   ended" (batch: the last size the previous phase used).
 - lr unset: constant at the LR the previous phase ended with. lr.peak unset: that same LR.
+- optimizer fields unset: the previous phase's (first phase: spec.training.optimizer and gradClip).
+- rope fields unset: the previous phase's (first phase: spec.model.ropeTheta and ropeScaling; :mod:`.rope`).
 The first phase must set seqLen, batch and lr.peak. Cross-field problems are reported with the manifest path of the
 field that causes them; nothing is coerced. The batch ramp (:mod:`.ramp`) and the LR schedule (:mod:`.lr_schedule`)
-are resolved in their own modules.
+and the optimizer settings (:mod:`.optimizer`) are resolved in their own modules.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import dataclasses
 from dataclasses import dataclass
 
 from .fields import Problem, explicit_fields
-from .lr_schedule import ResolvedLR, resolve_lr
+from .lr_schedule import ResolvedLR, resolve_lr, running_tokens
 from .model import ModelSpec
+from .optimizer import ResolvedOptimizer, first_optimizer, resolve_optimizer
 from .ramp import check_ramp, resolve_ramp
+from .rope import ResolvedRope, model_rope, resolve_phase_rope
 from .run import (
     CheckpointSpec,
     DistillSpec,
+    EvalSpec,
     ParallelismSpec,
     ResourcesSpec,
     SourceSpec,
@@ -32,6 +37,7 @@ from .run import (
 __all__ = [
     "WEIGHT_TOLERANCE",
     "ResolvedLR",
+    "ResolvedOptimizer",
     "ResolvedPhase",
     "ResolvedRun",
     "check_weights_sum",
@@ -55,7 +61,10 @@ class ResolvedPhase:
     parallelism: ParallelismSpec
     resources: ResourcesSpec
     world_size: int
+    optimizer: ResolvedOptimizer
     distill: DistillSpec | None = None  # not inherited: only the phases that say so distil
+    eval: EvalSpec | None = None  # inherited whole; an empty block ({}) turns evaluation off
+    rope: ResolvedRope | None = None  # None: ALiBi (no rotary tables); changes in-process at the phase start
 
     @property
     def end_tokens(self) -> int:
@@ -94,6 +103,8 @@ def resolve_phases(run: TrainingRun, model: ModelSpec, problems: list[Problem], 
     start = 0
     prev: ResolvedPhase | None = None
     failed = False
+    first_optim = first_optimizer(spec.training, problems)
+    first_rope = model_rope(model, problems)
     for index, phase in enumerate(spec.phases):
         path = f"spec.phases[{index}]"
         if failed and prev is None:
@@ -129,16 +140,21 @@ def resolve_phases(run: TrainingRun, model: ModelSpec, problems: list[Problem], 
             ok = check_ramp(ramp, phase, seq_len, path, problems) and ok
 
         micro = phase.micro_batch_size or (prev.micro_batch_size if prev else 1)
-        lr = resolve_lr(phase, prev, path, problems)
+        lr = resolve_lr(phase, prev, path, problems, start=start, run_tokens=running_tokens(spec.phases, index))
         ok = ok and lr is not None
+        optim_before = prev.optimizer if prev else first_optim
+        optimizer = resolve_optimizer(phase.optimizer, optim_before, path, problems) if optim_before else None
+        ok = ok and optimizer is not None
 
+        rope, rope_ok = resolve_phase_rope(phase.rope, prev.rope if prev else first_rope, model, path, problems)
+        ok = ok and rope_ok
         weights = _resolve_weights(phase, prev, default_weights, sources, path, problems)
         ok = ok and weights is not None
 
         parallelism = _merge(prev.parallelism if prev else spec.parallelism, phase.parallelism)
         resources = _merge(prev.resources if prev else spec.resources, phase.resources)
         world = world_override or resources.world_size
-        if ok and seq_len is not None:  # ok implies seq_len; the test tells the type checker
+        if ok and seq_len is not None and lr is not None and optimizer is not None:  # ok implies them (for mypy)
             current = ResolvedPhase(
                 index=index,
                 name=phase.name,
@@ -152,7 +168,10 @@ def resolve_phases(run: TrainingRun, model: ModelSpec, problems: list[Problem], 
                 parallelism=parallelism,
                 resources=resources,
                 world_size=world,
+                optimizer=optimizer,
                 distill=phase.distill,
+                eval=phase.eval if phase.eval is not None else (prev.eval if prev else None),
+                rope=rope,
             )
             if phase.distill is not None:
                 ok = _check_teacher(phase.distill, model, path, problems)

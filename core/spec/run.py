@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .fields import COUNT, DURATION, spec_field
+from .fields import COUNT, DURATION, QUANTITY, spec_field
 from .model import ModelSpec
 from .pod_template import PodTemplateSpec
+from .rope import PhaseRopeSpec
 
 API_GROUP = "stagerun.io"
 API_VERSION = f"{API_GROUP}/v1alpha1"
@@ -63,9 +64,31 @@ class SourceSpec:
 
 
 @dataclass(frozen=True)
+class DataCacheSpec:
+    size_limit: str = spec_field(
+        doc="size of each pod's cache volume (e.g. 200Gi); the node's ranks share it, least recently used chunks "
+        "are evicted at 7/8 of it",
+        kind=QUANTITY,
+    )
+    medium: Literal["", "Memory"] = spec_field(
+        "", doc="the emptyDir's medium: '' (the node's disk) or Memory (tmpfs, counted in the pod's memory)"
+    )
+    storage_class: str | None = spec_field(
+        None,
+        doc="a StorageClass (e.g. local NVMe): each pod gets its own ephemeral volume of sizeLimit from it instead "
+        "of an emptyDir (medium must then be '')",
+    )
+
+
+@dataclass(frozen=True)
 class DataSpec:
     sources: dict[str, SourceSpec] = spec_field(doc="named data sources")
     seed: int = spec_field(0, doc="seed of the document shuffle", minimum=0)
+    cache: DataCacheSpec | None = spec_field(
+        None,
+        doc="a node-local cache of remote shard chunks, on a volume the operator mounts (docs/data.md); unset: "
+        "tokens are read in place with no cache",
+    )
 
 
 @dataclass(frozen=True)
@@ -88,21 +111,41 @@ class BatchSpec:
 
 @dataclass(frozen=True)
 class LRSpec:
-    schedule: Literal["constant", "linear", "cosine", "wsd"] = spec_field(
-        "constant", doc="shape after warmup: constant, linear or cosine to `to`, or wsd (stable, then decay)"
+    schedule: Literal["constant", "linear", "cosine", "wsd", "invSqrt", "continue"] = spec_field(
+        "constant",
+        doc="shape after warmup: constant; linear or cosine to `to`; wsd (stable, then decay); invSqrt "
+        "(alpha/sqrt(t+beta), continuing the previous phase's value and slope: StableLM 2); continue (the previous "
+        "phase's schedule runs on through this phase, as if the two were one)",
     )
     peak: float | None = spec_field(
         None, doc="LR after warmup; unset: the LR the previous phase ended with", minimum=0, exclusive_minimum=True
     )
-    to: float | None = spec_field(None, doc="LR at the end of the phase (linear, cosine, wsd); default 0", minimum=0)
+    to: float | None = spec_field(None, doc="LR at the end of the schedule (linear, cosine, wsd); default 0", minimum=0)
     warmup_tokens: int = spec_field(0, doc="linear warmup from 0 to peak over this many tokens", kind=COUNT, minimum=0)
+    horizon_tokens: int | None = spec_field(
+        None,
+        doc="linear, cosine, wsd: the tokens the shape is laid over (from the phase start), when longer than the "
+        "phase (and any phases that continue it): the phase ends part-way down the curve; unset: the phase's tokens",
+        kind=COUNT,
+        minimum=1,
+    )
     decay_fraction: float | None = spec_field(
         None,
-        doc="wsd only: the last fraction of the phase in which the LR decays to `to` (Index-1.9B)",
+        doc="wsd only: the last fraction of the schedule in which the LR decays to `to` (Index-1.9B)",
         minimum=0,
         maximum=1,
     )
-    decay_shape: Literal["linear", "cosine"] = spec_field("linear", doc="wsd only: shape of the decay")
+    decay_shape: Literal["linear", "cosine", "exponential"] = spec_field(
+        "linear",
+        doc="wsd only: shape of the decay; exponential: to + (peak - to) x 0.5^(tokens into the decay / "
+        "halfLifeTokens) (MiniCPM)",
+    )
+    half_life_tokens: int | None = spec_field(
+        None,
+        doc="wsd with decayShape exponential only (required there): tokens over which the LR's distance to `to` halves",
+        kind=COUNT,
+        minimum=1,
+    )
 
 
 @dataclass(frozen=True)
@@ -136,7 +179,7 @@ class ParallelismSpec:
     fsdp: int = spec_field(-1, doc="FSDP shard degree; -1: every rank not used by other dimensions", minimum=-1)
     data_parallel_replicate: int = spec_field(1, doc="HSDP replicas (each holds a full FSDP-sharded copy)", minimum=1)
     tensor_parallel: int = spec_field(1, doc="tensor-parallel degree (heads and MLP split across ranks)", minimum=1)
-    context_parallel: int = spec_field(1, doc="context-parallel degree (not yet supported: must be 1)", minimum=1)
+    context_parallel: int = spec_field(1, doc="context-parallel degree: ranks that split each sequence", minimum=1)
 
 
 @dataclass(frozen=True)
@@ -147,9 +190,19 @@ class ResourcesSpec:
         None, doc="worker processes per pod; default: gpusPerNode, or 1 on CPU", minimum=1
     )
     gpu_resource: str = spec_field("nvidia.com/gpu", doc="extended resource name of the GPUs")
-    cpu: str | None = spec_field(None, doc="CPU request and limit of each pod (a Kubernetes quantity, e.g. '32')")
-    memory: str | None = spec_field(None, doc="memory request and limit of each pod (e.g. '512Gi')")
-    shared_memory: str = spec_field("16Gi", doc="size of the in-memory /dev/shm of each pod (NCCL and data loaders)")
+    cpu: str | None = spec_field(
+        None, doc="CPU request and limit of each pod (a Kubernetes quantity, e.g. 32 or '500m')", kind=QUANTITY
+    )
+    memory: str | None = spec_field(None, doc="memory request and limit of each pod (e.g. '512Gi')", kind=QUANTITY)
+    shared_memory: str = spec_field(
+        "16Gi", doc="size of the in-memory /dev/shm of each pod (NCCL and data loaders)", kind=QUANTITY
+    )
+    gpu_memory: str | None = spec_field(
+        None,
+        doc="memory of one GPU (e.g. 80Gi): `stagerun validate` warns when a phase's estimated memory per GPU "
+        "exceeds it (`stagerun plan` prints the estimate); unset: no such warning",
+        kind=QUANTITY,
+    )
 
     @property
     def procs_per_node(self) -> int:
@@ -163,6 +216,50 @@ class ResourcesSpec:
 
 
 @dataclass(frozen=True)
+class AverageSpec:
+    last: int = spec_field(
+        doc="average the phase's final weights with those of its last - 1 committed checkpoints before them",
+        minimum=2,
+    )
+
+
+@dataclass(frozen=True)
+class HeldOutEvalSpec:
+    source: str = spec_field(
+        doc="a source of spec.data.sources with weight 0 in every phase, so none of its tokens is trained on: the "
+        "loss is measured on its first `tokens` tokens"
+    )
+    tokens: int = spec_field(
+        "256K", doc="tokens to measure the loss on, in sequences of the phase's seqLen", kind=COUNT, minimum=1
+    )
+
+
+@dataclass(frozen=True)
+class NeedleEvalSpec:
+    samples: int = spec_field(16, doc="haystacks per evaluation, the needle at evenly spread depths", minimum=1)
+    key_tokens: int = spec_field(
+        5, doc="length of the passkey the model must reproduce (distinct random token ids)", minimum=1, maximum=64
+    )
+    seed: int = spec_field(0, doc="seed of the filler, the passkeys and the marker tokens", minimum=0)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    held_out: HeldOutEvalSpec | None = spec_field(None, doc="held-out loss on a named source never trained on")
+    needle: NeedleEvalSpec | None = spec_field(
+        None,
+        doc="needle in a haystack at the phase's seqLen, on token ids: a passkey after a marker, hidden at a depth "
+        "of random filler; the marker is repeated at the end and the greedy continuation must be the passkey",
+    )
+    every_tokens: int | None = spec_field(
+        None,
+        doc="also evaluate every this many tokens of the run; unset: only at the phase's end",
+        kind=COUNT,
+        minimum=1,
+    )
+
+
+@dataclass(frozen=True)
 class PhaseSpec:
     name: str = spec_field(doc="phase name: a DNS-1123 label, unique in the run")
     tokens: int = spec_field(doc="token budget of the phase", kind=COUNT, minimum=1)
@@ -172,9 +269,29 @@ class PhaseSpec:
         None, doc="sequences per rank per forward pass; unset: the previous phase's (first phase: 1)", minimum=1
     )
     lr: LRSpec | None = spec_field(None, doc="learning-rate schedule; unset: constant at the previous phase's final LR")
+    optimizer: PhaseOptimizerSpec | None = spec_field(
+        None,
+        doc="optimizer settings from this phase on, applied in-process at its start; unset fields: the previous "
+        "phase's (first phase: spec.training.optimizer and gradClip)",
+    )
     data: PhaseDataSpec | None = spec_field(None, doc="data mix; unset: the previous phase's")
+    rope: PhaseRopeSpec | None = spec_field(
+        None,
+        doc="RoPE base and scaling from this phase on, applied in-process at its start; unset fields: the previous "
+        "phase's (first phase: spec.model.ropeTheta and ropeScaling)",
+    )
     distill: DistillSpec | None = spec_field(
         None, doc="distil from a teacher in this phase (AFM); not inherited: each phase that distils says so"
+    )
+    average: AverageSpec | None = spec_field(
+        None,
+        doc="checkpoint averaging at the phase's end (Llama 3's anneal, Polyak): the phase-end checkpoint holds the "
+        "mean weights, and the next phase starts from them; not inherited",
+    )
+    eval: EvalSpec | None = spec_field(
+        None,
+        doc="evaluation at the phase's end (and every eval.everyTokens): held-out loss, needle in a haystack "
+        "(docs/manifest.md); unset: the previous phase's; eval: {} turns it off",
     )
     parallelism: ParallelismSpec | None = spec_field(None, doc="override spec.parallelism for this phase")
     resources: ResourcesSpec | None = spec_field(None, doc="override spec.resources for this phase")
@@ -198,7 +315,9 @@ class CheckpointSpec:
         None, doc="a PersistentVolumeClaim mounted at `path` in every pod (path must then be an absolute local path)"
     )
     credentials_secret: str | None = spec_field(
-        None, doc="a Secret whose keys become environment variables of every pod (e.g. AWS_ACCESS_KEY_ID for s3://)"
+        None,
+        doc="a Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (optionally AWS_SESSION_TOKEN, AWS_REGION, "
+        "AWS_ENDPOINT_URL_S3, ...) for s3://: only these keys reach the pods, mounted as files (docs/security.md)",
     )
 
     def uses_async_save(self, gpu: bool) -> bool:
@@ -207,21 +326,59 @@ class CheckpointSpec:
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    beta1: float = spec_field(0.9, doc="AdamW beta1", minimum=0, maximum=0.999999)
-    beta2: float = spec_field(0.95, doc="AdamW beta2", minimum=0, maximum=0.999999)
-    eps: float = spec_field(1e-8, doc="AdamW epsilon", minimum=0, exclusive_minimum=True)
+    type: Literal["adamw", "rmspropMomentum"] = spec_field(
+        "adamw",
+        doc="adamw, or rmspropMomentum (AFM): torch's RMSprop with heavy-ball momentum, plus decoupled weight decay "
+        "p <- p - lr x weightDecay x p (torch's own RMSprop weight_decay is an L2 term added to the gradient, so "
+        "it is left at 0)",
+    )
+    beta1: float = spec_field(0.9, doc="AdamW beta1 (adamw only)", minimum=0, maximum=0.999999)
+    beta2: float = spec_field(
+        0.95, doc="decay of the squared-gradient average: AdamW beta2, RMSprop's alpha", minimum=0, maximum=0.999999
+    )
+    momentum: float = spec_field(
+        0.9, doc="rmspropMomentum only: heavy-ball momentum", minimum=0, exclusive_minimum=True, maximum=0.999999
+    )
+    eps: float = spec_field(
+        1e-8, doc="added to the root of the squared-gradient average", minimum=0, exclusive_minimum=True
+    )
     weight_decay: float = spec_field(0.1, doc="decoupled weight decay (not applied to norms and biases)", minimum=0)
     implementation: Literal["auto", "fused", "foreach"] = spec_field(
         "auto",
         doc="AdamW kernel: fused (one kernel per step; CUDA only, refused on CPU, where torch's fused kernel does "
-        "not take sharded DTensor parameters), foreach (multi-tensor); auto: fused on GPU, foreach on CPU",
+        "not take sharded DTensor parameters), foreach (multi-tensor); auto: fused on GPU, foreach on CPU. "
+        "rmspropMomentum: foreach (torch has no fused RMSprop)",
+    )
+
+
+@dataclass(frozen=True)
+class PhaseOptimizerSpec:
+    """The optimizer settings a phase may change in-process (the optimizer's type and kernel are the run's)."""
+
+    beta1: float | None = spec_field(None, doc="AdamW beta1; unset: the previous phase's", minimum=0, maximum=0.999999)
+    beta2: float | None = spec_field(
+        None, doc="AdamW beta2 / RMSprop alpha; unset: the previous phase's", minimum=0, maximum=0.999999
+    )
+    momentum: float | None = spec_field(
+        None,
+        doc="rmspropMomentum momentum; unset: the previous phase's",
+        minimum=0,
+        exclusive_minimum=True,
+        maximum=0.999999,
+    )
+    eps: float | None = spec_field(None, doc="epsilon; unset: the previous phase's", minimum=0, exclusive_minimum=True)
+    weight_decay: float | None = spec_field(None, doc="decoupled weight decay; unset: the previous phase's", minimum=0)
+    grad_clip: float | None = spec_field(
+        None, doc="clip the global gradient norm to this, 0 disables; unset: the previous phase's", minimum=0
     )
 
 
 @dataclass(frozen=True)
 class TrainingSpec:
     seed: int = spec_field(0, doc="seed of the weight init", minimum=0)
-    optimizer: OptimizerSpec = spec_field(default_factory=OptimizerSpec, doc="AdamW settings")
+    optimizer: OptimizerSpec = spec_field(
+        default_factory=OptimizerSpec, doc="optimizer (AdamW or RMSProp with momentum) and its first phase's settings"
+    )
     grad_clip: float = spec_field(1.0, doc="clip the global gradient norm to this; 0 disables", minimum=0)
     z_loss: float = spec_field(0.0, doc="weight of the z-loss (PaLM: 1e-4); 0 disables", minimum=0)
     max_z_loss: float = spec_field(0.0, doc="weight of the max-z loss (Baichuan 2: 2e-4); 0 disables", minimum=0)
@@ -269,6 +426,8 @@ class TrainingSpec:
         return self.activation_checkpointing
 
     def uses_fused_adamw(self, gpu: bool) -> bool:
+        if self.optimizer.type != "adamw":
+            return False  # torch has no fused RMSprop; resolution refuses implementation: fused with it
         return self.optimizer.implementation == "fused" or (self.optimizer.implementation == "auto" and gpu)
 
 
@@ -294,6 +453,11 @@ class SchedulingSpec:
     affinity: dict[str, Any] | None = spec_field(None, doc="Kubernetes affinity of the pods")
     priority_class_name: str | None = spec_field(None, doc="PriorityClass of the pods")
     service_account_name: str | None = spec_field(None, doc="ServiceAccount the pods run as")
+    automount_service_account_token: bool | None = spec_field(
+        None,
+        doc="true: mount the ServiceAccount's API token in the pods; unset: no token (the trainer never calls the "
+        "Kubernetes API; docs/security.md)",
+    )
     image_pull_secrets: tuple[str, ...] | None = spec_field(None, doc="names of Secrets for pulling the image")
 
 

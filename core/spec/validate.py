@@ -6,9 +6,11 @@ import re
 
 from ..layout import BatchSplitError, LayoutError, ParallelLayout
 from .fields import Problem, explicit_fields
+from .k8s_values import check_run_values
 from .model import ModelSpec, resolved_value
-from .pod_template import check_pod_template
+from .pod_template import OPERATOR_MOUNT_PATHS, check_pod_template, mount_path_problem
 from .presets import PRESETS, REQUIRED_WITHOUT_PRESET
+from .quantities import resource_quantity_value
 from .resolve import ResolvedPhase, check_weights_sum
 from .run import API_VERSION, KIND, TrainingRun
 
@@ -18,8 +20,10 @@ DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # fit in 63 characters. The CRD states the same rule (operator/crd.py), so the apiserver refuses such names too.
 KUBERNETES_RUN_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 KUBERNETES_MAX_RUN_NAME = 50
+# Each size field has its own bound (limits.py); together they still allow a model no cluster could hold. 10^13
+# parameters (20x the largest dense models published, ~5e11) in bf16 with AdamW state is ~160 TB of accelerator memory.
+MAX_PARAMETERS = 10**13
 BUILTIN_CORPORA = ("builtin:python-docs", "builtin:python-code")
-SUPPORTED_CONTEXT_PARALLEL = 1
 
 
 def check_run(run: TrainingRun, problems: list[Problem]) -> None:
@@ -35,6 +39,8 @@ def check_run(run: TrainingRun, problems: list[Problem]) -> None:
         problems.append(Problem("spec.phases", "is empty", "list at least one phase"))
     for index, phase in enumerate(spec.phases):
         _check_label(phase.name, f"spec.phases[{index}].name", problems)
+    _check_averages(run, problems)
+    _check_evaluations(run, problems)
     _check_sources(run, problems)
     _check_tokenizer(run, problems)
     _check_resources(spec.resources, "spec.resources", problems)
@@ -57,6 +63,11 @@ def check_run(run: TrainingRun, problems: list[Problem]) -> None:
                 "e.g. path: /checkpoints",
             )
         )
+    elif spec.checkpoint.volume_claim is not None:
+        unmountable = mount_path_problem(spec.checkpoint.path or "", OPERATOR_MOUNT_PATHS)
+        if unmountable:
+            problems.append(Problem("spec.checkpoint.path", f"with volumeClaim: {unmountable}", "e.g. /checkpoints"))
+    check_run_values(run, problems)
     for index, phase in enumerate(spec.phases):
         if phase.resources is not None:
             _check_resources(phase.resources, f"spec.phases[{index}].resources", problems)
@@ -137,10 +148,95 @@ def check_model(model: ModelSpec, raw: ModelSpec, problems: list[Problem]) -> No
                 "choose a fraction that gives an even count of dims",
             )
         )
+    if model.position == "alibi" and model.position_ids == "perDocument":
+        problems.append(
+            Problem(
+                f"{path}.positionIds",
+                "perDocument resets RoPE positions; ALiBi has none (its bias depends only on the query-key distance)",
+                "use position: rope, or positionIds: sequence (training.docMasking keeps ALiBi within documents)",
+            )
+        )
     if max_seq_len % 8:
         problems.append(Problem(f"{path}.maxSeqLen", f"must be a multiple of 8, got {max_seq_len}"))
+    if model.parameter_count() > MAX_PARAMETERS:
+        problems.append(
+            Problem(
+                path,
+                f"builds {model.parameter_count():.3g} parameters: beyond any real run (at most "
+                f"{MAX_PARAMETERS:.0e}; the largest dense models published have ~5e11)",
+                "check dim, layers, ffnHidden and vocabSize for a typo",
+            )
+        )
     if model.norm == "rmsnorm" and "norm_bias" in explicit_fields(raw) and model.norm_bias:
         problems.append(Problem(f"{path}.normBias", "rmsnorm has no bias", "drop normBias, or use norm: layernorm"))
+
+
+def _check_averages(run: TrainingRun, problems: list[Problem]) -> None:
+    """``phases[].average.last`` needs that many checkpoints of the phase: saved (everyTokens) and kept (keep)."""
+    checkpoint, start = run.spec.checkpoint, 0
+    for index, phase in enumerate(run.spec.phases):
+        begin, start = start, start + phase.tokens
+        if phase.average is None:
+            continue
+        path, before = f"spec.phases[{index}].average.last", phase.average.last - 1  # the phase end is the last
+        every = checkpoint.every_tokens
+        saved = (start - 1) // every - begin // every if every else 0  # multiples of everyTokens inside the phase
+        if saved < before:
+            problems.append(
+                Problem(
+                    path,
+                    f"{phase.average.last} averages the phase's end with its {before} checkpoints before it, but the "
+                    f"phase saves {saved} before its end (spec.checkpoint.everyTokens: {every})",
+                    f"set spec.checkpoint.everyTokens to at most {phase.tokens // (before + 1)}, or average fewer",
+                )
+            )
+        if checkpoint.keep < before:
+            problems.append(
+                Problem(
+                    path,
+                    f"{phase.average.last} needs the phase's last {before} checkpoints, but spec.checkpoint.keep is "
+                    f"{checkpoint.keep}: retention deletes the older ones first",
+                    f"set spec.checkpoint.keep to at least {before}, or average fewer",
+                )
+            )
+
+
+def _check_evaluations(run: TrainingRun, problems: list[Problem]) -> None:
+    """``phases[].eval.heldOut.source`` must name a source no phase trains on (weight 0 throughout), or the loss
+    would be measured on tokens the model has seen."""
+    sources, phases = run.spec.data.sources, run.spec.phases
+    seq_len, evaluation = None, None  # as inherited (resolve.py): unset takes the previous phase's
+    for index, phase in enumerate(phases):
+        seq_len = phase.seq_len or seq_len
+        evaluation = phase.eval if phase.eval is not None else evaluation
+        needle = evaluation.needle if evaluation is not None else None
+        if needle is not None and seq_len is not None and seq_len < 2 * (needle.key_tokens + 3) + 8:
+            problems.append(
+                Problem(
+                    f"spec.phases[{index}].eval.needle.keyTokens",
+                    f"a needle of {needle.key_tokens} tokens (plus a 3-token marker, twice: hidden and asked) leaves "
+                    f"no haystack in seqLen {seq_len}",
+                    "use fewer keyTokens, or evaluate the needle in a phase with a longer seqLen",
+                )
+            )
+        held_out = phase.eval.held_out if phase.eval is not None else None
+        if held_out is None:
+            continue
+        path = f"spec.phases[{index}].eval.heldOut.source"
+        if held_out.source not in sources:
+            problems.append(Problem(path, f"{held_out.source!r} names no source", f"use one of {', '.join(sources)}"))
+            continue
+        trained = [p.name for p in phases if p.data and p.data.weights and p.data.weights.get(held_out.source)]
+        if sources[held_out.source].weight > 0 or trained:
+            where = f"phase {trained[0]!r}" if trained else f"spec.data.sources.{held_out.source}.weight"
+            problems.append(
+                Problem(
+                    path,
+                    f"source {held_out.source!r} is trained on ({where} gives it a weight above 0): its loss would "
+                    "not be a held-out loss",
+                    "add a source for evaluation only, with weight: 0 and no phase weight, and name it here",
+                )
+            )
 
 
 def _check_url(url: str, path: str, problems: list[Problem]) -> None:
@@ -159,7 +255,7 @@ def _check_url(url: str, path: str, problems: list[Problem]) -> None:
 
 
 def _check_label(name: str, path: str, problems: list[Problem]) -> None:
-    if len(name) > 63 or not DNS_LABEL.match(name):
+    if len(name) > 63 or not DNS_LABEL.fullmatch(name):  # fullmatch: '$' would let a trailing newline through
         fixed = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63] or "run"
         problems.append(
             Problem(
@@ -189,6 +285,11 @@ def _check_sources(run: TrainingRun, problems: list[Problem]) -> None:
                 )
             )
     check_weights_sum({name: s.weight for name, s in sources.items()}, "spec.data.sources[*].weight", problems)
+    cache = run.spec.data.cache
+    if cache is not None and cache.storage_class and cache.medium:
+        problems.append(Problem("spec.data.cache.medium", "is set with storageClass", "drop one of them"))
+    if cache is not None and resource_quantity_value(cache.size_limit) < 1 << 20:
+        problems.append(Problem("spec.data.cache.sizeLimit", f"{cache.size_limit} is below 1Mi", "e.g. 200Gi"))
 
 
 def _check_tokenizer(run: TrainingRun, problems: list[Problem]) -> None:
@@ -237,12 +338,23 @@ def phase_layout(
 ) -> ParallelLayout | None:
     """The phase's parallel layout on its world size; None (and a problem reported) when the degrees do not fit."""
     report = problems.append if problems is not None else (lambda p: None)
-    if phase.parallelism.context_parallel != SUPPORTED_CONTEXT_PARALLEL:
+    cp, tp = phase.parallelism.context_parallel, phase.parallelism.tensor_parallel
+    if cp > 1 and phase.seq_len % (2 * cp * tp):  # 2·cp load-balancing chunks, each rank's part split over tp
         report(
             Problem(
-                f"{path}.contextParallel",
-                "context parallelism is not supported yet",
-                "set contextParallel: 1 (use a smaller micro-batch for long sequences)",
+                f"spec.phases[{phase.index}].seqLen",
+                f"{phase.seq_len} is not a multiple of 2 x contextParallel x tensorParallel ({2 * cp * tp}): context "
+                "parallelism cuts each sequence into 2 x contextParallel equal chunks (two per rank, for balanced "
+                "causal attention)",
+                f"choose a seqLen that is a multiple of {2 * cp * tp}, or a smaller contextParallel",
+            )
+        )
+    if cp > 1 and phase.parallelism.data_parallel_replicate > 1:
+        report(
+            Problem(
+                f"{path}.dataParallelReplicate",
+                "HSDP replicas are not supported with contextParallel > 1 (FSDP shards over fsdp x contextParallel)",
+                "set dataParallelReplicate: 1 and let fsdp take the ranks",
             )
         )
         return None
@@ -341,7 +453,7 @@ def kubernetes_problems(run: TrainingRun) -> list[Problem]:
     problems = []
     name = run.metadata.name
     # (A name that is no DNS-1123 label at all is reported by check_run already.)
-    if DNS_LABEL.match(name) and (len(name) > KUBERNETES_MAX_RUN_NAME or not KUBERNETES_RUN_NAME.match(name)):
+    if DNS_LABEL.fullmatch(name) and (len(name) > KUBERNETES_MAX_RUN_NAME or not KUBERNETES_RUN_NAME.fullmatch(name)):
         fixed = (f"run-{name}" if name[:1].isdigit() else name)[:KUBERNETES_MAX_RUN_NAME].rstrip("-")
         problems.append(
             Problem(
