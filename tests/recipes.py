@@ -3,22 +3,26 @@
 ``scale_to_tiny(manifest)`` keeps what makes a recipe that recipe and shrinks what makes it big:
 
 kept      every phase (name, order, and whether it sets or inherits lr and data), LR schedule shapes and values
-          (`peak`, `to`, `decayFraction`, `decayShape`), data weights per phase, `distill` (weight), the training
-          block's losses and optimizer (`zLoss`, `maxZLoss`, `docMasking`, betas, weight decay, `gradClip`), and the
-          architecture *options* of the model (preset, position, rotaryFraction, norm, normBias, qkvBias, normHead,
+          (`peak`, `to`, `decayFraction`, `decayShape`, `continue`, `invSqrt`), data weights per phase, `distill`
+          (weight), per-phase `optimizer` settings, the training block's losses and optimizer (type, `zLoss`,
+          `maxZLoss`, `docMasking`, betas, momentum, weight decay, `gradClip`), and the architecture *options* of
+          the model (preset, position, rotaryFraction, norm, normBias, qkvBias, qkNorm, positionIds, normHead,
           tiedEmbeddings, ropeTheta, the GQA ratio heads/kvHeads).
 scaled    the model to 2 layers of head dim 16 (MHA: 4 heads; GQA ratio r: 2 KV heads and 2r query heads, so tensor
           parallelism over 2 ranks divides both), vocab 512; seqLen L to 64 x L/4096 clamped to 64..256 (4K -> 64,
           8K -> 128, 16K and longer -> 256: the order is kept, equal lengths stay equal); every global batch divided
           by one factor per recipe (the smallest batch becomes 1Ki tokens, so the ratios between batch sizes are
           exact); each batch segment of a phase (a ramp step) to STEPS_PER_SEGMENT steps, ramp points moving with
-          them (seqLen, batch and microBatchSize are stated in every scaled phase); warmupTokens to the same
-          fraction of the scaled phase.
+          them (seqLen, batch and microBatchSize are stated in every scaled phase); warmupTokens and halfLifeTokens
+          to the same fraction of the scaled phase; horizonTokens to the same multiple of the tokens its schedule
+          runs over (the phase and the phases that continue it). The LR where a schedule crosses phases (continue,
+          invSqrt) is not exact: phases keep 2 steps per batch segment, not their length ratios.
 replaced  resources -> 1 node x 2 CPU processes (phase resources dropped); tensorParallel > 1 -> 2, other degrees
           -> defaults, so a phase that changes TP still relaunches the gang; sources -> the builtin corpora (names
           with code or math -> builtin:python-code, the rest -> builtin:python-docs); tokenizer -> a 512-token BPE
           trained on 1M bytes; checkpoint -> the run dir (only `keep`); a distilling phase's teacher -> a tiny model
-          with the student's scaled architecture at ``teacher_checkpoint``.
+          with the student's scaled architecture at ``teacher_checkpoint``; `model.init` is dropped (the tiny run
+          starts from random weights: the recipe's checkpoint is a full-size placeholder).
 dropped   image, scheduling, queueName, hangTimeout, maxRestarts, suspend, metrics, and the GPU-only training
           switches (precision, compile, activationCheckpointing).
 """
@@ -96,6 +100,7 @@ def scale_to_tiny(manifest: dict, *, teacher_checkpoint: str = TEACHER_PLACEHOLD
     spec["checkpoint"] = {"keep": 2}
 
     factor = min(size for phase in full.phases for _, size in phase.ramp) / SMALLEST_BATCH
+    tiny_tokens: list[int] = []
     for raw, phase, seq_len in zip(spec["phases"], full.phases, seq_lens):
         raw.pop("resources", None)
         if "parallelism" in raw:
@@ -105,6 +110,7 @@ def scale_to_tiny(manifest: dict, *, teacher_checkpoint: str = TEACHER_PLACEHOLD
         sizes = tiny_batches([size for _, size in phase.ramp], factor, seq_len, dp)
         segment_tokens = [STEPS_PER_SEGMENT * size for size in sizes]
         tokens = sum(segment_tokens)
+        tiny_tokens.append(tokens)
         raw["tokens"] = tokens
         raw["seqLen"] = seq_len
         if len(sizes) > 1:
@@ -116,13 +122,31 @@ def scale_to_tiny(manifest: dict, *, teacher_checkpoint: str = TEACHER_PLACEHOLD
         else:
             raw["batch"] = {"size": sizes[0]}
         raw["microBatchSize"] = math.gcd(8, *(size // seq_len // dp for size in sizes))
-        if raw.get("lr") and phase.lr.warmup_tokens:
+        own_shape = raw.get("lr") and raw["lr"].get("schedule") not in ("continue", "invSqrt")
+        if own_shape and phase.lr.warmup_tokens:
             warmup = round(phase.lr.warmup_tokens / phase.tokens * tokens)
             limit = tokens - int(tokens * phase.lr.decay_fraction) - 1 if phase.lr.schedule == "wsd" else tokens - 1
             raw["lr"]["warmupTokens"] = max(1, min(warmup, limit))
+        if own_shape and "halfLifeTokens" in raw["lr"]:
+            raw["lr"]["halfLifeTokens"] = max(1, round(phase.lr.half_life_tokens / phase.tokens * tokens))
         if raw.get("distill"):
             raw["distill"]["teacher"] = {"checkpoint": teacher_checkpoint, "model": dict(model)}
+    for index, (raw, phase) in enumerate(zip(spec["phases"], full.phases)):
+        if raw.get("lr") and "horizonTokens" in raw["lr"]:  # the schedule's phases cover the same share of it
+            full_run = phase.lr.running_end_tokens - phase.lr.origin_tokens
+            tiny_run = tiny_tokens[index] + sum(continued_tokens(spec["phases"], tiny_tokens, index))
+            raw["lr"]["horizonTokens"] = max(tiny_run, round(phase.lr.span_tokens / full_run * tiny_run))
     return out
+
+
+def continued_tokens(phases: list[dict], tokens: list[int], index: int) -> list[int]:
+    """The tokens of the phases right after ``index`` that continue its schedule (``lr: {schedule: continue}``)."""
+    result = []
+    for raw, count in zip(phases[index + 1 :], tokens[index + 1 :]):
+        if (raw.get("lr") or {}).get("schedule") != "continue":
+            break
+        result.append(count)
+    return result
 
 
 def tiny_teacher_manifest(tiny: dict, name: str = "teacher") -> dict:
