@@ -17,12 +17,13 @@ scaled    the model to 2 layers of head dim 16 (MHA: 4 heads; GQA ratio r: 2 KV 
           to the same fraction of the scaled phase; horizonTokens to the same multiple of the tokens its schedule
           runs over (the phase and the phases that continue it). The LR where a schedule crosses phases (continue,
           invSqrt) is not exact: phases keep 2 steps per batch segment, not their length ratios.
-replaced  resources -> 1 node x 2 CPU processes (phase resources dropped); tensorParallel > 1 -> 2, other degrees
-          -> defaults, so a phase that changes TP still relaunches the gang; sources -> the builtin corpora (names
-          with code or math -> builtin:python-code, the rest -> builtin:python-docs); tokenizer -> a 512-token BPE
-          trained on 1M bytes; checkpoint -> the run dir (only `keep`); a distilling phase's teacher -> a tiny model
-          with the student's scaled architecture at ``teacher_checkpoint``; `model.init` is dropped (the tiny run
-          starts from random weights: the recipe's checkpoint is a full-size placeholder).
+replaced  resources -> 1 node x 2 CPU processes (phase resources dropped); tensorParallel > 1 and contextParallel
+          > 1 -> 2, other degrees -> defaults, so a phase that changes TP or CP still relaunches the gang; sources
+          -> the builtin corpora (names with code or math -> builtin:python-code, the rest -> builtin:python-docs);
+          tokenizer -> a 512-token BPE trained on 1M bytes; checkpoint -> the run dir (only `keep`); a distilling
+          phase's teacher -> a tiny model with the student's scaled architecture at ``teacher_checkpoint``;
+          `model.init` is dropped (the tiny run starts from random weights: the recipe's checkpoint is a full-size
+          placeholder).
 dropped   image, scheduling, queueName, hangTimeout, maxRestarts, suspend, metrics, and the GPU-only training
           switches (precision, compile, activationCheckpointing).
 """
@@ -106,7 +107,8 @@ def scale_to_tiny(manifest: dict, *, teacher_checkpoint: str = TEACHER_PLACEHOLD
         if "parallelism" in raw:
             raw["parallelism"] = tiny_parallelism(raw["parallelism"])
         tp = min(phase.parallelism.tensor_parallel, 2)
-        dp = WORLD // tp
+        cp = min(phase.parallelism.context_parallel, 2)
+        dp = WORLD // (tp * cp)
         sizes = tiny_batches([size for _, size in phase.ramp], factor, seq_len, dp)
         segment_tokens = [STEPS_PER_SEGMENT * size for size in sizes]
         tokens = sum(segment_tokens)
@@ -180,12 +182,15 @@ def tiny_model(raw: dict, resolved, max_seq_len: int) -> dict:
 
 
 def tiny_parallelism(raw: dict | None) -> dict:
-    """tensorParallel > 1 becomes 2 (what 2 processes allow); FSDP takes the rest; other degrees stay at 1."""
+    """tensorParallel or contextParallel > 1 becomes 2 (what 2 processes allow; the recipes never set both);
+    FSDP takes the rest; other degrees stay at 1."""
     if raw is None:
         return {"fsdp": -1, "tensorParallel": 1}
     result = {}
     if "tensorParallel" in raw:
         result["tensorParallel"] = 2 if raw["tensorParallel"] > 1 else 1
+    if "contextParallel" in raw:
+        result["contextParallel"] = 2 if raw["contextParallel"] > 1 else 1
     if "fsdp" in raw:
         result["fsdp"] = -1
     return result or {"fsdp": -1}

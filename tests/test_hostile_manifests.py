@@ -4,7 +4,8 @@ the text its `# expect:` header names, and never with a Python traceback.
 Each file is one small manifest with one defect: wrong types, unknown fields, out-of-range and absurd numbers, NaN
 and infinity, negative budgets, empty phases, bad units, non-ASCII digits, Kubernetes values the apiserver would
 refuse, unicode oddities, YAML alias bombs, tabs, several documents. Every file goes through the CLI in-process
-(trainer.cli.main); a sample goes through a real `stagerun validate` subprocess as a user runs it.
+(trainer.cli.main); a sample goes through a real `stagerun validate` subprocess as a user runs it; `stagerun plan`
+and `stagerun run` refuse every file the same way.
 """
 
 from __future__ import annotations
@@ -139,3 +140,18 @@ def test_a_bug_still_shows_its_traceback(monkeypatch):
     monkeypatch.setattr(cli, "load_run", broken)
     with pytest.raises(KeyError):
         main(["validate", str(EXAMPLES[0])])
+
+
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_plan_and_run_refuse_every_hostile_manifest_as_validate_does(command, tmp_path, monkeypatch, capsys):
+    # `stagerun plan` and `stagerun run` read a manifest through the same reader as `validate`: each file is refused
+    # with the same field named, without a traceback, before anything is written or started.
+    monkeypatch.chdir(tmp_path)
+    refused = []
+    for path in FILES:
+        code = main([command, str(path)])
+        captured = capsys.readouterr()
+        output = captured.out + captured.err
+        assert code != 0 and "Traceback" not in output and _expected(path) in output, f"{path.name}: {output}"
+        refused.append(path.name)
+    assert len(refused) == len(FILES) and not any(tmp_path.iterdir()), sorted(p.name for p in tmp_path.iterdir())

@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, run_tiny, stagerun, write_manifest
 from recipes import builtin_corpus, scale_to_tiny, tiny_teacher_manifest
 
+from stagerun.core.memory_estimate import memory_warnings
 from stagerun.core.plan import (
     grad_accumulation,
     lr_at,
@@ -118,11 +119,12 @@ def test_llama3_8b_reproduces_section_3_4():
         assert lr_at(after, after.start_tokens) == pytest.approx(lr_at(before, before.end_tokens))
     assert [p.seq_len for p in stages] == [16384, 32768, 49152, 65536, 98304, 131072]
     assert sum(p.tokens for p in stages) == 800 * B
-    assert [p.parallelism.tensor_parallel for p in stages] == [2, 2, 4, 4, 8, 8]
-    assert all(p.parallelism.context_parallel == 1 for p in run.phases)
+    # Context parallelism (§3.3.2) grows with seqLen; no TP for 8B (the CP degrees are assumed, see the header).
+    assert [p.parallelism.context_parallel for p in stages] == [2, 4, 8, 8, 16, 16]
+    assert all(p.parallelism.tensor_parallel == 1 for p in run.phases)
     assert [next_phase_needs_relaunch(run, p) for p in run.phases] == [
         True,
-        False,
+        True,
         True,
         False,
         True,
@@ -130,6 +132,9 @@ def test_llama3_8b_reproduces_section_3_4():
         False,
         False,
     ]
+    # Each rank holds 6-8K tokens of a sequence, as in the 8K core, and the estimate fits an 80 GB GPU.
+    assert {p.seq_len // p.parallelism.context_parallel for p in stages} == {6144, 8192}
+    assert run.manifest.spec.resources.gpu_memory == "80Gi" and memory_warnings(run) == []
     # Anneal: the final 40M tokens at 128K, LR linearly to 0, a different (upsampled) mix (§3.4.3).
     assert anneal.tokens == 40 * 10**6 and anneal.seq_len == 131072 and anneal.lr.schedule == "linear"
     assert anneal.lr.peak == pytest.approx(stages[-1].lr.end) and lr_at(anneal, anneal.end_tokens) == 0.0
@@ -268,6 +273,9 @@ def test_scale_to_tiny_keeps_the_recipes_shape():
         assert [p.parallelism.tensor_parallel > 1 for p in tiny.phases] == [
             p.parallelism.tensor_parallel > 1 for p in full.phases
         ]
+        assert [p.parallelism.context_parallel > 1 for p in tiny.phases] == [
+            p.parallelism.context_parallel > 1 for p in full.phases
+        ]
         assert [len(p.ramp) for p in tiny.phases] == [len(p.ramp) for p in full.phases]
         for t, f in zip(tiny.phases, full.phases):  # batch ratios within a phase are exact
             assert [size / t.ramp[0][1] for _, size in t.ramp] == [size / f.ramp[0][1] for _, size in f.ramp]
@@ -365,7 +373,7 @@ def test_scaled_recipe_trains_through_every_phase(name, shared_data, tmp_path):
     manifest = scale_to_tiny(recipe(name))
     result, metrics, run_dir = run_scaled(manifest, shared_data, tmp_path)
     assert_ran_the_whole_plan(manifest, metrics, run_dir)
-    if name == "llama3-8b":  # core (TP 1) -> long-16k (TP 2): the gang is relaunched once, then runs to the end
+    if name == "llama3-8b":  # core (CP 1) -> long-16k (CP 2): the gang is relaunched once, then runs to the end
         assert result.stdout.count("needs another topology") == 1 and "starting the next gang" in result.stdout
         assert {m["batchTokens"] for m in metrics if m["phase"] == "core"} == {1 * Ki, 2 * Ki, 4 * Ki}
         assert metrics[-1]["lr"] < metrics[-2]["lr"]  # the anneal decays toward 0
