@@ -172,7 +172,10 @@ CASES = [
     Case(
         "lr-schedule-typo",
         {f"{P0}.lr.schedule": "cosin"},
-        schema=(f"{P0}.lr.schedule", "'cosin' is not one of ['constant', 'linear', 'cosine', 'wsd']"),
+        schema=(
+            f"{P0}.lr.schedule",
+            "'cosin' is not one of ['constant', 'linear', 'cosine', 'wsd', 'invSqrt', 'continue']",
+        ),
         operator=(f"{P0}.lr.schedule", "did you mean 'cosine'?"),
     ),
     Case(

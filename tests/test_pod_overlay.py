@@ -174,6 +174,7 @@ def test_the_reserved_names_cover_what_the_operator_builds():
     """The checks live in stagerun.core (no operator import): their lists must cover what the builders make."""
     manifest = multinode_manifest()
     manifest["spec"]["checkpoint"] = {"path": "/checkpoints", "volumeClaim": "runs", "credentialsSecret": "s3"}
+    manifest["spec"]["data"]["cache"] = {"sizeLimit": "200Gi"}  # every optional object the builders can make
     template = pod_template(manifest)
     trainer = template["spec"]["containers"][0]
     assert {e["name"] for e in trainer["env"]} | {"JOB_COMPLETION_INDEX"} == OPERATOR_ENV

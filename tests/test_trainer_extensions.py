@@ -127,6 +127,18 @@ def link_prepared(run_dir: Path) -> None:
         (run_dir / "prepared.json").symlink_to(Path(os.readlink(run_dir / "data")).parent / "prepared.json")
 
 
+class _StandInModel(torch.nn.Linear):
+    """Stands in for the Transformer (the step is faked): the trainer sets each phase's RoPE on it."""
+
+    def __init__(self):
+        super().__init__(2, 2)
+        self.ropes: list = []
+
+    def set_rope(self, rope) -> bool:
+        self.ropes.append(rope)
+        return False
+
+
 class Harness:
     """Runs the tiny manifest's whole step loop in this process (dp 1, CPU) and records what each step saw."""
 
@@ -145,7 +157,7 @@ class Harness:
         self.checksums: dict[int, float] = {}  # step -> checksum of the batch train_step got
         self.reads: list[int] = []  # steps whose values were read
         self.agreements: list[int] = []  # steps after which the ranks agreed on a stop
-        model = torch.nn.Linear(2, 2)
+        model = _StandInModel()
         topo = SimpleNamespace(
             device=torch.device("cpu"),
             rank=0,

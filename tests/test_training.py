@@ -268,4 +268,7 @@ def test_distilling_from_a_missing_checkpoint_fails_with_a_clear_message(run_dir
     manifest["spec"]["phases"][0]["distill"] = {"teacher": {"checkpoint": str(tmp_path / "nowhere")}}
     result = run_tiny(write_manifest(tmp_path / "tiny.yaml", manifest), run_dir)
     assert result.returncode != 0
-    assert "distill.teacher.checkpoint: no committed checkpoint" in result.stdout
+    # Found by the pre-flight checks, before any worker starts (it used to surface only when the phase began).
+    assert "found before starting any worker" in result.stdout
+    assert "spec.phases[0].distill.teacher.checkpoint: phase core: no committed checkpoint at" in result.stdout
+    assert "Traceback" not in result.stdout

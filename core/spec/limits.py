@@ -46,6 +46,8 @@ BOUNDS: dict[tuple[str, str], Bound] = {
     ("ModelSpec", "ffn_multiple_of"): Bound(2**16, "real multiples are 64 to 1024"),
     ("ModelSpec", "max_seq_len"): _SEQ,
     ("ModelSpec", "rope_theta"): Bound(1e12, "real bases are 10^4 to 10^8"),
+    ("PhaseRopeSpec", "theta"): Bound(1e12, "real bases are 10^4 to 10^8"),
+    ("RopeScalingSpec", "factor"): Bound(1024, "real context extensions are 2x to 128x"),
     ("ModelSpec", "norm_eps"): Bound(1.0, "an epsilon above 1 outweighs the variance it guards"),
     ("ModelSpec", "init_std"): Bound(1.0, "real inits are 0.002 to 0.02; above 1 the first logits overflow"),
     ("TokenizerTrainSpec", "vocab_size"): _VOCAB,

@@ -65,7 +65,10 @@ RESERVED_PREFIXES = ("stagerun.io/", "batch.kubernetes.io/")
 # these cover what it builds). A checkpoint volume is mounted at spec.checkpoint.path.
 OPERATOR_VOLUMES = frozenset({"manifest", "shm", "work", "checkpoints", "data-cache", credentials.CREDENTIALS_VOLUME})
 MANIFEST_MOUNT = "/etc/stagerun"  # read-only (a ConfigMap): nothing can be mounted inside it
-OPERATOR_MOUNT_PATHS = frozenset({MANIFEST_MOUNT, "/dev/shm", "/var/lib/stagerun", credentials.CREDENTIALS_MOUNT})
+# /var/lib/stagerun/data-cache: spec.data.cache's volume, inside the work directory (operator/builders.py).
+OPERATOR_MOUNT_PATHS = frozenset(
+    {MANIFEST_MOUNT, "/dev/shm", "/var/lib/stagerun", "/var/lib/stagerun/data-cache", credentials.CREDENTIALS_MOUNT}
+)
 # Where the trainer image keeps its Python and the stagerun install (docker/trainer.Dockerfile): a volume mounted
 # there, or above it, hides the trainer from its own container.
 IMAGE_PATHS = ("/opt/venv", "/opt/python")
