@@ -109,7 +109,7 @@ PRESETS: dict[str, dict] = {
     # Apple Intelligence Foundation Language Models (Gunter et al., 2024), §2: AFM-on-device has d=3072, head
     # dim 128, 24 query / 8 KV heads, 26 layers, shared input/output embedding, 49K vocab; 2.58B non-embedding
     # and 0.15B embedding parameters. FFN width is not stated: 8/3 x d = 8192 is assumed. Query/key normalisation
-    # (§2) is not set here yet (the recipe marks it TODO(knob)).
+    # (§2) is set by examples/afm-3b.yaml (model.qkNorm: true), not here, so the preset keeps the plain shape.
     "afm-3b": dict(
         vocab_size=49152,
         dim=3072,
