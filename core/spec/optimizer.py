@@ -57,13 +57,21 @@ def first_optimizer(training: TrainingSpec, problems: list[Problem]) -> Resolved
     )
 
 
+# PhaseOptimizerSpec fields that are not settings carried from phase to phase (ResolvedPhase.reset_optimizer).
+PER_PHASE_ONLY = frozenset({"reset"})
+
+
 def resolve_optimizer(
     override: PhaseOptimizerSpec | None, before: ResolvedOptimizer, path: str, problems: list[Problem]
 ) -> ResolvedOptimizer | None:
     """``before`` (the previous phase's, or :func:`first_optimizer`) with the fields ``override`` sets."""
     if override is None:
         return before
-    fields = frozenset(f.name for f in dataclasses.fields(override) if getattr(override, f.name) is not None)
+    fields = frozenset(
+        f.name
+        for f in dataclasses.fields(override)
+        if getattr(override, f.name) is not None and f.name not in PER_PHASE_ONLY
+    )
     if not _check_type_fields(before.type, fields, f"{path}.optimizer", problems):
         return None
     return dataclasses.replace(before, **{name: getattr(override, name) for name in fields})

@@ -25,6 +25,7 @@ from .rope import ResolvedRope, model_rope, resolve_phase_rope
 from .run import (
     CheckpointSpec,
     DistillSpec,
+    DpoSpec,
     EvalSpec,
     ParallelismSpec,
     ResourcesSpec,
@@ -65,6 +66,15 @@ class ResolvedPhase:
     distill: DistillSpec | None = None  # not inherited: only the phases that say so distil
     eval: EvalSpec | None = None  # inherited whole; an empty block ({}) turns evaluation off
     rope: ResolvedRope | None = None  # None: ALiBi (no rotary tables); changes in-process at the phase start
+    kind: str = "pretrain"  # pretrain | sft | dpo (spec.phases[].kind, inherited)
+    dpo: DpoSpec | None = None  # set exactly on dpo phases (defaults when the manifest gives none)
+    reset_optimizer: bool = False  # spec.phases[].optimizer.reset: fresh optimizer state at the phase start
+
+    @property
+    def masks_documents(self) -> bool:
+        """Whether sequences attend only within their documents: sft and dpo always (packed conversations and
+        pairs must not see each other), pretrain phases when spec.training.docMasking says so."""
+        return self.kind != "pretrain"
 
     @property
     def end_tokens(self) -> int:
@@ -151,6 +161,10 @@ def resolve_phases(run: TrainingRun, model: ModelSpec, problems: list[Problem], 
         weights = _resolve_weights(phase, prev, default_weights, sources, path, problems)
         ok = ok and weights is not None
 
+        kind = phase.kind or (prev.kind if prev else "pretrain")
+        dpo = _resolve_dpo(phase, kind, prev, path, problems)
+        ok = ok and (dpo is not None or kind != "dpo")
+
         parallelism = _merge(prev.parallelism if prev else spec.parallelism, phase.parallelism)
         resources = _merge(prev.resources if prev else spec.resources, phase.resources)
         world = world_override or resources.world_size
@@ -172,6 +186,9 @@ def resolve_phases(run: TrainingRun, model: ModelSpec, problems: list[Problem], 
                 distill=phase.distill,
                 eval=phase.eval if phase.eval is not None else (prev.eval if prev else None),
                 rope=rope,
+                kind=kind,
+                dpo=dpo,
+                reset_optimizer=bool(phase.optimizer is not None and phase.optimizer.reset),
             )
             if phase.distill is not None:
                 ok = _check_teacher(phase.distill, model, path, problems)
@@ -184,6 +201,19 @@ def resolve_phases(run: TrainingRun, model: ModelSpec, problems: list[Problem], 
             failed = True  # keep going: later phases' own problems are reported too (they inherit from `prev`)
         start += phase.tokens
     return None if failed else tuple(resolved)
+
+
+def _resolve_dpo(phase, kind: str, prev: ResolvedPhase | None, path: str, problems: list[Problem]) -> DpoSpec | None:
+    """A dpo phase's settings: its own, else the previous dpo phase's, else the defaults; None elsewhere."""
+    if kind != "dpo":
+        if phase.dpo is not None:
+            problems.append(
+                Problem(f"{path}.dpo", f"only applies to phases of kind dpo; this phase's is {kind}", "drop dpo, or set kind: dpo")
+            )
+        return None
+    if phase.dpo is not None:
+        return phase.dpo
+    return prev.dpo if prev is not None and prev.dpo is not None else DpoSpec()
 
 
 def _check_teacher(distill: DistillSpec, student: ModelSpec, path: str, problems: list[Problem]) -> bool:

@@ -41,10 +41,38 @@ class TokenizerTrainSpec:
 
 
 @dataclass(frozen=True)
+class ChatRoleSpec:
+    prefix: str = spec_field(doc="text before the message's content (special tokens written out, e.g. '<|user|>\\n')")
+    suffix: str = spec_field(doc="text after the content (e.g. '<|end|>\\n'); an assistant's suffix is trained on")
+
+
+@dataclass(frozen=True)
+class ChatTemplateSpec:
+    format: Literal["chatml", "zephyr", "llama3", "custom"] = spec_field(
+        "chatml",
+        doc="the system-query-response format: chatml (<|im_start|>role ... <|im_end|>: Qwen, Index-1.9B), zephyr "
+        "(<|system|> / <|user|> / <|assistant|> ... </s>: StableLM 2 Zephyr), llama3 (<|start_header_id|>role"
+        "<|end_header_id|> ... <|eot_id|>), or custom (the roles below)",
+    )
+    system: ChatRoleSpec | None = spec_field(None, doc="custom only: how a system message is written")
+    user: ChatRoleSpec | None = spec_field(None, doc="custom only: how a user message is written")
+    assistant: ChatRoleSpec | None = spec_field(None, doc="custom only: how an assistant message is written")
+    special_tokens: tuple[str, ...] | None = spec_field(
+        None, doc="custom only: the format's special tokens (added to the tokenizer, never split)"
+    )
+
+
+@dataclass(frozen=True)
 class TokenizerSpec:
     path: str | None = spec_field(None, doc="a tokenizers JSON file (local path or fsspec URL)")
     train: TokenizerTrainSpec | None = spec_field(
         None, doc="train a byte-level BPE on the run's text sources at first start (digits split one by one)"
+    )
+    chat_template: ChatTemplateSpec | None = spec_field(
+        None,
+        doc="the chat format chat and preference sources are tokenized with: its special tokens are added to the "
+        "tokenizer, and `stagerun export` writes it to tokenizer_config.json (chat_template) so transformers' "
+        "apply_chat_template gives the tokens trained on",
     )
 
 
@@ -57,8 +85,12 @@ class SourceSpec:
     weight: float = spec_field(
         doc="sampling weight in phases that set no weights; all sources' weights sum to 1", minimum=0
     )
-    format: Literal["auto", "tokens", "text", "jsonl"] = spec_field(
-        "auto", doc="how to read path; auto decides by content"
+    format: Literal["auto", "tokens", "text", "jsonl", "chat", "preference"] = spec_field(
+        "auto",
+        doc="how to read path; auto decides by content (text, JSONL or a shard set). chat: JSONL of conversations "
+        "(`messages`: [{role: system|user|assistant, content}]); preference: JSONL of `prompt`, `chosen`, `rejected` "
+        "(each a string or messages). Both are tokenized with spec.tokenizer.chatTemplate and keep which tokens are "
+        "responses (docs/post-training.md)",
     )
     text_field: str = spec_field("text", doc="the JSONL field that holds the document text")
 
@@ -170,6 +202,35 @@ class DistillSpec:
 
 
 @dataclass(frozen=True)
+class ReferenceSpec:
+    checkpoint: str = spec_field(
+        doc="the reference model's weights: a stagerun checkpoint root (its newest committed checkpoint) or step "
+        "folder, of the policy's architecture"
+    )
+
+
+@dataclass(frozen=True)
+class DpoSpec:
+    beta: float = spec_field(
+        0.1,
+        doc="DPO's beta: the strength of the KL anchor to the reference (Index-1.9B, Zephyr: 0.1)",
+        minimum=0,
+        exclusive_minimum=True,
+    )
+    nll_weight: float = spec_field(
+        0.0,
+        doc="weight of a negative log-likelihood term on the chosen responses (mean over their tokens) added to the "
+        "DPO loss (Llama 3: 0.2); 0 disables",
+        minimum=0,
+    )
+    reference: ReferenceSpec | None = spec_field(
+        None,
+        doc="the frozen reference model; unset: the policy's own weights at the phase's start (the checkpoint the "
+        "previous phase ended with, or spec.model.init's)",
+    )
+
+
+@dataclass(frozen=True)
 class PhaseDataSpec:
     weights: dict[str, float] | None = spec_field(None, doc="source sampling weights in this phase; they sum to 1")
 
@@ -262,7 +323,19 @@ class EvalSpec:
 @dataclass(frozen=True)
 class PhaseSpec:
     name: str = spec_field(doc="phase name: a DNS-1123 label, unique in the run")
-    tokens: int = spec_field(doc="token budget of the phase", kind=COUNT, minimum=1)
+    tokens: int = spec_field(
+        doc="token budget of the phase (sft and dpo: sequence tokens, padding included)", kind=COUNT, minimum=1
+    )
+    kind: Literal["pretrain", "sft", "dpo"] | None = spec_field(
+        None,
+        doc="what the phase trains: pretrain (next-token loss on every token), sft (loss on the responses of chat "
+        "sources only, whole conversations packed per sequence and masked from each other; other sources are "
+        "replay and weigh by their share of loss tokens), dpo (direct preference optimisation on preference sources "
+        "against a frozen reference); unset: the previous phase's (first phase: pretrain)",
+    )
+    dpo: DpoSpec | None = spec_field(
+        None, doc="dpo phases only: beta, the NLL term, the reference; unset: the previous dpo phase's, or defaults"
+    )
     seq_len: int | None = spec_field(None, doc="sequence length; unset: the previous phase's", kind=COUNT, minimum=1)
     batch: BatchSpec | None = spec_field(None, doc="global batch; unset: the size the previous phase ended with")
     micro_batch_size: int | None = spec_field(
@@ -370,6 +443,11 @@ class PhaseOptimizerSpec:
     weight_decay: float | None = spec_field(None, doc="decoupled weight decay; unset: the previous phase's", minimum=0)
     grad_clip: float | None = spec_field(
         None, doc="clip the global gradient norm to this, 0 disables; unset: the previous phase's", minimum=0
+    )
+    reset: bool | None = spec_field(
+        None,
+        doc="true: the phase starts with a fresh optimizer state (moments zeroed); unset or false: the state carries "
+        "over from the previous phase (Index-1.9B found that better for SFT). Not inherited",
     )
 
 

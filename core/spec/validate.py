@@ -43,6 +43,7 @@ def check_run(run: TrainingRun, problems: list[Problem]) -> None:
     _check_evaluations(run, problems)
     _check_sources(run, problems)
     _check_tokenizer(run, problems)
+    check_post_training(run, problems)
     _check_resources(spec.resources, "spec.resources", problems)
     if spec.checkpoint.path is not None:
         _check_url(spec.checkpoint.path, "spec.checkpoint.path", problems)
@@ -302,6 +303,109 @@ def _check_tokenizer(run: TrainingRun, problems: list[Problem]) -> None:
                 "path: a tokenizers JSON file, or train: {vocabSize: N}",
             )
         )
+
+
+CHAT_FORMATS = ("chat", "preference")
+_CUSTOM_ROLES = ("system", "user", "assistant", "special_tokens")
+
+
+def check_post_training(run: TrainingRun, problems: list[Problem]) -> None:
+    """sft and dpo phases against their sources, the chat template and where a dpo phase's reference comes from.
+
+    What a source holds is known here only from its declared format; a shard set's content (text, chat,
+    preference: its manifest) is checked when the trainer opens it."""
+    spec = run.spec
+    template = spec.tokenizer.chat_template
+    chat_sources = [n for n, s in spec.data.sources.items() if s.format in CHAT_FORMATS]
+    if chat_sources and template is None:
+        problems.append(
+            Problem(
+                "spec.tokenizer.chatTemplate",
+                f"is unset, but sources {', '.join(chat_sources)} are chat or preference JSONL",
+                "add chatTemplate: {format: chatml} (or zephyr, llama3, custom)",
+            )
+        )
+    if template is not None:
+        custom = [f for f in _CUSTOM_ROLES if getattr(template, f) is not None]
+        if template.format == "custom":
+            missing = [f for f in ("system", "user", "assistant") if getattr(template, f) is None]
+            if missing:
+                problems.append(
+                    Problem(
+                        f"spec.tokenizer.chatTemplate.{missing[0]}",
+                        "is required with format custom",
+                        "give prefix and suffix for system, user and assistant",
+                    )
+                )
+        elif custom:
+            problems.append(
+                Problem(
+                    f"spec.tokenizer.chatTemplate.{_camel(custom[0])}",
+                    f"only applies to format custom; this template's is {template.format}",
+                    "drop it, or set format: custom",
+                )
+            )
+    default_weights = {n: s.weight for n, s in spec.data.sources.items()}
+    kind, weights = "pretrain", default_weights
+    saw_training_phase = False
+    for index, phase in enumerate(spec.phases):
+        path = f"spec.phases[{index}]"
+        kind = phase.kind or kind
+        if phase.data is not None and phase.data.weights is not None:
+            weights = phase.data.weights
+        used = [n for n, w in weights.items() if w > 0 and n in spec.data.sources]
+        formats = {n: spec.data.sources[n].format for n in used}
+        if kind == "dpo":
+            wrong = [n for n in used if formats[n] not in ("preference", "tokens", "auto")]
+            if wrong:
+                problems.append(
+                    Problem(
+                        f"{path}.data.weights",
+                        f"a dpo phase trains on preference pairs only, but weights sources {', '.join(wrong)} "
+                        f"({', '.join(sorted({formats[n] for n in wrong}))})",
+                        "give the dpo phase weights on preference sources only (format: preference, or their "
+                        "shard sets)",
+                    )
+                )
+            if not saw_training_phase and spec.model.init is None:
+                problems.append(
+                    Problem(
+                        f"{path}.kind",
+                        "dpo as the first phase starts from random weights: there is no trained policy, and no "
+                        "reference to anchor it to",
+                        "start from a trained model (spec.model.init: {from: checkpoint, path: ...}), or put the "
+                        "pretrain/sft phases before it",
+                    )
+                )
+            if phase.distill is not None:
+                problems.append(Problem(f"{path}.distill", "does not apply to dpo phases", "drop distill"))
+            cp = phase.parallelism.context_parallel if phase.parallelism is not None else None
+            if (cp if cp is not None else spec.parallelism.context_parallel) > 1:
+                problems.append(
+                    Problem(
+                        f"{path}.parallelism.contextParallel",
+                        "dpo phases do not split sequences (a pair's log-probabilities are summed over whole "
+                        "responses)",
+                        "use contextParallel: 1 (pairs fit in one rank's sequence)",
+                    )
+                )
+        else:
+            pairs = [n for n in used if formats[n] == "preference"]
+            if pairs:
+                problems.append(
+                    Problem(
+                        f"{path}.data.weights",
+                        f"sources {', '.join(pairs)} are preference pairs, which only dpo phases train on; this "
+                        f"phase's kind is {kind}",
+                        "set kind: dpo, or give these sources weight 0 in this phase",
+                    )
+                )
+        saw_training_phase = True
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
 
 
 def _check_resources(resources, path: str, problems: list[Problem]) -> None:
