@@ -11,6 +11,8 @@ still alive and the loss's backward works on its first chunk), per rank:
 - activations: what autograd keeps per token and block (counted op by op below, for each activation-checkpointing
   mode), for the micro-batch's tokens on this rank (seq len / cp / tp with sequence parallelism), plus the working
   set of the one block that backward recomputes under checkpointing;
+- frozen models: a distillation teacher or a dpo phase's reference, built and sharded like the policy (fp32
+  weights, FSDP's gathered blocks while it runs), no gradients or optimizer state, activations freed as it goes;
 - loss: the fused chunked loss (trainer/losses.py) holds one chunk of fp32 logits over this rank's vocabulary rows
   in backward, with its gradient and the head's fp32 gradient accumulator.
 
@@ -46,12 +48,13 @@ class MemoryEstimate:
     activations: int  # saved for backward by every block, plus the embedding's and final norm's
     recompute: int  # the one block backward re-runs under activation checkpointing (0 without)
     loss: int
+    frozen: int = 0  # a teacher's or a dpo reference's weights (no gradients, no optimizer state)
 
     @property
     def total(self) -> int:
         start_of_backward = self.activations + self.loss
         end_of_backward = self.gradients + self.activations + self.recompute
-        return self.parameters + self.optimizer + max(start_of_backward, end_of_backward)
+        return self.parameters + self.frozen + self.optimizer + max(start_of_backward, end_of_backward)
 
 
 def activation_values_per_token(model: ModelSpec, mode: str, *, compiled: bool) -> int:
@@ -113,7 +116,23 @@ def estimate_phase_memory(run: ResolvedRun, phase: ResolvedPhase) -> MemoryEstim
     loss = chunk * vocab * (4 + compute_bytes) + tokens * (12 + d * compute_bytes)
     if tokens > chunk:
         loss += vocab * d * 4
-    return MemoryEstimate(parameters, gradients, optimizer, activations, recompute, loss)
+    return MemoryEstimate(
+        parameters, gradients, optimizer, activations, recompute, loss, _frozen(run, phase, shard * tp)
+    )
+
+
+def _frozen(run: ResolvedRun, phase: ResolvedPhase, shards: int) -> int:
+    """fp32 weights of the model the phase runs beside the policy, this rank's share."""
+    if phase.kind == "dpo":
+        count = run.model.parameter_count()  # the reference has the policy's architecture
+    elif phase.distill is not None:
+        from .spec.presets import resolve_model
+
+        teacher = phase.distill.teacher.model
+        count = (resolve_model(teacher) if teacher is not None else run.model).parameter_count()
+    else:
+        return 0
+    return -(-count // shards) * 4
 
 
 def format_bytes(n: float) -> str:
@@ -129,7 +148,8 @@ def memory_rows(run: ResolvedRun, gpu_memory: dict[str, int | None] | None = Non
     rows = []
     for phase in run.phases:
         est = estimate_phase_memory(run, phase)
-        parts = (est.parameters, est.gradients, est.optimizer, est.activations + est.recompute, est.loss)
+        # A teacher's or reference's weights count with the parameters: the table keeps its columns.
+        parts = (est.parameters + est.frozen, est.gradients, est.optimizer, est.activations + est.recompute, est.loss)
         row = (phase.name,) + tuple(format_bytes(v) for v in parts)
         row += (format_bytes(est.total),)
         capacity = (gpu_memory or {}).get(phase.name)
@@ -161,7 +181,9 @@ def memory_warnings(run: ResolvedRun) -> list[str]:
         own = run.manifest.spec.phases[phase.index].resources is not None
         field = f"spec.phases[{phase.index}].resources.gpuMemory" if own else "spec.resources.gpuMemory"
         parts = (
-            f"parameters {format_bytes(est.parameters)}, gradients {format_bytes(est.gradients)}, optimizer "
+            f"parameters {format_bytes(est.parameters)}, "
+            + (f"teacher/reference {format_bytes(est.frozen)}, " if est.frozen else "")
+            + f"gradients {format_bytes(est.gradients)}, optimizer "
             f"{format_bytes(est.optimizer)}, activations {format_bytes(est.activations + est.recompute)}, loss "
             f"{format_bytes(est.loss)}"
         )

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import stagerun, tiny_run, write_manifest
 
+from stagerun.core.memory_estimate import estimate_phase_memory
 from stagerun.core.protocol import FailureReason, GangState, PodEnv, RunStatus, TerminationMessage
 from stagerun.core.spec import resolve_run
 from stagerun.trainer import preflight as P
@@ -317,18 +318,43 @@ def test_devices_gpus_on_a_cpu_machine_and_more_processes_than_gpus(tmp_path):
 def test_memory_for_the_model_refuses_what_cannot_fit_and_warns_near_the_limit():
     run = run_of(resources={"processesPerNode": 2})
     phase = run.phases[0]
-    states = 16 * run.model.parameter_count()  # two ranks, FSDP over both: half each, both on this machine
-    fits = P.Machine(gpus=0, gpu_memory=None, ram_available=4 * states)
+    # The shared model of a step's peak (what `stagerun plan` prints), per rank; two ranks share this machine's RAM.
+    peak = estimate_phase_memory(run, phase).total
+    assert peak > 16 * run.model.parameter_count() // 2  # activations and the loss come on top of the states
+    fits = P.Machine(gpus=0, gpu_memory=None, ram_available=4 * peak)
     assert P.check_memory(run, phase, 2, fits).problems == P.check_memory(run, phase, 2, fits).warnings == []
-    near = P.Machine(gpus=0, gpu_memory=None, ram_available=int(states / 0.9))
+    near = P.Machine(gpus=0, gpu_memory=None, ram_available=int(2 * peak / 0.95))
     [warning] = P.check_memory(run, phase, 2, near).warnings
-    assert warning.path == "spec.model" and "little is left for activations" in warning.message
-    [problem] = P.check_memory(run, phase, 2, P.Machine(gpus=0, gpu_memory=None, ram_available=states // 2)).problems
-    assert "shard over more ranks" in (problem.fix or "")
+    assert warning.path == "spec.model" and "little margin is left" in warning.message
+    [problem] = P.check_memory(run, phase, 2, P.Machine(gpus=0, gpu_memory=None, ram_available=peak)).problems
+    assert "shard over more ranks" in (problem.fix or "") and "estimated peak" in problem.message
     gpu_run = run_of(resources={"gpusPerNode": 2})
-    small_gpu = P.Machine(gpus=2, gpu_memory=states // 4, ram_available=64 << 30)
-    [gpu] = P.check_memory(gpu_run, gpu_run.phases[0], 2, small_gpu).problems
+    gpu_peak = estimate_phase_memory(gpu_run, gpu_run.phases[0]).total
+    [gpu] = P.check_memory(
+        gpu_run, gpu_run.phases[0], 2, P.Machine(gpus=2, gpu_memory=gpu_peak - 1, ram_available=64 << 30)
+    ).problems
     assert "GPU memory of one GPU" in gpu.message
+    assert (
+        P.check_memory(
+            gpu_run, gpu_run.phases[0], 2, P.Machine(gpus=2, gpu_memory=2 * gpu_peak, ram_available=64 << 30)
+        ).problems
+        == []
+    )
+
+
+def test_memory_counts_a_dpo_reference_beside_the_policy():
+    pretrain = run_of()
+    dpo = run_of(
+        phases=[
+            {"name": "pre", "tokens": "64K", "seqLen": 64, "batch": {"size": 512}, "lr": {"peak": 1e-3}},
+            {"name": "dpo", "tokens": "64K", "kind": "dpo"},
+        ]
+    )
+    pre, pref = estimate_phase_memory(dpo, dpo.phases[0]), estimate_phase_memory(dpo, dpo.phases[1])
+    ranks = dpo.phases[1].world_size  # FSDP over every rank: each holds its share of the reference, in fp32
+    assert pre.frozen == 0 and pref.frozen == 4 * -(-dpo.model.parameter_count() // ranks)
+    assert pref.total - pre.total == pref.frozen
+    assert estimate_phase_memory(pretrain, pretrain.phases[0]).frozen == 0
 
 
 def save_tiny_checkpoint(root: Path, model_spec) -> None:

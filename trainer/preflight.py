@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stagerun.core import storage
-from stagerun.core.layout import LayoutError, ParallelLayout
+from stagerun.core.memory_estimate import estimate_phase_memory
 from stagerun.core.spec import Problem, ResolvedPhase, ResolvedRun, SpecError
+from stagerun.core.spec.validate import phase_layout
 
 from .preflight_machine import Machine, free_bytes, human_bytes
 
@@ -32,9 +33,7 @@ __all__ = ["Findings", "Machine", "PreflightError", "check_nproc", "free_bytes",
 # Bytes per parameter. A checkpoint holds the fp32 weights and AdamW's two fp32 moments; training also holds the fp32
 # gradients (bf16 compute copies are transient, activations are not counted: this is a floor, not an estimate).
 CHECKPOINT_BYTES_PER_PARAM = 12
-TRAINING_BYTES_PER_PARAM = 16
-TEACHER_BYTES_PER_PARAM = 4
-MEMORY_MARGIN = 0.8  # warn when the states alone take more than this share of the memory a rank has
+MEMORY_MARGIN = 0.9  # warn when the estimated peak takes more than this share of the memory a rank has
 PROBE_PREFIX = ".stagerun-preflight-"
 
 
@@ -358,34 +357,32 @@ def check_devices(run: ResolvedRun, phase: ResolvedPhase, processes: int, machin
 
 
 def check_memory(run: ResolvedRun, phase: ResolvedPhase, processes: int, machine: Machine) -> Findings:
-    """Weights, gradients and optimizer state per rank (FSDP and TP shard them) against what a rank has."""
-    try:
-        layout = ParallelLayout.of_phase(phase)
-    except LayoutError:
+    """The phase's estimated peak per rank (core/memory_estimate.py: the model `stagerun plan` prints, activations,
+    loss and any teacher or dpo reference included) against what a rank has: one GPU's memory, or on CPU the
+    machine's available RAM shared by its ``processes`` ranks. Over it: a problem; within MEMORY_MARGIN of it: a
+    warning (the estimate is a model, and allocators fragment)."""
+    if phase_layout(phase) is None:
         return Findings()  # validation reports the layout
-    shards = layout.dp_shard * layout.tp
-    per_rank = TRAINING_BYTES_PER_PARAM * run.model.parameter_count() / shards
-    if phase.distill is not None:
-        from .distill import teacher_spec
-
-        per_rank += TEACHER_BYTES_PER_PARAM * teacher_spec(phase.distill.teacher, run.model).parameter_count() / shards
-    gpu = phase.resources.gpus_per_node > 0 and machine.gpu_memory is not None
-    if gpu:
-        needed, available, what = per_rank, machine.gpu_memory or 0, "GPU memory of one GPU"
+    per_rank = estimate_phase_memory(run, phase).total
+    if phase.resources.gpus_per_node > 0 and machine.gpu_memory is not None:
+        needed, available, what = per_rank, machine.gpu_memory, "GPU memory of one GPU"
     elif phase.resources.gpus_per_node > 0:
         return Findings()  # no GPU here: check_devices says so
     else:
         needed, available, what = per_rank * processes, machine.ram_available, "available RAM"
     message = (
-        f"phase {phase.name}: weights, gradients and AdamW state alone take about {human_bytes(needed)} "
-        f"({human_bytes(per_rank)} per rank over {shards} shard(s), activations not counted) of "
-        f"{human_bytes(available)} {what}"
+        f"phase {phase.name}: the estimated peak of a step takes about {human_bytes(needed)} "
+        f"({human_bytes(per_rank)} per rank: weights, gradients, optimizer state, activations and loss; "
+        f"`stagerun plan` prints the parts) of {human_bytes(available)} {what}"
     )
-    fix = "shard over more ranks (more processes or nodes, fsdp: -1), add tensorParallel, or use a smaller model"
+    fix = (
+        "shard over more ranks (more processes or nodes, fsdp: -1), add tensorParallel or contextParallel, lower "
+        "microBatchSize, use activationCheckpointing: full, or use a smaller model"
+    )
     if needed > available:
         return Findings(problems=[Problem("spec.model", message, fix)])
     if needed > MEMORY_MARGIN * available:
-        return Findings(warnings=[Problem("spec.model", f"{message}: little is left for activations", fix)])
+        return Findings(warnings=[Problem("spec.model", f"{message}: little margin is left", fix)])
     return Findings()
 
 

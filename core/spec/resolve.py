@@ -208,7 +208,11 @@ def _resolve_dpo(phase, kind: str, prev: ResolvedPhase | None, path: str, proble
     if kind != "dpo":
         if phase.dpo is not None:
             problems.append(
-                Problem(f"{path}.dpo", f"only applies to phases of kind dpo; this phase's is {kind}", "drop dpo, or set kind: dpo")
+                Problem(
+                    f"{path}.dpo",
+                    f"only applies to phases of kind dpo; this phase's is {kind}",
+                    "drop dpo, or set kind: dpo",
+                )
             )
         return None
     if phase.dpo is not None:
