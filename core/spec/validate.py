@@ -23,7 +23,13 @@ KUBERNETES_MAX_RUN_NAME = 50
 # Each size field has its own bound (limits.py); together they still allow a model no cluster could hold. 10^13
 # parameters (20x the largest dense models published, ~5e11) in bf16 with AdamW state is ~160 TB of accelerator memory.
 MAX_PARAMETERS = 10**13
-BUILTIN_CORPORA = ("builtin:python-docs", "builtin:python-code")
+BUILTIN_CORPORA = (
+    "builtin:python-docs",
+    "builtin:python-code",
+    "builtin:chat-arithmetic",  # generated conversations (trainer/data/chat_corpora.py)
+    "builtin:preference-arithmetic",  # generated preference pairs
+)
+BUILTIN_CONTENT = {"builtin:chat-arithmetic": "chat", "builtin:preference-arithmetic": "preference"}
 
 
 def check_run(run: TrainingRun, problems: list[Problem]) -> None:
@@ -316,7 +322,8 @@ def check_post_training(run: TrainingRun, problems: list[Problem]) -> None:
     preference: its manifest) is checked when the trainer opens it."""
     spec = run.spec
     template = spec.tokenizer.chat_template
-    chat_sources = [n for n, s in spec.data.sources.items() if s.format in CHAT_FORMATS]
+    content = {n: source_content(s) for n, s in spec.data.sources.items()}
+    chat_sources = [n for n, c in content.items() if c in CHAT_FORMATS]
     if chat_sources and template is None:
         problems.append(
             Problem(
@@ -354,7 +361,7 @@ def check_post_training(run: TrainingRun, problems: list[Problem]) -> None:
         if phase.data is not None and phase.data.weights is not None:
             weights = phase.data.weights
         used = [n for n, w in weights.items() if w > 0 and n in spec.data.sources]
-        formats = {n: spec.data.sources[n].format for n in used}
+        formats = {n: content[n] for n in used}
         if kind == "dpo":
             wrong = [n for n in used if formats[n] not in ("preference", "tokens", "auto")]
             if wrong:
@@ -401,6 +408,14 @@ def check_post_training(run: TrainingRun, problems: list[Problem]) -> None:
                     )
                 )
         saw_training_phase = True
+
+
+def source_content(source) -> str:
+    """What a source holds as far as the manifest says: chat, preference, or its declared format (a shard set's own
+    content is read from its manifest when the trainer opens it)."""
+    if source.format in CHAT_FORMATS:
+        return source.format
+    return BUILTIN_CONTENT.get(source.path, source.format)
 
 
 def _camel(name: str) -> str:
