@@ -2,6 +2,7 @@
 
     stagerun tokenizer train --input 's3://bucket/web/*.jsonl' [--input ...] --vocab-size 100289 --out tok.json
     stagerun tokenize --input 's3://bucket/web/*.jsonl' [--input ...] --tokenizer tok.json --out s3://bucket/tokens/web
+    stagerun tokenize --format chat --chat-template chatml --input chats.jsonl --tokenizer tok.json --out sft/
 
 ``cli.build_parser`` registers them with ``add_data_commands(sub)``.
 """
@@ -11,11 +12,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from stagerun.core.chat_template import FORMATS as CHAT_FORMATS_BY_NAME
+
 from . import usable_cpus
+from .tokenizer_commands import add_chat_template_option, add_chat_tokens_command, chat_template_arg
+
+CHAT_FORMAT_NAMES = tuple(CHAT_FORMATS_BY_NAME)  # the named formats of spec.tokenizer.chatTemplate.format
 
 # readers.FORMATS and tokenize_units' hostile-input bounds, repeated so that building the parser imports nothing
 # heavy (a test checks they agree).
 FORMATS = ("auto", "text", "jsonl", "parquet")
+CHAT_FORMATS = ("chat", "preference")  # `stagerun tokenize` only: JSONL rendered with --chat-template
 DEFAULT_MAX_RECORD_BYTES = "64Mi"
 DEFAULT_MAX_EXPANSION = 100.0
 
@@ -67,7 +74,7 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _add_inputs(parser: argparse.ArgumentParser) -> None:
+def _add_inputs(parser: argparse.ArgumentParser, chat: bool = False) -> None:
     parser.add_argument(
         "--input",
         action="append",
@@ -78,10 +85,16 @@ def _add_inputs(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--format",
-        choices=FORMATS,
+        choices=FORMATS + (CHAT_FORMATS if chat else ()),
         default="auto",
         help="text (a document per file), jsonl (a document per line), parquet (a document per "
-        "row); auto: by extension (.jsonl/.ndjson/.json, .parquet/.pq, else text)",
+        "row); auto: by extension (.jsonl/.ndjson/.json, .parquet/.pq, else text)"
+        + (
+            "; chat: JSONL of {messages: [{role, content}]}, preference: JSONL of {prompt, chosen, rejected} "
+            "(both need --chat-template; the loss-token share is printed)"
+            if chat
+            else ""
+        ),
     )
     parser.add_argument("--text-field", default="text", help="the JSONL field / Parquet column with the text")
     parser.add_argument(
@@ -103,6 +116,7 @@ def cmd_tokenizer_train(args) -> int:
             args.input,
             args.vocab_size,
             args.out,
+            chat_template=chat_template_arg(args.chat_template),
             fmt=args.format,
             text_field=args.text_field,
             max_bytes=args.max_bytes,
@@ -140,12 +154,23 @@ def cmd_tokenize(args) -> int:
         print(_printable(f"tokenize: {message}"), file=sys.stderr, flush=True)
 
     try:
+        template = None
+        if args.format in CHAT_FORMATS:
+            if args.chat_template is None:
+                raise DataError(
+                    f"--format {args.format} needs --chat-template ({', '.join(CHAT_FORMAT_NAMES)}, or a file with a "
+                    f"chatTemplate block): the format the conversations are rendered in"
+                )
+            template = chat_template_arg(args.chat_template)
+        elif args.chat_template is not None:
+            raise DataError(f"--chat-template applies to --format chat or preference, not {args.format}: drop it")
         result = tokenize(
             args.input,
             args.tokenizer,
             args.out,
             fmt=args.format,
             text_field=args.text_field,
+            chat_template=template,
             processes=args.processes,
             threads=args.threads,
             shard_tokens=args.shard_tokens,
@@ -199,12 +224,21 @@ def add_data_commands(sub) -> None:
         help="train on at most this much text, shared equally between inputs (default 1G)",
     )
     train.set_defaults(func=cmd_tokenizer_train)
+    add_chat_template_option(train)
+    add_chat_tokens_command(actions)
 
     tok = sub.add_parser(
         "tokenize", help="pretokenize text / JSONL / Parquet into a token shard set (parallel, resumable)"
     )
-    _add_inputs(tok)
+    _add_inputs(tok, chat=True)
     tok.add_argument("--tokenizer", required=True, help="a tokenizers JSON file (path or fsspec URL)")
+    tok.add_argument(
+        "--chat-template",
+        metavar="FORMAT_OR_FILE",
+        default=None,
+        help=f"with --format chat / preference: how conversations are written ({', '.join(CHAT_FORMAT_NAMES)}, or a "
+        "YAML/JSON file holding a spec.tokenizer.chatTemplate block); its special tokens are added to the tokenizer",
+    )
     tok.add_argument(
         "--out",
         required=True,

@@ -6,6 +6,10 @@ and ``builtin:python-code`` (the standard library's own source files). Everythin
 (local paths, globs, ``s3://``, ``gs://``, ...) by the readers of ``readers.py``: plain text files are one
 document each, JSONL files one document per line, Parquet files one per row.
 
+Two more generated corpora hold conversations and preference pairs (``builtin:chat-arithmetic``,
+``builtin:preference-arithmetic``: :mod:`.chat_corpora`); they are tokenized as chat / preference data. As text
+(what a tokenizer is trained on) a chat or preference source gives each record's message contents.
+
 All orders are deterministic (sorted paths), so a corpus tokenized twice on the same Python gives the same
 shards; the loader's checkpointed position relies on that.
 """
@@ -20,9 +24,28 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .readers import COMPRESSION_SUFFIXES, JSONL_SUFFIXES, BadRecords, DataError, expand_inputs, read_texts
+from .chat_corpora import (
+    BUILTIN_CHAT_CORPORA,
+    BUILTIN_RECORDS,
+    BUILTIN_SEED,
+    CHAT_CORPUS_VERSION,
+    chat_records,
+    preference_records,
+)
+from .readers import (
+    CHAT_CONTENTS,
+    COMPRESSION_SUFFIXES,
+    JSONL_SUFFIXES,
+    BadRecords,
+    ChatRecord,
+    DataError,
+    expand_inputs,
+    read_chats,
+    read_texts,
+)
 
 __all__ = [
+    "BUILTIN_CHAT_CORPORA",
     "BUILTIN_CODE",
     "BUILTIN_CORPORA",
     "BUILTIN_DOCS",
@@ -32,12 +55,13 @@ __all__ = [
     "DataError",
     "corpus_version",
     "iter_documents",
+    "source_content",
     "stdlib_source_files",
 ]
 
 BUILTIN_DOCS = "builtin:python-docs"
 BUILTIN_CODE = "builtin:python-code"
-BUILTIN_CORPORA = (BUILTIN_DOCS, BUILTIN_CODE)
+BUILTIN_CORPORA = (BUILTIN_DOCS, BUILTIN_CODE, *BUILTIN_CHAT_CORPORA)
 # Test suites and tools are either huge, full of fixtures that are not representative code (lib2to3's Python 2
 # grammar tests), or not part of the standard library at all (installed packages).
 SKIP_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__"})
@@ -54,7 +78,10 @@ class CorpusStats:
 
 
 def corpus_version(path: str) -> str | None:
-    """What a generated corpus depends on (the Python installation), for cache keys; None for ordinary paths."""
+    """What a generated corpus depends on (the Python installation, or the chat generator's version and size), for
+    cache keys; None for ordinary paths."""
+    if path in BUILTIN_CHAT_CORPORA:
+        return f"chat-corpora-v{CHAT_CORPUS_VERSION}-{BUILTIN_RECORDS}-{BUILTIN_SEED}"
     if path in BUILTIN_CORPORA:
         return f"python-{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
     return None
@@ -152,6 +179,43 @@ def _file_documents(path: str, declared: str, text_field: str) -> Iterator[str]:
         yield from read_texts(file, text_field=text_field, bad=bad)
 
 
+def source_content(source, where: str = "the source") -> str:
+    """What a SourceSpec holds: "text", "chat" or "preference" (its format, or what its built-in corpus holds).
+
+    A built-in chat corpus declared with the other chat format is an error naming ``where``."""
+    builtin = BUILTIN_CHAT_CORPORA.get(source.path)
+    if builtin is not None and source.format in CHAT_CONTENTS and source.format != builtin:
+        raise DataError(
+            f"{where}.format: {source.format}, but {source.path} holds {builtin} records: set format: {builtin}"
+        )
+    if builtin is not None:
+        return builtin
+    return source.format if source.format in CHAT_CONTENTS else "text"
+
+
+def _record_texts(record: ChatRecord) -> Iterator[str]:
+    for turns in (record.messages, record.chosen, record.rejected):
+        yield from (m["content"] for m in turns)
+
+
+def _contents(value: str | list[dict]) -> list[str]:
+    return [value] if isinstance(value, str) else [m["content"] for m in value]
+
+
+def _chat_texts(source, content: str) -> Iterator[str]:
+    """Each record's message contents (a pair's prompt and both responses), one text per record."""
+    if source.path in BUILTIN_CHAT_CORPORA:
+        keys = ("messages",) if content == "chat" else ("prompt", "chosen", "rejected")
+        make = chat_records if content == "chat" else preference_records
+        for raw in make(BUILTIN_RECORDS, BUILTIN_SEED):
+            yield "\n".join(text for key in keys for text in _contents(raw[key]))
+        return
+    bad = BadRecords()  # strict, like every source of a run
+    for file in expand_inputs([source.path], "jsonl", what="the source's path"):
+        for record in read_chats(file, content=content, bad=bad):
+            yield "\n".join(_record_texts(record))
+
+
 def iter_documents(source, max_bytes: int | None = None, stats: CorpusStats | None = None) -> Iterator[str]:
     """The documents of ``source`` (a SourceSpec), in a deterministic order, at most ``max_bytes`` UTF-8 bytes.
 
@@ -163,6 +227,8 @@ def iter_documents(source, max_bytes: int | None = None, stats: CorpusStats | No
         documents = _python_docs(stats)
     elif path == BUILTIN_CODE:
         documents = _python_code(stats)
+    elif (content := source_content(source)) != "text":
+        documents = _chat_texts(source, content)
     elif path.startswith("builtin:"):
         raise DataError(f"unknown generated corpus {path!r}: use one of {', '.join(BUILTIN_CORPORA)}")
     elif source.format == "tokens":

@@ -54,11 +54,13 @@ __all__ = [
     "DataError",
     "InputFile",
     "InputStats",
+    "ChatRecord",
     "ReadLimits",
     "Record",
     "expand_inputs",
     "file_format",
     "parquet_row_groups",
+    "read_chats",
     "read_records",
     "read_texts",
 ]
@@ -353,8 +355,10 @@ def _lines(
         yield bytes(pending)
 
 
-def _jsonl(r: _Reading, start: int, end: int | None) -> Iterator[tuple[int, str]]:
-    file, stats, text_field = r.file, r.stats, r.text_field
+def _json_lines(r: _Reading, start: int, end: int | None) -> Iterator[tuple[int, bytes, Any, _LineNumbers]]:
+    """Each JSONL line of the range that parses, as (line number, line, value, line numbers): blank lines skipped,
+    overlong and unparsable ones given to the policy, the bytes read counted."""
+    file, stats = r.file, r.stats
     lines = _LineNumbers(file, start)
     compressed = file.compression is not None
     cap = r.limits.max_record_bytes
@@ -392,35 +396,209 @@ def _jsonl(r: _Reading, start: int, end: int | None) -> Iterator[tuple[int, str]
                 problem = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
                 r.bad(lines.where(lineno), f"JSON that Python cannot read ({problem})", "fix or remove the line")
                 continue
-            if not isinstance(record, dict) or text_field not in record:
-                keys = f" (it has {', '.join(map(repr, list(record)[:8]))})" if isinstance(record, dict) else ""
-                r.bad(lines.where(lineno), f"no field {text_field!r} in this record{keys}", NO_TEXT_FIELD_FIX)
-                continue
-            text = record[text_field]
-            if not isinstance(text, str):
-                r.bad(
-                    lines.where(lineno),
-                    f"field {text_field!r} is {type(text).__name__}, not a string",
-                    NO_TEXT_FIELD_FIX,
-                )
-                continue
-            if SURROGATE_IN_LINE.search(line) and (lone := SURROGATE.search(text)):
-                r.bad(
-                    lines.where(lineno),
-                    f"field {text_field!r} holds a lone surrogate (\\u{ord(lone.group()):04x} at character "
-                    f"{lone.start()}), which is no character and cannot be encoded",
-                    "fix the escapes (a surrogate needs its pair: \\ud83d\\ude00), or remove the line",
-                )
-                continue
-            if not text:
-                stats.empty += 1
-                continue
-            stats.documents += 1
-            yield lineno, text
+            yield lineno, line, record, lines
     if overlong is not None and not compressed:
         stats.bytes += (overlong.length or 0) + 1
     if compressed:
         stats.bytes += file.size or 0
+
+
+def _lone_surrogate(field: str, text: str) -> str | None:
+    """The problem of a text holding a lone surrogate, or None."""
+    lone = SURROGATE.search(text)
+    if lone is None:
+        return None
+    return (
+        f"{field} holds a lone surrogate (\\u{ord(lone.group()):04x} at character {lone.start()}), which is no "
+        f"character and cannot be encoded"
+    )
+
+
+SURROGATE_FIX = "fix the escapes (a surrogate needs its pair: \\ud83d\\ude00), or remove the line"
+
+
+def _jsonl(r: _Reading, start: int, end: int | None) -> Iterator[tuple[int, str]]:
+    stats, text_field = r.stats, r.text_field
+    for lineno, line, record, lines in _json_lines(r, start, end):
+        if not isinstance(record, dict) or text_field not in record:
+            keys = f" (it has {', '.join(map(repr, list(record)[:8]))})" if isinstance(record, dict) else ""
+            r.bad(lines.where(lineno), f"no field {text_field!r} in this record{keys}", NO_TEXT_FIELD_FIX)
+            continue
+        text = record[text_field]
+        if not isinstance(text, str):
+            r.bad(
+                lines.where(lineno),
+                f"field {text_field!r} is {type(text).__name__}, not a string",
+                NO_TEXT_FIELD_FIX,
+            )
+            continue
+        if SURROGATE_IN_LINE.search(line) and (problem := _lone_surrogate(f"field {text_field!r}", text)):
+            r.bad(lines.where(lineno), problem, SURROGATE_FIX)
+            continue
+        if not text:
+            stats.empty += 1
+            continue
+        stats.documents += 1
+        yield lineno, text
+
+
+# --- chat and preference records ---------------------------------------------------------------------------------
+
+CHAT_CONTENTS = ("chat", "preference")
+ROLES = ("system", "user", "assistant")
+CHAT_FIX = (
+    "each line of a chat file holds messages: [{role: system|user|assistant, content: text}, ...] with at least one "
+    "assistant turn; fix or remove the line"
+)
+PREFERENCE_FIX = (
+    "each line of a preference file holds prompt, chosen and rejected (each a string, or a list of {role, content} "
+    "messages; chosen and rejected with an assistant turn), or chosen and rejected conversations that share the "
+    "prompt as their first messages; fix or remove the line"
+)
+SPECIAL_FIX = (
+    "the text would be read as that token (a turn or document end the conversation does not have): remove or "
+    "reword it in the data, or remove the line"
+)
+
+
+@dataclass(frozen=True)
+class ChatRecord:
+    """A conversation (chat), or a preference pair: its prompt and the two responses, every message checked and
+    reduced to {"role", "content"}."""
+
+    messages: tuple[dict, ...]  # chat: the conversation; preference: the prompt
+    chosen: tuple[dict, ...] = ()
+    rejected: tuple[dict, ...] = ()
+
+
+class _BadChat(Exception):
+    """A malformed chat or preference record: which field and why (``problem``), and the fix when it is not the
+    format's usual one."""
+
+    def __init__(self, problem: str, fix: str | None = None):
+        super().__init__(problem)
+        self.problem, self.fix = problem, fix
+
+
+def read_chats(
+    file: InputFile,
+    *,
+    content: str,
+    bad: BadRecords | None = None,
+    stats: InputStats | None = None,
+    start: int = 0,
+    end: int | None = None,
+    limits: ReadLimits | None = None,
+    forbidden: re.Pattern | None = None,
+) -> Iterator[ChatRecord]:
+    """The conversations (``content`` "chat") or preference pairs ("preference") of one JSONL file or byte range.
+
+    ``forbidden`` matches the tokenizer's special tokens: a message holding one is a malformed record, since the
+    whole rendered conversation is tokenized with special tokens recognised (as transformers' apply_chat_template
+    does). A pair counts as two documents (the prompt with each response)."""
+    if content not in CHAT_CONTENTS:
+        raise ValueError(f"content must be one of {CHAT_CONTENTS}, got {content!r}")
+    reading = _Reading(file, "messages", bad or BadRecords(), stats or InputStats(), limits or ReadLimits())
+    if file.problem is not None or file.size == 0:
+        for _ in _records(reading, start, end, None):  # it only reports the file (skipped or an error)
+            pass
+        return
+    fix = CHAT_FIX if content == "chat" else PREFERENCE_FIX
+    try:
+        for lineno, line, raw, lines in _json_lines(reading, start, end):
+            try:
+                record = _chat(raw) if content == "chat" else _preference(raw)
+                _check_texts(record, line, forbidden)
+            except _BadChat as exc:
+                reading.bad(lines.where(lineno), exc.problem, exc.fix or fix)
+                continue
+            reading.stats.documents += 1 if content == "chat" else 2
+            yield record
+    except OSError as exc:
+        if not _unreadable(exc):
+            raise
+        reading.bad(file.shown, f"cannot be read ({exc.strerror or exc})", UNREADABLE_FIX, whole_file=True)
+
+
+def _messages(value: Any, field: str) -> tuple[dict, ...]:
+    if not isinstance(value, list):
+        raise _BadChat(f"{field} must be a list of messages, got {type(value).__name__}")
+    out = []
+    for i, message in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(message, dict):
+            raise _BadChat(f"{where} must be an object with role and content, got {type(message).__name__}")
+        role, text = message.get("role"), message.get("content")
+        if role not in ROLES:
+            shown = repr(role)[:40] if role is not None else "missing"
+            raise _BadChat(f"{where}.role is {shown}, expected one of {', '.join(ROLES)}")
+        if not isinstance(text, str):
+            shown = "missing" if "content" not in message else f"{type(text).__name__}, not a string"
+            raise _BadChat(f"{where}.content is {shown}")
+        out.append({"role": role, "content": text})
+    return tuple(out)
+
+
+def _has_assistant(messages: tuple[dict, ...]) -> bool:
+    return any(m["role"] == "assistant" for m in messages)
+
+
+def _chat(raw: Any) -> ChatRecord:
+    if not isinstance(raw, dict) or "messages" not in raw:
+        keys = f" (it has {', '.join(map(repr, list(raw)[:8]))})" if isinstance(raw, dict) else ""
+        raise _BadChat(f"no field 'messages' in this record{keys}")
+    messages = _messages(raw["messages"], "messages")
+    if not _has_assistant(messages):
+        raise _BadChat("messages has no assistant turn, so nothing in it is trained on")
+    return ChatRecord(messages)
+
+
+def _turns(value: Any, field: str, role: str) -> tuple[dict, ...]:
+    """A preference field: a string is one message of ``role``, a list is messages."""
+    if isinstance(value, str):
+        return ({"role": role, "content": value},)
+    return _messages(value, field)
+
+
+def _preference(raw: Any) -> ChatRecord:
+    if not isinstance(raw, dict):
+        raise _BadChat(f"expected an object with prompt, chosen and rejected, got {type(raw).__name__}")
+    missing = [k for k in ("chosen", "rejected") if k not in raw]
+    if missing:
+        raise _BadChat(f"no field {missing[0]!r} in this record (it has {', '.join(map(repr, list(raw)[:8]))})")
+    chosen = _turns(raw["chosen"], "chosen", "assistant")
+    rejected = _turns(raw["rejected"], "rejected", "assistant")
+    if "prompt" in raw:
+        prompt = _turns(raw["prompt"], "prompt", "user")
+    else:
+        # TRL's implicit-prompt form: two whole conversations; the prompt is the messages they share.
+        if not isinstance(raw["chosen"], list) or not isinstance(raw["rejected"], list):
+            raise _BadChat("no field 'prompt' in this record, and chosen and rejected are not both conversations")
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    for name, turns in (("chosen", chosen), ("rejected", rejected)):
+        if not _has_assistant(turns):
+            raise _BadChat(f"{name} has no assistant turn, so the pair has no response to compare")
+    return ChatRecord(prompt, chosen, rejected)
+
+
+def _check_texts(record: ChatRecord, line: bytes, forbidden: re.Pattern | None) -> None:
+    surrogates = SURROGATE_IN_LINE.search(line) is not None
+    if not surrogates and forbidden is None:
+        return
+    parts = (("messages" if not record.chosen else "prompt", record.messages), ("chosen", record.chosen))
+    for name, turns in (*parts, ("rejected", record.rejected)):
+        for i, message in enumerate(turns):
+            field = f"{name}[{i}].content"
+            if surrogates and (problem := _lone_surrogate(field, message["content"])):
+                raise _BadChat(problem, SURROGATE_FIX)
+            if forbidden is not None and (hit := forbidden.search(message["content"])):
+                raise _BadChat(
+                    f"{field} holds {hit.group()!r}, a special token of the tokenizer (at character {hit.start()})",
+                    SPECIAL_FIX,
+                )
 
 
 def _group_bytes(group) -> int:

@@ -15,6 +15,14 @@ shuffled by a seeded bijection (``order.py``), which needs no per-document array
 keeps the order it always had (a whole-epoch permutation: memory grows with its documents) so a run started on it
 resumes exactly, and has nothing to verify; ``upgrade_manifest`` (``stagerun shards upgrade``) turns it into v2.
 
+Chat and preference sets (post-training) are v2 sets with dtype uint32 and more manifest keys: ``content``
+("chat" | "preference"; absent: "text"), ``lossMask``: "bit31" (bit 31 of every stored token is 1 where the token
+is a training target: an assistant turn's content and end-of-turn; ``split_loss_mask`` takes it apart),
+``numLossTokens`` (set-wide and per shard), ``chatTemplate`` ({format, jinjaSha256}: what the chats were rendered
+with) and, for preference sets, ``numPairs`` (set-wide and per shard): documents 2i and 2i+1 are the same prompt
+with the chosen and the rejected response, and a pair never straddles shards. The hashes cover the stored values,
+mask bits included.
+
 Shard files may have any name inside the folder (``stagerun tokenize`` names them after its work units); the
 manifest lists them in order. Documents never straddle shards. The manifest is written last, so a folder without a
 manifest is never a complete set.
@@ -35,6 +43,7 @@ __all__ = [
     "DTYPES",
     "FORMAT",
     "FORMAT_V1",
+    "LOSS_MASK_BIT",
     "MANIFEST",
     "REMAKE",
     "check_ends",
@@ -42,6 +51,7 @@ __all__ = [
     "has_manifest",
     "parse_manifest",
     "read_manifest",
+    "split_loss_mask",
 ]
 
 FORMAT = "stagerun-tokens/v2"
@@ -51,6 +61,16 @@ MANIFEST = "manifest.json"
 DTYPES: dict[str, np.dtype] = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 REMAKE = "re-create the shard set (delete the folder and tokenize the source again)"
 HASH_KEYS = {"tokens": "sha256", "index": "indexSha256"}
+CONTENTS = ("text", "chat", "preference")
+LOSS_MASK_BIT = 31
+LOSS_MASKS = {"bit31": LOSS_MASK_BIT}
+ID_MASK = (1 << LOSS_MASK_BIT) - 1
+
+
+def split_loss_mask(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stored values of a set with ``lossMask: bit31`` -> (token ids, whether each is a training target)."""
+    values = np.asarray(values)
+    return values & ID_MASK, (values >> LOSS_MASK_BIT).astype(bool)
 
 
 def has_manifest(path: str | os.PathLike[str]) -> bool:
@@ -120,7 +140,65 @@ def parse_manifest(raw: bytes, where: str) -> dict:
         total = sum(s[key] for s in shards)
         if total != manifest[key]:
             raise DataError(f"{where}: {key} is {manifest[key]} but its shards add up to {total}: {REMAKE}")
+    _check_content(manifest, where)
     return manifest
+
+
+def _check_content(manifest: dict, where: str) -> None:
+    """The keys of chat and preference sets (see the module's docstring)."""
+    content = manifest.get("content", "text")
+    if content not in CONTENTS:
+        raise DataError(f"{where}: content {content!r} is not one of {', '.join(CONTENTS)}: {REMAKE}")
+    mask = manifest.get("lossMask")
+    if mask is not None and mask not in LOSS_MASKS:
+        raise DataError(f"{where}: lossMask {mask!r} is not one of {', '.join(LOSS_MASKS)}: {REMAKE}")
+    if content != "text" and mask is None:
+        raise DataError(f"{where}: a {content} set needs lossMask (which tokens are trained on): {REMAKE}")
+    if mask is None:
+        return
+    if manifest["dtype"] != "uint32":
+        raise DataError(
+            f"{where}: a set with lossMask {mask} must have dtype uint32, got {manifest['dtype']}: {REMAKE}"
+        )
+    if manifest["vocabSize"] > 1 << LOSS_MASK_BIT:
+        raise DataError(f"{where}: vocabSize {manifest['vocabSize']} leaves no room for the loss mask bit: {REMAKE}")
+    if content != "text":
+        template = manifest.get("chatTemplate")
+        if not (
+            isinstance(template, dict)
+            and isinstance(template.get("format"), str)
+            and isinstance(template.get("jinjaSha256"), str)
+            and len(template["jinjaSha256"]) == 64
+        ):
+            raise DataError(
+                f"{where}: chatTemplate must be {{format, jinjaSha256}} (what the chats were rendered with), got "
+                f"{template!r}: {REMAKE}"
+            )
+    _check_count(manifest, "numLossTokens", where, "numTokens")
+    if content == "preference":
+        _check_count(manifest, "numPairs", where, None)
+        for i, shard in enumerate(manifest["shards"]):
+            if shard["numPairs"] * 2 != shard["numDocuments"]:
+                raise DataError(
+                    f"{where}: shards[{i}] holds {shard['numDocuments']} documents but {shard['numPairs']} pairs "
+                    f"(a pair is two documents, never split between shards): {REMAKE}"
+                )
+    elif "numPairs" in manifest:
+        raise DataError(f"{where}: numPairs is only for preference sets, this one's content is {content}: {REMAKE}")
+
+
+def _check_count(manifest: dict, key: str, where: str, bound: str | None) -> None:
+    """``key``: a non-negative integer set-wide and per shard (at most ``bound`` of the same), adding up."""
+    for i, part in [(None, manifest), *enumerate(manifest["shards"])]:
+        at = f"{where}: {key}" if i is None else f"{where}: shards[{i}].{key}"
+        value = part.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise DataError(f"{at} must be a non-negative integer, got {value!r}: {REMAKE}")
+        if bound is not None and value > part[bound]:
+            raise DataError(f"{at} is {value}, more than its {part[bound]} {bound}: {REMAKE}")
+    total = sum(s[key] for s in manifest["shards"])
+    if total != manifest[key]:
+        raise DataError(f"{where}: {key} is {manifest[key]} but its shards add up to {total}: {REMAKE}")
 
 
 def expected_sizes(manifest: dict, i: int) -> dict[str, tuple[int, str]]:

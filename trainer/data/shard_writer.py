@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from stagerun.core.storage import is_url
 
-from .shard_format import DTYPES, FORMAT, MANIFEST, dtype_for_vocab
+from .shard_format import DTYPES, FORMAT, LOSS_MASK_BIT, MANIFEST, dtype_for_vocab
 from .tokenizer import eos_id, tokenizer_sha256, vocab_size
 
 __all__ = [
@@ -73,25 +73,45 @@ def with_eos(ids: list[list[int]], eos: int, dtype: np.dtype) -> tuple[np.ndarra
 
 
 class _ShardWriter:
-    """Appends documents (each followed by EOS) to numbered shards, closing a shard once it is full."""
+    """Appends documents (each followed by EOS) to numbered shards, closing a shard once it is full.
+
+    ``loss_mask``: the values carry the loss mask in bit 31 (chat and preference sets); each shard's entry then
+    counts its loss tokens (``numLossTokens``). ``group``: documents come in groups of this many (2: preference
+    pairs) that a shard never splits; each shard's entry counts its groups (``numPairs``) when it is 2."""
 
     def __init__(
-        self, folder: Path, dtype: np.dtype, eos: int, shard_tokens: int, prefix: str = "shard-", digits: int = 5
+        self,
+        folder: Path,
+        dtype: np.dtype,
+        eos: int,
+        shard_tokens: int,
+        prefix: str = "shard-",
+        digits: int = 5,
+        *,
+        loss_mask: bool = False,
+        group: int = 1,
     ):
         self.folder, self.dtype, self.eos, self.shard_tokens = folder, dtype, eos, shard_tokens
         self.prefix, self.digits = prefix, digits
+        self.loss_mask, self.group = loss_mask, group
         self.shards: list[dict] = []
         self._handle: BinaryIO | None = None
         self._digest = hashlib.sha256()  # of the open shard's tokens, as they are written (format v2)
         self._ends: list[np.ndarray] = []
         self._filled = 0
+        self._loss = 0  # loss tokens in the open shard
+        self._documents = 0  # documents written in all, to keep groups whole
 
     def add(self, ids: list[int]) -> int:
         return self.add_batch(*with_eos([list(ids)], self.eos, self.dtype))
 
     def add_batch(self, tokens: np.ndarray, lengths: np.ndarray) -> int:
-        """Documents given as one array (each already followed by EOS) and their lengths; returns tokens added."""
+        """Documents given as one array (each already followed by EOS) and their lengths; returns tokens added.
+        A batch holds whole groups."""
+        if len(lengths) % self.group:
+            raise ValueError(f"a batch must hold whole groups of {self.group} documents, got {len(lengths)}")
         ends = np.cumsum(lengths, dtype=np.int64)
+        before = self._documents  # documents written before this batch
         first = 0
         while first < len(lengths):
             if self._handle is None:
@@ -104,13 +124,18 @@ class _ShardWriter:
             last = min(
                 int(np.searchsorted(ends, base + self.shard_tokens - self._filled, side="left")), len(lengths) - 1
             )
+            last += self.group - 1 - (before + last) % self.group  # to the end of its group
             stop = int(ends[last])
-            data = np.ascontiguousarray(tokens[base:stop], dtype=self.dtype).tobytes()
+            values = np.ascontiguousarray(tokens[base:stop], dtype=self.dtype)
+            data = values.tobytes()
             self._handle.write(data)
             self._digest.update(data)
+            if self.loss_mask:
+                self._loss += int(np.count_nonzero(values >> LOSS_MASK_BIT))
             self._ends.append(ends[first : last + 1] - base + self._filled)
             self._filled += stop - base
             first = last + 1
+            self._documents = before + first
             if self._filled >= self.shard_tokens:
                 self.close()
         return int(ends[-1]) if len(ends) else 0
@@ -129,7 +154,11 @@ class _ShardWriter:
             sha256=self._digest.hexdigest(),
             indexSha256=hashlib.sha256(index).hexdigest(),
         )
-        self._ends, self._filled = [], 0
+        if self.loss_mask:
+            self.shards[-1]["numLossTokens"] = self._loss
+        if self.group == 2:
+            self.shards[-1]["numPairs"] = len(ends) // 2
+        self._ends, self._filled, self._loss = [], 0, 0
 
 
 def manifest_head(tokenizer) -> dict:

@@ -29,6 +29,9 @@ from .shard_format import (
     DTYPES,
     FORMAT,
     FORMAT_V1,
+    ID_MASK,
+    LOSS_MASK_BIT,
+    LOSS_MASKS,
     MANIFEST,
     REMAKE,
     dtype_for_vocab,
@@ -37,6 +40,7 @@ from .shard_format import (
     parse_manifest,
     read_manifest,
     size_error,
+    split_loss_mask,
 )
 from .shard_writer import (
     DEFAULT_SHARD_TOKENS,
@@ -57,6 +61,7 @@ __all__ = [
     "ENCODE_BATCH_CHARS",
     "ENCODE_BATCH_DOCS",
     "FORMAT",
+    "LOSS_MASK_BIT",
     "MANIFEST",
     "REMAKE",
     "TokenShards",
@@ -67,6 +72,7 @@ __all__ = [
     "has_manifest",
     "manifest_head",
     "read_manifest",
+    "split_loss_mask",
     "with_eos",
     "write_shards",
 ]
@@ -89,6 +95,13 @@ class TokenShards:
         self.tokenizer_sha256: str = manifest["tokenizerSha256"]
         self.num_tokens: int = manifest["numTokens"]
         self.num_documents: int = manifest["numDocuments"]
+        # What the set holds (shard_format): text, or chats / preference pairs whose stored values carry the loss
+        # mask in bit LOSS_MASK_BIT (``take`` and ``read_ranges`` return them so; split_loss_mask takes them apart).
+        self.content: str = manifest.get("content", "text")
+        self.loss_mask_bit: int | None = LOSS_MASKS.get(manifest.get("lossMask", ""))
+        self.num_loss_tokens: int = manifest.get("numLossTokens", self.num_tokens)
+        self.num_pairs: int = manifest.get("numPairs", 0)
+        self.chat_template: dict | None = manifest.get("chatTemplate")
         self.index = index
         self.files = files
         self._shard_starts = np.concatenate([[0], np.cumsum([s["numTokens"] for s in manifest["shards"]])]).astype(
@@ -159,7 +172,7 @@ class TokenShards:
             groups = [(int(shard[part[0]]), part) for part in np.split(order, cuts)]
         gathered = self.files.gather_many([(s, flat[where] - self._shard_starts[s]) for s, where in groups])
         for (s, where), values in zip(groups, gathered):
-            if self._check_ids and len(values) and int(values.max()) >= self.vocab_size:
+            if self._check_ids and len(values) and int(self._ids(values).max()) >= self.vocab_size:
                 self._bad_id(s, values, flat[where])
             out[where] = values
         return out.reshape(indices.shape)
@@ -179,19 +192,24 @@ class TokenShards:
                 start, shard = piece_stop, shard + 1
         values = self.files.spans(pieces)
         for (shard, first, _), part in zip(pieces, values):
-            if self._check_ids and len(part) and int(part.max()) >= self.vocab_size:
+            if self._check_ids and len(part) and int(self._ids(part).max()) >= self.vocab_size:
                 self._bad_id(shard, part, first + int(self._shard_starts[shard]) + np.arange(len(part)))
         out: list[list[np.ndarray]] = [[] for _ in range(len(np.asarray(starts)))]
         for i, part in zip(owner, values):
             out[i].append(part)
         return [np.concatenate(parts) if parts else np.zeros(0, self.dtype) for parts in out]
 
+    def _ids(self, values: np.ndarray) -> np.ndarray:
+        """The token ids of stored values: without the loss mask bit, where the set has one."""
+        return values & ID_MASK if self.loss_mask_bit is not None else values
+
     def _bad_id(self, shard: int, values: np.ndarray, positions: np.ndarray) -> None:
-        j = int(np.flatnonzero(values >= self.vocab_size)[0])
+        ids = self._ids(values)
+        j = int(np.flatnonzero(ids >= self.vocab_size)[0])
         name = self.manifest["shards"][shard]["tokens"]
         local = int(positions[j] - self._shard_starts[shard])
         raise DataError(
-            f"{self.source}/{name}: token id {int(values[j])} at token {local} is not below the set's vocabSize "
+            f"{self.source}/{name}: token id {int(ids[j])} at token {local} is not below the set's vocabSize "
             f"{self.vocab_size}: the shard is corrupt or was written with another tokenizer; {REMAKE}"
         )
 

@@ -1,4 +1,4 @@
-"""Parallel, resumable pretokenization: text / JSONL / Parquet inputs -> a shard set (format v1).
+"""Parallel, resumable pretokenization: text / JSONL / Parquet inputs -> a shard set (format v2).
 
 The work is cut into *units* before anything is read: the input files in order, small files packed together and
 big ones split (uncompressed JSONL by byte ranges at line starts, Parquet by row groups) into pieces of about
@@ -20,6 +20,11 @@ Hostile input is bounded: a record over ``max_record_bytes`` is a malformed reco
 a compressed file that expands more than ``max_expansion`` times stops the run, long documents are encoded in
 pieces (:mod:`.tokenize_worker`), and ``--out`` must be a folder that no input lies in.
 
+Chat and preference JSONL (``fmt`` "chat" / "preference") are rendered with a chat format (the tokenizer gains its
+special tokens first) into a set with dtype uint32 whose bit 31 marks the training targets, and the manifest keys
+of :mod:`.shard_format` (content, lossMask, numLossTokens, numPairs, chatTemplate); the content kind and the template
+are part of every unit's key.
+
 The parts: planning the units (:mod:`.tokenize_units`), the work of one unit (:mod:`.tokenize_worker`) and the
 output folder units are committed into (:mod:`.tokenize_output`); this module runs them and writes the manifest.
 """
@@ -36,8 +41,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from stagerun.core.chat_template import ChatFormat, chat_format
+
 from . import usable_cpus
-from .readers import DataError, InputFile, InputStats, ReadLimits, expand_inputs
+from .readers import CHAT_CONTENTS, DataError, InputFile, InputStats, ReadLimits, expand_inputs
+from .shard_format import LOSS_MASK_BIT
 from .shards import DEFAULT_SHARD_TOKENS, DTYPES, MANIFEST, manifest_head
 from .tokenize_output import PROCESS_LOCAL_PROTOCOLS, OutputFolder, committed_units, protocol_of
 from .tokenize_units import (
@@ -48,11 +56,21 @@ from .tokenize_units import (
     auto_unit_bytes,
     plan_sha,
     plan_units,
+    template_identity,
 )
 from .tokenize_worker import SKIP_HINT, Job, init_worker, pool_unit, run_unit
-from .tokenizer import load_tokenizer
+from .tokenizer import add_chat_tokens, load_tokenizer
 
-__all__ = ["SKIP_HINT", "Piece", "TokenizeResult", "Unit", "auto_unit_bytes", "plan_units", "run_unit", "tokenize"]
+__all__ = [
+    "SKIP_HINT",
+    "Piece",
+    "TokenizeResult",
+    "Unit",
+    "auto_unit_bytes",
+    "plan_units",
+    "run_unit",
+    "tokenize",
+]
 
 POLL_SECONDS = 0.1
 
@@ -105,7 +123,19 @@ class TokenizeResult:
             )
         if info["emptyDocuments"]:
             lines.append(f"empty texts (no document made): {info['emptyDocuments']:,}")
+        if "lossMask" in self.manifest:
+            loss, total = self.manifest["numLossTokens"], self.manifest["numTokens"]
+            pairs = f" in {self.manifest['numPairs']:,} preference pairs" if "numPairs" in self.manifest else ""
+            lines.append(
+                f"loss tokens (responses, trained on): {loss:,} of {total:,} ({loss / max(1, total):.1%}){pairs}; "
+                f"chat template {self.manifest['chatTemplate']['format']}"
+            )
         return "\n".join(lines)
+
+
+def _special_tokens(tokenizer) -> tuple[str, ...]:
+    """The tokenizer's special tokens: what a chat message must not hold (see readers.read_chats)."""
+    return tuple(sorted(t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special))
 
 
 # --- the run -----------------------------------------------------------------------------------------------------
@@ -118,6 +148,7 @@ def tokenize(
     *,
     fmt: str = "auto",
     text_field: str = "text",
+    chat_template=None,
     processes: int = 1,
     threads: int | None = None,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
@@ -127,14 +158,18 @@ def tokenize(
     max_expansion: float | None = DEFAULT_MAX_EXPANSION,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    replace: bool = False,
 ) -> TokenizeResult:
     """Tokenize ``inputs`` (paths, folders, globs, fsspec URLs) into a shard set at ``out``; resumable.
 
-    ``tokenizer``: a path/URL of a tokenizers JSON file, or a Tokenizer. ``processes``: worker processes (1: this
-    process). ``threads``: tokenizer threads per worker (default: the CPUs divided among the workers).
+    ``tokenizer``: a path/URL of a tokenizers JSON file, or a Tokenizer. ``fmt`` "chat" or "preference": JSONL of
+    conversations or preference pairs, rendered with ``chat_template`` (a spec.tokenizer.chatTemplate block, or a
+    ChatFormat). ``processes``: worker processes (1: this process). ``threads``: tokenizer threads per worker
+    (default: the CPUs divided among the workers).
     ``unit_bytes``: the size of a unit of work (default: about 1/256 of the input, 1 MiB to 256 MiB).
     ``max_record_bytes``: the largest record (JSONL line, text file, Parquet value); ``max_expansion``: how many
-    times its size a compressed file may decompress to (None: unbounded).
+    times its size a compressed file may decompress to (None: unbounded). ``replace``: a complete set at ``out``
+    made from other inputs or settings is made again (the run-start tokenization's cache), not an error.
     """
     log = log or (lambda message: None)
     if processes < 1:
@@ -145,6 +180,16 @@ def tokenize(
         raise DataError(f"--max-record-bytes must be positive, got {max_record_bytes}")
     if max_expansion is not None and not max_expansion > 0:
         raise DataError(f"--max-expansion must be positive, got {max_expansion}")
+    content = fmt if fmt in CHAT_CONTENTS else "text"
+    chat: ChatFormat | None = None
+    if content != "text":
+        if chat_template is None:
+            raise DataError(f"--format {fmt} needs --chat-template (chatml, zephyr, llama3, or a file): how to render")
+        chat = chat_template if isinstance(chat_template, ChatFormat) else chat_format(chat_template)
+    elif chat_template is not None:
+        raise DataError(
+            f"a chat template applies to --format chat or preference, not {fmt}: drop it, or set the format"
+        )
     output = OutputFolder(str(out))
     output.check()  # before any work: a file in the way would only fail at the first commit
     if isinstance(tokenizer, (str, os.PathLike)):
@@ -152,8 +197,17 @@ def tokenize(
         tokenizer = load_tokenizer(tokenizer)
     else:
         tokenizer_source = None
+    if chat is not None:
+        tokenizer = add_chat_tokens(tokenizer, chat)  # the format's markup: special tokens, never split
     head = manifest_head(tokenizer)
-    files = expand_inputs(inputs, fmt, what="--input")
+    if chat is not None:
+        if head["vocabSize"] > 1 << LOSS_MASK_BIT:
+            raise DataError(
+                f"the tokenizer has {head['vocabSize']:,} tokens: a chat set keeps its loss mask in bit 31, so it "
+                f"holds ids below {1 << LOSS_MASK_BIT:,} only"
+            )
+        head["dtype"] = "uint32"  # always: bit 31 is the loss mask
+    files = expand_inputs(inputs, "jsonl" if chat is not None else fmt, what="--input")
     output.check_apart([str(i) for i in inputs], files)
     total_bytes = sum(f.size or 0 for f in files)
     unit_bytes = unit_bytes or auto_unit_bytes(total_bytes)
@@ -164,6 +218,8 @@ def tokenize(
         text_field=text_field,
         shard_tokens=shard_tokens,
         max_record_bytes=max_record_bytes,
+        content=content,
+        chat_template=template_identity(chat) if chat is not None else None,
     )
     sha = plan_sha(units, inputs)
 
@@ -172,10 +228,14 @@ def tokenize(
         if existing.get("tokenize", {}).get("planSha256") == sha:
             log(f"{out} is already complete for these inputs and settings: nothing to do")
             return TokenizeResult(existing, str(out), len(units), len(units), 0.0, 0, 0, 0, 0)
-        raise DataError(
-            f"{out} already holds a complete shard set made from other inputs or settings: choose "
-            f"another --out, or delete it first"
-        )
+        if replace:
+            log(f"{out} was made from other inputs or settings: tokenizing again")
+            output.drop_manifest()  # its shard files go once the new set is complete (finish)
+        else:
+            raise DataError(
+                f"{out} already holds a complete shard set made from other inputs or settings: choose "
+                f"another --out, or delete it first"
+            )
 
     itemsize = DTYPES[head["dtype"]].itemsize
     done = committed_units(output, units, itemsize)
@@ -199,6 +259,9 @@ def tokenize(
         skip_bad_records=skip_bad_records,
         staging=staging,
         limits=ReadLimits(max_record_bytes=max_record_bytes, max_expansion=max_expansion),
+        content=content,
+        chat=chat,
+        special_tokens=_special_tokens(tokenizer) if chat is not None else (),
     )
     work_bytes = sum(u.bytes for u in pending)
     bar = tqdm(
@@ -230,8 +293,10 @@ def tokenize(
             f"the inputs hold no documents ({manifest['tokenize']['skippedRecords']:,} malformed records "
             f"and {manifest['tokenize']['skippedFiles']:,} files skipped, "
             f"{manifest['tokenize']['emptyDocuments']:,} empty texts): check --input, --format and "
-            f"--text-field"
+            + ("--text-field" if chat is None else "the records' fields")
         )
+    if chat is not None:
+        manifest.update(_chat_keys(manifest, content, chat))
     keep = {name for s in manifest["shards"] for name in (s["tokens"], s["index"])}
     output.finish(manifest, keep)
     work = [done[u.key] for u in pending]
@@ -304,6 +369,19 @@ def _run_pool(pending, job, tokenizer, output, done, bar, processes, threads) ->
     finally:
         pool.terminate()
         pool.join()
+
+
+def _chat_keys(manifest: dict, content: str, chat: ChatFormat) -> dict:
+    """The manifest keys of a chat or preference set (shard_format)."""
+    keys = {
+        "content": content,
+        "lossMask": "bit31",
+        "numLossTokens": sum(s["numLossTokens"] for s in manifest["shards"]),
+        "chatTemplate": {"format": chat.name, "jinjaSha256": template_identity(chat)["jinjaSha256"]},
+    }
+    if content == "preference":
+        keys["numPairs"] = sum(s["numPairs"] for s in manifest["shards"])
+    return keys
 
 
 def _assemble(

@@ -115,6 +115,17 @@ class OutputFolder:
             return {}
         return manifest if isinstance(manifest, dict) else {}
 
+    def drop_manifest(self) -> None:
+        """Remove the manifest: the folder is no complete set any more (before it is made again)."""
+        if self.remote:
+            try:
+                self.fs.rm_file(f"{self.root}/{MANIFEST}")
+            except FileNotFoundError:
+                pass
+            self._refresh()
+        else:
+            (self.folder / MANIFEST).unlink(missing_ok=True)
+
     def sizes(self) -> dict[str, int]:
         """Size of every file directly in the folder, by name."""
         if self.remote:

@@ -3,8 +3,8 @@
 The input files in order, small files packed together and big ones split (uncompressed JSONL by byte ranges at line
 starts, Parquet by row groups) into pieces of about ``unit_bytes``. A unit's key hashes what it reads (each file's
 URL, size and fingerprint, the range) and what it makes (the tokenizer's fingerprint, the text field, the shard
-size, and the record size limit when it is not the default), so a unit's output is only ever reused for exactly
-the same work.
+size, the record size limit when it is not the default, and for chat and preference units the content kind and
+the chat template), so a unit's output is only ever reused for exactly the same work.
 """
 
 from __future__ import annotations
@@ -99,14 +99,21 @@ def plan_units(
     text_field: str,
     shard_tokens: int,
     max_record_bytes: int | None = DEFAULT_MAX_RECORD_BYTES,
+    content: str = "text",
+    chat_template: dict | None = None,
 ) -> list[Unit]:
-    """The units of work, in document order: small files packed together, big ones split."""
-    common = {
+    """The units of work, in document order: small files packed together, big ones split.
+
+    ``chat_template``: what identifies the chat format of a chat or preference unit (its name, the sha256 of its
+    Jinja template, its special tokens)."""
+    common: dict = {
         "v": UNIT_KEY_VERSION,
         "tokenizerSha256": tokenizer_sha,
         "textField": text_field,
         "shardTokens": shard_tokens,
     }
+    if content != "text":  # text units keep the keys they always had (a rerun of an older run resumes)
+        common.update(content=content, chatTemplate=chat_template)
     if max_record_bytes != DEFAULT_MAX_RECORD_BYTES:  # which records are skipped depends on it
         common["maxRecordBytes"] = max_record_bytes
     units: list[Unit] = []
@@ -131,6 +138,16 @@ def plan_units(
                     flush()
     flush()
     return units
+
+
+def template_identity(fmt) -> dict:
+    """What identifies a chat format (core.chat_template.ChatFormat) in unit keys and manifests: its name, the sha256
+    of its Jinja template (every prefix and suffix is in it) and its special tokens."""
+    return {
+        "format": fmt.name,
+        "jinjaSha256": hashlib.sha256(fmt.jinja().encode("utf-8")).hexdigest(),
+        "specialTokens": list(fmt.special_tokens),
+    }
 
 
 def plan_sha(units: Sequence[Unit], inputs: Sequence[str]) -> str:

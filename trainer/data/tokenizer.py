@@ -4,6 +4,10 @@ Byte-level means every string encodes losslessly (no unknown token, no normalisa
 for any language, emoji and code. Digits are split one by one before BPE (as Baichuan 2 and Llama 3 do), so
 numbers never merge into arbitrary chunks. The GPT-2 regex of the ByteLevel pre-tokenizer keeps runs of
 whitespace together, so the indentation of code can become single tokens.
+
+A chat template's special tokens (<|im_start|>, <|eot_id|>, ...) are added as special tokens: never split by BPE,
+one id each, dropped by ``decode(skip_special_tokens=True)``. A trained tokenizer reserves them inside its
+vocabulary size; adding them to an existing tokenizer grows its vocabulary (the model's vocabSize must cover it).
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import fsspec
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from stagerun.core import storage
+from stagerun.core.chat_template import ChatFormat
 
 from .readers import BadRecords, DataError, InputStats, expand_inputs, read_texts
 
@@ -43,17 +48,27 @@ def new_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike[str] | None = None) -> Tokenizer:
-    """Train a byte-level BPE of ``vocab_size`` tokens (special tokens included) on ``texts``; save to out_path."""
-    if vocab_size < MIN_VOCAB:
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    out_path: str | os.PathLike[str] | None = None,
+    chat_template: ChatFormat | None = None,
+) -> Tokenizer:
+    """Train a byte-level BPE of ``vocab_size`` tokens (special tokens included) on ``texts``; save to out_path.
+
+    With ``chat_template``, its special tokens are special tokens of the result too, within ``vocab_size`` (after
+    EOS and PAD, which keep ids 0 and 1)."""
+    special = special_tokens_for(chat_template)
+    if vocab_size < 256 + len(special):
+        chat = f" and the {chat_template.name} chat template's" if chat_template is not None else ""
         raise DataError(
-            f"vocab size {vocab_size} is too small for a byte-level BPE: use at least {MIN_VOCAB} "
-            f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
+            f"vocab size {vocab_size} is too small for a byte-level BPE: use at least {256 + len(special)} "
+            f"(256 bytes + {len(special)} special tokens: {', '.join(SPECIAL_TOKENS)}{chat})"
         )
     tokenizer = new_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special),
         # All 256 bytes up front: bytes absent from the training text must still encode.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -62,6 +77,44 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.Pa
     if out_path is not None:
         save_tokenizer(tokenizer, out_path)
     return tokenizer
+
+
+def special_tokens_for(chat_template: ChatFormat | None) -> tuple[str, ...]:
+    """The special tokens a trained tokenizer gets, in id order: EOS, PAD, then the chat template's new ones."""
+    extra = chat_template.special_tokens if chat_template is not None else ()
+    return tuple(dict.fromkeys((*SPECIAL_TOKENS, *extra)))
+
+
+def add_chat_tokens(tokenizer: Tokenizer, fmt: ChatFormat) -> Tokenizer:
+    """A copy of ``tokenizer`` holding every special token of ``fmt`` as a special token (new ones get the next
+    ids; one the vocabulary already has keeps its id and becomes special). ``tokenizer`` is left as it was."""
+    result = Tokenizer.from_str(tokenizer.to_str())
+    special = {t.content for t in result.get_added_tokens_decoder().values() if t.special}
+    missing = [t for t in fmt.special_tokens if t not in special]
+    if missing:
+        result.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    return result
+
+
+def missing_chat_tokens(tokenizer: Tokenizer, fmt: ChatFormat) -> list[str]:
+    """The special tokens of ``fmt`` that ``tokenizer`` does not encode as one special id of their own."""
+    special = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    return [t for t in fmt.special_tokens if t not in special or tokenizer.encode(t).ids != [special[t]]]
+
+
+def check_chat_tokens(tokenizer: Tokenizer, fmt: ChatFormat, where: str) -> None:
+    """Raise DataError naming ``where`` (the tokenizer's field or file) when a special token of ``fmt`` is missing
+    or not a single special id: its text would be split into ordinary tokens, and the model could not learn or
+    emit the turn markers as the template means them."""
+    missing = missing_chat_tokens(tokenizer, fmt)
+    if missing:
+        raise DataError(
+            f"{where}: the tokenizer lacks the {fmt.name} chat template's special tokens {', '.join(missing)} "
+            f"(absent, or not single special tokens): add them with `stagerun tokenizer add-chat-tokens "
+            f"--chat-template {fmt.name} TOKENIZER --out NEW.json` and use NEW.json (spec.model.vocabSize must "
+            f"cover the {vocab_size(tokenizer) + len(missing)} tokens it may then have), or train one with "
+            f"spec.tokenizer.train (it reserves them)"
+        )
 
 
 def save_tokenizer(tokenizer: Tokenizer, out_path: str | os.PathLike[str]) -> None:
@@ -163,11 +216,13 @@ def train_from_inputs(
     skip_bad_records: bool = False,
     progress: bool = True,
     hint: str = "",
+    chat_template: ChatFormat | None = None,
 ) -> tuple[Tokenizer, TrainReport]:
     """Train a tokenizer on the documents of ``inputs`` (paths, globs, fsspec URLs), at most ``max_bytes`` of text.
 
     With several inputs, documents are interleaved so each input gets an equal share of the bytes (an input that
-    runs out leaves its share to the others); the last document is cut to fit ``max_bytes``.
+    runs out leaves its share to the others); the last document is cut to fit ``max_bytes``. ``chat_template``: its
+    special tokens are reserved in the vocabulary (see :func:`train_tokenizer`).
     """
     files = expand_inputs(inputs, fmt, what="--input")
     bad = BadRecords(skip=skip_bad_records, hint=hint)
@@ -194,7 +249,7 @@ def train_from_inputs(
             yield doc
 
     try:
-        tokenizer = train_tokenizer(texts(), vocab_size, None)
+        tokenizer = train_tokenizer(texts(), vocab_size, None, chat_template)
         if report.documents == 0:
             raise DataError("the inputs hold no documents to train on: check --input, --format and --text-field")
         save_tokenizer(tokenizer, out_path)

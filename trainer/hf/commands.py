@@ -35,6 +35,12 @@ def add_export_command(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--tokenizer", help="tokenizer.json to ship (default: the run's, found beside the checkpoint)")
     parser.add_argument(
+        "--chat-template",
+        metavar="NAME_OR_FILE",
+        help="the chat format to write to tokenizer_config.json (chatml, zephyr, llama3, or a YAML/JSON file with "
+        "a chatTemplate block; default: the one the checkpoint records, else --manifest's)",
+    )
+    parser.add_argument(
         "--max-shard-size", default="5GB", help="split model.safetensors into shards of at most this size (default 5GB)"
     )
     parser.add_argument(
@@ -52,9 +58,11 @@ def add_export_command(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_export(args) -> int:
+    from ..data.tokenizer_commands import chat_template_arg
     from .export import export_checkpoint
 
     try:
+        chat_template = chat_template_arg(getattr(args, "chat_template", None))
         result = export_checkpoint(
             args.source,
             args.out,
@@ -65,8 +73,9 @@ def cmd_export(args) -> int:
             overwrite=args.overwrite,
             progress=False if args.no_progress else None,
             average=args.average,
+            chat_template=chat_template,
         )
-    except (ValueError, FileNotFoundError) as exc:  # ExportError, UnsupportedArchitecture, a bad tokenizer file
+    except (ValueError, FileNotFoundError) as exc:  # ExportError, UnsupportedArchitecture, DataError (a bad file)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(

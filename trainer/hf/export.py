@@ -8,6 +8,11 @@ shards plus ``model.safetensors.index.json`` above ``max_shard_size``) and the t
 ``tokenizer_config.json``, ``special_tokens_map.json``), so that ``AutoModelForCausalLM.from_pretrained(DIR)`` and
 ``AutoTokenizer.from_pretrained(DIR)`` load it with no custom code (see :mod:`.mapping` for what maps to what).
 
+A run with a chat template (spec.tokenizer.chatTemplate; its checkpoints' meta.json records it) exports it too:
+tokenizer_config.json gets ``chat_template`` (the format's Jinja, so ``apply_chat_template`` gives the ids trained
+on), its special tokens, and the end-of-turn token as ``eos_token``; generation_config.json's ``eos_token_id`` lists
+the end-of-turn id before the document EOS, so ``generate`` stops at the end of a reply.
+
 A DCP checkpoint is read in this one process, whatever the world size that wrote it: DCP's metadata gives every
 tensor's global shape, so each tensor is loaded whole (``dcp.load(..., no_dist=True)``). Tensors are read block by
 block and written shard by shard, so memory holds about one shard plus one transformer block, never the optimizer
@@ -27,6 +32,7 @@ from typing import Any
 import torch
 
 from stagerun.core import storage
+from stagerun.core.chat_template import ChatFormat, ChatFormatError
 from stagerun.core.protocol import PreparedData, from_json_dict
 from stagerun.core.spec.model import ModelSpec
 
@@ -89,12 +95,20 @@ class _TokenizerFiles:
     eos_id: int | None
     pad_id: int | None
     unused_ids: list[int]  # padded embedding rows no token maps to: never to be generated
+    chat: ChatFormat | None = None
+    end_of_turn_id: int | None = None  # the chat format's end-of-turn token (generate() stops there)
 
 
-def _read_tokenizer(tokenizer_path: str, spec: ModelSpec) -> _TokenizerFiles:
-    from ..data.tokenizer import load_tokenizer
+def _read_tokenizer(tokenizer_path: str, spec: ModelSpec, chat: ChatFormat | None = None) -> _TokenizerFiles:
+    from ..data.readers import DataError
+    from ..data.tokenizer import check_chat_tokens, load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_path)
+    if chat is not None:
+        try:  # the template's markers must be the single special ids the model was trained on
+            check_chat_tokens(tokenizer, chat, tokenizer_path)
+        except DataError as exc:
+            raise ExportError(f"{exc}; or pass the run's own tokenizer with --tokenizer") from None
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     if max(vocab.values(), default=-1) >= spec.padded_vocab:
         raise ExportError(
@@ -104,15 +118,27 @@ def _read_tokenizer(tokenizer_path: str, spec: ModelSpec) -> _TokenizerFiles:
     eos = next((t for t in EOS_CANDIDATES if t in vocab), None)
     pad = PAD_TOKEN if PAD_TOKEN in vocab else None
     unused = sorted(set(range(spec.padded_vocab)) - set(vocab.values()))
+    end_of_turn = chat.end_of_turn if chat is not None else None
     return _TokenizerFiles(
-        tokenizer.to_str(), eos, pad, vocab.get(eos) if eos else None, vocab.get(pad) if pad else None, unused
+        tokenizer.to_str(),
+        eos,
+        pad,
+        vocab.get(eos) if eos else None,
+        vocab.get(pad) if pad else None,
+        unused,
+        chat,
+        vocab[end_of_turn] if end_of_turn is not None else None,
     )
 
 
 def _write_tokenizer(tok: _TokenizerFiles, spec: ModelSpec, out: Path) -> list[str]:
     """tokenizer.json plus the two small files AutoTokenizer reads to build a PreTrainedTokenizerFast."""
     (out / "tokenizer.json").write_text(tok.text, encoding="utf-8")
-    special = {k: v for k, v in (("eos_token", tok.eos), ("pad_token", tok.pad)) if v is not None}
+    # A chat model's reply ends at the end-of-turn token: as eos_token, it is what pipelines and chat UIs stop at.
+    eos = tok.chat.end_of_turn if tok.chat is not None and tok.chat.end_of_turn is not None else tok.eos
+    special: dict[str, Any] = {k: v for k, v in (("eos_token", eos), ("pad_token", tok.pad)) if v is not None}
+    if tok.chat is not None:
+        special["additional_special_tokens"] = [t for t in tok.chat.special_tokens if t not in (eos, tok.pad)]
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **special,
@@ -123,6 +149,8 @@ def _write_tokenizer(tok: _TokenizerFiles, spec: ModelSpec, out: Path) -> list[s
         "model_max_length": spec.max_seq_len,
         "clean_up_tokenization_spaces": False,  # decode(encode(x)) == x
     }
+    if tok.chat is not None:
+        config["chat_template"] = tok.chat.jinja()
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
@@ -159,8 +187,10 @@ def export_model(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     progress: bool | None = None,
+    chat_template: ChatFormat | None = None,
 ) -> ExportResult:
-    """Export an in-memory stagerun model (or its state dict) of the resolved ``spec``."""
+    """Export an in-memory stagerun model (or its state dict) of the resolved ``spec``; ``chat_template``: the
+    run's chat format (core.chat_template.chat_format(spec.tokenizer.chatTemplate)), written with the tokenizer."""
     source = (
         model_or_state
         if hasattr(model_or_state, "load") and hasattr(model_or_state, "shapes")
@@ -175,6 +205,7 @@ def export_model(
         max_shard_size=max_shard_size,
         overwrite=overwrite,
         progress=progress,
+        chat_template=chat_template,
     )
 
 
@@ -188,6 +219,7 @@ def _export(
     max_shard_size,
     overwrite: bool,
     progress: bool | None,
+    chat_template: ChatFormat | None = None,
 ) -> ExportResult:
     # Everything that can refuse the export does so before anything is written.
     if dtype not in DTYPES:
@@ -196,7 +228,7 @@ def _export(
     entries = hf_entries(spec)
     check_source(spec, entries, source)
     parse_size(max_shard_size)
-    tok = _read_tokenizer(tokenizer, spec) if tokenizer is not None else None
+    tok = _read_tokenizer(tokenizer, spec, chat_template) if tokenizer is not None else None
     _prepare_out(out, overwrite)
 
     torch_dtype = DTYPES[dtype]
@@ -204,8 +236,12 @@ def _export(
     notes = []
     if tok is not None:
         files += _write_tokenizer(tok, spec, out)
+        if chat_template is not None:
+            notes.append(f"chat template {chat_template.name}")
     else:
         notes.append("no tokenizer given: only the model files were written")
+        if chat_template is not None:
+            notes.append(f"chat template {chat_template.name} not written: it belongs in tokenizer_config.json")
     eos_id, pad_id = (tok.eos_id, tok.pad_id) if tok else (None, None)
     # No BOS token exists: documents are packed with EOS between them, so EOS is also what starts a document.
     config = hf_config(
@@ -213,6 +249,9 @@ def _export(
     )
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation: dict[str, Any] = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
+    if tok is not None and tok.end_of_turn_id is not None and tok.end_of_turn_id != eos_id:
+        # generate() stops at any of these: the end of a reply, or a document's end (a base-model continuation).
+        generation["eos_token_id"] = [tok.end_of_turn_id] + ([eos_id] if eos_id is not None else [])
     if tok is not None and tok.unused_ids:
         # The padded rows stay in the weights (vocab_size = padded vocab); generate() must never pick them.
         generation["suppress_tokens"] = tok.unused_ids
@@ -345,12 +384,14 @@ def export_checkpoint(
     progress: bool | None = None,
     require_tokenizer: bool = True,
     average: int = 1,
+    chat_template: ChatFormat | None = None,
 ) -> ExportResult:
     """Export the newest committed checkpoint of a run dir or checkpoint root, or one ``step-XXXXXXXX`` folder.
 
     The architecture comes from the checkpoint's meta.json, or from ``manifest`` (which must then agree with it).
     ``average`` > 1: export the mean weights of that many committed checkpoints of the chosen one's phase, ending
-    with it (checkpoint_average.py).
+    with it (checkpoint_average.py). ``chat_template``: the format to write (default: the one the checkpoint's
+    meta.json records, else the manifest's spec.tokenizer.chatTemplate; none for a run without one).
     """
     from stagerun.core.spec import to_manifest
 
@@ -385,6 +426,8 @@ def export_checkpoint(
                 + ", ".join(checkpoint.tokenizer_candidates)
                 + "); pass the run's tokenizer with --tokenizer"
             )
+    if chat_template is None:
+        chat_template = _run_chat_template(checkpoint, manifest)
     source, averaged = _source(checkpoint, average)
     result = _export(
         spec,
@@ -395,9 +438,27 @@ def export_checkpoint(
         max_shard_size=max_shard_size,
         overwrite=overwrite,
         progress=progress,
+        chat_template=chat_template,
     )
     result.notes.insert(0, f"step {checkpoint.step}" if not averaged else f"mean of steps {', '.join(averaged)}")
     return result
+
+
+def _run_chat_template(checkpoint: ResolvedCheckpoint, manifest: str | Path | None) -> ChatFormat | None:
+    """The chat format the run trained with: meta.json's record, else the manifest's (None: the run has none)."""
+    recorded = checkpoint.meta.get("chatTemplate")
+    if recorded is not None:
+        try:
+            return ChatFormat.from_json(recorded, f"{checkpoint.url}/meta.json: chatTemplate")
+        except ChatFormatError as exc:
+            raise ExportError(f"{exc}; the checkpoint is damaged, or pass --chat-template") from None
+    if manifest is None:
+        return None
+    from stagerun.core.chat_template import chat_format
+    from stagerun.core.spec import load_run
+
+    template = load_run(manifest).tokenizer.chat_template
+    return chat_format(template) if template is not None else None
 
 
 def _source(checkpoint: ResolvedCheckpoint, average: int) -> tuple[Any, list[str]]:
