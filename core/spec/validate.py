@@ -29,7 +29,12 @@ BUILTIN_CORPORA = (
     "builtin:chat-arithmetic",  # generated conversations (trainer/data/chat_corpora.py)
     "builtin:preference-arithmetic",  # generated preference pairs
 )
-BUILTIN_CONTENT = {"builtin:chat-arithmetic": "chat", "builtin:preference-arithmetic": "preference"}
+BUILTIN_CONTENT = {
+    "builtin:python-docs": "text",
+    "builtin:python-code": "text",
+    "builtin:chat-arithmetic": "chat",
+    "builtin:preference-arithmetic": "preference",
+}
 
 
 def check_run(run: TrainingRun, problems: list[Problem]) -> None:
@@ -352,6 +357,8 @@ def check_post_training(run: TrainingRun, problems: list[Problem]) -> None:
                     "drop it, or set format: custom",
                 )
             )
+    if template is not None and spec.tokenizer.train is not None and not problems_for(problems, "spec.tokenizer"):
+        _check_trained_vocab(template, spec.tokenizer.train.vocab_size, problems)
     default_weights = {n: s.weight for n, s in spec.data.sources.items()}
     kind, weights = "pretrain", default_weights
     saw_training_phase = False
@@ -408,6 +415,34 @@ def check_post_training(run: TrainingRun, problems: list[Problem]) -> None:
                     )
                 )
         saw_training_phase = True
+
+
+# The special tokens every trained tokenizer has (trainer/data/tokenizer.py SPECIAL_TOKENS): with 256 byte tokens and
+# a template's own special tokens, the least vocabSize a trained tokenizer can have.
+TRAINED_SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
+
+
+def _check_trained_vocab(template, vocab_size: int, problems: list[Problem]) -> None:
+    from ..chat_template import ChatFormatError, chat_format
+
+    try:
+        fmt = chat_format(template)
+    except (ChatFormatError, KeyError, AttributeError):
+        return  # the template's own problems are reported above
+    least = 256 + len({*TRAINED_SPECIAL_TOKENS, *fmt.special_tokens})
+    if vocab_size < least:
+        problems.append(
+            Problem(
+                "spec.tokenizer.train.vocabSize",
+                f"{vocab_size} leaves no room for the {fmt.name} chat template's special tokens (256 bytes, EOS, "
+                f"PAD and {len(fmt.special_tokens)} template tokens need {least})",
+                f"use at least {least}",
+            )
+        )
+
+
+def problems_for(problems: list[Problem], prefix: str) -> bool:
+    return any(p.path.startswith(prefix) for p in problems)
 
 
 def source_content(source) -> str:
