@@ -345,10 +345,17 @@ def test_memory_for_the_model_refuses_what_cannot_fit_and_warns_near_the_limit()
 def test_memory_counts_a_dpo_reference_beside_the_policy():
     pretrain = run_of()
     dpo = run_of(
+        tokenizer={"train": {"vocabSize": 512, "maxBytes": "1M"}, "chatTemplate": {"format": "chatml"}},
+        data={
+            "sources": {
+                "docs": {"path": "builtin:python-docs", "weight": 1.0},
+                "prefs": {"path": "builtin:preference-arithmetic", "weight": 0.0},
+            }
+        },
         phases=[
             {"name": "pre", "tokens": "64K", "seqLen": 64, "batch": {"size": 512}, "lr": {"peak": 1e-3}},
-            {"name": "dpo", "tokens": "64K", "kind": "dpo"},
-        ]
+            {"name": "dpo", "tokens": "64K", "kind": "dpo", "data": {"weights": {"prefs": 1.0}}},
+        ],
     )
     pre, pref = estimate_phase_memory(dpo, dpo.phases[0]), estimate_phase_memory(dpo, dpo.phases[1])
     ranks = dpo.phases[1].world_size  # FSDP over every rank: each holds its share of the reference, in fp32
