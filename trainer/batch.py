@@ -16,12 +16,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .data.loader import MicroBatch
+from .data.loader import IGNORE_INDEX, MicroBatch, StepCounts
 
 if TYPE_CHECKING:
     from .context_parallel import ContextShard
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -32,6 +30,9 @@ class DeviceMicroBatch:
     # int32 [m, L]: each token's position in its document (0 at every document start). Always carried (half the int64
     # inputs' bytes): the model uses it when spec.model.positionIds is perDocument, a teacher by its own spec.
     positions: torch.Tensor | None = None
+    # dpo phases: int32 [m, L], the loader's MicroBatch.pair_ids (2k / 2k + 1 at pair k's chosen / rejected trained
+    # targets, -1 elsewhere); None in other phases.
+    pair_ids: torch.Tensor | None = None
 
 
 def batch_checksum(micro_batches: Sequence[MicroBatch]) -> float:
@@ -73,6 +74,11 @@ class StepBatch:
     # The global batch's target-token count when it is known without communication (the pretraining loader never
     # emits ignored targets, so it is the plan's batch_tokens); None: the step all-reduces the count on the device.
     global_tokens: int | None = None
+    kind: str = "pretrain"  # the phase's kind (pretrain | sft | dpo)
+    # dpo: the global batch's pairs, known on the host (every rank walks every row's packing); None elsewhere.
+    global_pairs: int | None = None
+    # What the loader packed in the whole global batch (split conversations, truncated pairs: the trainer logs them).
+    counts: StepCounts = field(default_factory=StepCounts)
 
     @classmethod
     def from_micro_batches(
@@ -85,7 +91,15 @@ class StepBatch:
         tokens_per_source: dict[str, int] | None = None,
         global_tokens: int | None = None,
         context: ContextShard | None = None,
+        kind: str = "pretrain",
+        global_pairs: int | None = None,
+        counts: StepCounts | None = None,
     ) -> StepBatch:
+        """``doc_masking``: the run's (spec.training.docMasking); sft and dpo rows always mask documents (packed
+        conversations and pairs must not see each other: ResolvedPhase.masks_documents), whatever it says.
+        ``global_tokens``: the global batch's trained-target count when known on the host; sft and dpo rows hold
+        IGNORE_INDEX targets only the rank reading them can count, so leave it None there (the step all-reduces)."""
+        doc_masking = doc_masking or kind != "pretrain"
         positions = [document_positions(mb.doc_ids) for mb in micro_batches]
         checksum = batch_checksum(micro_batches)
         if context is not None:  # context parallelism: this rank's part of every sequence (context_parallel.py)
@@ -97,7 +111,18 @@ class StepBatch:
                 targets=_to_device(mb.targets, device),
                 doc_ids=_to_device(mb.doc_ids, device) if doc_masking else None,
                 positions=_to_device(pos, device),
+                pair_ids=_to_device(mb.pair_ids, device) if mb.pair_ids is not None else None,
             )
             for mb, pos in zip(micro_batches, positions)
         ]
-        return cls(moved, local_tokens, checksum, loader_state, dict(tokens_per_source or {}), global_tokens)
+        return cls(
+            moved,
+            local_tokens,
+            checksum,
+            loader_state,
+            dict(tokens_per_source or {}),
+            global_tokens,
+            kind,
+            global_pairs,
+            counts or StepCounts(),
+        )

@@ -36,6 +36,7 @@ class DrawKey:
     seq_len: int
     global_sequences: int
     micro_batch_size: int
+    kind: str  # pretrain | sft | dpo: how rows are packed
 
     @classmethod
     def of(cls, plan: StepPlan) -> DrawKey:
@@ -46,6 +47,7 @@ class DrawKey:
             plan.seq_len,
             plan.batch_sequences,
             phase.micro_batch_size,
+            phase.kind,
         )
 
 
@@ -72,6 +74,7 @@ class Prefetcher:
     ) -> None:
         self.loader, self.device, self.enabled = loader, device, enabled
         self.context = context  # context parallelism: each batch keeps this cp rank's part of every sequence
+        # doc_masking: the run's spec.training.docMasking, for pretrain phases; sft and dpo phases always mask.
         self.dp_rank, self.dp_size, self.doc_masking = dp_rank, dp_size, doc_masking
         self.discarded = 0  # batches drawn ahead for a plan that did not happen (tests read it)
         self._pending: _Pending | None = None
@@ -120,22 +123,29 @@ class Prefetcher:
             dp_rank=self.dp_rank,
             dp_size=self.dp_size,
             micro_batch_size=phase.micro_batch_size,
+            kind=phase.kind,
         )
         # Snapshots right after the draw: what a checkpoint after this step stores (the loader may move on).
         state, per_source = self.loader.state_dict(), dict(self.loader.tokens_per_source)
-        # The pretraining loader never emits ignored targets (data/loader.py: the targets are the inputs shifted by
-        # one token of the same stream, no padding), so the global count of loss tokens is the plan's, exactly.
-        global_tokens = plan.batch_sequences * plan.seq_len
+        counts = self.loader.last_step
+        # A pretrain phase's rows never hold ignored targets (data/loader.py: the targets are the inputs shifted by
+        # one token of the same stream, no padding), so the global count of loss tokens is the plan's, exactly. sft
+        # and dpo rows do (prompts, padding), and only the rank reading a row knows its count: the step sums them.
+        global_tokens = plan.batch_sequences * plan.seq_len if phase.kind == "pretrain" else None
+        global_pairs = counts.pairs if phase.kind == "dpo" else None
 
         def build() -> StepBatch:
             return StepBatch.from_micro_batches(
                 micro_batches,
                 self.device,
-                doc_masking=self.doc_masking,
+                doc_masking=self.doc_masking or phase.masks_documents,
                 loader_state=state,
                 tokens_per_source=per_source,
                 global_tokens=global_tokens,
                 context=self.context,
+                kind=phase.kind,
+                global_pairs=global_pairs,
+                counts=counts,
             )
 
         if stream is None:
@@ -156,7 +166,7 @@ class Prefetcher:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_event(copied)  # the step's kernels read the tensors only once their copies are done
             for mb in batch.micro_batches:
-                for tensor in (mb.inputs, mb.targets, mb.doc_ids, mb.positions):
+                for tensor in (mb.inputs, mb.targets, mb.doc_ids, mb.positions, mb.pair_ids):
                     if tensor is not None:
                         # Allocated on the side stream: without this the allocator could hand their memory to the
                         # next prefetch while the compute stream still reads them.

@@ -12,6 +12,10 @@ document exactly once. A window's arrays (end offset and token shift per documen
 kept for at most ``KEEP_WINDOWS`` windows, so memory is O(W T / mean document length), whatever the set's size;
 the walk to a position starts from the anchor the loader state keeps (epoch, window, its start offset).
 
+A preference set (``unit`` = 2) keeps each pair (documents 2i and 2i + 1) whole and adjacent: blocks start only at
+even documents (block b holds the pairs whose first document starts in its tokens) and a window shuffles pairs, not
+documents, so the chosen and the rejected response of a pair always follow one another in the epoch.
+
 Shuffle quality: any two documents more than W blocks apart in the corpus land in independent random windows; the
 documents that train together within a window come from W random places of the corpus, not from one.
 """
@@ -65,9 +69,20 @@ class BlockOrder:
 
     name = "blocks"
 
-    def __init__(self, index: DocIndex, key: tuple[int, ...], total: int, block_tokens: int, window_blocks: int):
+    def __init__(
+        self,
+        index: DocIndex,
+        key: tuple[int, ...],
+        total: int,
+        block_tokens: int,
+        window_blocks: int,
+        unit: int = 1,
+    ):
         self.index, self.key, self.total = index, key, total
         self.n = index.num_documents
+        self.unit = int(unit)  # documents that stay together: 2 for a preference set's pairs, else 1
+        if self.unit < 1 or self.n % self.unit:
+            raise ValueError(f"{self.n} documents do not split into units of {self.unit}")
         self.block_tokens, self.window_blocks = int(block_tokens), int(window_blocks)
         self.num_blocks = max(1, -(-total // self.block_tokens))
         self.num_windows = -(-self.num_blocks // self.window_blocks)
@@ -86,6 +101,7 @@ class BlockOrder:
         """The first document id of each block (``num_documents`` for b = ``num_blocks``)."""
         blocks = np.asarray(blocks, dtype=np.int64)
         at = np.searchsorted(self.index.ends, blocks * self.block_tokens, side="left") + 1
+        at = -(-at // self.unit) * self.unit  # a block starts at a unit's first document (a pair's chosen one)
         return np.where(blocks == 0, 0, np.minimum(at, self.n)).astype(np.int64)
 
     def block_tokens_range(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +150,9 @@ class BlockOrder:
             [np.zeros(0, np.int64)] + [np.arange(a, b, dtype=np.int64) for a, b in zip(firsts.tolist(), stops.tolist())]
         )
         if len(ids):
-            ids = ids[self.permutation((epoch, number, 1), len(ids))(np.arange(len(ids), dtype=np.int64))]
+            units = len(ids) // self.unit  # whole units: blocks start at units' first documents
+            moved = self.permutation((epoch, number, 1), units)(np.arange(units, dtype=np.int64))
+            ids = ids.reshape(units, self.unit)[moved].reshape(-1)
         starts, lengths = self.index.bounds(ids)
         ends = start + np.cumsum(lengths)
         built = Window(epoch, number, start, ends, starts - (ends - lengths), blocks)
@@ -197,6 +215,27 @@ class BlockOrder:
             ranks[done : done + count] = window.number * (self.n + 1) + j
             done += count
         return index, ranks
+
+    def ends(self, epoch: int, offset: int, stop: int, at_least: int = 0) -> np.ndarray:
+        """Epoch offsets of the document ends e with offset < e <= stop, in visiting order, and more until there are
+        ``at_least`` (never past the epoch's end). The walk's anchor moves only to ``offset``'s window: the loader
+        packs every row of a global batch this way, then locates its own rows, which lie at or after ``offset``."""
+        window = self._walk_to(epoch, offset)
+        parts, found = [], 0
+        while True:
+            first = int(np.searchsorted(window.ends, offset, side="right"))
+            last = int(np.searchsorted(window.ends, stop, side="right"))
+            last = max(last, min(len(window.ends), first + at_least - found))
+            parts.append(window.ends[first:last])
+            found += last - first
+            if last < len(window.ends) or (window.stop >= stop and found >= at_least):
+                break  # the next end is past stop, and there are enough
+            following = self.next_window(epoch, window.number)
+            if following[0] != epoch:
+                break
+            offset = window.stop
+            window = self._cached(*following) or self.window(*following, offset)
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def anchor(self, epoch: int, offset: int) -> list[int]:
         """[epoch, window, window start offset] of the window holding epoch offset ``offset``: what a state stores."""
