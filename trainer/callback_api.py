@@ -34,6 +34,11 @@ def _wire(name: str) -> Any:
     return field(metadata={"json": name})
 
 
+def _wire_optional(name: str) -> Any:
+    """A field that defaults to None (the ones only some phases fill): records built without it stay valid."""
+    return field(default=None, metadata={"json": name})
+
+
 @dataclass(frozen=True)
 class StepRecord:
     """One optimizer step as every callback sees it; ``to_dict`` is a ``metrics.jsonl`` line.
@@ -62,10 +67,41 @@ class StepRecord:
     tokens_per_second: float | None = _wire("tokensPerSecond")
     tokens_per_source: dict[str, int] = _wire("tokensPerSource")
     batch_checksum: float | None = _wire("batchChecksum")
+    # kind: dpo phases only (None elsewhere), read with the other values: means over the global batch's pairs, as
+    # TRL logs them (rewards/chosen, ...); a reward is beta x (policy - reference) summed response log-probability.
+    # In these phases ``loss`` is the objective: dpoLoss + nllWeight x dpoNll.
+    dpo_loss: float | None = _wire_optional("dpoLoss")
+    rewards_chosen: float | None = _wire_optional("rewardsChosen")
+    rewards_rejected: float | None = _wire_optional("rewardsRejected")
+    rewards_margin: float | None = _wire_optional("rewardsMargin")
+    rewards_accuracy: float | None = _wire_optional("rewardsAccuracy")  # pairs whose chosen reward is higher
+    dpo_nll: float | None = _wire_optional("dpoNll")  # mean NLL of the chosen responses' tokens
+    pairs: int | None = _wire_optional("pairs")  # preference pairs in the global batch
+    # The loader's packing counts of this step's global batch (data/loader.py StepCounts), every sft and dpo step:
+    # conversations longer than a row begun (split over rows, sft) and pairs cut to fit a row (dpo).
+    split_conversations: int | None = _wire_optional("splitConversations")
+    truncated_pairs: int | None = _wire_optional("truncatedPairs")
 
     @property
     def has_values(self) -> bool:
         return self.loss is not None
+
+    def post_training_values(self) -> dict[str, float] | None:
+        """This step's sft/dpo values under metrics.POST_TRAINING_GAUGES' names (without ``stagerun_``), those it
+        has; None on a pretrain step (nothing to export)."""
+        values = {
+            "dpo_loss": self.dpo_loss,
+            "dpo_rewards_chosen": self.rewards_chosen,
+            "dpo_rewards_rejected": self.rewards_rejected,
+            "dpo_rewards_margin": self.rewards_margin,
+            "dpo_rewards_accuracy": self.rewards_accuracy,
+            "dpo_nll": self.dpo_nll,
+            "dpo_pairs": self.pairs,
+            "split_conversations": self.split_conversations,
+            "truncated_pairs": self.truncated_pairs,
+        }
+        present = {k: float(v) for k, v in values.items() if v is not None}
+        return present or None
 
     def to_dict(self) -> dict[str, Any]:
         return to_json_dict(self)

@@ -1,9 +1,10 @@
 """Which failures a rerun can fix, and what to tell the person who has to act.
 
 "Run the same command again" is honest only for transient failures: a killed worker, a lost node, a storage or
-network error. A full disk, a damaged newest checkpoint without an intact fallback, a missing teacher, unusable data
-or a manifest that does not fit fail again the same way on every rerun (and an operator retrying them would retry
-forever), so they are *permanent*: the worker that hits one writes it to ``status.json`` with a ``FailureReason``
+network error. A full disk, a damaged newest checkpoint without an intact fallback, a missing teacher or dpo
+reference (dpo.ReferenceUnavailable: a SpecError naming spec.phases[i].dpo.reference), unusable data or a manifest
+that does not fit fail again the same way on every rerun (and an operator retrying them would retry forever), so
+they are *permanent*: the worker that hits one writes it to ``status.json`` with a ``FailureReason``
 (``RunStatus.reason``), `stagerun run` prints what to change, and `stagerun launch` passes it to the operator in
 the termination message with ``permanent: true``, which fails the run with that reason instead of restarting it.
 Device and path mistakes are caught before any worker starts (preflight.py); this module covers what only shows

@@ -12,6 +12,9 @@ caller divides ``total`` by the global count and backwards that. Each term is re
 - max_z: Baichuan 2's max-z loss, weight * max_v(logit)^2 per token: stops a few logits from growing without
   bound, which destabilised inference with a large vocabulary (Baichuan 2: 2e-4).
 
+``target_logprobs`` is the per-token variant (each target's log-probability, not a sum) that preference losses
+need (dpo.py sums it per response), fused and chunked the same way.
+
 Memory: the logits of the whole micro-batch are never materialised. ``lm_losses`` takes the final hidden states
 [N, D] and the head weight [V, D] and walks ``chunk_tokens`` tokens at a time: logits of one chunk in float32,
 their logsumexp, max and target logits, then the chunk is freed. Backward recomputes each chunk's logits (one more
@@ -258,3 +261,69 @@ def lm_losses(
         total=objective + z_sum + max_z_sum,
         distill_sum=distill_sum,
     )
+
+
+class _FusedTargetLogprobs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[target] per row, one chunk of logits at a time (0 at ignored rows).
+
+    The preference losses (dpo.py) need each token's log-probability, not a sum, so the output is [N]; the backward
+    recomputes each chunk's logits like :class:`_FusedLinearLosses` and applies d logp / dz = one-hot - softmax.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, shard):
+        keep = targets != IGNORE_INDEX
+        n = hidden.shape[0]
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        logprobs = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            stats = _chunk_stats(_chunk_logits(hidden[rows], weight), targets[rows], None, shard, False)
+            lse[rows] = stats.lse
+            logprobs[rows] = torch.where(keep[rows], stats.target_logit - stats.lse, 0.0)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk, ctx.shard = chunk, shard
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, grad_logprobs):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        shard: VocabShard = ctx.shard
+        # Ignored rows get no gradient whatever the caller sends back for them (their output is a constant 0).
+        scale = torch.where(targets != IGNORE_INDEX, grad_logprobs.float(), 0.0)
+        n, chunk = hidden.shape[0], ctx.chunk
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight: torch.Tensor | None = None
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            g = scale[rows]
+            grad = _chunk_logits(hidden[rows], weight).sub_(lse[rows][:, None]).exp_().mul_(-g[:, None])
+            _add_one_hot(grad, targets[rows], g, shard)
+            grad = grad.to(hidden.dtype)
+            grad_hidden[rows] = grad @ weight
+            chunk_weight = grad.T @ hidden[rows]
+            if n <= chunk:
+                grad_weight = chunk_weight
+            else:  # float32 running sum, as in _FusedLinearLosses
+                if grad_weight is None:
+                    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                grad_weight += chunk_weight
+        if grad_weight is None:
+            grad_weight = torch.zeros_like(weight)
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+
+
+def target_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_tokens: int = LossConfig.chunk_tokens,
+    shard: VocabShard = VocabShard(),
+) -> torch.Tensor:
+    """float32 log-probability of each target under the head ``weight`` [V_local, D] applied to ``hidden`` [..., D]:
+    shaped like ``targets``, 0 where a target is IGNORE_INDEX. Fused and chunked like :func:`lm_losses` (the logits
+    are never held whole); under tensor parallelism the per-row max, target logit and normaliser are combined over
+    ``shard``'s group, so every TP rank returns the same values and its partial gradient of ``hidden``."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    logprobs = _FusedTargetLogprobs.apply(flat, weight, targets.reshape(-1), chunk_tokens, shard)
+    return logprobs.reshape(targets.shape)

@@ -58,6 +58,24 @@ STEP_GAUGES = {
     "stagerun_checkpoint_load_bytes": "size of the last checkpoint loaded",
     "stagerun_checkpoints_saved": "checkpoints saved by this process",
 }
+# sft and dpo phases (StepRecord.post_training_values()): present while such a phase trains, each only where it
+# applies (the DPO values in dpo phases), and dropped on a step that does not set it (no stale value under a later
+# phase's label).
+DPO_GAUGES = {
+    "stagerun_dpo_loss": "mean DPO loss -log sigmoid(beta x log-ratio margin) over the last step's pairs",
+    "stagerun_dpo_rewards_chosen": "mean implicit reward beta x (policy - reference log-probability) of the chosen "
+    "responses",
+    "stagerun_dpo_rewards_rejected": "mean implicit reward of the rejected responses",
+    "stagerun_dpo_rewards_margin": "mean chosen minus rejected reward",
+    "stagerun_dpo_rewards_accuracy": "fraction of the last step's pairs whose chosen reward is above the rejected one",
+    "stagerun_dpo_nll": "mean negative log-likelihood of the chosen responses' tokens (the dpo.nllWeight term)",
+    "stagerun_dpo_pairs": "preference pairs in the last step's global batch",
+}
+PACKING_GAUGES = {
+    "stagerun_split_conversations": "conversations longer than a row begun in the last step (split over rows, sft)",
+    "stagerun_truncated_pairs": "preference pairs longer than a row cut to fit in the last step (dpo)",
+}
+POST_TRAINING_GAUGES = DPO_GAUGES | PACKING_GAUGES
 # Remote shard reads of this process (data/remote_io.py's counters, read at scrape time).
 DATA_GAUGES = {
     "stagerun_data_read_requests": ("requests", "ranged reads of remote shard files issued by this process"),
@@ -237,13 +255,24 @@ class TrainerMetrics:
         flops_per_token: int,
         tokens_per_source: dict[str, int],
         palm_flops_per_token: int | None = None,
+        post_training: dict[str, float] | None = None,
     ) -> None:
         """``flops_per_token``: stagerun's convention (stagerun_flops_per_token); ``palm_flops_per_token``: PaLM's
-        (palm_flops_per_token), whose gauges are absent when it is not given."""
+        (palm_flops_per_token), whose gauges are absent when it is not given. ``post_training``: an sft/dpo step's
+        values keyed by POST_TRAINING_GAUGES' names without ``stagerun_`` (StepRecord.post_training_values());
+        the series of those it lacks are dropped."""
         tokens_per_second = batch_tokens / step_seconds if step_seconds > 0 else 0.0
         with self._lock:
             self.phase = phase
             self.source_tokens = {k: float(v) for k, v in tokens_per_source.items()}
+            for name in POST_TRAINING_GAUGES:  # a stale reward must not carry the next phase's label
+                self.values.pop(name, None)
+        if post_training:
+            unknown = sorted(f"stagerun_{k}" for k in post_training if f"stagerun_{k}" not in POST_TRAINING_GAUGES)
+            if unknown:
+                known = ", ".join(POST_TRAINING_GAUGES)
+                raise ValueError(f"not post-training gauges: {', '.join(unknown)} (known: {known})")
+            self.set(**post_training)
         self.set(
             loss=loss,
             z_loss=z_loss,
@@ -288,7 +317,7 @@ class TrainerMetrics:
             ["run", "namespace", "phase", "rank"],
             [self.labels["run"], self.labels["namespace"], phase, self.labels["rank"]],
         )
-        for name, help_text in STEP_GAUGES.items():
+        for name, help_text in (STEP_GAUGES | POST_TRAINING_GAUGES).items():
             if name in values:
                 family = GaugeMetricFamily(name, help_text, labels=names)
                 family.add_metric(label_values, values[name])

@@ -5,6 +5,11 @@ all-reduced on the device, the gradient norm stays a device tensor through clipp
 sums, checksum) are summed over the ranks in one float64 all-reduce that nobody reads back until a caller asks
 (``StepResult.resolve``: one ``.tolist()``). So the host runs ahead and queues the next step's kernels while the
 device still works on this one; the trainer reads the metrics only on steps it logs or checkpoints.
+
+``dpo_step`` is the same step for a ``kind: dpo`` phase (dpo.py): the policy's per-token log-probabilities with
+gradients, the frozen reference's without, the DPO objective normalised by the global pair count, and its sums in
+the same single all-reduce. ``kind: sft`` phases run ``train_step`` as they are: the loader already sets every
+target outside an assistant turn to IGNORE_INDEX, so the token divisor counts loss tokens only.
 """
 
 from __future__ import annotations
@@ -18,16 +23,18 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from stagerun.core.spec.optimizer import ResolvedOptimizer
-from stagerun.core.spec.run import TrainingSpec
+from stagerun.core.spec.run import DpoSpec, TrainingSpec
 
+from . import dpo as dpo_loss
 from .batch import StepBatch
 from .data.loader import MicroBatch
 from .distill import teacher_targets
 from .distributed import Topology, check_sequence_parallel
 from .losses import LossConfig
 
-# The float64 metrics vector: sums over the loss group up to _CHECKSUM, then the (already global) norm and count.
-_CE, _Z, _MAX_Z, _DISTILL, _CHECKSUM, _GRAD_NORM, _TOKENS = range(7)
+# The float64 metrics vector: sums over the loss group up to _CHECKSUM, then the (already global) norm and count;
+# a DPO step appends its dpo.DPO_SUMS sums (summed in the same all-reduce) from _DPO on.
+_CE, _Z, _MAX_Z, _DISTILL, _CHECKSUM, _GRAD_NORM, _TOKENS, _DPO = range(8)
 
 
 class StepValues(NamedTuple):
@@ -44,12 +51,18 @@ class StepValues(NamedTuple):
 class StepResult:
     """A step's metrics, still on the device. Reading any of them is one host sync, made once and cached."""
 
-    values: torch.Tensor  # float64 [7] on the device, laid out as _CE ... _TOKENS
+    values: torch.Tensor  # float64 [7] on the device, laid out as _CE ... _TOKENS; a DPO step's: [7 + DPO_SUMS]
+    nll_weight: float | None = None  # a DPO step's dpo.nllWeight (the objective's mix); None: not a DPO step
     _host: StepValues | None = field(default=None, repr=False)
+    _dpo: dpo_loss.DpoValues | None = field(default=None, repr=False)
 
     def resolve(self) -> StepValues:
         if self._host is None:
             v = self.values.tolist()
+            if self.nll_weight is not None:
+                self._dpo = dpo_loss.resolve_sums(v[_DPO:], self.nll_weight)
+                self._host = _dpo_step_values(v, self._dpo)
+                return self._host
             per_token = 1.0 / v[_TOKENS] if v[_TOKENS] else math.nan
             self._host = StepValues(
                 loss=v[_CE] * per_token,
@@ -89,6 +102,26 @@ class StepResult:
     @property
     def batch_checksum(self) -> float:
         return self.resolve().batch_checksum
+
+    @property
+    def dpo(self) -> dpo_loss.DpoValues | None:
+        """A DPO step's means (read with the other values: the same single host read); None for other steps."""
+        self.resolve()
+        return self._dpo
+
+
+def _dpo_step_values(v: list[float], dpo: dpo_loss.DpoValues) -> StepValues:
+    """A DPO step's values: ``loss`` is the objective (what the trainer checks for divergence and logs as loss),
+    ``tokens`` its target tokens (chosen and rejected responses)."""
+    return StepValues(
+        loss=dpo.objective,
+        z_loss=0.0,
+        max_z_loss=0.0,
+        distill_loss=0.0,
+        grad_norm=v[_GRAD_NORM],
+        tokens=int(v[_DPO + dpo_loss.TARGET_TOKENS]),
+        batch_checksum=v[_CHECKSUM],
+    )
 
 
 class RMSpropMomentum(torch.optim.RMSprop):
@@ -194,6 +227,17 @@ def _device_scalar(value: float, device: torch.device) -> torch.Tensor:
     return torch.full((1,), float(value), dtype=torch.float64, device=device)
 
 
+def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """``phases[].optimizer.reset``: every moment and step count set to zero in place (the tensors stay allocated
+    and sharded as they were, so a checkpoint's layout does not change). For AdamW and RMSprop zeros *are* the fresh
+    state: the step count restarts bias correction and warm-up, the moments are rebuilt from the next gradients."""
+    with torch.no_grad():
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    value.zero_()
+
+
 def _global_tokens(batch: StepBatch, topo: Topology) -> torch.Tensor:
     if batch.global_tokens is not None:
         return _device_scalar(batch.global_tokens, topo.device)
@@ -246,10 +290,95 @@ def train_step(
         distill_sum = terms.distill_sum if terms.distill_sum is not None else torch.zeros_like(terms.ce_sum)
         sums += torch.stack([terms.ce_sum, terms.z_sum, terms.max_z_sum, distill_sum]).detach().double()
         del terms
+    grad_norm = _update(model, optimizer, training, grad_clip)
+    summed = topo.all_reduce_loss_(torch.cat([sums, _device_scalar(batch.checksum, topo.device)]))
+    return StepResult(torch.cat([summed, grad_norm.detach().double().reshape(1), tokens]))
+
+
+def _update(model, optimizer, training: TrainingSpec, grad_clip: float | None) -> torch.Tensor:
+    """Clip (the phase's ``grad_clip``, else ``training.grad_clip``; 0 disables), step, clear the gradients."""
     clip = training.grad_clip if grad_clip is None else grad_clip
     max_norm = clip if clip > 0 else math.inf
     grad_norm = clip_grad_norm(model.parameters(), max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    summed = topo.all_reduce_loss_(torch.cat([sums, _device_scalar(batch.checksum, topo.device)]))
-    return StepResult(torch.cat([summed, grad_norm.detach().double().reshape(1), tokens]))
+    return grad_norm
+
+
+def _pair_ids(mb) -> torch.Tensor:
+    if mb.pair_ids is None:  # the loader sets them in every dpo phase: a batch without them is a wiring bug
+        raise RuntimeError("a dpo step got a micro-batch without pair_ids (was it drawn for another phase?)")
+    return mb.pair_ids
+
+
+def _dpo_counts(batch: StepBatch, topo: Topology, with_chosen: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The global batch's pair count (from the host when ``batch.global_pairs`` is known) and, ``with_chosen``, its
+    chosen-response token count, as float32 device scalars; what the host does not know is summed over the loss
+    group in one all-reduce on the device (no host sync)."""
+    mbs = batch.micro_batches
+    local: list[torch.Tensor] = []
+    if batch.global_pairs is None:
+        local.append(torch.stack([dpo_loss.local_pairs(_pair_ids(mb)) for mb in mbs]).sum())
+    if with_chosen:
+        local.append(torch.stack([dpo_loss.chosen_token_mask(_pair_ids(mb)).sum() for mb in mbs]).sum())
+    summed = topo.all_reduce_loss_(torch.stack(local).double()) if local else None
+    if batch.global_pairs is None:
+        assert summed is not None
+        pairs = summed[0].float()
+    else:
+        pairs = _device_scalar(batch.global_pairs, topo.device)[0].float()
+    chosen = summed[-1].float() if with_chosen and summed is not None else None
+    return pairs, chosen
+
+
+def dpo_step(
+    model,
+    reference,
+    optimizer,
+    batch: StepBatch,
+    *,
+    lr: float,
+    topo: Topology,
+    training: TrainingSpec,
+    dpo: DpoSpec,
+    grad_clip: float | None = None,
+) -> StepResult:
+    """One DPO step over ``batch`` (its micro-batches carry ``pair_ids``): policy forward and backward, the frozen
+    ``reference`` forward without gradients, then clipping and the update as in ``train_step``.
+
+    Collectives: the pair count when ``batch.global_pairs`` is unset and the chosen-token count when the NLL term
+    is on (both on the device, no host sync), FSDP's, the gradient norm's and one for all the metrics."""
+    if topo.layout.cp > 1:
+        # A response's log-probability would be split over the sequence shards; summing it needs the cp group.
+        raise ValueError("kind: dpo phases do not support spec.phases[].parallelism.contextParallel > 1 (set it to 1)")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    global_pairs, chosen_tokens = _dpo_counts(batch, topo, with_chosen=bool(dpo.nll_weight))
+    config = LossConfig(chunk_tokens=training.loss_chunk_tokens)
+    sums = torch.zeros(dpo_loss.DPO_SUMS, dtype=torch.float64, device=topo.device)
+    for mb in batch.micro_batches:
+        if topo.tp_size > 1:
+            check_sequence_parallel(mb.inputs.shape[1], topo.tp_size)
+        kwargs = dict(targets=mb.targets, loss=config, positions=mb.positions, logprobs=True)
+        with torch.no_grad():
+            reference_tokens = reference(mb.inputs, mb.doc_ids, **kwargs)
+        policy_tokens = model(mb.inputs, mb.doc_ids, **kwargs)
+        terms = dpo_loss.dpo_terms(
+            policy_tokens,
+            reference_tokens,
+            _pair_ids(mb),
+            mb.targets,
+            dpo,
+            global_pairs=global_pairs,
+            global_chosen_tokens=chosen_tokens,
+        )
+        terms.objective.backward()
+        sums += terms.sums
+        del terms, policy_tokens, reference_tokens
+    grad_norm = _update(model, optimizer, training, grad_clip)
+    zeros = torch.zeros(4, dtype=torch.float64, device=topo.device)  # ce, z, max-z, distill: not a DPO step's
+    summed = topo.all_reduce_loss_(torch.cat([zeros, _device_scalar(batch.checksum, topo.device), sums]))
+    norm = grad_norm.detach().double().reshape(1)
+    tokens = summed[_GRAD_NORM + dpo_loss.TARGET_TOKENS :][:1]  # the DPO sums start where the norm will go
+    values = torch.cat([summed[:_GRAD_NORM], norm, tokens, summed[_GRAD_NORM:]])
+    return StepResult(values, nll_weight=dpo.nll_weight)

@@ -26,6 +26,7 @@ from .checkpoint_resume import agreed_candidates, refuse_scratch_after_damage
 from .data.loader import PackedMixLoader
 from .data.shards import TokenShards
 from .distill import Teachers
+from .dpo import References
 from .exporter import start_exporter
 from .failure_advice import classify, failed_status
 from .model import Transformer, init_weights
@@ -164,13 +165,22 @@ def _train(run: ResolvedRun, run_dir: Path, manifest: Path | None, world_size: i
     if relaunch is not None:
         return _end(run_dir, topo, relaunch)
     model = build_model(run.model, run.training, topo, load_init=not candidates)  # a checkpoint supersedes them
-    teachers = Teachers(
-        run.model, lambda spec: build_model(spec, run.training, topo, for_training=False, load_init=False)
-    )
+    # Teachers and dpo references: eval-only models sharded like the policy, weights from a checkpoint (or, for a
+    # reference, copied from the policy).
+    build_frozen = lambda spec: build_model(spec, run.training, topo, for_training=False, load_init=False)  # noqa: E731
+    teachers = Teachers(run.model, build_frozen)
+    references = References(run.model, build_frozen, manager, run.training.seed)
     optimizer = build_optimizer(model, run.training, topo.device)
     loader = open_loader(run, run_dir)
     trainer = Trainer(
-        run=run, topo=topo, model=model, optimizer=optimizer, loader=loader, teachers=teachers, manager=manager
+        run=run,
+        topo=topo,
+        model=model,
+        optimizer=optimizer,
+        loader=loader,
+        teachers=teachers,
+        manager=manager,
+        references=references,
     )
     exporter = start_exporter(run, topo.rank, topo.local_rank, topo.world_size, topo.device.type)
     trainer.callbacks.extend(standard_callbacks(trainer, run_dir, exporter, manifest, world_size))
@@ -178,7 +188,7 @@ def _train(run: ResolvedRun, run_dir: Path, manifest: Path | None, world_size: i
     loaded = trainer.resume(candidates[0] if candidates else None, candidates)
     relaunch = _relaunch_for(run, loaded, phase) if loaded else None  # fell back into another phase's shape
     status = relaunch or trainer.fit()
-    del model, optimizer, teachers, trainer, exporter
+    del model, optimizer, teachers, references, trainer, exporter
     return _end(run_dir, topo, status)
 
 

@@ -38,9 +38,10 @@ from .checkpoint_average import average_at_phase_end
 from .checkpoint_resume import Resumption, agreed_candidates, load_newest_intact
 from .data.loader import PackedMixLoader
 from .distill import Teachers
+from .dpo import References
 from .model import Transformer
 from .prefetch import Prefetcher
-from .step import StepResult, apply_phase_optimizer, train_step
+from .step import StepResult, apply_phase_optimizer, dpo_step, reset_optimizer_state, train_step
 
 # Callback, StepRecord and load_extensions are callback_api.py's; docs, extensions and train.py import them here.
 __all__ = [
@@ -110,7 +111,8 @@ class _Window:
 class Trainer:
     """Owns the training state (model, optimizer, loader, RNG, position in the plan) and runs the step loop.
 
-    ``prefetch``: draw the next step's batch in a background thread (prefetch.py) while the step runs."""
+    ``prefetch``: draw the next step's batch in a background thread (prefetch.py) while the step runs.
+    ``references``: the dpo phases' reference models (dpo.py); without, a dpo phase cannot run."""
 
     def __init__(
         self,
@@ -123,9 +125,12 @@ class Trainer:
         teachers: Teachers,
         manager: CheckpointManager,
         prefetch: bool = True,
+        references: References | None = None,
     ) -> None:
         self.run, self.topo, self.manager = run, topo, manager
         self.model, self.optimizer, self.loader, self.teachers = model, optimizer, loader, teachers
+        self.references = references
+        self.reference: torch.nn.Module | None = None  # the running dpo phase's frozen reference
         self.app_state = {"train": ModelOptimizerState(model, optimizer)}
         self.model_fields = architecture_fields(run.model)  # without init (where it began), as checkpoints record it
         self.callbacks: list[Callback] = []
@@ -200,7 +205,7 @@ class Trainer:
                 assert plan is not None  # the last phase's end stops the loop before the plan runs out
                 if plan.phase.index != running_phase:
                     running_phase = plan.phase.index
-                    apply_phase_optimizer(self.optimizer, plan.phase.optimizer)  # also after a resume's load
+                    self._start_phase(plan)
                     rope = plan.phase.rope  # spec.phases[].rope: new rotary tables in-process, no relaunch
                     if rope is not None and cast(Transformer, self.model).set_rope(rope):
                         log.info("phase %s: RoPE %s", plan.phase.name, rope.describe())
@@ -234,24 +239,58 @@ class Trainer:
                 callback.close()
         return status
 
+    def _start_phase(self, plan: StepPlan) -> None:
+        """What changes in-process when this gang's first step of a phase is next (after a resume too)."""
+        phase = plan.phase
+        apply_phase_optimizer(self.optimizer, phase.optimizer)  # also after a resume's load
+        # Fresh: the phase starts with this step. After a mid-phase resume the checkpoint holds the phase's own
+        # optimizer state, and the reference must be the weights the phase began with, not the current ones.
+        fresh = self.tokens == phase.start_tokens
+        if phase.reset_optimizer and fresh:
+            reset_optimizer_state(self.optimizer)
+            if self.topo.is_main:
+                log.warning("phase %s: optimizer state reset (phases[%d].optimizer.reset)", phase.name, phase.index)
+        if phase.kind == "dpo" and self.references is None:
+            raise RuntimeError("a dpo phase needs the Trainer's references (dpo.References)")
+        if self.references is not None:
+            self.reference = self.references.for_phase(phase, self.model, fresh=fresh)
+
     def _train_step(self, plan: StepPlan, prefetcher: Prefetcher, stop: StopRequest) -> StepRecord:
         started = time.perf_counter()
         batch = prefetcher.take(plan)
         self._window.data_seconds += time.perf_counter() - started
         prefetcher.prefetch(self._next_plan(plan))  # drawn while this step runs (on GPUs: while its kernels run)
+        if plan.phase.masks_documents and any(mb.doc_ids is None for mb in batch.micro_batches):
+            # Packed conversations or pairs attending to each other would train silently on the wrong context.
+            phase = plan.phase
+            raise RuntimeError(f"phase {phase.name} ({phase.kind}) masks documents, but its batch has no doc ids")
         teacher, distill_weight = self.teachers.for_phase(plan.phase)
-        result = train_step(
-            self.model,
-            self.optimizer,
-            batch,
-            lr=plan.lr,
-            topo=self.topo,
-            training=self.run.training,
-            teacher=teacher,
-            distill_weight=distill_weight,
-            vocab_size=self.run.model.vocab_size,
-            grad_clip=plan.phase.optimizer.grad_clip,
-        )
+        if plan.phase.kind == "dpo":
+            assert self.reference is not None and plan.phase.dpo is not None  # _start_phase built it
+            result = dpo_step(
+                self.model,
+                self.reference,
+                self.optimizer,
+                batch,
+                lr=plan.lr,
+                topo=self.topo,
+                training=self.run.training,
+                dpo=plan.phase.dpo,
+                grad_clip=plan.phase.optimizer.grad_clip,
+            )
+        else:  # pretrain and sft (whose loader masks every target outside the assistant turns)
+            result = train_step(
+                self.model,
+                self.optimizer,
+                batch,
+                lr=plan.lr,
+                topo=self.topo,
+                training=self.run.training,
+                teacher=teacher,
+                distill_weight=distill_weight,
+                vocab_size=self.run.model.vocab_size,
+                grad_clip=plan.phase.optimizer.grad_clip,
+            )
         self.step, self.tokens = self.step + 1, plan.tokens_after
         self.plan, self.batch, self.result = plan, batch, result
         if self._scheduled_sync(plan) or self.step % STOP_CHECK_STEPS == 0:
@@ -298,6 +337,11 @@ class Trainer:
             tokens_per_source=dict(batch.tokens_per_source),
             batch_checksum=None,
         )
+        if plan.phase.kind != "pretrain":  # the loader's packing counts: host values, there on every step
+            counts = batch.counts
+            record = dataclasses.replace(
+                record, split_conversations=counts.split_conversations, truncated_pairs=counts.truncated_pairs
+            )
         if not (self._scheduled_sync(plan) or self.stopping):
             return record
         self._check_finite()  # the one host sync of the step (the result caches what it read)
@@ -305,6 +349,18 @@ class Trainer:
             self.resumption.stepped_finite()  # the resumed-from checkpoint trains: retention keeps it
         now = time.perf_counter()
         elapsed, self._window = now - window.started, _Window(now)
+        dpo = result.dpo if plan.phase.kind == "dpo" else None
+        if dpo is not None:
+            record = dataclasses.replace(
+                record,
+                dpo_loss=dpo.loss,
+                rewards_chosen=dpo.chosen_reward,
+                rewards_rejected=dpo.rejected_reward,
+                rewards_margin=dpo.reward_margin,
+                rewards_accuracy=dpo.reward_accuracy,
+                dpo_nll=dpo.nll,
+                pairs=dpo.pairs,
+            )
         return dataclasses.replace(
             record,
             loss=result.loss,

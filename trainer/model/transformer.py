@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from stagerun.core.spec.rope import ResolvedRope, default_rope
 
-from ..losses import LossConfig, LossTerms, VocabShard, lm_losses
+from ..losses import LossConfig, LossTerms, VocabShard, lm_losses, target_logprobs
 from .attention import Attention, DocumentMask
 
 # Re-exported: callers import the init from here (trainer/hf, tests) as before it moved to init.py.
@@ -109,6 +109,7 @@ class Transformer(nn.Module):
         loss: LossConfig | None = None,
         teacher_tokens: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        logprobs: bool = False,
     ) -> torch.Tensor | LossTerms:
         """Logits [B, T, padded_vocab], or with ``targets`` [B, T] the loss terms (``losses.lm_losses`` with
         ``loss``, default LossConfig(), and ``teacher_tokens``). With ``doc_ids`` [B, T], a token attends only to
@@ -120,7 +121,10 @@ class Transformer(nn.Module):
 
         ``positions`` [B, T]: each token's position in its document (StableLM 2's reset position ids), used when
         ``spec.positionIds`` is perDocument (else ignored); without them a perDocument model derives them from
-        ``doc_ids``, and with neither a sequence is one document."""
+        ``doc_ids``, and with neither a sequence is one document.
+
+        ``logprobs=True`` (with ``targets``): instead of the loss sums, each target's float32 log-probability [B, T]
+        (0 at ignored targets; ``losses.target_logprobs``), what the preference losses (dpo.py) sum per response."""
         h = self.tok_embeddings(tokens)
         if self.context_parallel is not None:  # sequence shards: masks and RoPE at global positions
             mask, rotary = self.context_parallel.prepare(self, tokens, doc_ids, positions)
@@ -133,7 +137,10 @@ class Transformer(nn.Module):
         weight, shard = self._head_weight()
         if targets is None:
             return shard.gather(F.linear(hidden, weight))
-        return lm_losses(hidden, weight, targets, loss or LossConfig(), teacher_tokens=teacher_tokens, shard=shard)
+        config = loss or LossConfig()
+        if logprobs:
+            return target_logprobs(hidden, weight, targets, config.chunk_tokens, shard)
+        return lm_losses(hidden, weight, targets, config, teacher_tokens=teacher_tokens, shard=shard)
 
     def set_rope(self, rope: ResolvedRope | None) -> bool:
         """Build the rotary tables from ``rope`` from the next forward on (a phase's RoPE, in-process); True when it
