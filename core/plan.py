@@ -123,6 +123,14 @@ def segments(run: ResolvedRun) -> list[Segment]:
     return result
 
 
+def phase_first_tokens(run: ResolvedRun, phase: ResolvedPhase) -> int | None:
+    """Tokens seen before ``phase``'s first step; None when it has none (the phases before it overshot its budget).
+
+    Not ``phase.start_tokens`` in general: steps are whole, so the step that ends the previous phase may run past
+    its budget, and the phase's first step then starts there (its end stays where the budgets put it)."""
+    return next((seg.start_tokens for seg in segments(run) if seg.phase.index == phase.index), None)
+
+
 def total_steps(run: ResolvedRun) -> int:
     last = segments(run)[-1]
     return last.first_step + last.steps

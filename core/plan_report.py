@@ -6,7 +6,7 @@ from .layout import BatchSplitError, split_batch
 from .plan import Segment, lr_at, segments, total_steps
 from .spec import format_count, quantities
 from .spec.resolve import ResolvedPhase, ResolvedRun
-from .spec.validate import phase_layout
+from .spec.validate import phase_layout, source_content
 
 COLUMNS = ("phase", "budget", "steps", "batch tok", "batch seq", "micro x accum", "seqLen", "LR: start -> end", "world")
 
@@ -96,7 +96,41 @@ def training_lines(run: ResolvedRun) -> list[str]:
     changes = optimizer_lines(run)
     lines += changes if len(changes) > 1 else []  # only when a phase changes them: then every change
     ropes = rope_lines(run)
-    return lines + ropes if len(ropes) > 1 else lines
+    lines += ropes if len(ropes) > 1 else []
+    return lines + post_training_lines(run)
+
+
+def post_training_lines(run: ResolvedRun) -> list[str]:
+    """What each sft and dpo phase trains on and against (spec.phases[].kind, .dpo, optimizer.reset); none for a
+    run that only pretrains."""
+    content = {name: source_content(source) for name, source in run.sources.items()}
+    lines = []
+    for phase in run.phases:
+        if phase.kind == "pretrain":
+            continue
+        used = {name: w for name, w in phase.weights.items() if w > 0}
+        fresh = "fresh optimizer" if phase.reset_optimizer else "optimizer carried over"
+        if phase.kind == "sft":
+            # text sources in an sft phase are replay: their share counts loss tokens, as the chat sources' do
+            chats = [f"{n} {w:.0%}" for n, w in used.items() if content.get(n) == "chat"]
+            replay = [f"{n} {w:.0%}" for n, w in used.items() if content.get(n) != "chat"]
+            what = f"loss on the responses of {', '.join(chats) or '(shard sets: chat if their manifest says so)'}"
+            if replay:
+                what += f", replay of {', '.join(replay)} (shares of loss tokens)"
+            lines.append(f"sft phase {phase.name}: {what}; conversations packed and masked from each other; {fresh}")
+            continue
+        dpo = phase.dpo
+        assert dpo is not None  # resolve_run sets it on every dpo phase
+        reference = (
+            f"reference {dpo.reference.checkpoint}"
+            if dpo.reference is not None
+            else "reference = the weights the phase starts with, frozen"
+        )
+        nll = f", NLL weight {dpo.nll_weight:g}" if dpo.nll_weight > 0 else ""
+        lines.append(
+            f"dpo phase {phase.name}: beta {dpo.beta:g}{nll} on pairs of {', '.join(used)}; {reference}; {fresh}"
+        )
+    return lines
 
 
 def rope_lines(run: ResolvedRun) -> list[str]:

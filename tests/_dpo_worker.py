@@ -119,11 +119,11 @@ def reference_copies(topo, root: str) -> dict:
         return model.to_empty(device="cpu")  # uninitialised: the copy or the load must fill every shard
 
     phase = SimpleNamespace(index=1, name="dpo", kind="dpo", dpo=DpoSpec(), start_tokens=4096)
-    fresh = References(spec, build, manager, 0).for_phase(phase, policy, fresh=True)
+    fresh = References(spec, build, manager, 0).for_phase(phase, policy, fresh=True, first_tokens=4096)
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(1.0)  # the policy trains on: a copy must not share its storage
-    resumed = References(spec, build, manager, 0).for_phase(phase, policy, fresh=False)
+    resumed = References(spec, build, manager, 0).for_phase(phase, policy, fresh=False, first_tokens=4096)
     out = {}
     for name, model in (("fresh", fresh), ("resumed", resumed)):
         state = {k: v.full_tensor() for k, v in model.state_dict().items()}

@@ -31,5 +31,6 @@ FILES=(
   tests/test_hf.py
   tests/test_context_parallel.py
   tests/test_optimizer.py
+  tests/test_dpo.py
 )
 exec "$VENV/bin/python" -m pytest -p no:cacheprovider "${FILES[@]}" "$@"

@@ -37,7 +37,7 @@ def test_every_documented_field_exists():
 
 
 def test_every_metric_is_documented():
-    from stagerun.trainer.metrics import EVAL_GAUGES, GPU_GAUGES, SOURCE_GAUGE, STEP_GAUGES
+    from stagerun.trainer.metrics import EVAL_GAUGES, GPU_GAUGES, POST_TRAINING_GAUGES, SOURCE_GAUGE, STEP_GAUGES
 
     doc = (ROOT / "docs" / "observability.md").read_text()
     for name in [
@@ -45,6 +45,7 @@ def test_every_metric_is_documented():
         SOURCE_GAUGE[0],
         *GPU_GAUGES,
         *EVAL_GAUGES,
+        *POST_TRAINING_GAUGES,
         "stagerun_operator_runs",
         "stagerun_operator_restarts_total",
         "stagerun_operator_phase_transitions_total",

@@ -407,13 +407,24 @@ def _trained_optimizer() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, optimizer
 
 
-def _phase(index: int, start_tokens: int, *, reset: bool = True, kind: str = "sft", dpo: DpoSpec | None = None):
+def _phase(
+    index: int,
+    start_tokens: int,
+    *,
+    first_tokens: int | None = None,
+    reset: bool = True,
+    kind: str = "sft",
+    dpo: DpoSpec | None = None,
+):
+    """A phase stand-in; ``first_tokens``: where its first step starts (past ``start_tokens`` when the previous
+    phase's last step overshot its budget; core.plan.phase_first_tokens computes it for a real run)."""
     from stagerun.core.spec.optimizer import ResolvedOptimizer
 
     return SimpleNamespace(
         index=index,
         name=f"p{index}",
         start_tokens=start_tokens,
+        first_tokens=start_tokens if first_tokens is None else first_tokens,
         reset_optimizer=reset,
         kind=kind,
         dpo=dpo,
@@ -422,19 +433,27 @@ def _phase(index: int, start_tokens: int, *, reset: bool = True, kind: str = "sf
     )
 
 
-def _start_phase(optimizer, tokens: int, phase) -> None:
-    trainer = SimpleNamespace(optimizer=optimizer, tokens=tokens, topo=CpuTopo(), references=None, model=None)
+def _start_phase(optimizer, tokens: int, phase, monkeypatch) -> None:
+    import stagerun.trainer.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "phase_first_tokens", lambda run, phase: phase.first_tokens)
+    trainer = SimpleNamespace(optimizer=optimizer, tokens=tokens, topo=CpuTopo(), references=None, model=None, run=None)
     Trainer._start_phase(trainer, SimpleNamespace(phase=phase))  # type: ignore[arg-type]
 
 
-def test_optimizer_reset_zeroes_the_state_only_when_the_phase_starts_fresh():
+def test_optimizer_reset_zeroes_the_state_only_when_the_phase_starts_fresh(monkeypatch):
     model, optimizer = _trained_optimizer()
     before = {k: v.clone() for k, v in optimizer.state[model.weight].items()}
-    _start_phase(optimizer, tokens=5000, phase=_phase(1, start_tokens=4096))  # a resume mid-phase: kept
-    assert all(torch.equal(before[k], v) for k, v in optimizer.state[model.weight].items())
-    _start_phase(optimizer, tokens=4096, phase=_phase(1, start_tokens=4096, reset=False))  # no reset asked
-    assert all(torch.equal(before[k], v) for k, v in optimizer.state[model.weight].items())
-    _start_phase(optimizer, tokens=4096, phase=_phase(1, start_tokens=4096))
+    kept = [
+        (5000, _phase(1, start_tokens=4096)),  # a resume mid-phase
+        (4096, _phase(1, start_tokens=4096, reset=False)),  # no reset asked
+        (4000, _phase(1, start_tokens=4000, first_tokens=4096)),  # not a step of this run: its first is at 4096
+    ]
+    for tokens, phase in kept:
+        _start_phase(optimizer, tokens=tokens, phase=phase, monkeypatch=monkeypatch)
+        assert all(torch.equal(before[k], v) for k, v in optimizer.state[model.weight].items())
+    # The phase's first step, past its start_tokens (the previous phase's last step overshot): reset.
+    _start_phase(optimizer, tokens=4096, phase=_phase(1, start_tokens=4000, first_tokens=4096), monkeypatch=monkeypatch)
     state = optimizer.state[model.weight]
     assert state["step"].item() == 0 and state["exp_avg"].abs().sum() == 0 and state["exp_avg_sq"].abs().sum() == 0
     # Zeroed state is the fresh state: the next update equals a new optimizer's first one.
@@ -479,11 +498,13 @@ def test_the_reference_is_the_phase_start_weights_fresh_and_after_a_mid_phase_re
     policy = random_model(spec, 10)
     at_start = _params(policy)
     _save(manager, policy, spec, step=4, tokens=4096, phase_index=0, boundary=True)  # the sft phase's end
-    phase = _phase(1, start_tokens=4096, kind="dpo", dpo=DpoSpec())
+    # The budgets put the phase's start at 4,000 tokens; the sft phase's last whole step ran on to 4,096, where the
+    # dpo phase's first step starts (core.plan.phase_first_tokens) and the phase-end checkpoint is.
+    phase = _phase(1, start_tokens=4000, kind="dpo", dpo=DpoSpec())
     built = []
     build = lambda s: built.append(Transformer(s)) or built[-1]  # noqa: E731
 
-    fresh = References(spec, build, manager, seed=0).for_phase(phase, policy, fresh=True)
+    fresh = References(spec, build, manager, seed=0).for_phase(phase, policy, fresh=True, first_tokens=4096)
     assert all(torch.equal(v, at_start[k]) for k, v in fresh.state_dict().items())
     assert not fresh.training and not any(p.requires_grad for p in fresh.parameters())
 
@@ -492,15 +513,16 @@ def test_the_reference_is_the_phase_start_weights_fresh_and_after_a_mid_phase_re
             p.add_(0.5)
     _save(manager, policy, spec, step=6, tokens=6144, phase_index=1, boundary=False)
     assert [c.step for c in manager.committed()] == [4, 6]  # the phase end survives keep=1
-    resumed = References(spec, build, manager, seed=0).for_phase(phase, policy, fresh=False)
+    resumed = References(spec, build, manager, seed=0).for_phase(phase, policy, fresh=False, first_tokens=4096)
     assert all(torch.equal(v, at_start[k]) for k, v in resumed.state_dict().items())
     assert not torch.equal(policy.output.weight, resumed.output.weight)
 
     # A phase that goes on keeps its reference; another kind frees it.
     references = References(spec, build, manager, seed=0)
-    first = references.for_phase(phase, policy, fresh=True)
-    assert references.for_phase(phase, policy, fresh=False) is first
-    assert references.for_phase(_phase(2, 8192, kind="sft"), policy, fresh=True) is None and references.model is None
+    first = references.for_phase(phase, policy, fresh=True, first_tokens=4096)
+    assert references.for_phase(phase, policy, fresh=False, first_tokens=4096) is first
+    sft = _phase(2, 8192, kind="sft")
+    assert references.for_phase(sft, policy, fresh=True, first_tokens=8192) is None and references.model is None
 
 
 def test_the_reference_from_its_own_checkpoint_or_the_runs_first_weights(tmp_path):
@@ -511,13 +533,15 @@ def test_the_reference_from_its_own_checkpoint_or_the_runs_first_weights(tmp_pat
     dpo = DpoSpec(reference=ReferenceSpec(checkpoint=str(tmp_path / "other")))
     own = CheckpointManager(str(tmp_path / "own"), keep=1)
     policy = random_model(spec, 12)
-    ref = References(spec, Transformer, own, seed=0).for_phase(_phase(1, 0, kind="dpo", dpo=dpo), policy, fresh=True)
+    ref = References(spec, Transformer, own, seed=0).for_phase(
+        _phase(1, 0, kind="dpo", dpo=dpo), policy, fresh=True, first_tokens=0
+    )
     assert all(torch.equal(v, weights.state_dict()[k]) for k, v in ref.state_dict().items())
     # The run's first phase resumed mid-way without spec.model.init: the seeded init it started from.
     seeded = Transformer(spec)
     init_weights(seeded, 3)
     ref = References(spec, Transformer, own, seed=3).for_phase(
-        _phase(0, 0, kind="dpo", dpo=DpoSpec()), policy, fresh=False
+        _phase(0, 0, kind="dpo", dpo=DpoSpec()), policy, fresh=False, first_tokens=0
     )
     assert all(torch.equal(v, seeded.state_dict()[k]) for k, v in ref.state_dict().items())
 
@@ -529,18 +553,20 @@ def test_a_missing_reference_is_a_permanent_error_naming_the_field(tmp_path):
     _save(manager, policy, spec, step=6, tokens=6144, phase_index=1, boundary=False)  # the phase start is gone
     with pytest.raises(ReferenceUnavailable, match=r"spec\.phases\[1\]\.dpo\.reference") as error:
         References(spec, Transformer, manager, 0).for_phase(
-            _phase(1, 4096, kind="dpo", dpo=DpoSpec()), policy, fresh=False
+            _phase(1, 4096, kind="dpo", dpo=DpoSpec()), policy, fresh=False, first_tokens=4096
         )
     assert "token 4096" in str(error.value) and classify(error.value) is not None
     missing = DpoSpec(reference=ReferenceSpec(checkpoint=str(tmp_path / "nowhere")))
     with pytest.raises(ReferenceUnavailable, match=r"spec\.phases\[2\]\.dpo\.reference.*nowhere"):
-        References(spec, Transformer, manager, 0).for_phase(_phase(2, 0, kind="dpo", dpo=missing), policy, fresh=True)
+        References(spec, Transformer, manager, 0).for_phase(
+            _phase(2, 0, kind="dpo", dpo=missing), policy, fresh=True, first_tokens=0
+        )
     wider = random_model(make_spec(dim=64), 14)
     _save(CheckpointManager(str(tmp_path / "wide"), keep=1), wider, make_spec(dim=64), 1, 10, 0, True)
     other_arch = DpoSpec(reference=ReferenceSpec(checkpoint=str(tmp_path / "wide")))
     with pytest.raises(ReferenceUnavailable, match=r"another architecture.*dim"):
         References(spec, Transformer, manager, 0).for_phase(
-            _phase(2, 0, kind="dpo", dpo=other_arch), policy, fresh=True
+            _phase(2, 0, kind="dpo", dpo=other_arch), policy, fresh=True, first_tokens=0
         )
 
 

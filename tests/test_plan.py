@@ -15,6 +15,7 @@ from stagerun.core.plan import (
     lr_at,
     next_phase_needs_relaunch,
     phase_at,
+    phase_first_tokens,
     segments,
     step_plan,
     tokens_at_step,
@@ -215,6 +216,20 @@ def test_phase_overshoot_does_not_move_later_boundaries():
     segs = segments(run)
     assert [(s.phase.name, s.start_tokens, s.steps) for s in segs] == [("a", 0, 4), ("b", 1184, 3)]
     assert phase_at(run, 1183).name == "b" and phase_at(run, 1999).name == "b"
+    # Where each phase's first step starts: what a phase that starts fresh (optimizer.reset, a dpo reference) keys on.
+    assert [phase_first_tokens(run, p) for p in run.phases] == [0, 1184]
+    assert run.phases[1].start_tokens == 1000
+
+
+def test_a_phase_the_one_before_overshoots_entirely_has_no_first_step():
+    phases = [
+        # a: 4 steps of 296 run to 1,184, past b's whole budget (900 to 1,100)
+        {"name": "a", "tokens": 900, "seqLen": 8, "batch": {"size": 296}, "microBatchSize": 37, "lr": {"peak": 1e-3}},
+        {"name": "b", "tokens": 200, "batch": {"size": 200}, "microBatchSize": 25},
+        {"name": "c", "tokens": 1000},
+    ]
+    run = resolve_run(manifest(phases, resources={"processesPerNode": 1}))
+    assert [phase_first_tokens(run, p) for p in run.phases] == [0, None, 1184]
 
 
 def test_grad_accumulation_split():
@@ -334,3 +349,40 @@ def test_plan_into_a_pipe_closed_early_prints_no_traceback():
     process.stdout.close()
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 141 and b"Traceback" not in stderr, stderr.decode()
+
+
+def test_plan_says_what_each_post_training_phase_trains_on():
+    from conftest import tiny_run
+
+    from stagerun.core.plan_report import post_training_lines, training_lines
+
+    sources = {
+        "docs": {"path": "builtin:python-docs", "weight": 1.0},
+        "chat": {"path": "builtin:chat-arithmetic", "weight": 0.0},
+        "prefs": {"path": "builtin:preference-arithmetic", "weight": 0.0},
+    }
+    manifest = tiny_run(
+        tokenizer={"train": {"vocabSize": 512, "maxBytes": "1M"}, "chatTemplate": {"format": "chatml"}},
+        data={"sources": sources},
+        phases=[
+            {"name": "pre", "tokens": "8Ki", "seqLen": 64, "batch": {"size": "1Ki"}, "lr": {"peak": 1e-3}},
+            {"name": "sft", "tokens": "4Ki", "kind": "sft", "data": {"weights": {"chat": 0.6, "docs": 0.4}}},
+            {"name": "dpo", "tokens": "4Ki", "kind": "dpo", "data": {"weights": {"prefs": 1.0}}},
+            {
+                "name": "dpo-2",
+                "tokens": "4Ki",
+                "dpo": {"beta": 0.05, "nllWeight": 0.2, "reference": {"checkpoint": "/runs/sft"}},
+                "optimizer": {"reset": True},
+            },
+        ],
+    )
+    lines = post_training_lines(resolve_run(manifest))
+    assert lines == [
+        "sft phase sft: loss on the responses of chat 60%, replay of docs 40% (shares of loss tokens); "
+        "conversations packed and masked from each other; optimizer carried over",
+        "dpo phase dpo: beta 0.1 on pairs of prefs; reference = the weights the phase starts with, frozen; "
+        "optimizer carried over",
+        "dpo phase dpo-2: beta 0.05, NLL weight 0.2 on pairs of prefs; reference /runs/sft; fresh optimizer",
+    ]
+    assert training_lines(resolve_run(manifest))[-3:] == lines
+    assert post_training_lines(resolve_run(tiny_run())) == []  # a pretraining run: nothing to say

@@ -1,5 +1,6 @@
-"""The five seed recipes (examples/<report>.yaml): at full size they validate and plan the published schedules; scaled
-to tiny (tests/recipes.py) each trains end to end through all its phases on 2 CPU processes.
+"""The seed recipes (examples/<report>.yaml: five pre-training runs and two post-training runs that start from two of
+them): at full size they validate and plan the published schedules; scaled to tiny (tests/recipes.py) each trains end
+to end through all its phases on 2 CPU processes.
 
 The published numbers asserted here, with their sources, are in each manifest's header and in docs/recipes.md.
 """
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_tiny, stagerun, write_manifest
-from recipes import builtin_corpus, scale_to_tiny, tiny_teacher_manifest
+from recipes import builtin_corpus, scale_to_tiny, tiny_source, tiny_teacher_manifest
 
+from stagerun.core.chat_template import chat_format
 from stagerun.core.memory_estimate import memory_warnings
 from stagerun.core.plan import (
     grad_accumulation,
@@ -30,7 +32,15 @@ from stagerun.trainer.telemetry import read_metrics, read_status
 
 Ki, Mi = 2**10, 2**20
 B, T = 10**9, 10**12
-RECIPES = ["stablelm2-1.6b", "index-1.9b", "llama3-8b", "afm-3b", "baichuan2-7b"]
+RECIPES = [
+    "stablelm2-1.6b",
+    "index-1.9b",
+    "llama3-8b",
+    "afm-3b",
+    "baichuan2-7b",
+    "index-1.9b-chat",  # post-training (sft, dpo) from index-1.9b's checkpoint
+    "stablelm2-zephyr",  # post-training (sft, dpo) from stablelm2-1.6b's checkpoint
+]
 
 
 def recipe_path(recipe: str) -> Path:
@@ -208,6 +218,102 @@ def test_index_1_9b_is_wsd_with_a_quality_decay_phase():
     assert next_phase_needs_relaunch(run, decay)  # tensor parallelism for 32K
 
 
+def phase_segment(run, phase):
+    """The one segment (constant batch) of a phase without a batch ramp."""
+    (segment,) = [s for s in segments(run) if s.phase is phase]
+    return segment
+
+
+def test_index_1_9b_chat_is_sft_with_replay_then_one_epoch_of_dpo():
+    """Issue 18's reading of the Index-1.9B report: SFT at LR 1e-5 on the responses only (packed), the SFT data at
+    ~60 % of the loss tokens with pre-training replay the rest; then DPO with beta 0.1 at 1e-6, cosine, 1 epoch (of
+    the assumed 102,400 pairs of ~1Ki tokens); a separate run from the pre-training run, in Index-1.9B-Chat's
+    chat format."""
+    run, base = load_run(recipe_path("index-1.9b-chat")), load_run(recipe_path("index-1.9b"))
+    sft, dpo = run.phases
+    # It starts from the pre-training run: its checkpoint root (weights only), its tokenizer, its architecture.
+    init = run.manifest.spec.model.init
+    assert (init.from_, init.path) == ("checkpoint", base.checkpoint.path)
+    assert run.tokenizer.path == base.tokenizer.path
+    same = ("layers", "dim", "heads", "kv_heads", "ffn_hidden", "padded_vocab", "norm_head", "init_std", "rope_theta")
+    assert {f: getattr(run.model, f) for f in same} == {f: getattr(base.model, f) for f in same}
+    assert (sft.kind, dpo.kind) == ("sft", "dpo") and sft.masks_documents and dpo.masks_documents
+    # SFT: 1e-5 after the warmup, cosine to 0; the chat set gives 60 % of the loss tokens, replayed text the rest.
+    sft_segment = phase_segment(run, sft)
+    assert (sft.lr.schedule, sft_segment.batch_tokens, sft_segment.steps) == ("cosine", 1 * Mi, 2000)
+    assert lr_at(sft, sft.start_tokens + sft.lr.warmup_tokens) == pytest.approx(1e-5)
+    assert lr_at(sft, sft.end_tokens) == pytest.approx(0, abs=1e-12)
+    assert {name: w for name, w in sft.weights.items() if w} == {"chat": 0.6, "replay": 0.4}
+    assert (run.sources["chat"].format, run.sources["replay"].format) == ("chat", "auto")
+    assert run.sources["replay"].path == base.sources["quality"].path  # the pre-training run's curated set
+    # DPO: beta 0.1 against the weights it starts from (the SFT result), 1e-6 cosine to 0, a fresh optimizer.
+    assert (dpo.dpo.beta, dpo.dpo.nll_weight, dpo.dpo.reference) == (0.1, 0.0, None)
+    assert dpo.lr.schedule == "cosine" and lr_at(dpo, dpo.start_tokens + dpo.lr.warmup_tokens) == pytest.approx(1e-6)
+    assert lr_at(dpo, dpo.end_tokens) == pytest.approx(0, abs=1e-12)
+    assert dpo.reset_optimizer and not sft.reset_optimizer
+    assert {name for name, w in dpo.weights.items() if w} == {"prefs"} and run.sources["prefs"].format == "preference"
+    # 1 epoch of 102,400 pairs at ~1Ki sequence tokens a pair: 800 steps of 128 pairs, 10 % of them warmup.
+    pairs, pair_tokens = 102_400, 1 * Ki
+    dpo_segment = phase_segment(run, dpo)
+    assert dpo.tokens == pairs * pair_tokens and dpo_segment.batch_tokens == 128 * pair_tokens
+    assert dpo_segment.steps == pairs // 128 == 800 and dpo.lr.warmup_tokens == 80 * dpo_segment.batch_tokens
+    # Index-1.9B-Chat's format: <unk> opens the system message, reserved_0 a user turn, reserved_1 the reply, and
+    # </s> ends the reply (trained on, with the reply); the four are tokens of Index's vocabulary already.
+    fmt = chat_format(run.tokenizer.chat_template)
+    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
+    rendered = fmt.render(chat)
+    assert rendered.text == "<unk>Sreserved_0Ureserved_1A</s>"
+    assert [rendered.text[a:b] for a, b in rendered.loss_spans] == ["A</s>"]
+    assert (fmt.generation_prompt, fmt.end_of_turn) == ("reserved_1", "</s>")
+    assert set(fmt.special_tokens) == {"<unk>", "reserved_0", "reserved_1", "</s>"}
+    assert run.model.vocab_size == base.model.vocab_size == 65029  # no rows added for the template
+    assert {p.world_size for p in run.phases} == {32} and not next_phase_needs_relaunch(run, sft)
+
+
+def test_stablelm2_zephyr_is_three_epochs_of_sft_then_zephyrs_dpo():
+    """Stable LM 2 Zephyr 1.6B: SFT for 3 epochs, then DPO with Zephyr-7B-beta's settings (alignment-handbook at
+    c69ae4b): beta 0.1, LR 5e-7 linear with 10 % warmup, 3 epochs, 64 pairs a step; SFT with Zephyr's 2e-5 cosine
+    and 512 packed sequences of 2048; AdamW without weight decay (the Zephyr paper)."""
+    run, base = load_run(recipe_path("stablelm2-zephyr")), load_run(recipe_path("stablelm2-1.6b"))
+    sft, dpo = run.phases
+    init = run.manifest.spec.model.init
+    assert (init.from_, init.path) == ("checkpoint", base.checkpoint.path)
+    assert run.tokenizer.path == base.tokenizer.path
+    same = ("layers", "dim", "heads", "padded_vocab", "rotary_fraction", "norm", "qkv_bias", "position_ids")
+    assert {f: getattr(run.model, f) for f in same} == {f: getattr(base.model, f) for f in same}
+    assert (sft.kind, dpo.kind) == ("sft", "dpo")
+    # SFT: 512 packed sequences of 2048 a step, 2e-5 cosine to 0 after a 10 % warmup; 3 epochs of 500 steps.
+    sft_segment = phase_segment(run, sft)
+    assert (sft.seq_len, sft_segment.batch_tokens) == (2048, 512 * 2048)
+    assert sft_segment.steps == 3 * 500 and sft.lr.warmup_tokens * 10 == sft.tokens
+    assert lr_at(sft, sft.start_tokens + sft.lr.warmup_tokens) == pytest.approx(2e-5) and sft.lr.schedule == "cosine"
+    assert {name: w for name, w in sft.weights.items() if w} == {"sft": 1.0}  # no replay
+    # DPO: 3 epochs of 73,856 pairs of ~1Ki tokens, 64 pairs a step; a row holds two of Zephyr's 1024-token
+    # sequences (prompt + chosen, prompt + rejected).
+    pairs, pair_tokens = 73_856, 1 * Ki
+    dpo_segment = phase_segment(run, dpo)
+    assert dpo.tokens == 3 * pairs * pair_tokens and dpo_segment.batch_tokens == 64 * pair_tokens
+    assert dpo_segment.steps == 3 * pairs // 64 == 3462 and dpo.seq_len == 2 * 1024
+    assert dpo.lr.warmup_tokens // dpo_segment.batch_tokens == dpo_segment.steps // 10
+    # beta 0.1; 5e-7 after the warmup, then linear to 0: half way down at the middle of the decay.
+    assert (dpo.dpo.beta, dpo.dpo.nll_weight, dpo.dpo.reference) == (0.1, 0.0, None)
+    decay_start = dpo.start_tokens + dpo.lr.warmup_tokens
+    assert (dpo.lr.schedule, lr_at(dpo, decay_start)) == ("linear", pytest.approx(5e-7))
+    assert lr_at(dpo, (decay_start + dpo.end_tokens) / 2) == pytest.approx(2.5e-7)
+    assert dpo.reset_optimizer and {name for name, w in dpo.weights.items() if w} == {"prefs"}
+    # AdamW, no weight decay (Zephyr §4), transformers' defaults for the rest; the same in both phases.
+    optimizer = sft.optimizer
+    assert (optimizer.type, optimizer.weight_decay, optimizer.beta1, optimizer.beta2) == ("adamw", 0.0, 0.9, 0.999)
+    assert (optimizer.eps, optimizer.grad_clip) == (1e-8, 1.0) and dpo.optimizer == optimizer
+    # The model card's format is stagerun's zephyr.
+    fmt = chat_format(run.tokenizer.chat_template)
+    chat = [{"role": "user", "content": "List 3 synonyms"}, {"role": "assistant", "content": "1. Dwarf"}]
+    text = fmt.render(chat).text
+    assert text == "<|user|>\nList 3 synonyms<|endoftext|>\n<|assistant|>\n1. Dwarf<|endoftext|>\n"
+    assert (fmt.generation_prompt, fmt.end_of_turn) == ("<|assistant|>\n", "<|endoftext|>")
+    assert {p.world_size for p in run.phases} == {16} and not next_phase_needs_relaunch(run, sft)  # 16 GPUs
+
+
 def test_afm_distils_in_core_then_continues_and_lengthens_context():
     run = load_run(recipe_path("afm-3b"))
     core, continued, context = run.phases
@@ -265,6 +371,13 @@ def test_scale_to_tiny_keeps_the_recipes_shape():
         assert [p.rope for p in tiny.phases] == [p.rope for p in full.phases]
         assert [p.weights for p in tiny.phases] == [p.weights for p in full.phases]
         assert [p.distill is not None for p in tiny.phases] == [p.distill is not None for p in full.phases]
+        # Post-training: the kinds, DPO's settings, fresh or carried optimizer state, the chat format, and chat and
+        # preference sources (as builtin generated sets of the same content) stay.
+        assert [p.kind for p in tiny.phases] == [p.kind for p in full.phases]
+        assert [p.dpo for p in tiny.phases] == [p.dpo for p in full.phases]  # no recipe names its own reference
+        assert [p.reset_optimizer for p in tiny.phases] == [p.reset_optimizer for p in full.phases]
+        assert tiny.tokenizer.chat_template == full.tokenizer.chat_template
+        assert {n: s.format for n, s in tiny.sources.items()} == {n: s.format for n, s in full.sources.items()}
         # Relaunches happen only where the full recipe has them, and a recipe with any keeps at least one.
         full_relaunch = [next_phase_needs_relaunch(full, p) for p in full.phases]
         tiny_relaunch = [next_phase_needs_relaunch(tiny, p) for p in tiny.phases]
@@ -337,9 +450,15 @@ def assert_same_lr_values(full, tiny) -> None:
 
 def prepare_run_dir(shared_data: Path, folder: Path, manifest: dict) -> Path:
     """A run dir holding the session's tokenizer and, for each recipe source, a copy of the shards of the builtin
-    corpus it maps to (copies: a run never writes into the shared data)."""
+    corpus it maps to (copies: a run never writes into the shared data).
+
+    A recipe with a chat template gets an empty run dir: the session's tokenizer uses all 512 ids, so the
+    template's tokens would be appended past the tiny vocabSize; the run trains its own 512-token tokenizer with
+    them reserved, and tokenizes its sources (the builtin chat corpora are not in the shared data anyway)."""
     run_dir = folder / "run"
     (run_dir / "data").mkdir(parents=True)
+    if manifest["spec"]["tokenizer"].get("chatTemplate") is not None:
+        return run_dir
     (run_dir / "tokenizer.json").symlink_to(shared_data / "tokenizer.json")
     for source, spec in manifest["spec"]["data"]["sources"].items():
         corpus = {"builtin:python-docs": "docs", "builtin:python-code": "code"}[spec["path"]]
@@ -368,7 +487,9 @@ def assert_ran_the_whole_plan(manifest: dict, metrics: list[dict], run_dir: Path
     assert read_status(run_dir).state == "complete"
 
 
-@pytest.mark.parametrize("name", ["stablelm2-1.6b", "index-1.9b", "llama3-8b", "baichuan2-7b"])
+@pytest.mark.parametrize(
+    "name", ["stablelm2-1.6b", "index-1.9b", "llama3-8b", "baichuan2-7b", "index-1.9b-chat", "stablelm2-zephyr"]
+)
 def test_scaled_recipe_trains_through_every_phase(name, shared_data, tmp_path):
     manifest = scale_to_tiny(recipe(name))
     result, metrics, run_dir = run_scaled(manifest, shared_data, tmp_path)
@@ -391,6 +512,27 @@ def test_scaled_recipe_trains_through_every_phase(name, shared_data, tmp_path):
         before, after = metrics[stable_end]["tokensPerSource"], metrics[-1]["tokensPerSource"]
         assert after["quality"] - before["quality"] > 2 * before["quality"]
         assert metrics[-1]["lr"] < metrics[stable_end]["lr"]
+    if name in ("index-1.9b-chat", "stablelm2-zephyr"):  # sft on the chat set (and replay), then dpo on the pairs
+        assert_sft_then_dpo(manifest, metrics, replay="replay" if name == "index-1.9b-chat" else None)
+
+
+def assert_sft_then_dpo(manifest: dict, metrics: list[dict], replay: str | None) -> None:
+    """The sft steps draw from the chat source (and the replay source) only, the dpo steps from the pairs only; the
+    first dpo step compares the policy with itself (its reference is the weights the phase starts from), so every
+    reward is 0 and the loss is log 2; the dpo steps carry their pair counts."""
+    sources = manifest["spec"]["data"]["sources"]
+    chat = next(n for n, s in sources.items() if s.get("format") == "chat")
+    prefs = next(n for n, s in sources.items() if s.get("format") == "preference")
+    sft = [m for m in metrics if m["phase"] == "sft"]
+    dpo = [m for m in metrics if m["phase"] == "dpo"]
+    assert sft and dpo
+    drawn_in_sft = {n for n, count in sft[-1]["tokensPerSource"].items() if count}
+    assert drawn_in_sft == ({chat, replay} if replay else {chat})
+    before, after = sft[-1]["tokensPerSource"], dpo[-1]["tokensPerSource"]
+    assert {n for n in after if after[n] != before.get(n, 0)} == {prefs}
+    assert dpo[0]["dpoLoss"] == pytest.approx(math.log(2), rel=1e-4) and dpo[0]["rewardsMargin"] == pytest.approx(0)
+    assert all(m["pairs"] > 0 and math.isfinite(m["dpoLoss"]) for m in dpo)
+    assert all("dpoLoss" not in m for m in sft)
 
 
 @pytest.fixture(scope="module")
@@ -417,3 +559,23 @@ def test_scaled_afm_distils_in_core_then_continues_at_longer_contexts(afm_teache
 def test_builtin_corpus_mapping():
     assert builtin_corpus("code") == builtin_corpus("math") == "builtin:python-code"
     assert builtin_corpus("web-zh") == builtin_corpus("long-qa") == "builtin:python-docs"
+    # Post-training sources map by their content, whatever their name.
+    chat = tiny_source("code-chat", {"path": "s3://x/*.jsonl", "format": "chat", "weight": 0.6})
+    pairs = tiny_source("prefs", {"path": "s3://y/*.jsonl", "format": "preference", "weight": 0.0})
+    assert chat == {"path": "builtin:chat-arithmetic", "format": "chat", "weight": 0.6}
+    assert pairs == {"path": "builtin:preference-arithmetic", "format": "preference", "weight": 0.0}
+    assert tiny_source("replay", {"path": "s3://z/", "weight": 0.4}) == {"path": "builtin:python-docs", "weight": 0.4}
+
+
+def test_scale_to_tiny_replaces_a_dpo_reference_checkpoint_and_keeps_the_rest():
+    """A dpo phase that names its reference gets the tiny one (as a distilling phase gets a tiny teacher); beta,
+    nllWeight, the optimizer reset and the custom chat format stay; model.init goes (the tiny run starts from
+    random weights, valid because the recipe's sft phase comes before dpo)."""
+    manifest = recipe("index-1.9b-chat")
+    manifest["spec"]["phases"][1]["dpo"] = {"beta": 0.2, "nllWeight": 0.2, "reference": {"checkpoint": "s3://b/sft"}}
+    tiny = resolve_run(scale_to_tiny(manifest, reference_checkpoint="runs/sft/checkpoints"))
+    dpo = tiny.phases[1]
+    assert (dpo.dpo.beta, dpo.dpo.nll_weight, dpo.dpo.reference.checkpoint) == (0.2, 0.2, "runs/sft/checkpoints")
+    assert dpo.reset_optimizer and tiny.manifest.spec.model.init is None
+    assert tiny.tokenizer.chat_template == load_run(recipe_path("index-1.9b-chat")).tokenizer.chat_template
+    assert tiny.tokenizer.train.vocab_size == 512 and [p.seq_len for p in tiny.phases] == [256, 256]

@@ -198,9 +198,13 @@ class References:
     def model(self) -> torch.nn.Module | None:
         return self._model
 
-    def for_phase(self, phase: ResolvedPhase, policy: torch.nn.Module, *, fresh: bool) -> torch.nn.Module | None:
+    def for_phase(
+        self, phase: ResolvedPhase, policy: torch.nn.Module, *, fresh: bool, first_tokens: int
+    ) -> torch.nn.Module | None:
         """The reference of ``phase`` (None outside dpo phases). Call at the phase's start, before its first step:
-        ``fresh`` (the phase starts now, not mid-way after a resume) copies the policy's current weights."""
+        ``fresh`` (the phase starts now, not mid-way after a resume) copies the policy's current weights.
+        ``first_tokens``: the tokens seen before the phase's first step (core.plan.phase_first_tokens), where the
+        checkpoint holding its starting weights is."""
         if phase.kind != "dpo" or phase.dpo is None:
             self._key = self._model = None
             return None
@@ -216,7 +220,7 @@ class References:
             set_model_state_dict(model, get_model_state_dict(policy))
             log.warning("phase %s: reference = the policy's weights at the phase start", phase.name)
         else:
-            self._load_phase_start(model, phase)
+            self._load_phase_start(model, phase, first_tokens)
         self._model, self._key = _frozen(model), key
         return self._model
 
@@ -230,12 +234,12 @@ class References:
             ) from None
         self._load(model, phase, manager, info)
 
-    def _load_phase_start(self, model: torch.nn.Module, phase: ResolvedPhase) -> None:
-        at_start = [c for c in self.manager.committed() if c.tokens == phase.start_tokens]
+    def _load_phase_start(self, model: torch.nn.Module, phase: ResolvedPhase, first_tokens: int) -> None:
+        at_start = [c for c in self.manager.committed() if c.tokens == first_tokens]
         if at_start:
             self._load(model, phase, self.manager, at_start[-1])
             return
-        if phase.start_tokens == 0:  # the run's first phase: it started from spec.model.init (or the seeded init)
+        if first_tokens == 0:  # the run's first phase: it started from spec.model.init (or the seeded init)
             if self.spec.init is not None:
                 from .model.initial_weights import load_initial_weights
 
@@ -249,7 +253,7 @@ class References:
             return
         raise ReferenceUnavailable(
             phase,
-            f"the reference is the policy at the phase's start (token {phase.start_tokens}), but no committed "
+            f"the reference is the policy at the phase's start (token {first_tokens}), but no committed "
             f"checkpoint of that step is under {self.manager.url} (deleted by hand?)",
             "restore that checkpoint, or set reference.checkpoint to the weights the phase should stay close to",
         )

@@ -25,7 +25,15 @@ from typing import Any, cast
 
 import torch
 
-from stagerun.core.plan import StepPlan, checkpoint_due, next_phase_needs_relaunch, phase_at, step_plan
+from stagerun.core.chat_template import chat_format
+from stagerun.core.plan import (
+    StepPlan,
+    checkpoint_due,
+    next_phase_needs_relaunch,
+    phase_at,
+    phase_first_tokens,
+    step_plan,
+)
 from stagerun.core.protocol import GangState, RunStatus
 from stagerun.core.spec import ResolvedRun, to_manifest
 from stagerun.core.spec.model import architecture_fields
@@ -133,6 +141,8 @@ class Trainer:
         self.reference: torch.nn.Module | None = None  # the running dpo phase's frozen reference
         self.app_state = {"train": ModelOptimizerState(model, optimizer)}
         self.model_fields = architecture_fields(run.model)  # without init (where it began), as checkpoints record it
+        template = run.tokenizer.chat_template
+        self.chat_template = chat_format(template) if template is not None else None  # validated by resolve_run
         self.callbacks: list[Callback] = []
         self.step, self.tokens, self.restarts = 0, 0, 0
         self.last_checkpoint: str | None = None
@@ -245,7 +255,10 @@ class Trainer:
         apply_phase_optimizer(self.optimizer, phase.optimizer)  # also after a resume's load
         # Fresh: the phase starts with this step. After a mid-phase resume the checkpoint holds the phase's own
         # optimizer state, and the reference must be the weights the phase began with, not the current ones.
-        fresh = self.tokens == phase.start_tokens
+        # (The phase's first step starts where the previous phase's last step ended, which may be past its budget.)
+        first_tokens = phase_first_tokens(self.run, phase)
+        assert first_tokens is not None, "a phase with a step to take has a first step"
+        fresh = self.tokens == first_tokens
         if phase.reset_optimizer and fresh:
             reset_optimizer_state(self.optimizer)
             if self.topo.is_main:
@@ -253,7 +266,7 @@ class Trainer:
         if phase.kind == "dpo" and self.references is None:
             raise RuntimeError("a dpo phase needs the Trainer's references (dpo.References)")
         if self.references is not None:
-            self.reference = self.references.for_phase(phase, self.model, fresh=fresh)
+            self.reference = self.references.for_phase(phase, self.model, fresh=fresh, first_tokens=first_tokens)
 
     def _train_step(self, plan: StepPlan, prefetcher: Prefetcher, stop: StopRequest) -> StepRecord:
         started = time.perf_counter()
@@ -402,6 +415,8 @@ class Trainer:
             "rng": _rng_state(),
             "model": self.model_fields,
             "rope": to_manifest(phase.rope) if phase.rope else None,  # what `stagerun export` writes to config.json
+            # the chat format the run trains with: `stagerun export` writes it to tokenizer_config.json unasked
+            "chatTemplate": self.chat_template.to_json() if self.chat_template is not None else None,
             "run": self.run.name,
             "worldSize": self.topo.world_size,
             "restarts": self.restarts,
