@@ -271,11 +271,14 @@ class _FusedTargetLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, shard):
+    def forward(ctx, hidden, weight, targets, chunk, shard, shape):
         keep = targets != IGNORE_INDEX
         n = hidden.shape[0]
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        logprobs = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        # Allocated in the caller's shape and filled through a flat view: the output is a tensor of its own, not a
+        # view (FSDP2 warns when a wrapped module returns a view, as a later in-place op on it would skip its hook).
+        shaped = torch.zeros(shape, dtype=torch.float32, device=hidden.device)
+        logprobs = shaped.view(-1)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
             stats = _chunk_stats(_chunk_logits(hidden[rows], weight), targets[rows], None, shard, False)
@@ -283,14 +286,14 @@ class _FusedTargetLogprobs(torch.autograd.Function):
             logprobs[rows] = torch.where(keep[rows], stats.target_logit - stats.lse, 0.0)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk, ctx.shard = chunk, shard
-        return logprobs
+        return shaped
 
     @staticmethod
     def backward(ctx, grad_logprobs):
         hidden, weight, targets, lse = ctx.saved_tensors
         shard: VocabShard = ctx.shard
         # Ignored rows get no gradient whatever the caller sends back for them (their output is a constant 0).
-        scale = torch.where(targets != IGNORE_INDEX, grad_logprobs.float(), 0.0)
+        scale = torch.where(targets != IGNORE_INDEX, grad_logprobs.reshape(-1).float(), 0.0)
         n, chunk = hidden.shape[0], ctx.chunk
         grad_hidden = torch.empty_like(hidden)
         grad_weight: torch.Tensor | None = None
@@ -310,7 +313,7 @@ class _FusedTargetLogprobs(torch.autograd.Function):
                 grad_weight += chunk_weight
         if grad_weight is None:
             grad_weight = torch.zeros_like(weight)
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 
 def target_logprobs(
@@ -325,5 +328,4 @@ def target_logprobs(
     are never held whole); under tensor parallelism the per-row max, target logit and normaliser are combined over
     ``shard``'s group, so every TP rank returns the same values and its partial gradient of ``hidden``."""
     flat = hidden.reshape(-1, hidden.shape[-1])
-    logprobs = _FusedTargetLogprobs.apply(flat, weight, targets.reshape(-1), chunk_tokens, shard)
-    return logprobs.reshape(targets.shape)
+    return _FusedTargetLogprobs.apply(flat, weight, targets.reshape(-1), chunk_tokens, shard, tuple(targets.shape))
