@@ -17,7 +17,7 @@ import faults
 import pytest
 import torch
 from conftest import SAMPLE_BYTES, run_tiny, stagerun, tiny_run, write_manifest
-from test_training import completed, final_weights, flat_tensors
+from test_training import completed, final_weights, flat_tensors, uninterrupted_run
 
 from stagerun.trainer.checkpoint import CheckpointManager
 from stagerun.trainer.telemetry import read_metrics, read_status
@@ -96,16 +96,7 @@ def straight(post_data, tmp_path_factory):
     """pretrain -> sft -> dpo in one manifest, two processes, uninterrupted: what the other tests compare with."""
     folder = tmp_path_factory.mktemp("post-straight")
     run_dir = new_run_dir(post_data, folder / "run")
-    manifest = write_manifest(folder / "post.yaml", post_training_run())
-    result = run_tiny(manifest, run_dir)
-    completed(result)
-    return {
-        "dir": run_dir,
-        "manifest": manifest,
-        "metrics": read_metrics(run_dir / "metrics.jsonl"),
-        "output": result.stdout,
-        "weights": final_weights(run_dir / "checkpoints", folder),
-    }
+    return uninterrupted_run(write_manifest(folder / "post.yaml", post_training_run()), run_dir, folder)
 
 
 def by_phase(metrics: list[dict], phase: str) -> list[dict]:

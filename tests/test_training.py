@@ -58,7 +58,12 @@ def straight(shared_data, tmp_path_factory):
     run_dir.mkdir()
     (run_dir / "tokenizer.json").symlink_to(shared_data / "tokenizer.json")
     (run_dir / "data").symlink_to(shared_data / "data")
-    manifest = write_manifest(folder / "tiny.yaml", tiny_run())
+    return uninterrupted_run(write_manifest(folder / "tiny.yaml", tiny_run()), run_dir, folder)
+
+
+def uninterrupted_run(manifest: Path, run_dir: Path, folder: Path) -> dict:
+    """Run ``manifest`` in ``run_dir`` to completion; what the resume tests compare with (dir, manifest, metrics,
+    output, final weights)."""
     result = run_tiny(manifest, run_dir)
     completed(result)
     return {
