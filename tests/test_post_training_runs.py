@@ -123,6 +123,10 @@ def test_one_manifest_pretrains_then_fine_tunes_then_aligns(straight):
     assert all(m["pairs"] > 0 for m in dpo) and sum(m["pairs"] for m in dpo) > 100
     assert all(m["rewardsChosen"] != 0 and m["rewardsRejected"] != 0 for m in later), later
     assert sum(m["rewardsMargin"] for m in later) > 0 and min(m["dpoLoss"] for m in later) < math.log(2), later
+    # The sft phase's last step ran past its budget (to 16Ki, not 15Ki), so the dpo phase's first step is past its
+    # start_tokens: it still counts as the phase's fresh start, and optimizer.reset clears the state there.
+    assert sum(STEPS[p] for p in ("pretrain", "sft")) == 12 and metrics[11]["tokens"] == 16 * 1024, metrics[11]
+    assert "phase dpo: optimizer state reset (phases[2].optimizer.reset)" in straight["output"]
     assert "phase sft finished" in straight["output"] and "phase dpo finished" in straight["output"]
 
 
