@@ -3,15 +3,18 @@ of growing document counts, and bytes fetched from an S3 API against the bytes t
 
     python benchmarks/loader_scale.py [--docs 10000,1000000] [--huge] [--steps 50] [--s3] [--s3-steps 200]
 
-Each set is generated directly as a stagerun-tokens/v2 set (one shard per 8M documents, ~16 tokens per document,
-uint16, hashes computed) in a temporary folder; ``--huge`` adds the 100M-document set (4 GB of disk, minutes to
-generate). Every measurement
-runs in a fresh subprocess: open (wall time), anonymous RSS (RssAnon: the process's own memory, not the page cache
-that memory-mapped files share) before open and after ``--steps`` loader steps (seqLen 4096, 64 sequences, dp 8:
-rank 0's share), and the loader's tokens/s (this rank's tokens). With ``--s3`` the smallest and the middle set
-are served by moto on 127.0.0.1 and read in place, ``--s3-steps`` steps: bytes fetched vs the bytes the process's
-batches need, and tokens/s vs a raw fsspec sequential read of as many bytes from the same endpoint (whole shard
-objects, one GET each, cycled), at dp 1 (whole blocks read a window ahead) and as rank 0 of dp 8 (only its ranges).
+Each set is generated directly as a stagerun-tokens/v2 set (~16 tokens per document, or ``--doc-tokens``; one shard
+per ~128Mi tokens: 8M documents of 16; uint16, hashes computed) in a temporary folder; ``--huge`` adds the
+100M-document set (4 GB of disk, minutes to generate). Every measurement runs in a fresh subprocess: open (wall
+time), anonymous RSS (RssAnon: the process's own memory, not the page cache that memory-mapped files share) before
+open and after ``--steps`` loader steps (seqLen 4096, 64 sequences, dp 8: rank 0's share), and the loader's
+tokens/s (this rank's tokens). With ``--s3`` the smallest and the middle set are served by moto on 127.0.0.1 and
+read in place, ``--s3-steps`` steps: bytes fetched vs the bytes the process's batches need, and tokens/s at dp 1
+(whole blocks read a window ahead) and as rank 0 of dp 8 (only its ranges) against two raw fsspec sequential reads
+of as many bytes from the same endpoint, objects cycled: one GET per whole object, and ranged GETs of one block's
+bytes (the loader's request size). The second is the fair one on moto, which copies the whole object to serve any
+range (an S3 serves a range in the range's time): against whole objects a ranged reader pays object / range times
+the bytes on moto alone.
 """
 
 from __future__ import annotations
@@ -27,17 +30,21 @@ from pathlib import Path
 
 import numpy as np
 
+from stagerun.trainer.data.block_order import BLOCK_TOKENS
+
 DOCS_PER_SHARD = 8 << 20
 SEQ_LEN, SEQUENCES, DP = 4096, 64, 8
 
 
-def generate(folder: Path, n_docs: int, seed: int = 0) -> None:
+def generate(folder: Path, n_docs: int, seed: int = 0, doc_tokens: int = 16) -> None:
+    """A v2 set of ``n_docs`` documents of 2 .. 2 x doc_tokens - 2 tokens (uniform: mean ~doc_tokens)."""
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     shards = []
-    for i, first in enumerate(range(0, n_docs, DOCS_PER_SHARD)):
-        count = min(DOCS_PER_SHARD, n_docs - first)
-        lengths = rng.integers(2, 31, size=count, dtype=np.int64)
+    per_shard = max(1, DOCS_PER_SHARD * 16 // doc_tokens)  # ~128Mi tokens per shard, whatever the length
+    for i, first in enumerate(range(0, n_docs, per_shard)):
+        count = min(per_shard, n_docs - first)
+        lengths = rng.integers(2, 2 * doc_tokens - 1, size=count, dtype=np.int64)
         ends = np.cumsum(lengths, dtype="<i8")
         tokens = rng.integers(1, 50_000, size=int(ends[-1]), dtype="<u2")
         tokens[ends - 1] = 0  # EOS closes every document
@@ -97,14 +104,22 @@ print(json.dumps({"open": opened, "rss": anon() - base, "tps": tokens / seconds,
 
 RAW = r"""
 import sys, time, fsspec
-url, count = sys.argv[1], int(sys.argv[2])
+url, count, request = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 fs, root = fsspec.core.url_to_fs(url)
 files = sorted(p for p in fs.ls(root) if p.endswith(".bin"))
+sizes = {p: fs.size(p) for p in files}
 done, i = 0, 0
 start = time.perf_counter()
 while done < count:
     path = files[i % len(files)]
-    done += len(fs.cat_file(path, start=0, end=min(count - done, fs.size(path))))
+    if request == 0:  # one GET of the whole object (up to what is still needed)
+        done += len(fs.cat_file(path, start=0, end=min(count - done, sizes[path])))
+    else:  # the object in order, one ranged GET of `request` bytes after another
+        at = 0
+        while at < sizes[path] and done < count:
+            size = min(request, sizes[path] - at, count - done)
+            done += len(fs.cat_file(path, start=at, end=at + size))
+            at += size
     i += 1
 print(done / 2 / (time.perf_counter() - start))
 """
@@ -127,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--s3", action="store_true")
     parser.add_argument("--s3-steps", type=int, default=200)
+    parser.add_argument(
+        "--doc-tokens",
+        type=int,
+        default=16,
+        help="mean document length (16: the index's growth with few tokens; ~1000: web text, where the per-document "
+        "work of the shuffle no longer dominates)",
+    )
     args = parser.parse_args(argv)
     sizes = [int(x) for x in args.docs.split(",")] + ([100_000_000] if args.huge else [])
     with tempfile.TemporaryDirectory(prefix="loader-scale-") as tmp:
@@ -134,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for n in sizes:
             started = time.perf_counter()
-            generate(root / f"set-{n}", n)
+            generate(root / f"set-{n}", n, doc_tokens=args.doc_tokens)
             generated = time.perf_counter() - started
             first = measure(str(root / f"set-{n}"), str(root / "cache"), args.steps)  # builds a node index if needed
             warm = measure(str(root / f"set-{n}"), str(root / "cache"), args.steps)
@@ -150,11 +172,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def s3_rows(root: Path, sizes: list[int], steps: int) -> None:
+    import logging
     import os
 
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -168,10 +192,12 @@ def s3_rows(root: Path, sizes: list[int], steps: int) -> None:
     os.environ.update(env)
     client = boto3.client("s3", endpoint_url=endpoint)
     client.create_bucket(Bucket="bench")
+    request = BLOCK_TOKENS * 2  # uint16: the bytes of one block, the loader's read-ahead request
     print(
-        "\n| documents (S3) | dp (read) | bytes fetched / needed | loader tokens/s | raw sequential tokens/s | ratio |"
+        "\n| documents (S3) | dp (read) | bytes fetched / needed | loader tokens/s | raw, whole objects | ratio "
+        f"| raw, {request >> 20} MiB requests | ratio |"
     )
-    print("|---:|---|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
     try:
         for n in sizes:
             for path in sorted((root / f"set-{n}").iterdir()):
@@ -179,16 +205,21 @@ def s3_rows(root: Path, sizes: list[int], steps: int) -> None:
             for dp, read in ((1, "whole blocks"), (DP, "own ranges")):
                 # Own ranges: ~1,000 small GETs per step (moto copies the whole object for each): fewer steps.
                 result = measure(f"s3://bench/set-{n}", str(root / "s3cache"), steps if dp == 1 else 3, dp)
-                raw = subprocess.run(
-                    [sys.executable, "-c", RAW, f"s3://bench/set-{n}", str(int(result["needed"]))],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                )
-                raw_tps = float(raw.stdout.strip())
+                raw = [
+                    float(
+                        subprocess.run(
+                            [sys.executable, "-c", RAW, f"s3://bench/set-{n}", str(int(result["needed"])), str(size)],
+                            check=True,
+                            capture_output=True,
+                            text=True,
+                        ).stdout.strip()
+                    )
+                    for size in (0, request)
+                ]
                 print(
                     f"| {n:,} | {dp} ({read}) | {result['fetched'] / result['needed']:.3f} | "
-                    f"{result['tps'] / 1e6:.3g}M | {raw_tps / 1e6:.3g}M | {result['tps'] / raw_tps:.3g} |",
+                    f"{result['tps'] / 1e6:.3g}M | {raw[0] / 1e6:.3g}M | {result['tps'] / raw[0]:.3g} | "
+                    f"{raw[1] / 1e6:.3g}M | {result['tps'] / raw[1]:.3g} |",
                     flush=True,
                 )
     finally:

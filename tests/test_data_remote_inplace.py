@@ -10,7 +10,7 @@ from test_data_loader import random_docs, write_token_set
 from test_data_remote import BUCKET, s3  # noqa: F401 - the moto fixture
 
 from stagerun.trainer.data import DataError, PackedMixLoader, TokenShards, remote_io
-from stagerun.trainer.data.readahead import WindowReader
+from stagerun.trainer.data.readahead import WindowReader, visiting_order
 from stagerun.trainer.data.shard_verify import upgrade_manifest
 
 ARGS = dict(phase_index=0, weights={"web": 1.0}, seq_len=64, global_sequences=8, micro_batch_size=2)
@@ -151,3 +151,57 @@ def test_whole_blocks_a_window_ahead_give_the_same_batches(remote_url, local_set
         assert remote_io.STATS.bytes_fetched - start <= consumed + 2 * token_bytes(local_set) * epochs
         assert remote_io.STATS.requests - requests < steps * sequences  # a few large reads, not one per document
     assert isinstance(loaders[0]._streams[0].reader, WindowReader)
+
+
+@pytest.mark.parametrize("dp", [1, 2])
+def test_whole_windows_give_the_same_mixed_and_packed_batches(s3, tmp_path, monkeypatch, dp):  # noqa: F811
+    """The whole-window reader lays each window out in visiting order and copies a step's rows of a source as one
+    span: pretrain steps mixing a masked chat set with a text set (rows of two sources interleaved), sft steps with
+    text replay, and dpo steps all give, on every rank, exactly the batches of gathering by index from a local copy."""
+    from test_data_loader_post_training import args, chats, pairs, same_batches, text_docs, write_set
+
+    monkeypatch.setenv("STAGERUN_DATA_BLOCK_TOKENS", "96")
+    monkeypatch.setenv("STAGERUN_DATA_WINDOW_BLOCKS", "2")
+    monkeypatch.setenv("STAGERUN_DATA_READ_AHEAD", "blocks")  # also at dp 2, where `auto` reads ranges
+    docs = {"chat": (chats(1, 150, 1, long_every=17), "chat"), "web": (text_docs(200, 10_000_000), "text")}
+    docs["prefs"] = (pairs(2, 80), "preference")
+    local, remote = {}, {}
+    for name, (content_docs, content) in docs.items():
+        local[name] = write_set(tmp_path / "local" / name, content_docs, content, docs_per_shard=40)
+        for path in sorted((tmp_path / "local" / name).iterdir()):
+            s3.put_object(Bucket=BUCKET, Key=f"windows/{name}/{path.name}", Body=path.read_bytes())
+        remote[name] = TokenShards.open(f"s3://{BUCKET}/windows/{name}", cache_dir=tmp_path / "cache", verify="off")
+    plan = [
+        ("pretrain", {"chat": 0.4, "web": 0.6}, 3, 0),
+        ("sft", {"chat": 0.7, "web": 0.3}, 4, 1),
+        ("dpo", {"prefs": 1.0}, 4, 2),
+    ]
+    pairs_seen = 0
+    for kind, weights, count, phase in plan:
+        names = list(weights)
+        loaders = {
+            where: [PackedMixLoader({n: sets[n] for n in names}, 3) for _ in range(dp)]
+            for where, sets in (("local", local), ("remote", remote))
+        }
+        for _ in range(count):
+            step = args(kind, weights, seq_len=32, sequences=8, phase=phase)
+            got = {
+                where: [mb for r, ld in enumerate(lds) for mb in ld.next_step(dp_rank=r, dp_size=dp, **step)]
+                for where, lds in loaders.items()
+            }
+            assert same_batches(got["remote"], got["local"]), (kind, dp)
+            pairs_seen += sum(mb.num_pairs for mb in got["remote"])
+        assert all(isinstance(s.reader, WindowReader) for ld in loaders["remote"] for s in ld._streams)
+    assert pairs_seen > 0
+
+
+@pytest.mark.parametrize("mean", [4, 600])  # the vectorised gather of short documents, the slice copies of long ones
+def test_visiting_order_lays_documents_out_in_order(mean):
+    rng = np.random.default_rng(mean)
+    lengths = rng.integers(1, 2 * mean, size=300).astype(np.int64)
+    fetched = rng.integers(0, 2**16, size=int(lengths.sum()), dtype=np.uint16)
+    src = (np.cumsum(lengths) - lengths)[order := rng.permutation(len(lengths))]
+    expected = np.concatenate([fetched[a : a + n] for a, n in zip(src, lengths[order])])
+    got = visiting_order(fetched, src, lengths[order])
+    assert got.dtype == fetched.dtype and np.array_equal(got, expected)
+    assert len(visiting_order(fetched, src[:0], lengths[:0])) == 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -93,7 +94,6 @@ class BlockOrder:
         # permutation (a few hundred ms for a window of half a million documents).
         self._builder: ThreadPoolExecutor | None = None
         self._building: dict[tuple[int, int], Future[Window]] = {}
-        self.touched: set[tuple[int, int]] = set()  # windows located since the caller last cleared it
         self.set_anchor(0, 0, 0)
 
     # --- blocks ----------------------------------------------------------------------------------------------
@@ -162,6 +162,12 @@ class BlockOrder:
                 self._windows.popitem(last=False)
         return built
 
+    def built(self, epoch: int, number: int, start: int) -> Window:
+        """``window(...)`` for another thread (the read-ahead): waits for the builder's build of it if one is under
+        way rather than building it a second time."""
+        future = self._building.get((epoch, number))
+        return future.result() if future is not None else self.window(epoch, number, start)
+
     def _cached(self, epoch: int, number: int) -> Window | None:
         future = self._building.pop((epoch, number), None)
         if future is not None:
@@ -194,16 +200,21 @@ class BlockOrder:
                 return window
             self.number, self.start = self.number + 1, stop
 
+    def pieces(self, epoch: int, offset: int, take: int) -> Iterator[tuple[Window, int, int]]:
+        """(window, first epoch offset, count) for epoch offsets [offset, offset + take), split at window ends."""
+        done = 0
+        while done < take:
+            window = self._walk_to(epoch, offset + done)
+            count = min(take - done, window.stop - (offset + done))
+            yield window, offset + done, count
+            done += count
+
     def locate(self, epoch: int, offset: int, take: int) -> tuple[np.ndarray, np.ndarray]:
         """(global token index, document rank in the epoch) of epoch offsets [offset, offset + take)."""
         index = np.empty(take, dtype=np.int64)
         ranks = np.empty(take, dtype=np.int64)
         done = 0
-        while done < take:
-            window = self._walk_to(epoch, offset + done)
-            self.touched.add((window.epoch, window.number))
-            count = min(take - done, window.stop - (offset + done))
-            first = offset + done
+        for window, first, count in self.pieces(epoch, offset, take):
             # The documents covering [first, first + count) are a run of the window's: repeat each over its tokens
             # (cheaper than a binary search per token).
             j0, j1 = np.searchsorted(window.ends, [first, first + count - 1], side="right").tolist()

@@ -108,8 +108,11 @@ class _Row:
     pieces: list[tuple[int, int]] | None = None  # packed rows: (stream position, tokens) per document, in row order
     pairs: int = 0
     truncated: bool = False
-    index: np.ndarray | None = None  # this rank's rows: global token index [L + 1], -1 on padding
-    doc_ids: np.ndarray | None = None  # this rank's rows: document number in the row [L + 1]
+    # this rank's rows: the stream position of a stream row's first token; a packed row's runs of consecutive
+    # stream positions (position, tokens) and each token's document number in the row [L + 1]
+    position: int | None = None
+    runs: list[tuple[int, int]] | None = None
+    doc_ids: np.ndarray | None = None
 
 
 class _SourceStream:
@@ -194,20 +197,43 @@ class _SourceStream:
                 return np.concatenate(parts)
             position = (epoch + 1) * self.total  # an epoch ends at a document end: go on in the next one
 
-    def take(self, index: np.ndarray, dp_size: int) -> np.ndarray:
-        """The tokens at ``index`` (located just before): whole windows read ahead for a remote set when the read
-        mode says so (readahead.py), else only these positions."""
-        if not isinstance(self.order, BlockOrder):
-            return self.shards.take(index)
-        windows, self.order.touched = self.order.touched, set()
+    def window_reader(self, dp_size: int) -> WindowReader | None:
+        """The whole-window reader of a remote set in the block order when the read mode says so (readahead.py),
+        else None: the tokens are then gathered by index, only this rank's."""
         files = self.shards.files
         remote = isinstance(files, RemoteTokens)
-        mode = read_mode(remote, isinstance(files, RemoteTokens) and files.files.cache is not None, dp_size)
-        if mode == "ranges":
-            return self.shards.take(index)
+        if not isinstance(self.order, BlockOrder):
+            return None
+        if read_mode(remote, remote and files.files.cache is not None, dp_size) == "ranges":
+            return None
         if self.reader is None:
             self.reader = WindowReader(self.shards, self.order)
-        return self.reader.take(index, windows)
+        return self.reader
+
+    def read_span(self, position: int, count: int, dp_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens of stream positions [position, position + count) (int64, or the set's dtype) and, per token, the
+        number of document ends e with position < e <= its position: the document numbering of ``read``, for any
+        sub-span by a subtraction. Window by window slices of the reader's ordered tokens when it reads whole
+        windows, else located and gathered by index."""
+        reader = self.window_reader(dp_size)
+        if reader is None:
+            index, counts = self.locate(position, count)
+            return self.shards.take(index), counts
+        assert isinstance(self.order, BlockOrder)
+        tokens = np.empty(count, dtype=self.shards.dtype)  # widened where it is copied into the batch
+        starts = np.zeros(count, dtype=np.int32 if count < 2**31 else np.int64)  # 1 at each document start but 0
+        done = 0
+        while done < count:
+            epoch, offset = divmod(position + done, self.total)
+            take = min(count - done, self.total - offset)
+            for window, first, n in self.order.pieces(epoch, offset, take):
+                at = done + first - offset
+                tokens[at : at + n] = reader.read(window, first, n)
+                j0, j1 = np.searchsorted(window.ends, [first, first + n], side="right").tolist()
+                ends = window.ends[j0:j1] - first + at  # each end is the next document's first token
+                starts[ends[ends < count]] = 1
+            done += take
+        return tokens, np.cumsum(starts, out=starts)
 
     def anchor(self, position: int) -> list[int] | None:
         """Where the order's walk resumes for a cursor at ``position`` (None: a v1 order needs none)."""
@@ -365,7 +391,7 @@ class PackedMixLoader:
         """A row read as a stream (pretrain, and text replay in sft): seq_len + 1 tokens, the cursor moves seq_len."""
         row = _Row(source)
         if mine:
-            row.index, row.doc_ids = self._streams[source].locate(self.cursors[source], seq_len + 1)
+            row.position = self.cursors[source]
         self.cursors[source] += seq_len
         self.tokens_per_source[self.names[source]] += seq_len
         self.packing[source] = "stream"
@@ -433,73 +459,111 @@ class PackedMixLoader:
         return _Row(source, pieces, pairs=1, truncated=True), rejected_end - position
 
     def _locate_pieces(self, row: _Row, room: int) -> None:
-        """This rank's packed row: the global index of each of its tokens and their document numbers."""
-        stream = self._streams[row.source]
+        """This rank's packed row: its runs of consecutive stream positions (a row of whole documents is one run)
+        and each token's document number."""
         pieces = row.pieces or []
-        index = np.full(room, -1, dtype=np.int64)
-        doc_ids = np.full(room, len(pieces), dtype=np.int64)  # padding: a document of its own
-        done = 0
-        # Runs of consecutive pieces are one located range (a row of whole documents is one).
-        runs: list[list[int]] = []
+        runs: list[tuple[int, int]] = []
         for position, length in pieces:
             if runs and runs[-1][0] + runs[-1][1] == position:
-                runs[-1][1] += length
+                runs[-1] = (runs[-1][0], runs[-1][1] + length)
             else:
-                runs.append([position, length])
-        for position, length in runs:
-            index[done : done + length] = stream.locate(position, length)[0]
-            done += length
+                runs.append((position, length))
+        doc_ids = np.full(room, len(pieces), dtype=np.int64)  # padding: a document of its own
         lengths = [length for _, length in pieces]
-        doc_ids[:done] = np.repeat(np.arange(len(pieces), dtype=np.int64), lengths)
-        row.index, row.doc_ids = index, doc_ids
+        doc_ids[: sum(lengths)] = np.repeat(np.arange(len(pieces), dtype=np.int64), lengths)
+        row.runs, row.doc_ids = runs, doc_ids
 
     def _micro_batches(
         self, mine: list[_Row], seq_len: int, micro: int, dp_size: int, kind: str, phase_index: int
     ) -> list[MicroBatch]:
-        values = np.zeros((len(mine), seq_len + 1), dtype=np.int64)
-        index = np.empty((len(mine), seq_len + 1), dtype=np.int64)
-        doc_ids = np.empty((len(mine), seq_len + 1), dtype=np.int64)
-        for r, row in enumerate(mine):
-            assert row.index is not None and row.doc_ids is not None  # located while packing: this rank's rows
-            index[r], doc_ids[r] = row.index, row.doc_ids
-        valid = index >= 0
-        # One read per source for the whole step: a remote set fetches all its sequences' ranges in one batch.
-        sources = np.array([row.source for row in mine], dtype=np.int64)
-        for source in np.unique(sources).tolist():
-            rows = np.flatnonzero(sources == source)
-            part = values[rows]
-            part[valid[rows]] = self._streams[source].take(index[rows][valid[rows]], dp_size)
-            values[rows] = part
-        inputs = np.empty((len(mine), seq_len), dtype=np.int64)
-        targets = np.empty((len(mine), seq_len), dtype=np.int64)
-        pair_ids = np.full((len(mine), seq_len), -1, dtype=np.int32) if kind == "dpo" else None
-        for r, row in enumerate(mine):
-            stream = self._streams[row.source]
-            ids, trained = split_loss_mask(values[r]) if stream.masked else (values[r], None)
-            if row.pieces is None:  # a stream row: every target trains (a chat set's mask bit only cleared)
-                inputs[r], targets[r] = ids[:-1], ids[1:]
-                continue
-            assert trained is not None  # packed rows are chat / preference sets, which carry the mask
-            inputs[r] = np.where(valid[r, :-1], ids[:-1], stream.shards.eos_id)
-            same = doc_ids[r, 1:] == doc_ids[r, :-1]  # never across documents (nor into the padding)
-            target = trained[1:] & same & valid[r, 1:]
-            targets[r] = np.where(target, ids[1:], IGNORE_INDEX)
-            if pair_ids is not None:
-                pair_ids[r] = np.where(target, doc_ids[r, :-1], -1)
-                self._check_pairs(row, pair_ids[r], values[r], seq_len, phase_index)
+        m, L = len(mine), seq_len
+        inputs = np.empty((m, L), dtype=np.int64)
+        targets = np.empty((m, L), dtype=np.int64)
+        doc_ids = np.empty((m, L), dtype=np.int32)
+        pair_ids = np.full((m, L), -1, dtype=np.int32) if kind == "dpo" else None
+        # Stream rows: a source's rows in this rank's block are consecutive draws, so its k rows are the one span
+        # [p, p + k L + 1) of its stream (each row's last target is the next row's first input): one read per
+        # source per step, then rows are reshapes of it.
+        for source, rows, position in self._stream_runs(mine, L):
+            stream, k = self._streams[source], len(rows)
+            tokens, counts = stream.read_span(position, k * L + 1, dp_size)
+            ids = split_loss_mask(tokens)[0] if stream.masked else tokens  # every target trains
+            numbers = counts[: k * L].reshape(k, L)
+            if len(rows) == m:  # one source: whole arrays, no row gather
+                inputs[:], targets[:] = ids[: k * L].reshape(k, L), ids[1:].reshape(k, L)
+                np.subtract(numbers, numbers[:, :1], out=doc_ids, casting="unsafe")
+            else:
+                inputs[rows], targets[rows] = ids[: k * L].reshape(k, L), ids[1:].reshape(k, L)
+                doc_ids[rows] = numbers - numbers[:, :1]
+        packed = [r for r, row in enumerate(mine) if row.runs is not None]
+        if packed:
+            self._packed_rows(mine, packed, inputs, targets, doc_ids, pair_ids, L, dp_size, phase_index)
         names = [self.names[row.source] for row in mine]
-        doc_ids32 = doc_ids[:, :seq_len].astype(np.int32)
         return [
             MicroBatch(
                 inputs=inputs[i : i + micro],
                 targets=targets[i : i + micro],
-                doc_ids=doc_ids32[i : i + micro],
+                doc_ids=doc_ids[i : i + micro],
                 sources=names[i : i + micro],
                 pair_ids=None if pair_ids is None else pair_ids[i : i + micro],
                 num_pairs=sum(row.pairs for row in mine[i : i + micro]),
             )
             for i in range(0, len(mine), micro)
         ]
+
+    @staticmethod
+    def _stream_runs(mine: list[_Row], seq_len: int) -> list[tuple[int, np.ndarray, int]]:
+        """(source, row numbers, first stream position) per run of stream rows that follow one another in their
+        source's stream."""
+        runs: dict[int, list[tuple[list[int], int]]] = {}
+        for r, row in enumerate(mine):
+            if row.position is None:
+                continue
+            own = runs.setdefault(row.source, [])
+            if own and own[-1][1] + len(own[-1][0]) * seq_len == row.position:
+                own[-1][0].append(r)
+            else:
+                own.append(([r], row.position))
+        return [(source, np.array(rows), start) for source, own in runs.items() for rows, start in own]
+
+    def _packed_rows(self, mine, packed, inputs, targets, doc_ids, pair_ids, seq_len, dp_size, phase_index) -> None:
+        """The sft/dpo rows of this rank: their runs' tokens (whole windows' slices, or one gather per source),
+        inputs padded with the set's eosId, targets only where trained and inside one document."""
+        room = seq_len + 1
+        values = np.zeros((len(packed), room), dtype=np.int64)
+        valid = np.zeros((len(packed), room), dtype=bool)
+        gathers: dict[int, list[tuple[int, int, np.ndarray]]] = {}  # by source: (row, at, index) to read by index
+        for i, r in enumerate(packed):
+            row = mine[r]
+            stream, at = self._streams[row.source], 0
+            reader = stream.window_reader(dp_size)
+            for position, length in row.runs or []:
+                if reader is not None:
+                    values[i, at : at + length] = stream.read_span(position, length, dp_size)[0]
+                else:
+                    gathers.setdefault(row.source, []).append((i, at, stream.locate(position, length)[0]))
+                at += length
+            valid[i, :at] = True
+        # One read per source for the whole step: a remote set fetches all its sequences' ranges in one batch.
+        for source, parts in gathers.items():
+            tokens = self._streams[source].shards.take(np.concatenate([index for _, _, index in parts]))
+            done = 0
+            for i, at, index in parts:
+                values[i, at : at + len(index)] = tokens[done : done + len(index)]
+                done += len(index)
+        for i, r in enumerate(packed):
+            row, stream = mine[r], self._streams[mine[r].source]
+            assert row.doc_ids is not None  # set with the runs
+            ids, trained = split_loss_mask(values[i]) if stream.masked else (values[i], None)
+            assert trained is not None  # packed rows are chat / preference sets, which carry the mask
+            inputs[r] = np.where(valid[i, :-1], ids[:-1], stream.shards.eos_id)
+            same = row.doc_ids[1:] == row.doc_ids[:-1]  # never across documents (nor into the padding)
+            target = trained[1:] & same & valid[i, 1:]
+            targets[r] = np.where(target, ids[1:], IGNORE_INDEX)
+            doc_ids[r] = row.doc_ids[:seq_len]
+            if pair_ids is not None:
+                pair_ids[r] = np.where(target, row.doc_ids[:-1], -1)
+                self._check_pairs(row, pair_ids[r], values[i], seq_len, phase_index)
 
     def _check_pairs(self, row: _Row, pair_ids: np.ndarray, values: np.ndarray, seq_len: int, phase: int) -> None:
         """Every response of the row's pairs has a trained target (the DPO loss sums over them; a response
