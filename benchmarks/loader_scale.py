@@ -194,8 +194,8 @@ def s3_rows(root: Path, sizes: list[int], steps: int) -> None:
     client.create_bucket(Bucket="bench")
     request = BLOCK_TOKENS * 2  # uint16: the bytes of one block, the loader's read-ahead request
     print(
-        "\n| documents (S3) | dp (read) | bytes fetched / needed | loader tokens/s | raw, whole objects | ratio "
-        f"| raw, {request >> 20} MiB requests | ratio |"
+        "\n| documents (S3) | dp (read) | bytes fetched / needed | loader tokens/s | raw, whole objects "
+        f"| ratio to whole | raw, {request >> 20} MiB GETs | ratio to {request >> 20} MiB |"
     )
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     try:
