@@ -201,10 +201,11 @@ class _SourceStream:
         """The whole-window reader of a remote set in the block order when the read mode says so (readahead.py),
         else None: the tokens are then gathered by index, only this rank's."""
         files = self.shards.files
-        remote = isinstance(files, RemoteTokens)
         if not isinstance(self.order, BlockOrder):
             return None
-        if read_mode(remote, remote and files.files.cache is not None, dp_size) == "ranges":
+        remote = isinstance(files, RemoteTokens)
+        cached = isinstance(files, RemoteTokens) and files.files.cache is not None
+        if read_mode(remote, cached, dp_size) == "ranges":
             return None
         if self.reader is None:
             self.reader = WindowReader(self.shards, self.order)
