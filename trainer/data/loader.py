@@ -527,7 +527,18 @@ class PackedMixLoader:
                 own.append(([r], row.position))
         return [(source, np.array(rows), start) for source, own in runs.items() for rows, start in own]
 
-    def _packed_rows(self, mine, packed, inputs, targets, doc_ids, pair_ids, seq_len, dp_size, phase_index) -> None:
+    def _packed_rows(
+        self,
+        mine: list[_Row],
+        packed: list[int],
+        inputs: np.ndarray,
+        targets: np.ndarray,
+        doc_ids: np.ndarray,
+        pair_ids: np.ndarray | None,
+        seq_len: int,
+        dp_size: int,
+        phase_index: int,
+    ) -> None:
         """The sft/dpo rows of this rank: their runs' tokens (whole windows' slices, or one gather per source),
         inputs padded with the set's eosId, targets only where trained and inside one document."""
         room = seq_len + 1
