@@ -13,15 +13,11 @@ after the last step the largest relative difference of every parameter.
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import numpy as np
 import torch
-import torch.distributed as dist
+from _gloo import finish, layout_args, start
 from torch.distributed.tensor import DTensor
 
-from stagerun.core.layout import ParallelLayout
 from stagerun.core.spec.model import ModelSpec
 from stagerun.core.spec.presets import resolve_model
 from stagerun.core.spec.run import TrainingSpec
@@ -68,13 +64,6 @@ def global_batch(vocab: int, step: int) -> list[MicroBatch]:
 
 def stack(parts: list[MicroBatch]) -> MicroBatch:
     return MicroBatch(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("inputs", "targets", "doc_ids")), [])
-
-
-def topology(layout: ParallelLayout) -> D.Topology:
-    mesh, batch, loss = D.build_mesh(layout, "cpu")
-    rank = dist.get_rank()
-    shard_cp = D.build_shard_cp_mesh(mesh, layout)
-    return D.Topology(rank, dist.get_world_size(), rank, torch.device("cpu"), layout, mesh, batch, loss, shard_cp)
 
 
 def reference_run(spec, training: TrainingSpec) -> tuple[list[dict], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -198,21 +187,10 @@ def flex_against_dense(model: Transformer, batch: StepBatch, doc_masking: bool) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out")
-    parser.add_argument("--cp", type=int, default=2)
-    parser.add_argument("--dp", type=int, default=1)
-    parser.add_argument("--tp", type=int, default=1)
-    args = parser.parse_args()
-    dist.init_process_group("gloo")
-    torch.manual_seed(0)
-    topo = topology(ParallelLayout(dp_shard=args.dp, cp=args.cp, tp=args.tp))
+    args = layout_args(cp=2)
+    topo = start(args)
     results = {name: run_case(case, topo) for name, case in CASES.items()}
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(args.out, results)
 
 
 if __name__ == "__main__":

@@ -12,18 +12,16 @@ hold the policy's phase-start weights. The model and counting helpers are _tp_wo
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from _tp_worker import Counting, distributed_model, relative, topology
+from _gloo import finish, layout_args, start
+from _tp_worker import Counting, distributed_model, relative
 from test_dpo import CpuTopo, GradCapture, dpo_batch, make_pairs, make_spec, pack
 from torch.distributed.tensor import DTensor
 
-from stagerun.core.layout import ParallelLayout
 from stagerun.core.spec.model import architecture_fields
 from stagerun.core.spec.run import DpoSpec, TrainingSpec
 from stagerun.trainer import distributed as D
@@ -132,14 +130,8 @@ def reference_copies(topo, root: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out")
-    parser.add_argument("--dp", type=int, default=1)
-    parser.add_argument("--tp", type=int, default=1)
-    args = parser.parse_args()
-    dist.init_process_group("gloo")
-    torch.manual_seed(0)
-    topo = topology(ParallelLayout(dp_shard=args.dp, tp=args.tp))
+    args = layout_args()
+    topo = start(args)
     results = {}
     for name, dpo in CASES.items():
         for known in (True, False):
@@ -147,11 +139,7 @@ def main() -> None:
     root = [f"{args.out}.ckpt"]
     dist.broadcast_object_list(root)  # rank 0's path: every rank writes its shards into the same checkpoint
     references = reference_copies(topo, root[0])
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump({"steps": results, "references": references}, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(args.out, {"steps": results, "references": references})
 
 
 if __name__ == "__main__":

@@ -11,15 +11,12 @@ changed in every sample (0.0): the sharded predictor must score exactly those, s
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 
 import numpy as np
 import torch
-import torch.distributed as dist
+from _gloo import finish, layout_args, start
 
-from stagerun.core.layout import ParallelLayout
 from stagerun.core.spec.model import ModelSpec
 from stagerun.core.spec.presets import resolve_model
 from stagerun.core.spec.run import NeedleEvalSpec
@@ -28,13 +25,6 @@ from stagerun.trainer.evaluation import held_out_loss, model_predictor, needle_a
 from stagerun.trainer.model import Transformer, init_weights
 
 SEQ_LEN, KEY = 64, 5
-
-
-def topology(layout: ParallelLayout) -> D.Topology:
-    mesh, batch, loss = D.build_mesh(layout, "cpu")
-    rank = dist.get_rank()
-    shard_cp = D.build_shard_cp_mesh(mesh, layout)
-    return D.Topology(rank, dist.get_world_size(), rank, torch.device("cpu"), layout, mesh, batch, loss, shard_cp)
 
 
 def sharded_model(spec, topo: D.Topology) -> Transformer:
@@ -52,14 +42,8 @@ def sharded_model(spec, topo: D.Topology) -> Transformer:
 
 @torch.no_grad()
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out")
-    parser.add_argument("--cp", type=int, default=2)
-    parser.add_argument("--dp", type=int, default=1)
-    parser.add_argument("--tp", type=int, default=1)
-    args = parser.parse_args()
-    dist.init_process_group("gloo")
-    topo = topology(ParallelLayout(dp_shard=args.dp, cp=args.cp, tp=args.tp))
+    args = layout_args(cp=2)
+    topo = start(args)
     spec = resolve_model(ModelSpec(preset="tiny", tied_embeddings=False))
     reference = Transformer(spec)
     init_weights(reference, 0)
@@ -84,11 +68,7 @@ def main() -> None:
         "accuracy": needle_accuracy(model_predictor(model, topo), solvable, topo, micro_batch=2),
         "spoiled_accuracy": needle_accuracy(model_predictor(model, topo), unsolvable, topo, micro_batch=2),
     }
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(args.out, results)
 
 
 if __name__ == "__main__":

@@ -10,17 +10,15 @@ relative differences of the loss terms, the gradient norm and every (clipped) gr
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import traceback
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from _gloo import finish, layout_args, start
 from torch.distributed.tensor import DTensor
 
-from stagerun.core.layout import ParallelLayout
 from stagerun.core.spec.model import ModelSpec
 from stagerun.core.spec.presets import resolve_model
 from stagerun.core.spec.run import TrainingSpec
@@ -63,12 +61,6 @@ def global_batch(vocab: int) -> list[MicroBatch]:
 
 def stack(parts: list[MicroBatch]) -> MicroBatch:
     return MicroBatch(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("inputs", "targets", "doc_ids")), [])
-
-
-def topology(layout: ParallelLayout) -> D.Topology:
-    mesh, batch, loss = D.build_mesh(layout, "cpu")
-    rank = dist.get_rank()
-    return D.Topology(rank, dist.get_world_size(), rank, torch.device("cpu"), layout, mesh, batch, loss)
 
 
 def distributed_model(spec, topo: D.Topology, seed: int) -> Transformer:
@@ -214,23 +206,13 @@ def run_case(name: str, case: dict, topo: D.Topology, known_tokens: bool) -> dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out")
-    parser.add_argument("--dp", type=int, default=1)
-    parser.add_argument("--tp", type=int, default=1)
-    args = parser.parse_args()
-    dist.init_process_group("gloo")
-    torch.manual_seed(0)
-    topo = topology(ParallelLayout(dp_shard=args.dp, tp=args.tp))
+    args = layout_args()
+    topo = start(args)
     results = {}
     for name, case in CASES.items():
         for known_tokens in (True, False):
             results[f"{name}/{'known' if known_tokens else 'counted'}"] = run_case(name, case, topo, known_tokens)
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(args.out, results)
 
 
 if __name__ == "__main__":
