@@ -215,14 +215,20 @@ class _SourceStream:
         """Tokens of stream positions [position, position + count) (int64, or the set's dtype) and, per token, the
         number of document ends e with position < e <= its position: the document numbering of ``read``, for any
         sub-span by a subtraction. Window by window slices of the reader's ordered tokens when it reads whole
-        windows, else located and gathered by index."""
+        windows, else located and gathered by index (``read``)."""
         reader = self.window_reader(dp_size)
         if reader is None:
-            index, counts = self.locate(position, count)
-            return self.shards.take(index), counts
-        assert isinstance(self.order, BlockOrder)
-        tokens = np.empty(count, dtype=self.shards.dtype)  # widened where it is copied into the batch
+            return self.read(position, count)
         starts = np.zeros(count, dtype=np.int32 if count < 2**31 else np.int64)  # 1 at each document start but 0
+        return self.window_tokens(reader, position, count, starts), np.cumsum(starts, out=starts)
+
+    def window_tokens(
+        self, reader: WindowReader, position: int, count: int, starts: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Tokens of stream positions [position, position + count) from ``reader``'s ordered windows (the set's
+        dtype: widened where they are copied into the batch); sets 1 in ``starts`` where a document starts."""
+        assert isinstance(self.order, BlockOrder)
+        tokens = np.empty(count, dtype=self.shards.dtype)
         done = 0
         while done < count:
             epoch, offset = divmod(position + done, self.total)
@@ -230,11 +236,12 @@ class _SourceStream:
             for window, first, n in self.order.pieces(epoch, offset, take):
                 at = done + first - offset
                 tokens[at : at + n] = reader.read(window, first, n)
-                j0, j1 = np.searchsorted(window.ends, [first, first + n], side="right").tolist()
-                ends = window.ends[j0:j1] - first + at  # each end is the next document's first token
-                starts[ends[ends < count]] = 1
+                if starts is not None:
+                    j0, j1 = np.searchsorted(window.ends, [first, first + n], side="right").tolist()
+                    ends = window.ends[j0:j1] - first + at  # each end is the next document's first token
+                    starts[ends[ends < count]] = 1
             done += take
-        return tokens, np.cumsum(starts, out=starts)
+        return tokens
 
     def anchor(self, position: int) -> list[int] | None:
         """Where the order's walk resumes for a cursor at ``position`` (None: a v1 order needs none)."""
@@ -550,8 +557,8 @@ class PackedMixLoader:
             stream, at = self._streams[row.source], 0
             reader = stream.window_reader(dp_size)
             for position, length in row.runs or []:
-                if reader is not None:
-                    values[i, at : at + length] = stream.read_span(position, length, dp_size)[0]
+                if reader is not None:  # packed rows number their documents themselves: tokens only
+                    values[i, at : at + length] = stream.window_tokens(reader, position, length)
                 else:
                     gathers.setdefault(row.source, []).append((i, at, stream.locate(position, length)[0]))
                 at += length
